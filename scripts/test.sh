@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# Installs what the tests need, then runs every test in the workspace.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+if ! command -v cargo-nextest >/dev/null 2>&1; then
+  cargo install --locked cargo-nextest
+fi
+
+cargo nextest run --workspace --all-features --no-fail-fast
+# nextest does not run doctests.
+cargo test --workspace --all-features --doc

@@ -1,0 +1,111 @@
+//! The crate-wide error type. Each variant maps to one wire code (and so one
+//! HTTP status) and one errno, here and nowhere else.
+
+use crate::protocol::{ErrorCode, PathError};
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("invalid path: {0}")]
+    InvalidPath(#[from] PathError),
+    #[error("{0}")]
+    BadRequest(String),
+    #[error("not found: {0}")]
+    NotFound(String),
+    #[error("already exists: {0}")]
+    AlreadyExists(String),
+    #[error("is a directory: {0}")]
+    IsADirectory(String),
+    #[error("not a directory: {0}")]
+    NotADirectory(String),
+    #[error("directory not empty: {0}")]
+    DirectoryNotEmpty(String),
+    #[error("precondition failed: {0}")]
+    PreconditionFailed(String),
+    #[error("body larger than the limit of {limit} bytes")]
+    PayloadTooLarge { limit: u64 },
+    #[error("range not satisfiable for a {size}-byte object")]
+    RangeNotSatisfiable { size: u64 },
+    #[error("checksum mismatch: {0}")]
+    ChecksumMismatch(String),
+    #[error("storage backend failed: {0}")]
+    Storage(String),
+    #[error("{message}")]
+    Remote {
+        code: ErrorCode,
+        status: u16,
+        message: String,
+    },
+}
+
+impl Error {
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            Error::InvalidPath(_) => ErrorCode::InvalidPath,
+            Error::BadRequest(_) => ErrorCode::BadRequest,
+            Error::NotFound(_) => ErrorCode::NotFound,
+            Error::AlreadyExists(_) => ErrorCode::AlreadyExists,
+            Error::IsADirectory(_) => ErrorCode::IsADirectory,
+            Error::NotADirectory(_) => ErrorCode::NotADirectory,
+            Error::DirectoryNotEmpty(_) => ErrorCode::DirectoryNotEmpty,
+            Error::PreconditionFailed(_) => ErrorCode::PreconditionFailed,
+            Error::PayloadTooLarge { .. } => ErrorCode::PayloadTooLarge,
+            Error::RangeNotSatisfiable { .. } => ErrorCode::RangeNotSatisfiable,
+            Error::ChecksumMismatch(_) => ErrorCode::ChecksumMismatch,
+            Error::Storage(_) => ErrorCode::StorageError,
+            Error::Remote { code, .. } => *code,
+        }
+    }
+
+    pub fn status(&self) -> u16 {
+        match self {
+            Error::Remote { status, .. } => *status,
+            other => other.code().status(),
+        }
+    }
+
+    /// The errno a filesystem call reports for this error.
+    pub fn errno(&self) -> i32 {
+        match self.code() {
+            ErrorCode::BadRequest | ErrorCode::InvalidPath => libc_errno::EINVAL,
+            ErrorCode::Unauthorized | ErrorCode::Forbidden => libc_errno::EACCES,
+            ErrorCode::NotFound => libc_errno::ENOENT,
+            ErrorCode::AlreadyExists => libc_errno::EEXIST,
+            ErrorCode::IsADirectory => libc_errno::EISDIR,
+            ErrorCode::NotADirectory => libc_errno::ENOTDIR,
+            ErrorCode::DirectoryNotEmpty => libc_errno::ENOTEMPTY,
+            ErrorCode::PayloadTooLarge => libc_errno::EFBIG,
+            ErrorCode::RangeNotSatisfiable => libc_errno::EINVAL,
+            ErrorCode::Conflict | ErrorCode::PreconditionFailed => libc_errno::EBUSY,
+            _ => libc_errno::EIO,
+        }
+    }
+}
+
+impl From<object_store::Error> for Error {
+    fn from(e: object_store::Error) -> Self {
+        use object_store::Error as E;
+        match e {
+            E::NotFound { path, .. } => Error::NotFound(path),
+            E::AlreadyExists { path, .. } => Error::AlreadyExists(path),
+            E::Precondition { path, .. } => Error::PreconditionFailed(path),
+            E::InvalidPath { source } => Error::BadRequest(source.to_string()),
+            other => Error::Storage(other.to_string()),
+        }
+    }
+}
+
+/// Linux errno values (stable ABI), kept here so the mapping needs no libc.
+mod libc_errno {
+    pub const ENOENT: i32 = 2;
+    pub const EIO: i32 = 5;
+    pub const EACCES: i32 = 13;
+    pub const EBUSY: i32 = 16;
+    pub const EEXIST: i32 = 17;
+    pub const ENOTDIR: i32 = 20;
+    pub const EISDIR: i32 = 21;
+    pub const EINVAL: i32 = 22;
+    pub const EFBIG: i32 = 27;
+    pub const ENOTEMPTY: i32 = 39;
+}

@@ -1,0 +1,12 @@
+//! ferry makes remote storage feel local.
+//!
+//! - [`protocol`]: the wire types every program shares.
+//! - [`server`]: `ferry serve`, the HTTP API over an object store.
+//! - [`cli`]: the `ferry` command line.
+
+pub mod cli;
+pub mod error;
+pub mod protocol;
+pub mod server;
+
+pub use error::{Error, Result};

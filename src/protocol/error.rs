@@ -1,0 +1,78 @@
+//! The JSON error body every route returns: `{"error":{"code":…,"message":…}}`.
+
+use serde::{Deserialize, Serialize};
+
+/// Machine-readable error codes. Each maps to one HTTP status and one errno
+/// (see [`crate::Error`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorCode {
+    BadRequest,
+    InvalidPath,
+    Unauthorized,
+    Forbidden,
+    NotFound,
+    MethodNotAllowed,
+    AlreadyExists,
+    IsADirectory,
+    NotADirectory,
+    DirectoryNotEmpty,
+    Conflict,
+    PreconditionFailed,
+    PayloadTooLarge,
+    RangeNotSatisfiable,
+    ChecksumMismatch,
+    RateLimited,
+    StorageError,
+    Internal,
+    /// A code this build does not know (sent by a newer server).
+    #[serde(other)]
+    Unknown,
+}
+
+impl ErrorCode {
+    /// The HTTP status that carries this code.
+    pub fn status(self) -> u16 {
+        match self {
+            ErrorCode::BadRequest | ErrorCode::InvalidPath => 400,
+            ErrorCode::Unauthorized => 401,
+            ErrorCode::Forbidden => 403,
+            ErrorCode::NotFound => 404,
+            ErrorCode::MethodNotAllowed => 405,
+            ErrorCode::AlreadyExists
+            | ErrorCode::IsADirectory
+            | ErrorCode::NotADirectory
+            | ErrorCode::DirectoryNotEmpty
+            | ErrorCode::Conflict => 409,
+            ErrorCode::PreconditionFailed => 412,
+            ErrorCode::PayloadTooLarge => 413,
+            ErrorCode::RangeNotSatisfiable => 416,
+            ErrorCode::ChecksumMismatch => 422,
+            ErrorCode::RateLimited => 429,
+            ErrorCode::StorageError => 503,
+            ErrorCode::Internal | ErrorCode::Unknown => 500,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ErrorBody {
+    pub error: ErrorDetail,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ErrorDetail {
+    pub code: ErrorCode,
+    pub message: String,
+}
+
+impl ErrorBody {
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
+        Self {
+            error: ErrorDetail {
+                code,
+                message: message.into(),
+            },
+        }
+    }
+}

@@ -1,0 +1,76 @@
+//! Metadata and operation bodies of the file API.
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+
+use super::RemotePath;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EntryKind {
+    File,
+    Dir,
+}
+
+/// What `stat`, `PUT` and the ops return about one path.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileMeta {
+    pub path: RemotePath,
+    pub kind: EntryKind,
+    /// Bytes; 0 for directories.
+    pub size: u64,
+    /// Last modification; absent for directories that exist only implicitly.
+    pub mtime: Option<DateTime<Utc>>,
+    /// Opaque version tag (without HTTP quotes); absent for directories.
+    pub etag: Option<String>,
+}
+
+/// One entry of a listing. `name` is relative to the listed prefix: a single
+/// segment, or a relative path in recursive listings.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ListEntry {
+    pub name: String,
+    pub kind: EntryKind,
+    pub size: u64,
+    pub mtime: Option<DateTime<Utc>>,
+    pub etag: Option<String>,
+}
+
+/// A page of a listing, sorted by `name` (byte order). `cursor`, when present,
+/// fetches the next page.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ListPage {
+    pub entries: Vec<ListEntry>,
+    pub cursor: Option<String>,
+}
+
+/// `POST /v1/ops/mkdir`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct MkdirRequest {
+    pub path: RemotePath,
+    /// Create missing parents instead of failing with `not_found`.
+    #[serde(default)]
+    pub parents: bool,
+}
+
+/// `POST /v1/ops/rename` and `POST /v1/ops/copy`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct MoveRequest {
+    pub from: RemotePath,
+    pub to: RemotePath,
+    /// Replace an existing destination file.
+    #[serde(default)]
+    pub overwrite: bool,
+    /// Required to move or copy a directory with everything under it.
+    #[serde(default)]
+    pub recursive: bool,
+}
+
+/// `POST /v1/ops/rmdir`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RmdirRequest {
+    pub path: RemotePath,
+    /// Remove everything under the directory as well.
+    #[serde(default)]
+    pub recursive: bool,
+}

@@ -1,0 +1,118 @@
+//! `ferry serve`: the HTTP API over a [`Store`].
+//!
+//! ```no_run
+//! # async fn example() -> anyhow::Result<()> {
+//! let store = ferry::server::Store::open("./ferry-data")?;
+//! let listener = tokio::net::TcpListener::bind("127.0.0.1:7070").await?;
+//! let state = ferry::server::AppState::new(store, ferry::server::ServerConfig::default());
+//! ferry::server::run(listener, state, std::future::pending()).await?;
+//! # Ok(()) }
+//! ```
+
+mod conditional;
+mod extract;
+mod files;
+mod listing;
+mod ops;
+mod response;
+pub mod store;
+
+use std::future::Future;
+use std::sync::Arc;
+
+use axum::Router;
+use axum::extract::DefaultBodyLimit;
+use axum::routing::{get, post};
+use tokio::net::TcpListener;
+
+use crate::error::Error;
+pub use store::Store;
+
+/// Largest body accepted by default: S3's largest object.
+pub const DEFAULT_MAX_BODY_BYTES: u64 = 5 << 40;
+
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    /// Largest file body (`PUT`, multipart `POST`) accepted; larger gets 413.
+    pub max_body_bytes: u64,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            max_body_bytes: DEFAULT_MAX_BODY_BYTES,
+        }
+    }
+}
+
+/// Shared by every request.
+#[derive(Clone)]
+pub struct AppState {
+    inner: Arc<Shared>,
+}
+
+struct Shared {
+    store: Store,
+    config: ServerConfig,
+}
+
+impl AppState {
+    pub fn new(store: Store, config: ServerConfig) -> Self {
+        Self {
+            inner: Arc::new(Shared { store, config }),
+        }
+    }
+
+    fn store(&self) -> &Store {
+        &self.inner.store
+    }
+
+    fn config(&self) -> &ServerConfig {
+        &self.inner.config
+    }
+}
+
+/// The whole HTTP API.
+pub fn router(state: AppState) -> Router {
+    let files = get(files::get_file)
+        .head(files::get_file)
+        .put(files::put_file)
+        .post(files::post_form)
+        .delete(files::delete_file);
+    let list = get(listing::list);
+    let stat = get(listing::stat);
+    Router::new()
+        .route("/v1/files", files.clone())
+        .route("/v1/files/", files.clone())
+        .route("/v1/files/{*path}", files)
+        .route("/v1/list", list.clone())
+        .route("/v1/list/", list.clone())
+        .route("/v1/list/{*path}", list)
+        .route("/v1/stat", stat.clone())
+        .route("/v1/stat/", stat.clone())
+        .route("/v1/stat/{*path}", stat)
+        .route("/v1/ops/mkdir", post(ops::mkdir))
+        .route("/v1/ops/rmdir", post(ops::rmdir))
+        .route("/v1/ops/rename", post(ops::rename))
+        .route("/v1/ops/copy", post(ops::copy))
+        .route(
+            "/healthz",
+            get(|| async { axum::Json(serde_json::json!({"status": "ok"})) }),
+        )
+        .fallback(|| async { Error::NotFound("no such route".into()) })
+        .method_not_allowed_fallback(|| async { response::method_not_allowed() })
+        // Bodies are streamed and limited by `max_body_bytes`, not buffered.
+        .layer(DefaultBodyLimit::disable())
+        .with_state(state)
+}
+
+/// Serves until `shutdown` completes, then lets in-flight requests finish.
+pub async fn run(
+    listener: TcpListener,
+    state: AppState,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    axum::serve(listener, router(state))
+        .with_graceful_shutdown(shutdown)
+        .await
+}

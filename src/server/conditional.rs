@@ -1,0 +1,205 @@
+//! Conditional requests (RFC 9110 §13): `If-Match`, `If-None-Match`,
+//! `If-Modified-Since`, `If-Unmodified-Since` and `If-Range`.
+
+use std::time::SystemTime;
+
+use axum::http::{HeaderMap, header};
+
+use crate::protocol::FileMeta;
+
+/// What the preconditions decide for a request on an existing or missing file.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Verdict {
+    Proceed,
+    /// 304 for GET/HEAD.
+    NotModified,
+    /// 412.
+    Failed(&'static str),
+}
+
+/// The HTTP form of an etag: quoted.
+pub fn http_etag(meta: &FileMeta) -> Option<String> {
+    meta.etag.as_ref().map(|e| format!("\"{e}\""))
+}
+
+pub fn http_date(meta: &FileMeta) -> Option<String> {
+    meta.mtime
+        .map(|t| httpdate::fmt_http_date(SystemTime::from(t)))
+}
+
+/// Evaluates the preconditions in the order RFC 9110 §13.2.2 gives.
+/// `current` is the file as it is now (`None`: no file). `safe` is true for
+/// GET and HEAD, where a matching `If-None-Match` means 304 rather than 412.
+pub fn evaluate(headers: &HeaderMap, current: Option<&FileMeta>, safe: bool) -> Verdict {
+    let etag = current.and_then(http_etag);
+    let mtime = current
+        .and_then(|m| m.mtime)
+        .map(|t| whole_seconds(SystemTime::from(t)));
+
+    if let Some(value) = text(headers, header::IF_MATCH) {
+        if !list_matches(value, current.is_some(), etag.as_deref(), Compare::Strong) {
+            return Verdict::Failed("If-Match does not match the current version");
+        }
+    } else if let (Some(since), Some(mtime)) = (date(headers, header::IF_UNMODIFIED_SINCE), mtime)
+        && mtime > since
+    {
+        return Verdict::Failed("modified since the If-Unmodified-Since date");
+    }
+
+    if let Some(value) = text(headers, header::IF_NONE_MATCH) {
+        if list_matches(value, current.is_some(), etag.as_deref(), Compare::Weak) {
+            return if safe {
+                Verdict::NotModified
+            } else {
+                Verdict::Failed("If-None-Match matches the current version")
+            };
+        }
+    } else if safe
+        && let (Some(since), Some(mtime)) = (date(headers, header::IF_MODIFIED_SINCE), mtime)
+        && mtime <= since
+    {
+        return Verdict::NotModified;
+    }
+    Verdict::Proceed
+}
+
+/// True when a `Range` header should be honoured given `If-Range`: absent, or
+/// naming the current version (strong etag, or the exact last-modified date).
+pub fn if_range_allows(headers: &HeaderMap, current: &FileMeta) -> bool {
+    let Some(value) = text(headers, header::IF_RANGE) else {
+        return true;
+    };
+    let value = value.trim();
+    if value.starts_with('"') || value.starts_with("W/") {
+        return http_etag(current).is_some_and(|e| strong_eq(value, &e));
+    }
+    match (httpdate::parse_http_date(value), current.mtime) {
+        (Ok(date), Some(mtime)) => whole_seconds(SystemTime::from(mtime)) == date,
+        _ => false,
+    }
+}
+
+#[derive(Clone, Copy)]
+enum Compare {
+    Strong,
+    Weak,
+}
+
+fn list_matches(value: &str, exists: bool, etag: Option<&str>, how: Compare) -> bool {
+    if value.trim() == "*" {
+        return exists;
+    }
+    let Some(etag) = etag else { return false };
+    value.split(',').map(str::trim).any(|candidate| match how {
+        Compare::Strong => strong_eq(candidate, etag),
+        Compare::Weak => opaque(candidate) == opaque(etag),
+    })
+}
+
+fn strong_eq(a: &str, b: &str) -> bool {
+    !a.starts_with("W/") && !b.starts_with("W/") && a == b
+}
+
+fn opaque(tag: &str) -> &str {
+    tag.strip_prefix("W/").unwrap_or(tag)
+}
+
+fn text(headers: &HeaderMap, name: header::HeaderName) -> Option<&str> {
+    headers.get(name).and_then(|v| v.to_str().ok())
+}
+
+fn date(headers: &HeaderMap, name: header::HeaderName) -> Option<SystemTime> {
+    text(headers, name).and_then(|v| httpdate::parse_http_date(v).ok())
+}
+
+/// HTTP dates have one-second resolution.
+fn whole_seconds(t: SystemTime) -> SystemTime {
+    let secs = t
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(secs)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocol::{EntryKind, RemotePath};
+    use axum::http::HeaderValue;
+
+    fn meta() -> FileMeta {
+        FileMeta {
+            path: RemotePath::parse("f").unwrap(),
+            kind: EntryKind::File,
+            size: 1,
+            mtime: Some(chrono::DateTime::from_timestamp(1_700_000_000, 500).unwrap()),
+            etag: Some("abc".into()),
+        }
+    }
+
+    fn with(name: header::HeaderName, value: &str) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        h.insert(name, HeaderValue::from_str(value).unwrap());
+        h
+    }
+
+    #[test]
+    fn etag_preconditions() {
+        let m = meta();
+        assert_eq!(
+            evaluate(&with(header::IF_MATCH, "\"abc\""), Some(&m), true),
+            Verdict::Proceed
+        );
+        assert!(matches!(
+            evaluate(&with(header::IF_MATCH, "\"old\""), Some(&m), true),
+            Verdict::Failed(_)
+        ));
+        assert!(matches!(
+            evaluate(&with(header::IF_MATCH, "W/\"abc\""), Some(&m), true),
+            Verdict::Failed(_)
+        ));
+        assert!(matches!(
+            evaluate(&with(header::IF_MATCH, "*"), None, false),
+            Verdict::Failed(_)
+        ));
+        assert_eq!(
+            evaluate(
+                &with(header::IF_NONE_MATCH, "\"x\", W/\"abc\""),
+                Some(&m),
+                true
+            ),
+            Verdict::NotModified
+        );
+        assert!(matches!(
+            evaluate(&with(header::IF_NONE_MATCH, "*"), Some(&m), false),
+            Verdict::Failed(_)
+        ));
+        assert_eq!(
+            evaluate(&with(header::IF_NONE_MATCH, "*"), None, false),
+            Verdict::Proceed
+        );
+    }
+
+    #[test]
+    fn date_preconditions() {
+        let m = meta();
+        let same = http_date(&m).unwrap();
+        assert_eq!(
+            evaluate(&with(header::IF_MODIFIED_SINCE, &same), Some(&m), true),
+            Verdict::NotModified
+        );
+        assert_eq!(
+            evaluate(&with(header::IF_UNMODIFIED_SINCE, &same), Some(&m), false),
+            Verdict::Proceed
+        );
+        let before = httpdate::fmt_http_date(SystemTime::UNIX_EPOCH);
+        assert!(matches!(
+            evaluate(&with(header::IF_UNMODIFIED_SINCE, &before), Some(&m), false),
+            Verdict::Failed(_)
+        ));
+        assert!(if_range_allows(&with(header::IF_RANGE, &same), &m));
+        assert!(if_range_allows(&with(header::IF_RANGE, "\"abc\""), &m));
+        assert!(!if_range_allows(&with(header::IF_RANGE, "\"old\""), &m));
+        assert!(!if_range_allows(&with(header::IF_RANGE, &before), &m));
+    }
+}

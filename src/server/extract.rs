@@ -1,0 +1,70 @@
+//! Request extractors whose rejections are ferry's JSON errors.
+
+use axum::extract::{FromRequest, FromRequestParts, Request};
+use axum::http::Uri;
+use axum::http::request::Parts;
+use serde::de::DeserializeOwned;
+
+use crate::error::Error;
+use crate::protocol::RemotePath;
+
+/// The logical path in the URL after a route prefix such as `/v1/files`.
+///
+/// Taken from the raw URI (not a router capture) so that nothing normalises
+/// it before [`RemotePath::from_url_path`] decodes and validates it.
+pub struct UrlPath(pub RemotePath);
+
+impl<S: Send + Sync> FromRequestParts<S> for UrlPath {
+    type Rejection = Error;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Error> {
+        path_after_route(&parts.uri).map(UrlPath)
+    }
+}
+
+fn path_after_route(uri: &Uri) -> Result<RemotePath, Error> {
+    // "/v1/<route>" then optionally "/<path>".
+    let raw = uri.path();
+    let after_version = raw.strip_prefix("/v1/").unwrap_or(raw);
+    let rest = match after_version.find('/') {
+        Some(i) => &after_version[i + 1..],
+        None => "",
+    };
+    Ok(RemotePath::from_url_path(rest)?)
+}
+
+/// Largest JSON request body (operation bodies are small).
+const MAX_JSON_BYTES: usize = 64 * 1024;
+
+/// A JSON body of at most 64 KiB; anything else is a 400 or 413 in ferry's
+/// error format.
+pub struct ApiJson<T>(pub T);
+
+impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for ApiJson<T> {
+    type Rejection = Error;
+
+    async fn from_request(req: Request, _: &S) -> Result<Self, Error> {
+        let body = axum::body::to_bytes(req.into_body(), MAX_JSON_BYTES)
+            .await
+            .map_err(|_| Error::PayloadTooLarge {
+                limit: MAX_JSON_BYTES as u64,
+            })?;
+        serde_json::from_slice(&body)
+            .map(ApiJson)
+            .map_err(|e| Error::BadRequest(format!("bad JSON body: {e}")))
+    }
+}
+
+/// `Query<T>` whose rejection is a 400 in ferry's error format.
+pub struct ApiQuery<T>(pub T);
+
+impl<T: DeserializeOwned, S: Send + Sync> FromRequestParts<S> for ApiQuery<T> {
+    type Rejection = Error;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Error> {
+        let query = parts.uri.query().unwrap_or_default();
+        serde_urlencoded::from_str(query)
+            .map(ApiQuery)
+            .map_err(|e| Error::BadRequest(format!("bad query string: {e}")))
+    }
+}

@@ -1,0 +1,241 @@
+//! `/v1/files/{path}`: download, one-shot upload, form upload, delete.
+
+use axum::body::Body;
+use axum::extract::multipart::MultipartRejection;
+use axum::extract::{Multipart, State};
+use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use bytes::Bytes;
+use futures::{Stream, StreamExt};
+use percent_encoding::{NON_ALPHANUMERIC, utf8_percent_encode};
+use serde::Deserialize;
+
+use super::AppState;
+use super::conditional::{self, Verdict};
+use super::extract::{ApiQuery, UrlPath};
+use super::store::StoreWriter;
+use crate::error::{Error, Result};
+use crate::protocol::{ByteRange, FileMeta, RangeRequest, RemotePath};
+
+#[derive(Debug, Default, Deserialize)]
+pub struct DownloadQuery {
+    /// `?download=1`: ask the browser to save rather than display.
+    #[serde(default)]
+    download: Option<String>,
+}
+
+/// Times a download re-reads metadata when the file changes between the
+/// metadata read and the data read.
+const READ_ATTEMPTS: usize = 3;
+
+pub async fn get_file(
+    State(app): State<AppState>,
+    method: Method,
+    headers: HeaderMap,
+    UrlPath(path): UrlPath,
+    ApiQuery(query): ApiQuery<DownloadQuery>,
+) -> Result<Response> {
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        let meta = app.store().head_file(&path).await?;
+        match conditional::evaluate(&headers, Some(&meta), true) {
+            Verdict::Proceed => {}
+            Verdict::NotModified => return Ok(not_modified(&meta)),
+            Verdict::Failed(why) => return Err(Error::PreconditionFailed(why.into())),
+        }
+        let range = match requested_range(&headers, &meta) {
+            RangeRequest::Unsatisfiable => {
+                return Err(Error::RangeNotSatisfiable { size: meta.size });
+            }
+            RangeRequest::Partial(r) => Some(r),
+            RangeRequest::Full => None,
+        };
+        let mut response_headers = file_headers(&meta, range);
+        if query.download.as_deref().is_some_and(|v| v != "0") {
+            response_headers.insert(header::CONTENT_DISPOSITION, attachment(&path));
+        }
+        let status = if range.is_some() {
+            StatusCode::PARTIAL_CONTENT
+        } else {
+            StatusCode::OK
+        };
+        if method == Method::HEAD {
+            return Ok((status, response_headers).into_response());
+        }
+        match app.store().read(&path, range, meta.etag.as_deref()).await {
+            Ok(stream) => {
+                return Ok((status, response_headers, Body::from_stream(stream)).into_response());
+            }
+            // Replaced between the two reads: start over with the new version.
+            Err(Error::PreconditionFailed(_) | Error::NotFound(_)) if attempt < READ_ATTEMPTS => {
+                continue;
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+fn requested_range(headers: &HeaderMap, meta: &FileMeta) -> RangeRequest {
+    let Some(value) = headers.get(header::RANGE) else {
+        return RangeRequest::Full;
+    };
+    if !conditional::if_range_allows(headers, meta) {
+        return RangeRequest::Full;
+    }
+    RangeRequest::resolve(value.to_str().ok(), meta.size)
+}
+
+/// Headers common to 200, 206 and HEAD.
+fn file_headers(meta: &FileMeta, range: Option<ByteRange>) -> HeaderMap {
+    let mut h = validator_headers(meta);
+    h.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
+    let mime = mime_guess::from_path(meta.path.as_str()).first_or_octet_stream();
+    if let Ok(v) = HeaderValue::from_str(mime.as_ref()) {
+        h.insert(header::CONTENT_TYPE, v);
+    }
+    let length = range.map_or(meta.size, |r| r.len());
+    h.insert(header::CONTENT_LENGTH, HeaderValue::from(length));
+    if let Some(r) = range
+        && let Ok(v) = HeaderValue::from_str(&r.content_range(meta.size))
+    {
+        h.insert(header::CONTENT_RANGE, v);
+    }
+    h
+}
+
+fn validator_headers(meta: &FileMeta) -> HeaderMap {
+    let mut h = HeaderMap::new();
+    if let Some(v) = conditional::http_etag(meta).and_then(|e| HeaderValue::from_str(&e).ok()) {
+        h.insert(header::ETAG, v);
+    }
+    if let Some(v) = conditional::http_date(meta).and_then(|d| HeaderValue::from_str(&d).ok()) {
+        h.insert(header::LAST_MODIFIED, v);
+    }
+    h
+}
+
+fn not_modified(meta: &FileMeta) -> Response {
+    (StatusCode::NOT_MODIFIED, validator_headers(meta)).into_response()
+}
+
+/// `Content-Disposition: attachment` with the name encoded per RFC 6266/8187,
+/// so no file name can inject header syntax.
+fn attachment(path: &RemotePath) -> HeaderValue {
+    let name = path.name().unwrap_or("download");
+    let encoded = utf8_percent_encode(name, NON_ALPHANUMERIC);
+    HeaderValue::from_str(&format!("attachment; filename*=UTF-8''{encoded}"))
+        .unwrap_or(HeaderValue::from_static("attachment"))
+}
+
+pub async fn put_file(
+    State(app): State<AppState>,
+    headers: HeaderMap,
+    UrlPath(path): UrlPath,
+    body: Body,
+) -> Result<Response> {
+    let limit = app.config().max_body_bytes;
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limit) {
+        return Err(Error::PayloadTooLarge { limit });
+    }
+    let before = check_write_preconditions(&app, &headers, &path).await?;
+    let mut writer = app.store().writer(&path).await?;
+    copy_body(&mut writer, body.into_data_stream(), limit).await?;
+    if declared.is_some_and(|n| n != writer.written()) {
+        return Err(Error::BadRequest(
+            "body shorter than its Content-Length".into(),
+        ));
+    }
+    // Re-checked just before commit to narrow the window for a racing writer.
+    check_write_preconditions(&app, &headers, &path).await?;
+    writer.commit().await?;
+    let meta = app.store().head_file(&path).await?;
+    let status = if before.is_some() {
+        StatusCode::OK
+    } else {
+        StatusCode::CREATED
+    };
+    Ok((status, validator_headers(&meta), axum::Json(meta)).into_response())
+}
+
+async fn check_write_preconditions(
+    app: &AppState,
+    headers: &HeaderMap,
+    path: &RemotePath,
+) -> Result<Option<FileMeta>> {
+    let current = app.store().try_head_file(path).await?;
+    match conditional::evaluate(headers, current.as_ref(), false) {
+        Verdict::Failed(why) => Err(Error::PreconditionFailed(why.into())),
+        _ => Ok(current),
+    }
+}
+
+/// Streams a request body into `writer`, refusing more than `limit` bytes in all.
+async fn copy_body<E: std::fmt::Display>(
+    writer: &mut StoreWriter,
+    mut body: impl Stream<Item = std::result::Result<Bytes, E>> + Unpin,
+    limit: u64,
+) -> Result<()> {
+    while let Some(chunk) = body.next().await {
+        let chunk =
+            chunk.map_err(|e| Error::BadRequest(format!("request body interrupted: {e}")))?;
+        if writer.written() + chunk.len() as u64 > limit {
+            return Err(Error::PayloadTooLarge { limit });
+        }
+        writer.write(chunk).await?;
+    }
+    Ok(())
+}
+
+/// `multipart/form-data` upload into the directory in the URL: each file field
+/// becomes `{dir}/{filename}`. Every file is committed only once complete.
+pub async fn post_form(
+    State(app): State<AppState>,
+    UrlPath(dir): UrlPath,
+    form: std::result::Result<Multipart, MultipartRejection>,
+) -> Result<Response> {
+    let mut form = form.map_err(|e| Error::BadRequest(e.body_text()))?;
+    let limit = app.config().max_body_bytes;
+    let mut created = Vec::new();
+    let mut total = 0;
+    while let Some(mut field) = form
+        .next_field()
+        .await
+        .map_err(|e| Error::BadRequest(format!("malformed multipart body: {e}")))?
+    {
+        let Some(name) = field.file_name().map(str::to_owned) else {
+            continue; // plain form fields carry no file
+        };
+        let path = dir.join(&name)?;
+        let mut writer = app.store().writer(&path).await?;
+        copy_body(&mut writer, &mut field, limit - total).await?;
+        total += writer.written();
+        writer.commit().await?;
+        created.push(app.store().head_file(&path).await?);
+    }
+    if created.is_empty() {
+        return Err(Error::BadRequest("the form carried no file field".into()));
+    }
+    Ok((
+        StatusCode::CREATED,
+        axum::Json(serde_json::json!({ "files": created })),
+    )
+        .into_response())
+}
+
+pub async fn delete_file(
+    State(app): State<AppState>,
+    headers: HeaderMap,
+    UrlPath(path): UrlPath,
+) -> Result<StatusCode> {
+    let current = app.store().head_file(&path).await?;
+    if let Verdict::Failed(why) = conditional::evaluate(&headers, Some(&current), false) {
+        return Err(Error::PreconditionFailed(why.into()));
+    }
+    app.store().delete_file(&path).await?;
+    Ok(StatusCode::NO_CONTENT)
+}

@@ -1,0 +1,36 @@
+//! `/v1/list/{prefix}` and `/v1/stat/{path}`.
+
+use axum::Json;
+use axum::extract::State;
+use serde::Deserialize;
+
+use super::AppState;
+use super::extract::{ApiQuery, UrlPath};
+use super::store::namespace::ListQuery;
+use crate::error::Result;
+use crate::protocol::{FileMeta, ListPage};
+
+#[derive(Debug, Default, Deserialize)]
+pub struct ListParams {
+    #[serde(default)]
+    recursive: bool,
+    limit: Option<usize>,
+    cursor: Option<String>,
+}
+
+pub async fn list(
+    State(app): State<AppState>,
+    UrlPath(dir): UrlPath,
+    ApiQuery(params): ApiQuery<ListParams>,
+) -> Result<Json<ListPage>> {
+    let query = ListQuery {
+        recursive: params.recursive,
+        limit: params.limit,
+        cursor: params.cursor,
+    };
+    Ok(Json(app.store().list(&dir, &query).await?))
+}
+
+pub async fn stat(State(app): State<AppState>, UrlPath(path): UrlPath) -> Result<Json<FileMeta>> {
+    Ok(Json(app.store().stat(&path).await?))
+}

@@ -1,0 +1,38 @@
+//! Turning errors into the JSON error body.
+
+use axum::Json;
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+
+use crate::error::Error;
+use crate::protocol::range::unsatisfied_content_range;
+use crate::protocol::{ErrorBody, ErrorCode};
+
+impl IntoResponse for Error {
+    fn into_response(self) -> Response {
+        let status =
+            StatusCode::from_u16(self.status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        if status.is_server_error() {
+            tracing::error!(error = %self, "request failed");
+        }
+        let mut response =
+            (status, Json(ErrorBody::new(self.code(), self.to_string()))).into_response();
+        if let Error::RangeNotSatisfiable { size } = self
+            && let Ok(value) = HeaderValue::from_str(&unsatisfied_content_range(size))
+        {
+            response.headers_mut().insert(header::CONTENT_RANGE, value);
+        }
+        response
+    }
+}
+
+pub fn method_not_allowed() -> Response {
+    (
+        StatusCode::METHOD_NOT_ALLOWED,
+        Json(ErrorBody::new(
+            ErrorCode::MethodNotAllowed,
+            "method not allowed on this route",
+        )),
+    )
+        .into_response()
+}

@@ -1,0 +1,107 @@
+//! Opening a backend from the `--store` argument.
+
+use std::path::Path as FsPath;
+use std::sync::Arc;
+
+use object_store::ObjectStore;
+use object_store::local::LocalFileSystem;
+use object_store::memory::InMemory;
+
+use super::Store;
+use crate::error::{Error, Result};
+
+pub fn open(spec: &str) -> Result<Store> {
+    if let Some(rest) = spec.strip_prefix("memory://") {
+        if !rest.is_empty() {
+            return Err(Error::BadRequest(format!(
+                "memory:// takes no path: {spec}"
+            )));
+        }
+        let mut store = remote(Arc::new(InMemory::new()), "memory://".into());
+        store.quoted_etags = false;
+        return Ok(store);
+    }
+    if spec.starts_with("file://") {
+        let url = url::Url::parse(spec).map_err(|e| Error::BadRequest(format!("{spec}: {e}")))?;
+        let path = url
+            .to_file_path()
+            .map_err(|_| Error::BadRequest(format!("not a local path: {spec}")))?;
+        return local(&path);
+    }
+    if let Some((scheme, _)) = spec.split_once("://") {
+        return cloud(scheme, spec);
+    }
+    local(FsPath::new(spec))
+}
+
+fn remote(objects: Arc<dyn ObjectStore>, description: String) -> Store {
+    Store {
+        objects,
+        local_root: None,
+        description,
+        quoted_etags: true,
+    }
+}
+
+fn local(dir: &FsPath) -> Result<Store> {
+    std::fs::create_dir_all(dir)
+        .map_err(|e| Error::Storage(format!("cannot create {}: {e}", dir.display())))?;
+    let root = std::fs::canonicalize(dir)
+        .map_err(|e| Error::Storage(format!("cannot open {}: {e}", dir.display())))?;
+    // fsync: an acknowledged write survives power loss, as on a cloud store.
+    let fs = LocalFileSystem::new_with_prefix(&root)?
+        .with_automatic_cleanup(true)
+        .with_fsync(true);
+    Ok(Store {
+        objects: Arc::new(fs),
+        description: root.display().to_string(),
+        local_root: Some(root),
+        quoted_etags: true,
+    })
+}
+
+#[cfg(feature = "cloud")]
+fn cloud(scheme: &str, spec: &str) -> Result<Store> {
+    use object_store::aws::AmazonS3Builder;
+    use object_store::azure::MicrosoftAzureBuilder;
+    use object_store::gcp::GoogleCloudStorageBuilder;
+    use object_store::prefix::PrefixStore;
+
+    let url = url::Url::parse(spec).map_err(|e| Error::BadRequest(format!("{spec}: {e}")))?;
+    let objects: Arc<dyn ObjectStore> = match scheme {
+        "s3" | "s3a" => Arc::new(AmazonS3Builder::from_env().with_url(spec).build()?),
+        "gs" => Arc::new(
+            GoogleCloudStorageBuilder::from_env()
+                .with_url(spec)
+                .build()?,
+        ),
+        "az" | "azure" | "abfs" | "abfss" => {
+            Arc::new(MicrosoftAzureBuilder::from_env().with_url(spec).build()?)
+        }
+        other => {
+            return Err(Error::BadRequest(format!(
+                "unsupported store scheme {other}://"
+            )));
+        }
+    };
+    // The URL's path, if any, is a prefix inside the bucket or container.
+    let prefix = url.path().trim_matches('/');
+    let objects: Arc<dyn ObjectStore> = if prefix.is_empty() {
+        objects
+    } else {
+        Arc::new(PrefixStore::new(objects, prefix))
+    };
+    Ok(remote(objects, spec.to_owned()))
+}
+
+#[cfg(not(feature = "cloud"))]
+fn cloud(scheme: &str, spec: &str) -> Result<Store> {
+    match scheme {
+        "s3" | "s3a" | "gs" | "az" | "azure" | "abfs" | "abfss" => Err(Error::BadRequest(format!(
+            "{spec}: this build has no cloud backends; rebuild with `--features cloud`"
+        ))),
+        other => Err(Error::BadRequest(format!(
+            "unsupported store scheme {other}://"
+        ))),
+    }
+}

@@ -91,9 +91,25 @@ impl From<object_store::Error> for Error {
             E::AlreadyExists { path, .. } => Error::AlreadyExists(path),
             E::Precondition { path, .. } => Error::PreconditionFailed(path),
             E::InvalidPath { source } => Error::BadRequest(source.to_string()),
+            // A local path through a file ("a.txt/b") does not exist.
+            other if io_kind(&other) == Some(std::io::ErrorKind::NotADirectory) => {
+                Error::NotFound(other.to_string())
+            }
             other => Error::Storage(other.to_string()),
         }
     }
+}
+
+/// The kind of the first I/O error in `e`'s source chain.
+fn io_kind(e: &(dyn std::error::Error + 'static)) -> Option<std::io::ErrorKind> {
+    let mut current = Some(e);
+    while let Some(err) = current {
+        if let Some(io) = err.downcast_ref::<std::io::Error>() {
+            return Some(io.kind());
+        }
+        current = err.source();
+    }
+    None
 }
 
 /// Linux errno values (stable ABI), kept here so the mapping needs no libc.

@@ -40,8 +40,6 @@ pub struct Store {
     /// rename, empty-directory cleanup) are done directly on the filesystem.
     local_root: Option<PathBuf>,
     description: String,
-    /// Whether the backend's etags carry HTTP quotes (ferry's never do).
-    quoted_etags: bool,
 }
 
 impl Store {
@@ -62,10 +60,9 @@ impl Store {
         if path.is_root() {
             return Err(Error::IsADirectory("/".into()));
         }
-        match self.objects.head(&keys::object_path(path)).await {
-            Ok(meta) => Ok(file_meta(path.clone(), &meta)),
-            Err(object_store::Error::NotFound { .. }) => Err(self.not_a_file(path).await),
-            Err(e) => Err(e.into()),
+        match self.try_head_file(path).await? {
+            Some(meta) => Ok(meta),
+            None => Err(self.not_a_file(path).await),
         }
     }
 
@@ -74,10 +71,15 @@ impl Store {
         if path.is_root() {
             return Ok(None);
         }
-        match self.objects.head(&keys::object_path(path)).await {
+        match self
+            .objects
+            .head(&keys::object_path(path))
+            .await
+            .map_err(Error::from)
+        {
             Ok(meta) => Ok(Some(file_meta(path.clone(), &meta))),
-            Err(object_store::Error::NotFound { .. }) => Ok(None),
-            Err(e) => Err(e.into()),
+            Err(Error::NotFound(_)) => Ok(None),
+            Err(e) => Err(e),
         }
     }
 
@@ -140,12 +142,9 @@ impl Store {
         }
     }
 
+    /// Every object_store backend quotes its etags.
     fn backend_etag(&self, etag: &str) -> String {
-        if self.quoted_etags {
-            format!("\"{etag}\"")
-        } else {
-            etag.to_owned()
-        }
+        format!("\"{etag}\"")
     }
 
     /// Where the directory `path` lies on disk, for a local backend.
@@ -170,7 +169,7 @@ fn file_meta(path: RemotePath, meta: &ObjectMeta) -> FileMeta {
     }
 }
 
-/// The backend's etag without HTTP quoting (backends differ on quoting).
+/// The backend's etag without HTTP quoting.
 fn plain_etag(meta: &ObjectMeta) -> Option<String> {
     meta.e_tag
         .as_deref()

@@ -17,9 +17,7 @@ pub fn open(spec: &str) -> Result<Store> {
                 "memory:// takes no path: {spec}"
             )));
         }
-        let mut store = remote(Arc::new(InMemory::new()), "memory://".into());
-        store.quoted_etags = false;
-        return Ok(store);
+        return Ok(remote(Arc::new(InMemory::new()), "memory://".into()));
     }
     if spec.starts_with("file://") {
         let url = url::Url::parse(spec).map_err(|e| Error::BadRequest(format!("{spec}: {e}")))?;
@@ -39,7 +37,6 @@ fn remote(objects: Arc<dyn ObjectStore>, description: String) -> Store {
         objects,
         local_root: None,
         description,
-        quoted_etags: true,
     }
 }
 
@@ -56,7 +53,6 @@ fn local(dir: &FsPath) -> Result<Store> {
         objects: Arc::new(fs),
         description: root.display().to_string(),
         local_root: Some(root),
-        quoted_etags: true,
     })
 }
 

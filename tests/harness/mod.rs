@@ -1,0 +1,255 @@
+//! Test harness: a real `ferry serve` process on 127.0.0.1:0, a reqwest
+//! client, and a raw HTTP/1.1 client for requests no URL library would send.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+pub struct Server {
+    pub child: Child,
+    pub addr: SocketAddr,
+    pub url: String,
+    /// The local store directory (absent for `memory://`).
+    pub store_dir: Option<PathBuf>,
+    _tmp: tempfile::TempDir,
+}
+
+/// The backends every conformance test runs against.
+#[derive(Debug, Clone, Copy)]
+pub enum Backend {
+    Local,
+    Memory,
+}
+
+impl Server {
+    pub fn start() -> Server {
+        Self::start_with(Backend::Local, &[])
+    }
+
+    pub fn start_with(backend: Backend, extra: &[&str]) -> Server {
+        let tmp = tempfile::tempdir().unwrap();
+        let store_dir = tmp.path().join("store");
+        let store = match backend {
+            Backend::Local => store_dir.to_str().unwrap().to_owned(),
+            Backend::Memory => "memory://".to_owned(),
+        };
+        let mut child = Command::new(env!("CARGO_BIN_EXE_ferry"))
+            .args(["serve", "--store", &store, "--listen", "127.0.0.1:0"])
+            .args(extra)
+            .env("FERRY_LOG", "warn")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawning ferry serve");
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        let url = line
+            .split_whitespace()
+            .find(|w| w.starts_with("http://"))
+            .unwrap_or_else(|| panic!("no URL in the server's first line: {line:?}"))
+            .to_owned();
+        let addr = url.trim_start_matches("http://").parse().unwrap();
+        Server {
+            child,
+            addr,
+            url,
+            store_dir: matches!(backend, Backend::Local).then_some(store_dir),
+            _tmp: tmp,
+        }
+    }
+
+    pub fn file_url(&self, path: &str) -> String {
+        format!("{}/v1/files/{}", self.url, path)
+    }
+
+    pub fn client(&self) -> reqwest::Client {
+        reqwest::Client::new()
+    }
+
+    /// Stores `data` at `path` through the API.
+    pub async fn put(&self, path: &str, data: impl Into<reqwest::Body>) -> reqwest::Response {
+        let resp = self
+            .client()
+            .put(self.file_url(path))
+            .body(data)
+            .send()
+            .await
+            .unwrap();
+        assert!(resp.status().is_success(), "PUT {path}: {}", resp.status());
+        resp
+    }
+
+    pub async fn get_bytes(&self, path: &str) -> (u16, Vec<u8>) {
+        let resp = self.client().get(self.file_url(path)).send().await.unwrap();
+        (resp.status().as_u16(), resp.bytes().await.unwrap().to_vec())
+    }
+
+    pub async fn op(&self, op: &str, body: serde_json::Value) -> (u16, serde_json::Value) {
+        let resp = self
+            .client()
+            .post(format!("{}/v1/ops/{op}", self.url))
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        let status = resp.status().as_u16();
+        let text = resp.text().await.unwrap();
+        (
+            status,
+            serde_json::from_str(&text).unwrap_or(serde_json::Value::Null),
+        )
+    }
+
+    pub async fn json(&self, path_and_query: &str) -> (u16, serde_json::Value) {
+        let resp = self
+            .client()
+            .get(format!("{}{path_and_query}", self.url))
+            .send()
+            .await
+            .unwrap();
+        let status = resp.status().as_u16();
+        (status, resp.json().await.unwrap_or(serde_json::Value::Null))
+    }
+
+    /// Sends bytes as they are and reads the whole response.
+    pub fn raw(&self, request: &[u8]) -> RawResponse {
+        raw_request(self.addr, request)
+    }
+
+    /// Every file under the store directory, relative, sorted.
+    pub fn files_on_disk(&self) -> Vec<String> {
+        let root = self.store_dir.as_ref().expect("a local store");
+        let mut out = Vec::new();
+        walk(root, root, &mut out);
+        out.sort();
+        out
+    }
+
+    pub fn signal(&self, signal: &str) {
+        let status = Command::new("kill")
+            .args([&format!("-{signal}"), &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+}
+
+fn walk(root: &Path, dir: &Path, out: &mut Vec<String>) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let path = entry.path();
+        if path.is_dir() {
+            walk(root, &path, out);
+        } else {
+            out.push(
+                path.strip_prefix(root)
+                    .unwrap()
+                    .to_string_lossy()
+                    .into_owned(),
+            );
+        }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[derive(Debug)]
+pub struct RawResponse {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+}
+
+impl RawResponse {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+
+    pub fn error_code(&self) -> String {
+        let v: serde_json::Value = serde_json::from_slice(&self.body).unwrap_or_else(|_| {
+            panic!(
+                "not a JSON error body: {:?}",
+                String::from_utf8_lossy(&self.body)
+            )
+        });
+        v["error"]["code"].as_str().unwrap_or_default().to_owned()
+    }
+}
+
+/// One HTTP/1.1 exchange over a fresh connection (`Connection: close`).
+pub fn raw_request(addr: SocketAddr, request: &[u8]) -> RawResponse {
+    let mut stream = TcpStream::connect(addr).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    stream.write_all(request).unwrap();
+    let mut buf = Vec::new();
+    stream.read_to_end(&mut buf).unwrap();
+    let split = buf
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .expect("no end of headers");
+    let head = String::from_utf8_lossy(&buf[..split]).into_owned();
+    let mut lines = head.split("\r\n");
+    let status = lines
+        .next()
+        .unwrap()
+        .split(' ')
+        .nth(1)
+        .unwrap()
+        .parse()
+        .unwrap();
+    let headers = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(n, v)| (n.trim().to_owned(), v.trim().to_owned()))
+        .collect();
+    RawResponse {
+        status,
+        headers,
+        body: buf[split + 4..].to_vec(),
+    }
+}
+
+/// A GET of `target` exactly as written (no normalisation).
+pub fn raw_get(addr: SocketAddr, target: &[u8]) -> RawResponse {
+    let mut req = b"GET ".to_vec();
+    req.extend_from_slice(target);
+    req.extend_from_slice(b" HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n");
+    raw_request(addr, &req)
+}
+
+/// Polls `check` until it holds or `timeout` passes.
+pub fn eventually(timeout: Duration, mut check: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if check() {
+            return true;
+        }
+        if Instant::now() > deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+pub fn random_bytes(len: usize) -> Vec<u8> {
+    use rand::RngCore;
+    let mut data = vec![0u8; len];
+    rand::rng().fill_bytes(&mut data);
+    data
+}

@@ -1,0 +1,304 @@
+//! Bad input gets a clear JSON error, never a panic or a 500, and nothing is
+//! read or written outside the store root.
+
+mod harness;
+
+use std::io::Write;
+use std::net::TcpStream;
+use std::time::Duration;
+
+use harness::{Backend, Server, eventually, random_bytes, raw_get};
+
+/// A secret beside the store that no request may reach.
+fn plant_secret(server: &Server) -> std::path::PathBuf {
+    let outside = server
+        .store_dir
+        .as_ref()
+        .unwrap()
+        .parent()
+        .unwrap()
+        .join("secret.txt");
+    std::fs::write(&outside, "top secret").unwrap();
+    outside
+}
+
+#[tokio::test]
+async fn traversal_and_malformed_paths_are_refused() {
+    let server = Server::start();
+    let secret = plant_secret(&server);
+    let long_segment = format!("/v1/files/{}", "x".repeat(300));
+    let targets: Vec<&[u8]> = vec![
+        b"/v1/files/../secret.txt",
+        b"/v1/files/../etc/passwd",
+        b"/v1/files/%2e%2e/secret.txt",
+        b"/v1/files/%2E%2E/secret.txt",
+        b"/v1/files/a/%2e%2e/%2e%2e/secret.txt",
+        b"/v1/files/a//b",
+        b"/v1/files//abs",
+        b"/v1/files//etc/passwd",
+        b"/v1/files/a%5Cb",
+        b"/v1/files/a%00b",
+        long_segment.as_bytes(),
+        b"/v1/files/.ferry/uploads/x",
+        b"/v1/files/dir/.ferry-dir",
+        b"/v1/files/a%FFb",
+        b"/v1/list/..",
+        b"/v1/stat/%2e%2e",
+    ];
+    for target in targets {
+        let resp = raw_get(server.addr, target);
+        let shown = String::from_utf8_lossy(target);
+        assert_eq!(resp.status, 400, "{shown}");
+        assert_eq!(resp.error_code(), "invalid_path", "{shown}");
+        assert!(!String::from_utf8_lossy(&resp.body).contains("top secret"));
+    }
+    // A raw backslash or NUL in the request line is refused by the HTTP parser
+    // itself, also with a 400.
+    for target in [&b"/v1/files/a\\b"[..], b"/v1/files/a\0b"] {
+        assert_eq!(raw_get(server.addr, target).status, 400);
+    }
+    assert_eq!(std::fs::read_to_string(secret).unwrap(), "top secret");
+}
+
+#[tokio::test]
+async fn traversal_puts_write_nothing_outside() {
+    let server = Server::start();
+    let parent = server
+        .store_dir
+        .as_ref()
+        .unwrap()
+        .parent()
+        .unwrap()
+        .to_owned();
+    for target in [
+        "../escaped.txt",
+        "%2e%2e/escaped.txt",
+        "a/%2e%2e/%2e%2e/escaped.txt",
+        "/escaped.txt",
+    ] {
+        let req = format!(
+            "PUT /v1/files/{target} HTTP/1.1\r\nHost: t\r\nContent-Length: 5\r\nConnection: close\r\n\r\nhello"
+        );
+        let resp = server.raw(req.as_bytes());
+        assert_eq!(resp.status, 400, "{target}");
+    }
+    assert!(!parent.join("escaped.txt").exists());
+    assert!(
+        server.files_on_disk().is_empty(),
+        "{:?}",
+        server.files_on_disk()
+    );
+}
+
+#[tokio::test]
+async fn reserved_names_cannot_be_written_or_listed() {
+    let server = Server::start();
+    server.put("d/f.txt", "x").await;
+    let (status, _) = server
+        .op("mkdir", serde_json::json!({"path": ".ferry/x"}))
+        .await;
+    assert_eq!(status, 400);
+    let (status, _) = server
+        .op(
+            "rename",
+            serde_json::json!({"from": "d/f.txt", "to": "d/.ferry-dir"}),
+        )
+        .await;
+    assert_eq!(status, 400);
+    let (status, _) = server
+        .op("mkdir", serde_json::json!({"path": "d/sub"}))
+        .await;
+    assert_eq!(status, 201);
+    let (_, listing) = server.json("/v1/list/d?recursive=true").await;
+    let names: Vec<&str> = listing["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["f.txt", "sub"]);
+}
+
+#[tokio::test]
+async fn unknown_routes_and_methods_get_json_errors() {
+    let server = Server::start();
+    let resp = raw_get(server.addr, b"/v2/nothing");
+    assert_eq!(
+        (resp.status, resp.error_code().as_str()),
+        (404, "not_found")
+    );
+    let resp = raw_get(server.addr, b"/v1/ops/mkdir");
+    assert_eq!(
+        (resp.status, resp.error_code().as_str()),
+        (405, "method_not_allowed")
+    );
+    let resp = server
+        .client()
+        .get(server.file_url("missing.txt"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 404);
+}
+
+#[tokio::test]
+async fn malformed_bodies_and_queries_are_400() {
+    let server = Server::start();
+    let client = server.client();
+    for body in ["", "{", "{\"path\": 5}", "[]", "{\"from\": \"a\"}"] {
+        let resp = client
+            .post(format!("{}/v1/ops/rename", server.url))
+            .body(body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 400, "{body:?}");
+    }
+    let huge = format!("{{\"path\": \"{}\"}}", "a".repeat(100_000));
+    let resp = client
+        .post(format!("{}/v1/ops/mkdir", server.url))
+        .body(huge)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 413);
+    for query in ["limit=abc", "recursive=maybe", "cursor=%%%"] {
+        let (status, body) = server.json(&format!("/v1/list/?{query}")).await;
+        assert_eq!(status, 400, "{query}: {body}");
+    }
+    let resp = client
+        .post(format!("{}/v1/files/d", server.url))
+        .header("content-type", "text/plain")
+        .body("not a form")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 400);
+}
+
+#[tokio::test]
+async fn oversized_puts_are_413_and_leave_nothing_behind() {
+    let server = Server::start_with(Backend::Local, &["--max-body-bytes", "1000"]);
+    let client = server.client();
+    // Declared too large: refused before reading.
+    let resp = client
+        .put(server.file_url("big.bin"))
+        .body(vec![7u8; 2000])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 413);
+    // Streamed without a length: refused once the limit is crossed.
+    let chunks: Vec<Result<Vec<u8>, std::io::Error>> =
+        (0..20).map(|_| Ok(vec![7u8; 100])).collect();
+    let body = reqwest::Body::wrap_stream(futures::stream::iter(chunks));
+    let resp = client
+        .put(server.file_url("big.bin"))
+        .body(body)
+        .send()
+        .await;
+    if let Ok(resp) = resp {
+        assert_eq!(resp.status(), 413);
+    }
+    // Exactly at the limit is fine.
+    let resp = client
+        .put(server.file_url("ok.bin"))
+        .body(vec![7u8; 1000])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 201);
+    assert!(
+        eventually(Duration::from_secs(5), || server.files_on_disk()
+            == ["ok.bin"]),
+        "{:?}",
+        server.files_on_disk()
+    );
+    assert_eq!(server.get_bytes("big.bin").await.0, 404);
+}
+
+#[tokio::test]
+async fn a_client_disconnecting_mid_put_leaves_the_old_version() {
+    let server = Server::start();
+    let old = random_bytes(50_000);
+    server.put("doc.bin", old.clone()).await;
+    let declared = 20 << 20;
+    for sent in [0, 100_000, 6 << 20] {
+        let mut stream = TcpStream::connect(server.addr).unwrap();
+        write!(
+            stream,
+            "PUT /v1/files/doc.bin HTTP/1.1\r\nHost: t\r\nContent-Length: {declared}\r\n\r\n"
+        )
+        .unwrap();
+        stream.write_all(&vec![1u8; sent]).unwrap();
+        stream.flush().unwrap();
+        std::thread::sleep(Duration::from_millis(200));
+        drop(stream);
+        let (status, body) = server.get_bytes("doc.bin").await;
+        assert_eq!(status, 200);
+        assert!(body == old, "old version replaced after {sent} bytes");
+        assert!(
+            eventually(Duration::from_secs(5), || server.files_on_disk()
+                == ["doc.bin"]),
+            "staging left behind after {sent} bytes: {:?}",
+            server.files_on_disk()
+        );
+    }
+    // And a disconnect with no previous version leaves no object at all.
+    let mut stream = TcpStream::connect(server.addr).unwrap();
+    write!(
+        stream,
+        "PUT /v1/files/new.bin HTTP/1.1\r\nHost: t\r\nContent-Length: 1000000\r\n\r\n"
+    )
+    .unwrap();
+    stream.write_all(&[2u8; 1000]).unwrap();
+    drop(stream);
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(server.get_bytes("new.bin").await.0, 404);
+    assert!(eventually(Duration::from_secs(5), || server
+        .files_on_disk()
+        == ["doc.bin"]));
+}
+
+#[tokio::test]
+async fn writes_that_would_mix_files_and_directories_are_409() {
+    let server = Server::start();
+    server.put("a/b.txt", "x").await;
+    let client = server.client();
+    // A file where a directory is.
+    let resp = client
+        .put(server.file_url("a"))
+        .body("y")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 409);
+    // A file under a file.
+    let resp = client
+        .put(server.file_url("a/b.txt/c"))
+        .body("y")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 409);
+    // GET and DELETE of a directory.
+    assert_eq!(
+        client
+            .get(server.file_url("a"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        409
+    );
+    assert_eq!(
+        client
+            .delete(server.file_url("a"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        409
+    );
+    assert_eq!(server.get_bytes("a/b.txt").await.1, b"x");
+}

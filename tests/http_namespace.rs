@@ -1,0 +1,389 @@
+//! Directories, listings and operations: one conformance suite run against
+//! every backend (local directory and memory).
+
+mod harness;
+
+use harness::{Backend, Server};
+use serde_json::{Value, json};
+
+fn names(listing: &Value) -> Vec<String> {
+    listing["entries"]
+        .as_array()
+        .unwrap_or_else(|| panic!("not a listing: {listing}"))
+        .iter()
+        .map(|e| e["name"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+async fn put_then_list_and_stat(backend: Backend) {
+    let s = Server::start_with(backend, &[]);
+    s.put("docs/a.txt", "aaa").await;
+    s.put("docs/sub/b.txt", "bb").await;
+    s.put("top.txt", "t").await;
+    s.put("docs/ünïcode name [1].txt", "u").await;
+
+    let (status, root) = s.json("/v1/list/").await;
+    assert_eq!(status, 200);
+    assert_eq!(names(&root), ["docs", "top.txt"]);
+    assert_eq!(root["entries"][0]["kind"], "dir");
+    assert_eq!(root["entries"][1]["kind"], "file");
+    assert_eq!(root["entries"][1]["size"], 1);
+    assert!(root["entries"][1]["etag"].is_string());
+
+    let (_, docs) = s.json("/v1/list/docs").await;
+    assert_eq!(names(&docs), ["a.txt", "sub", "ünïcode name [1].txt"]);
+
+    let (_, all) = s.json("/v1/list/docs?recursive=true").await;
+    assert_eq!(
+        names(&all),
+        ["a.txt", "sub", "sub/b.txt", "ünïcode name [1].txt"]
+    );
+
+    let (status, stat) = s.json("/v1/stat/docs/a.txt").await;
+    assert_eq!(status, 200);
+    assert_eq!(
+        (stat["kind"].as_str(), stat["size"].as_u64()),
+        (Some("file"), Some(3))
+    );
+    let (_, stat) = s.json("/v1/stat/docs/sub").await;
+    assert_eq!(stat["kind"], "dir");
+    let (_, stat) = s.json("/v1/stat/").await;
+    assert_eq!(stat["kind"], "dir");
+    assert_eq!(s.json("/v1/stat/nope").await.0, 404);
+    assert_eq!(s.json("/v1/list/nope").await.0, 404);
+    assert_eq!(s.json("/v1/list/top.txt").await.0, 409);
+}
+
+async fn listing_pages_with_a_cursor(backend: Backend) {
+    let s = Server::start_with(backend, &[]);
+    let mut expected = Vec::new();
+    for i in 0..25 {
+        let name = format!("f{i:03}");
+        s.put(&format!("many/{name}"), "x").await;
+        expected.push(name);
+    }
+    let mut seen = Vec::new();
+    let mut cursor: Option<String> = None;
+    loop {
+        let query = match &cursor {
+            Some(c) => format!("/v1/list/many?limit=10&cursor={c}"),
+            None => "/v1/list/many?limit=10".to_owned(),
+        };
+        let (status, page) = s.json(&query).await;
+        assert_eq!(status, 200);
+        let page_names = names(&page);
+        assert!(page_names.len() <= 10);
+        seen.extend(page_names);
+        match page["cursor"].as_str() {
+            Some(c) => cursor = Some(c.to_owned()),
+            None => break,
+        }
+    }
+    assert_eq!(seen, expected);
+}
+
+async fn mkdir_and_rmdir(backend: Backend) {
+    let s = Server::start_with(backend, &[]);
+    let (status, meta) = s.op("mkdir", json!({"path": "empty"})).await;
+    assert_eq!((status, meta["kind"].as_str()), (201, Some("dir")));
+    assert_eq!(names(&s.json("/v1/list/").await.1), ["empty"]);
+    assert_eq!(s.json("/v1/list/empty").await.1["entries"], json!([]));
+    assert_eq!(s.op("mkdir", json!({"path": "empty"})).await.0, 409);
+    assert_eq!(
+        s.op("mkdir", json!({"path": "x/y/z"})).await.0,
+        404,
+        "parent missing"
+    );
+    assert_eq!(
+        s.op("mkdir", json!({"path": "x/y/z", "parents": true}))
+            .await
+            .0,
+        201
+    );
+    assert_eq!(s.json("/v1/stat/x/y").await.1["kind"], "dir");
+
+    s.put("full/f.txt", "f").await;
+    assert_eq!(
+        s.op("mkdir", json!({"path": "full/f.txt/sub", "parents": true}))
+            .await
+            .0,
+        409
+    );
+    let (status, err) = s.op("rmdir", json!({"path": "full"})).await;
+    assert_eq!(
+        (status, err["error"]["code"].as_str()),
+        (409, Some("directory_not_empty"))
+    );
+    assert_eq!(
+        s.op("rmdir", json!({"path": "x"})).await.0,
+        409,
+        "x holds y"
+    );
+    assert_eq!(
+        s.op("rmdir", json!({"path": "full", "recursive": true}))
+            .await
+            .0,
+        204
+    );
+    assert_eq!(s.get_bytes("full/f.txt").await.0, 404);
+    assert_eq!(s.op("rmdir", json!({"path": "empty"})).await.0, 204);
+    assert_eq!(s.op("rmdir", json!({"path": "empty"})).await.0, 404);
+    assert_eq!(s.op("rmdir", json!({"path": ""})).await.0, 400);
+    assert_eq!(names(&s.json("/v1/list/").await.1), ["x"]);
+}
+
+async fn a_directory_lives_while_it_has_entries(backend: Backend) {
+    let s = Server::start_with(backend, &[]);
+    s.put("d/only.txt", "x").await;
+    assert_eq!(
+        s.client()
+            .delete(s.file_url("d/only.txt"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        204
+    );
+    assert_eq!(
+        s.json("/v1/stat/d").await.0,
+        404,
+        "implicit directory vanishes with its last file"
+    );
+    assert_eq!(
+        s.client()
+            .delete(s.file_url("d/only.txt"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        404
+    );
+
+    s.op("mkdir", json!({"path": "kept"})).await;
+    s.put("kept/f", "x").await;
+    s.client()
+        .delete(s.file_url("kept/f"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        s.json("/v1/stat/kept").await.1["kind"],
+        "dir",
+        "mkdir'd directory stays"
+    );
+}
+
+async fn rename_files_and_directories(backend: Backend) {
+    let s = Server::start_with(backend, &[]);
+    s.put("a.txt", "A").await;
+    s.put("b.txt", "B").await;
+    let (status, meta) = s
+        .op("rename", json!({"from": "a.txt", "to": "moved/a.txt"}))
+        .await;
+    assert_eq!((status, meta["path"].as_str()), (200, Some("moved/a.txt")));
+    assert_eq!(s.get_bytes("moved/a.txt").await.1, b"A");
+    assert_eq!(s.get_bytes("a.txt").await.0, 404);
+
+    let (status, err) = s
+        .op("rename", json!({"from": "b.txt", "to": "moved/a.txt"}))
+        .await;
+    assert_eq!(
+        (status, err["error"]["code"].as_str()),
+        (409, Some("already_exists"))
+    );
+    assert_eq!(
+        s.op(
+            "rename",
+            json!({"from": "b.txt", "to": "moved/a.txt", "overwrite": true})
+        )
+        .await
+        .0,
+        200
+    );
+    assert_eq!(s.get_bytes("moved/a.txt").await.1, b"B");
+    assert_eq!(
+        s.op("rename", json!({"from": "nope", "to": "x"})).await.0,
+        404
+    );
+
+    s.put("tree/one.txt", "1").await;
+    s.put("tree/deep/two.txt", "22").await;
+    s.op("mkdir", json!({"path": "tree/empty"})).await;
+    let (status, err) = s
+        .op("rename", json!({"from": "tree", "to": "forest"}))
+        .await;
+    assert_eq!(
+        (status, err["error"]["code"].as_str()),
+        (409, Some("is_a_directory"))
+    );
+    assert_eq!(
+        s.op(
+            "rename",
+            json!({"from": "tree", "to": "tree/inner", "recursive": true})
+        )
+        .await
+        .0,
+        400
+    );
+    assert_eq!(
+        s.op(
+            "rename",
+            json!({"from": "tree", "to": "forest", "recursive": true})
+        )
+        .await
+        .0,
+        200
+    );
+    assert_eq!(
+        names(&s.json("/v1/list/forest?recursive=true").await.1),
+        ["deep", "deep/two.txt", "empty", "one.txt"]
+    );
+    assert_eq!(s.json("/v1/stat/tree").await.0, 404);
+    assert_eq!(names(&s.json("/v1/list/").await.1), ["forest", "moved"]);
+
+    s.put("dir2/x", "x").await;
+    assert_eq!(
+        s.op(
+            "rename",
+            json!({"from": "forest", "to": "dir2", "recursive": true})
+        )
+        .await
+        .0,
+        409
+    );
+    assert_eq!(
+        s.op("rename", json!({"from": "moved/a.txt", "to": "dir2"}))
+            .await
+            .0,
+        409
+    );
+}
+
+async fn copy_files_and_directories(backend: Backend) {
+    let s = Server::start_with(backend, &[]);
+    s.put("src/a.txt", "A").await;
+    s.put("src/deep/b.txt", "B").await;
+    assert_eq!(
+        s.op("copy", json!({"from": "src/a.txt", "to": "dst/a.txt"}))
+            .await
+            .0,
+        200
+    );
+    assert_eq!(s.get_bytes("dst/a.txt").await.1, b"A");
+    assert_eq!(s.get_bytes("src/a.txt").await.1, b"A");
+    assert_eq!(
+        s.op("copy", json!({"from": "src/a.txt", "to": "dst/a.txt"}))
+            .await
+            .0,
+        409
+    );
+    assert_eq!(
+        s.op(
+            "copy",
+            json!({"from": "src", "to": "copy", "recursive": true})
+        )
+        .await
+        .0,
+        200
+    );
+    assert_eq!(s.get_bytes("copy/deep/b.txt").await.1, b"B");
+    assert_eq!(s.get_bytes("src/deep/b.txt").await.1, b"B");
+    // Replacing the copy leaves the original alone.
+    s.put("copy/a.txt", "changed").await;
+    assert_eq!(s.get_bytes("src/a.txt").await.1, b"A");
+}
+
+async fn multipart_form_upload(backend: Backend) {
+    let s = Server::start_with(backend, &[]);
+    let boundary = "XyZ";
+    let body = format!(
+        "--{boundary}\r\nContent-Disposition: form-data; name=\"note\"\r\n\r\nhello\r\n\
+         --{boundary}\r\nContent-Disposition: form-data; name=\"f\"; filename=\"one.txt\"\r\n\r\nfirst file\r\n\
+         --{boundary}\r\nContent-Disposition: form-data; name=\"g\"; filename=\"two.bin\"\r\n\r\nsecond\r\n\
+         --{boundary}--\r\n"
+    );
+    let resp = s
+        .client()
+        .post(format!("{}/v1/files/uploads", s.url))
+        .header(
+            "content-type",
+            format!("multipart/form-data; boundary={boundary}"),
+        )
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 201);
+    let created: Value = resp.json().await.unwrap();
+    assert_eq!(created["files"].as_array().unwrap().len(), 2);
+    assert_eq!(s.get_bytes("uploads/one.txt").await.1, b"first file");
+    assert_eq!(s.get_bytes("uploads/two.bin").await.1, b"second");
+
+    let evil = format!(
+        "--{boundary}\r\nContent-Disposition: form-data; name=\"f\"; filename=\"..\"\r\n\r\nx\r\n--{boundary}--\r\n"
+    );
+    let resp = s
+        .client()
+        .post(format!("{}/v1/files/uploads", s.url))
+        .header(
+            "content-type",
+            format!("multipart/form-data; boundary={boundary}"),
+        )
+        .body(evil)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 400);
+}
+
+async fn put_replaces_atomically_and_reports_metadata(backend: Backend) {
+    let s = Server::start_with(backend, &[]);
+    let resp = s
+        .client()
+        .put(s.file_url("f.bin"))
+        .body(vec![1u8; 12_000_000])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 201);
+    let meta: Value = resp.json().await.unwrap();
+    assert_eq!(
+        (meta["size"].as_u64(), meta["kind"].as_str()),
+        (Some(12_000_000), Some("file"))
+    );
+    let resp = s
+        .client()
+        .put(s.file_url("f.bin"))
+        .body("small")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let meta2: Value = resp.json().await.unwrap();
+    assert_ne!(meta["etag"], meta2["etag"]);
+    assert_eq!(s.get_bytes("f.bin").await.1, b"small");
+    s.put("empty", Vec::<u8>::new()).await;
+    assert_eq!(s.get_bytes("empty").await, (200, vec![]));
+}
+
+macro_rules! conformance {
+    ($($name:ident),* $(,)?) => {
+        mod local {
+            $( #[tokio::test] async fn $name() { super::$name(super::Backend::Local).await } )*
+        }
+        mod memory {
+            $( #[tokio::test] async fn $name() { super::$name(super::Backend::Memory).await } )*
+        }
+    };
+}
+
+conformance!(
+    put_then_list_and_stat,
+    listing_pages_with_a_cursor,
+    mkdir_and_rmdir,
+    a_directory_lives_while_it_has_entries,
+    rename_files_and_directories,
+    copy_files_and_directories,
+    multipart_form_upload,
+    put_replaces_atomically_and_reports_metadata,
+);

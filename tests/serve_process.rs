@@ -1,0 +1,94 @@
+//! The `ferry serve` process: defaults, start-up errors, graceful shutdown.
+
+mod harness;
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use harness::{Server, eventually};
+
+#[test]
+fn default_store_is_created_in_the_working_directory() {
+    let cwd = tempfile::tempdir().unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_ferry"))
+        .args(["serve", "--listen", "127.0.0.1:0"])
+        .current_dir(cwd.path())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    assert!(
+        line.contains("ferry-data") && line.contains("http://127.0.0.1:"),
+        "{line}"
+    );
+    assert!(cwd.path().join("ferry-data").is_dir());
+    child.kill().unwrap();
+    child.wait().unwrap();
+}
+
+#[test]
+fn a_busy_port_is_a_clear_error() {
+    let holder = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = holder.local_addr().unwrap().to_string();
+    let tmp = tempfile::tempdir().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_ferry"))
+        .args(["serve", "--listen", &addr, "--store"])
+        .arg(tmp.path())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains(&addr) && stderr.contains("in use"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn a_cloud_url_without_the_feature_or_credentials_is_a_clear_error() {
+    let out = Command::new(env!("CARGO_BIN_EXE_ferry"))
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--store",
+            "ftp://example/x",
+        ])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("unsupported store scheme ftp://"));
+}
+
+#[test]
+fn sigterm_lets_an_in_flight_upload_finish_then_exits_cleanly() {
+    for signal in ["TERM", "INT"] {
+        let mut server = Server::start();
+        let mut stream = TcpStream::connect(server.addr).unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        write!(stream, "PUT /v1/files/late.txt HTTP/1.1\r\nHost: t\r\nContent-Length: 10\r\nConnection: close\r\n\r\nhello").unwrap();
+        stream.flush().unwrap();
+        std::thread::sleep(Duration::from_millis(200));
+        server.signal(signal);
+        std::thread::sleep(Duration::from_millis(200));
+        stream.write_all(b"world").unwrap();
+        let mut response = String::new();
+        stream.read_to_string(&mut response).unwrap();
+        assert!(response.starts_with("HTTP/1.1 201"), "{signal}: {response}");
+        assert!(eventually(Duration::from_secs(10), || matches!(
+            server.child.try_wait(),
+            Ok(Some(_))
+        )));
+        let status = server.child.wait().unwrap();
+        assert!(status.success(), "{signal}: exit {status:?}");
+        let on_disk = server.store_dir.as_ref().unwrap().join("late.txt");
+        assert_eq!(std::fs::read(on_disk).unwrap(), b"helloworld");
+    }
+}

@@ -29,8 +29,22 @@ pub enum Error {
     RangeNotSatisfiable { size: u64 },
     #[error("checksum mismatch: {0}")]
     ChecksumMismatch(String),
+    #[error("chunks not received yet: {}", describe_runs(.0))]
+    MissingChunks(Vec<[u64; 2]>),
+    #[error("conflict: {0}")]
+    Conflict(String),
     #[error("storage backend failed: {0}")]
     Storage(String),
+    #[error("network error: {0}")]
+    Network(String),
+    #[error("{context}: {source}")]
+    Io {
+        context: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cancelled")]
+    Cancelled,
     #[error("{message}")]
     Remote {
         code: ErrorCode,
@@ -53,7 +67,10 @@ impl Error {
             Error::PayloadTooLarge { .. } => ErrorCode::PayloadTooLarge,
             Error::RangeNotSatisfiable { .. } => ErrorCode::RangeNotSatisfiable,
             Error::ChecksumMismatch(_) => ErrorCode::ChecksumMismatch,
+            Error::MissingChunks(_) => ErrorCode::MissingChunks,
+            Error::Conflict(_) => ErrorCode::Conflict,
             Error::Storage(_) => ErrorCode::StorageError,
+            Error::Network(_) | Error::Io { .. } | Error::Cancelled => ErrorCode::Internal,
             Error::Remote { code, .. } => *code,
         }
     }
@@ -78,9 +95,31 @@ impl Error {
             ErrorCode::PayloadTooLarge => libc_errno::EFBIG,
             ErrorCode::RangeNotSatisfiable => libc_errno::EINVAL,
             ErrorCode::Conflict | ErrorCode::PreconditionFailed => libc_errno::EBUSY,
+            _ if matches!(self, Error::Cancelled) => libc_errno::EINTR,
             _ => libc_errno::EIO,
         }
     }
+}
+
+impl Error {
+    /// Wraps an I/O error with what was being done.
+    pub fn io(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> Error {
+        let context = context.into();
+        move |source| Error::Io { context, source }
+    }
+}
+
+fn describe_runs(runs: &[[u64; 2]]) -> String {
+    runs.iter()
+        .map(|[a, b]| {
+            if a == b {
+                a.to_string()
+            } else {
+                format!("{a}-{b}")
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 impl From<object_store::Error> for Error {
@@ -115,6 +154,7 @@ fn io_kind(e: &(dyn std::error::Error + 'static)) -> Option<std::io::ErrorKind> 
 /// Linux errno values (stable ABI), kept here so the mapping needs no libc.
 mod libc_errno {
     pub const ENOENT: i32 = 2;
+    pub const EINTR: i32 = 4;
     pub const EIO: i32 = 5;
     pub const EACCES: i32 = 13;
     pub const EBUSY: i32 = 16;

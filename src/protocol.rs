@@ -8,6 +8,7 @@ pub mod error;
 pub mod meta;
 pub mod path;
 pub mod range;
+pub mod upload;
 
 pub use error::{ErrorBody, ErrorCode};
 pub use meta::{EntryKind, FileMeta, ListEntry, ListPage, MkdirRequest, MoveRequest, RmdirRequest};

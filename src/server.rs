@@ -16,31 +16,40 @@ mod listing;
 mod ops;
 mod response;
 pub mod store;
+mod uploads;
 
 use std::future::Future;
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::Router;
 use axum::extract::DefaultBodyLimit;
-use axum::routing::{get, post};
+use axum::routing::{get, post, put};
 use tokio::net::TcpListener;
 
 use crate::error::Error;
 pub use store::Store;
+use store::uploads::UploadSessions;
 
 /// Largest body accepted by default: S3's largest object.
 pub const DEFAULT_MAX_BODY_BYTES: u64 = 5 << 40;
 
 #[derive(Debug, Clone)]
 pub struct ServerConfig {
-    /// Largest file body (`PUT`, multipart `POST`) accepted; larger gets 413.
+    /// Largest file (`PUT`, form upload, upload session) accepted; larger gets 413.
     pub max_body_bytes: u64,
+    /// How long an upload session lives after its creation.
+    pub upload_ttl: Duration,
+    /// How often expired upload sessions are collected.
+    pub gc_interval: Duration,
 }
 
 impl Default for ServerConfig {
     fn default() -> Self {
         Self {
             max_body_bytes: DEFAULT_MAX_BODY_BYTES,
+            upload_ttl: Duration::from_secs(24 * 3600),
+            gc_interval: Duration::from_secs(600),
         }
     }
 }
@@ -53,14 +62,24 @@ pub struct AppState {
 
 struct Shared {
     store: Store,
+    uploads: UploadSessions,
     config: ServerConfig,
 }
 
 impl AppState {
     pub fn new(store: Store, config: ServerConfig) -> Self {
+        let uploads = UploadSessions::new(store.clone(), config.upload_ttl, config.max_body_bytes);
         Self {
-            inner: Arc::new(Shared { store, config }),
+            inner: Arc::new(Shared {
+                store,
+                uploads,
+                config,
+            }),
         }
+    }
+
+    fn uploads(&self) -> &UploadSessions {
+        &self.inner.uploads
     }
 
     fn store(&self) -> &Store {
@@ -95,6 +114,13 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/ops/rmdir", post(ops::rmdir))
         .route("/v1/ops/rename", post(ops::rename))
         .route("/v1/ops/copy", post(ops::copy))
+        .route("/v1/uploads", post(uploads::create))
+        .route(
+            "/v1/uploads/{id}",
+            get(uploads::status).delete(uploads::abort),
+        )
+        .route("/v1/uploads/{id}/chunks/{index}", put(uploads::put_chunk))
+        .route("/v1/uploads/{id}/complete", post(uploads::complete))
         .route(
             "/healthz",
             get(|| async { axum::Json(serde_json::json!({"status": "ok"})) }),
@@ -112,7 +138,23 @@ pub async fn run(
     state: AppState,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    axum::serve(listener, router(state))
+    let collector = tokio::spawn(collect_expired_uploads(state.clone()));
+    let served = axum::serve(listener, router(state))
         .with_graceful_shutdown(shutdown)
-        .await
+        .await;
+    collector.abort();
+    served
+}
+
+/// Frees abandoned upload sessions, at start-up and then periodically.
+async fn collect_expired_uploads(state: AppState) {
+    let mut ticks = tokio::time::interval(state.config().gc_interval);
+    loop {
+        ticks.tick().await;
+        match state.uploads().collect_expired().await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(sessions = n, "collected expired upload sessions"),
+            Err(e) => tracing::warn!(error = %e, "collecting expired upload sessions failed"),
+        }
+    }
 }

@@ -2,6 +2,7 @@
 
 use std::io::Write;
 use std::net::SocketAddr;
+use std::time::Duration;
 
 use anyhow::Context;
 use clap::Args;
@@ -17,9 +18,15 @@ pub struct ServeArgs {
     /// Address to listen on (port 0 picks a free port).
     #[arg(long, env = "FERRY_LISTEN", default_value = "127.0.0.1:7070")]
     listen: SocketAddr,
-    /// Largest file body accepted by PUT or a form upload, in bytes.
+    /// Largest file accepted by PUT, a form upload or an upload session, in bytes.
     #[arg(long, default_value_t = DEFAULT_MAX_BODY_BYTES)]
     max_body_bytes: u64,
+    /// Seconds an upload session lives before it is collected.
+    #[arg(long, default_value_t = 24 * 3600)]
+    upload_ttl: u64,
+    /// Seconds between sweeps for expired upload sessions.
+    #[arg(long, default_value_t = 600)]
+    gc_interval: u64,
 }
 
 pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
@@ -31,6 +38,8 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     let addr = listener.local_addr()?;
     let config = ServerConfig {
         max_body_bytes: args.max_body_bytes,
+        upload_ttl: Duration::from_secs(args.upload_ttl),
+        gc_interval: Duration::from_secs(args.gc_interval.max(1)),
     };
     // Scripts and tests read this line to learn the address.
     println!("ferry serving {} at http://{addr}", store.describe());

@@ -22,6 +22,7 @@ pub enum ErrorCode {
     PayloadTooLarge,
     RangeNotSatisfiable,
     ChecksumMismatch,
+    MissingChunks,
     RateLimited,
     StorageError,
     Internal,
@@ -43,6 +44,7 @@ impl ErrorCode {
             | ErrorCode::IsADirectory
             | ErrorCode::NotADirectory
             | ErrorCode::DirectoryNotEmpty
+            | ErrorCode::MissingChunks
             | ErrorCode::Conflict => 409,
             ErrorCode::PreconditionFailed => 412,
             ErrorCode::PayloadTooLarge => 413,
@@ -64,6 +66,10 @@ pub struct ErrorBody {
 pub struct ErrorDetail {
     pub code: ErrorCode,
     pub message: String,
+    /// For `missing_chunks`: the chunk indices not yet received, as inclusive
+    /// `[first, last]` runs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub missing: Option<Vec<[u64; 2]>>,
 }
 
 impl ErrorBody {
@@ -72,6 +78,7 @@ impl ErrorBody {
             error: ErrorDetail {
                 code,
                 message: message.into(),
+                missing: None,
             },
         }
     }

@@ -15,8 +15,11 @@ impl IntoResponse for Error {
         if status.is_server_error() {
             tracing::error!(error = %self, "request failed");
         }
-        let mut response =
-            (status, Json(ErrorBody::new(self.code(), self.to_string()))).into_response();
+        let mut body = ErrorBody::new(self.code(), self.to_string());
+        if let Error::MissingChunks(runs) = &self {
+            body.error.missing = Some(runs.clone());
+        }
+        let mut response = (status, Json(body)).into_response();
         if let Error::RangeNotSatisfiable { size } = self
             && let Ok(value) = HeaderValue::from_str(&unsatisfied_content_range(size))
         {

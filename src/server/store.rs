@@ -9,6 +9,7 @@
 mod backend;
 mod keys;
 pub mod namespace;
+pub mod uploads;
 mod writer;
 
 use std::path::PathBuf;
@@ -17,6 +18,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 use futures::stream::BoxStream;
 use futures::{StreamExt, TryStreamExt};
+use object_store::multipart::MultipartStore;
 use object_store::{
     GetOptions, GetRange, GetResultPayload, ObjectMeta, ObjectStore, ObjectStoreExt,
 };
@@ -33,13 +35,24 @@ pub use writer::StoreWriter;
 const LOCAL_READ_CHUNK: usize = 256 * 1024;
 
 /// A ferry store over one object-store backend. Cheap to clone.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct Store {
     objects: Arc<dyn ObjectStore>,
     /// Set when the backend is a local directory: some operations (directory
     /// rename, empty-directory cleanup) are done directly on the filesystem.
     local_root: Option<PathBuf>,
+    /// Set for backends with multipart uploads (memory, S3, GCS, Azure):
+    /// upload sessions stage their chunks as parts.
+    multipart: Option<Arc<dyn MultipartStore>>,
     description: String,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store")
+            .field("backend", &self.description)
+            .finish()
+    }
 }
 
 impl Store {

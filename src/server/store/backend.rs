@@ -6,6 +6,7 @@ use std::sync::Arc;
 use object_store::ObjectStore;
 use object_store::local::LocalFileSystem;
 use object_store::memory::InMemory;
+use object_store::multipart::MultipartStore;
 
 use super::Store;
 use crate::error::{Error, Result};
@@ -17,7 +18,7 @@ pub fn open(spec: &str) -> Result<Store> {
                 "memory:// takes no path: {spec}"
             )));
         }
-        return Ok(remote(Arc::new(InMemory::new()), "memory://".into()));
+        return Ok(remote(InMemory::new(), "memory://".into()));
     }
     if spec.starts_with("file://") {
         let url = url::Url::parse(spec).map_err(|e| Error::BadRequest(format!("{spec}: {e}")))?;
@@ -32,9 +33,13 @@ pub fn open(spec: &str) -> Result<Store> {
     local(FsPath::new(spec))
 }
 
-fn remote(objects: Arc<dyn ObjectStore>, description: String) -> Store {
+/// A backend with multipart uploads, used both as the object store and as the
+/// staging area of upload sessions.
+fn remote<T: ObjectStore + MultipartStore>(store: T, description: String) -> Store {
+    let store = Arc::new(store);
     Store {
-        objects,
+        objects: store.clone(),
+        multipart: Some(store),
         local_root: None,
         description,
     }
@@ -51,6 +56,7 @@ fn local(dir: &FsPath) -> Result<Store> {
         .with_fsync(true);
     Ok(Store {
         objects: Arc::new(fs),
+        multipart: None,
         description: root.display().to_string(),
         local_root: Some(root),
     })

@@ -314,7 +314,7 @@ impl Store {
 
     /// Refuses a file write at `path` when a directory is there or a file
     /// stands where one of its parent directories should be.
-    pub(super) async fn check_file_writable(&self, path: &RemotePath) -> Result<()> {
+    pub(crate) async fn check_file_writable(&self, path: &RemotePath) -> Result<()> {
         if path.is_root() || self.is_dir(path).await? {
             return Err(Error::IsADirectory(path.to_string()));
         }

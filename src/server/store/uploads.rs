@@ -1,0 +1,516 @@
+//! Resumable chunk sessions: create, receive chunks in any order, report
+//! status, complete atomically, abort, and collect expired sessions.
+//!
+//! Guarantees: an acknowledged chunk survives a server crash; `complete`
+//! commits the whole file atomically or nothing; every node serving the same
+//! backend sees the same sessions (their state lives under `.ferry/uploads/`).
+
+mod local_staging;
+mod manifest;
+mod multipart_staging;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use chrono::Utc;
+use futures::TryStreamExt;
+use futures::stream::BoxStream;
+use object_store::{ObjectMeta, ObjectStoreExt};
+
+use self::local_staging::LocalStaging;
+use self::manifest::{Manifest, StagingRecord, UPLOADS_PREFIX};
+use self::multipart_staging::MultipartStaging;
+use super::{Store, keys};
+use crate::error::{Error, Result};
+use crate::protocol::FileMeta;
+use crate::protocol::upload::{
+    ChunkLayout, CreateUpload, MAX_CHUNK_SIZE, MAX_MULTIPART_CHUNKS, MIN_CHUNK_SIZE,
+    MIN_MULTIPART_CHUNK_SIZE, UploadCreated, UploadState, UploadStatus, default_chunk_size, runs,
+};
+
+/// What a chunk must be: its length and CRC32C.
+#[derive(Debug, Clone, Copy)]
+pub struct ChunkCheck {
+    pub expected_len: u64,
+    pub crc32c: u32,
+}
+
+impl ChunkCheck {
+    fn too_long(&self) -> Error {
+        Error::BadRequest(format!("chunk longer than its {} bytes", self.expected_len))
+    }
+
+    fn verify(&self, len: u64, crc: u32) -> Result<()> {
+        if len != self.expected_len {
+            return Err(Error::BadRequest(format!(
+                "chunk has {len} bytes, expected {}",
+                self.expected_len
+            )));
+        }
+        if crc != self.crc32c {
+            return Err(Error::ChecksumMismatch(format!(
+                "chunk CRC32C is {crc:08x}, header says {:08x}; chunk not kept",
+                self.crc32c
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// The upload sessions of one store.
+pub struct UploadSessions {
+    store: Store,
+    ttl: Duration,
+    max_size: u64,
+    /// Manifests read or written by this node; their fixed fields never change.
+    manifests: Mutex<HashMap<String, Arc<Manifest>>>,
+    /// Serialises `complete` of one session within this node.
+    completing: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+}
+
+impl UploadSessions {
+    pub fn new(store: Store, ttl: Duration, max_size: u64) -> Self {
+        Self {
+            store,
+            ttl,
+            max_size,
+            manifests: Mutex::default(),
+            completing: Mutex::default(),
+        }
+    }
+
+    pub async fn create(&self, req: CreateUpload) -> Result<UploadCreated> {
+        if req.path.is_root() {
+            return Err(Error::IsADirectory("/".into()));
+        }
+        if req.size > self.max_size {
+            return Err(Error::PayloadTooLarge {
+                limit: self.max_size,
+            });
+        }
+        let sha256 = req.sha256.map(|h| h.to_ascii_lowercase());
+        if sha256
+            .as_ref()
+            .is_some_and(|h| h.len() != 64 || !h.bytes().all(|b| b.is_ascii_hexdigit()))
+        {
+            return Err(Error::BadRequest("sha256 must be 64 hex digits".into()));
+        }
+        let multipart = self.store.multipart.is_some();
+        let floor = if multipart {
+            MIN_MULTIPART_CHUNK_SIZE
+        } else {
+            0
+        };
+        let chunk_size = match req.chunk_size {
+            None => default_chunk_size(req.size, floor),
+            Some(cs) if !(MIN_CHUNK_SIZE..=MAX_CHUNK_SIZE).contains(&cs) => {
+                return Err(Error::BadRequest(format!(
+                    "chunk_size must be between {MIN_CHUNK_SIZE} and {MAX_CHUNK_SIZE} bytes"
+                )));
+            }
+            Some(cs) if cs < floor && req.size > cs => {
+                return Err(Error::BadRequest(format!(
+                    "this backend needs chunks of at least {floor} bytes"
+                )));
+            }
+            Some(cs) => cs,
+        };
+        let layout = ChunkLayout {
+            size: req.size,
+            chunk_size,
+        };
+        if multipart && layout.chunk_count() > MAX_MULTIPART_CHUNKS {
+            return Err(Error::PayloadTooLarge {
+                limit: MAX_MULTIPART_CHUNKS * chunk_size,
+            });
+        }
+        self.store.check_file_writable(&req.path).await?;
+        let if_match = req.if_match.map(|e| plain_tag(&e));
+        if let Some(expected) = &if_match {
+            self.check_if_match(&req.path, expected).await?;
+        }
+
+        let id = manifest::new_id();
+        let staging = if let Some(store) = &self.store.multipart {
+            // With a checksum to verify, the parts assemble at a private key
+            // first; without one, straight at the destination.
+            let key = if sha256.is_some() {
+                manifest::session_prefix(&id).join("object")
+            } else {
+                keys::object_path(&req.path)
+            };
+            let upload_id = store.create_multipart(&key).await?;
+            StagingRecord::Multipart {
+                key: key.to_string(),
+                upload_id,
+            }
+        } else {
+            StagingRecord::LocalFile
+        };
+        let now = Utc::now();
+        let manifest = Manifest {
+            id: id.clone(),
+            path: req.path,
+            size: req.size,
+            chunk_size,
+            sha256,
+            if_match,
+            mtime: req.mtime,
+            created_at: now,
+            expires_at: now + self.ttl,
+            staging,
+            state: UploadState::Open,
+            result: None,
+        };
+        manifest::write(&self.store, &manifest).await?;
+        if let Some(local) = self.local_staging(&id) {
+            local.create(layout).await?;
+        }
+        let created = UploadCreated {
+            id: id.clone(),
+            chunk_size,
+            chunk_count: layout.chunk_count(),
+            expires_at: manifest.expires_at,
+        };
+        self.manifests
+            .lock()
+            .unwrap()
+            .insert(id, Arc::new(manifest));
+        Ok(created)
+    }
+
+    pub async fn put_chunk(
+        &self,
+        id: &str,
+        index: u64,
+        crc32c: u32,
+        declared_len: Option<u64>,
+        body: BoxStream<'static, Result<Bytes>>,
+    ) -> Result<()> {
+        let manifest = self.manifest(id).await?;
+        if manifest.state == UploadState::Committed {
+            return Err(Error::Conflict(format!("upload {id} is already committed")));
+        }
+        let layout = manifest.layout();
+        let Some(expected_len) = layout.chunk_len(index) else {
+            return Err(Error::BadRequest(format!(
+                "chunk {index} is past the end (the upload has {} chunks)",
+                layout.chunk_count()
+            )));
+        };
+        if declared_len.is_some_and(|n| n != expected_len) {
+            return Err(Error::BadRequest(format!(
+                "chunk {index} must be {expected_len} bytes, Content-Length says {}",
+                declared_len.unwrap_or_default()
+            )));
+        }
+        let check = ChunkCheck {
+            expected_len,
+            crc32c,
+        };
+        let written = match &manifest.staging {
+            StagingRecord::LocalFile => {
+                self.local_staging(id)
+                    .expect("a local backend")
+                    .write_chunk(layout, index, check, body)
+                    .await
+            }
+            StagingRecord::Multipart { key, upload_id } => {
+                MultipartStaging::new(&self.store, id, key, upload_id)
+                    .write_chunk(layout, index, check, body)
+                    .await
+            }
+        };
+        match written {
+            Err(Error::NotFound(_)) => Err(self.gone(id).await),
+            other => other,
+        }
+    }
+
+    pub async fn status(&self, id: &str) -> Result<UploadStatus> {
+        let manifest = self.fresh_manifest(id).await?;
+        let layout = manifest.layout();
+        let received = match manifest.state {
+            UploadState::Committed => (0..layout.chunk_count()).collect(),
+            UploadState::Open => self.received(&manifest).await?,
+        };
+        let bytes_received = received.iter().filter_map(|i| layout.chunk_len(*i)).sum();
+        Ok(UploadStatus {
+            id: manifest.id.clone(),
+            path: manifest.path.clone(),
+            size: manifest.size,
+            chunk_size: manifest.chunk_size,
+            chunk_count: layout.chunk_count(),
+            received: runs(received),
+            bytes_received,
+            expires_at: manifest.expires_at,
+            state: manifest.state,
+            meta: manifest.result.clone(),
+        })
+    }
+
+    /// Commits the upload. Repeating it on a committed session returns the
+    /// same metadata.
+    pub async fn complete(&self, id: &str) -> Result<FileMeta> {
+        let lock = self
+            .completing
+            .lock()
+            .unwrap()
+            .entry(id.to_owned())
+            .or_default()
+            .clone();
+        let _guard = lock.lock().await;
+        let mut manifest = (*self.fresh_manifest(id).await?).clone();
+        if let Some(meta) = &manifest.result {
+            return Ok(meta.clone());
+        }
+        let layout = manifest.layout();
+        let received = self.received(&manifest).await?;
+        if received.len() as u64 != layout.chunk_count() {
+            let missing = (0..layout.chunk_count()).filter(|i| received.binary_search(i).is_err());
+            return Err(Error::MissingChunks(runs(missing)));
+        }
+        self.store.check_file_writable(&manifest.path).await?;
+        if let Some(expected) = &manifest.if_match {
+            self.check_if_match(&manifest.path, expected).await?;
+        }
+        let committed = match &manifest.staging {
+            StagingRecord::LocalFile => self.commit_local(&manifest).await,
+            StagingRecord::Multipart { key, upload_id } => {
+                self.commit_multipart(
+                    &manifest,
+                    MultipartStaging::new(&self.store, id, key, upload_id),
+                )
+                .await
+            }
+        };
+        match committed {
+            Ok(()) => {}
+            Err(Error::NotFound(_)) => return Err(self.gone(id).await),
+            Err(e) => return Err(e),
+        }
+        let meta = self.store.head_file(&manifest.path).await?;
+        manifest.state = UploadState::Committed;
+        manifest.result = Some(meta.clone());
+        manifest::write(&self.store, &manifest).await?;
+        self.manifests
+            .lock()
+            .unwrap()
+            .insert(id.to_owned(), Arc::new(manifest));
+        if self.local_staging(id).is_none() {
+            // Part records; the manifest stays so a repeated `complete` answers.
+            self.delete_session_objects(id, |key| !key.ends_with("manifest.json"))
+                .await?;
+        }
+        Ok(meta)
+    }
+
+    async fn commit_local(&self, manifest: &Manifest) -> Result<()> {
+        let staging = self.local_staging(&manifest.id).expect("a local backend");
+        if let Some(expected) = &manifest.sha256 {
+            let actual = staging.sha256().await?;
+            if &actual != expected {
+                self.abort(&manifest.id).await?;
+                return Err(sha_mismatch(expected, &actual));
+            }
+        }
+        let target = self
+            .store
+            .local_dir(&manifest.path)
+            .expect("a local backend");
+        staging.commit(target, manifest.mtime.map(Into::into)).await
+    }
+
+    async fn commit_multipart(
+        &self,
+        manifest: &Manifest,
+        staging: MultipartStaging<'_>,
+    ) -> Result<()> {
+        staging.complete(manifest.layout()).await?;
+        let target = keys::object_path(&manifest.path);
+        if staging.key() == &target {
+            return Ok(());
+        }
+        if let Some(expected) = &manifest.sha256 {
+            let actual = staging.sha256().await?;
+            if &actual != expected {
+                self.abort(&manifest.id).await?;
+                return Err(sha_mismatch(expected, &actual));
+            }
+        }
+        self.store.objects.rename(staging.key(), &target).await?;
+        Ok(())
+    }
+
+    /// Aborts the session and frees everything it staged.
+    pub async fn abort(&self, id: &str) -> Result<()> {
+        let manifest = self.fresh_manifest(id).await?;
+        if let (StagingRecord::Multipart { key, upload_id }, UploadState::Open) =
+            (&manifest.staging, manifest.state)
+        {
+            MultipartStaging::new(&self.store, id, key, upload_id)
+                .abort()
+                .await?;
+        }
+        self.forget(id).await
+    }
+
+    /// Removes every session past its expiry; returns how many.
+    pub async fn collect_expired(&self) -> Result<usize> {
+        let listing = self
+            .store
+            .objects
+            .list_with_delimiter(Some(&object_store::path::Path::from(UPLOADS_PREFIX)))
+            .await?;
+        let now = Utc::now();
+        let mut collected = 0;
+        for prefix in listing.common_prefixes {
+            let Some(id) = prefix.filename().filter(|id| manifest::valid_id(id)) else {
+                continue;
+            };
+            match manifest::read(&self.store, id).await {
+                Ok(Some(m)) if m.is_expired(now) => {
+                    if let Err(e) = self.abort(id).await {
+                        tracing::warn!(upload = id, error = %e, "collecting an expired upload failed");
+                    } else {
+                        collected += 1;
+                    }
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::warn!(upload = id, error = %e, "reading an upload manifest failed")
+                }
+            }
+        }
+        Ok(collected)
+    }
+
+    async fn received(&self, manifest: &Manifest) -> Result<Vec<u64>> {
+        let found = match &manifest.staging {
+            StagingRecord::LocalFile => {
+                self.local_staging(&manifest.id)
+                    .expect("a local backend")
+                    .received()
+                    .await
+            }
+            StagingRecord::Multipart { key, upload_id } => {
+                MultipartStaging::new(&self.store, &manifest.id, key, upload_id)
+                    .received()
+                    .await
+            }
+        };
+        match found {
+            Err(Error::NotFound(_)) => Err(self.gone(&manifest.id).await),
+            other => other,
+        }
+    }
+
+    /// The manifest, from this node's cache when possible.
+    async fn manifest(&self, id: &str) -> Result<Arc<Manifest>> {
+        if let Some(m) = self.manifests.lock().unwrap().get(id).cloned() {
+            return self.unexpired(m);
+        }
+        self.fresh_manifest(id).await
+    }
+
+    /// The manifest as the backend has it now.
+    async fn fresh_manifest(&self, id: &str) -> Result<Arc<Manifest>> {
+        if !manifest::valid_id(id) {
+            return Err(Error::NotFound(format!("upload {id}")));
+        }
+        let Some(m) = manifest::read(&self.store, id).await? else {
+            self.manifests.lock().unwrap().remove(id);
+            return Err(Error::NotFound(format!("upload {id}")));
+        };
+        let m = Arc::new(m);
+        self.manifests
+            .lock()
+            .unwrap()
+            .insert(id.to_owned(), m.clone());
+        self.unexpired(m)
+    }
+
+    fn unexpired(&self, m: Arc<Manifest>) -> Result<Arc<Manifest>> {
+        if m.is_expired(Utc::now()) {
+            return Err(Error::NotFound(format!("upload {} (expired)", m.id)));
+        }
+        Ok(m)
+    }
+
+    /// Explains why a session's staged data vanished under a request.
+    async fn gone(&self, id: &str) -> Error {
+        match self.fresh_manifest(id).await {
+            Ok(m) if m.state == UploadState::Committed => {
+                Error::Conflict(format!("upload {id} is already committed"))
+            }
+            Ok(_) => Error::Storage(format!("staged data of upload {id} is missing")),
+            Err(e) => e,
+        }
+    }
+
+    async fn check_if_match(
+        &self,
+        path: &crate::protocol::RemotePath,
+        expected: &str,
+    ) -> Result<()> {
+        let current = self.store.try_head_file(path).await?;
+        if current.as_ref().and_then(|m| m.etag.as_deref()) != Some(expected) {
+            return Err(Error::PreconditionFailed(format!(
+                "{path} no longer has etag {expected}"
+            )));
+        }
+        Ok(())
+    }
+
+    fn local_staging(&self, id: &str) -> Option<LocalStaging> {
+        let root = self.store.local_root.as_ref()?;
+        Some(LocalStaging::new(root.join(UPLOADS_PREFIX).join(id)))
+    }
+
+    /// Deletes everything the session holds, manifest last.
+    async fn forget(&self, id: &str) -> Result<()> {
+        if let Some(local) = self.local_staging(id) {
+            local.remove().await?;
+        } else {
+            self.delete_session_objects(id, |key| !key.ends_with("manifest.json"))
+                .await?;
+            self.delete_session_objects(id, |_| true).await?;
+        }
+        self.manifests.lock().unwrap().remove(id);
+        self.completing.lock().unwrap().remove(id);
+        Ok(())
+    }
+
+    /// Deletes the session's objects whose key satisfies `select`.
+    async fn delete_session_objects(&self, id: &str, select: impl Fn(&str) -> bool) -> Result<()> {
+        let listed: Vec<ObjectMeta> = self
+            .store
+            .objects
+            .list(Some(&manifest::session_prefix(id)))
+            .try_collect()
+            .await?;
+        for object in listed.iter().filter(|o| select(o.location.as_ref())) {
+            match self.store.objects.delete(&object.location).await {
+                Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok(())
+    }
+}
+
+fn sha_mismatch(expected: &str, actual: &str) -> Error {
+    Error::ChecksumMismatch(format!(
+        "sha256 of the assembled file is {actual}, expected {expected}; nothing was committed and the session was discarded"
+    ))
+}
+
+/// An etag as a client may send it (quoted, weak) reduced to ferry's form.
+fn plain_tag(tag: &str) -> String {
+    tag.trim()
+        .trim_start_matches("W/")
+        .trim_matches('"')
+        .to_owned()
+}

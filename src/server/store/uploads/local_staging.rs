@@ -1,0 +1,221 @@
+//! Staging on a local directory: one sparse file per session, written in place
+//! with positioned writes, and a chunk map (one byte per chunk) persisted
+//! beside it. Every chunk lands once, where it belongs; commit is a rename.
+
+use std::fs::{File, OpenOptions};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use bytes::{Bytes, BytesMut};
+use futures::StreamExt;
+use futures::stream::BoxStream;
+use sha2::{Digest, Sha256};
+
+use super::ChunkCheck;
+use crate::error::{Error, Result};
+use crate::protocol::upload::ChunkLayout;
+
+/// Size of each positioned write while a chunk streams in.
+const WRITE_BUFFER: usize = 1 << 20;
+
+pub struct LocalStaging {
+    dir: PathBuf,
+}
+
+impl LocalStaging {
+    pub fn new(dir: PathBuf) -> Self {
+        Self { dir }
+    }
+
+    fn data(&self) -> PathBuf {
+        self.dir.join("data")
+    }
+
+    fn map(&self) -> PathBuf {
+        self.dir.join("chunks")
+    }
+
+    pub async fn create(&self, layout: ChunkLayout) -> Result<()> {
+        let (dir, data, map) = (self.dir.clone(), self.data(), self.map());
+        blocking(move || {
+            std::fs::create_dir_all(&dir).map_err(Error::io("creating the staging directory"))?;
+            let file = File::create(&data).map_err(Error::io("creating the staging file"))?;
+            file.set_len(layout.size)
+                .map_err(Error::io("sizing the staging file"))?;
+            let map_file = File::create(&map).map_err(Error::io("creating the chunk map"))?;
+            map_file
+                .set_len(layout.chunk_count())
+                .map_err(Error::io("sizing the chunk map"))?;
+            map_file
+                .sync_all()
+                .map_err(Error::io("syncing the chunk map"))?;
+            sync_dir(&dir)
+        })
+        .await
+    }
+
+    /// Indices of the chunks received and persisted.
+    pub async fn received(&self) -> Result<Vec<u64>> {
+        let map = self.map();
+        blocking(move || {
+            let bytes = std::fs::read(&map).map_err(not_found_as_gone)?;
+            Ok(bytes
+                .iter()
+                .enumerate()
+                .filter(|(_, b)| **b == 1)
+                .map(|(i, _)| i as u64)
+                .collect())
+        })
+        .await
+    }
+
+    /// Streams chunk `index` into place. A chunk already received is checked
+    /// but not rewritten, so a faulty repeat cannot damage acknowledged data.
+    pub async fn write_chunk(
+        &self,
+        layout: ChunkLayout,
+        index: u64,
+        check: ChunkCheck,
+        mut body: BoxStream<'static, Result<Bytes>>,
+    ) -> Result<()> {
+        let (start, end) = layout
+            .chunk_range(index)
+            .expect("index checked by the caller");
+        let already = self.received().await?.contains(&index);
+        let file = if already {
+            None
+        } else {
+            let data = self.data();
+            Some(Arc::new(
+                blocking(move || {
+                    OpenOptions::new()
+                        .write(true)
+                        .open(&data)
+                        .map_err(not_found_as_gone)
+                })
+                .await?,
+            ))
+        };
+        let mut crc = 0u32;
+        let mut written = 0u64;
+        let mut buffer = BytesMut::new();
+        while let Some(piece) = body.next().await {
+            let piece = piece?;
+            if written + (buffer.len() + piece.len()) as u64 > end - start {
+                return Err(check.too_long());
+            }
+            crc = crc32c::crc32c_append(crc, &piece);
+            buffer.extend_from_slice(&piece);
+            if buffer.len() >= WRITE_BUFFER {
+                written += flush(&file, start + written, buffer.split().freeze()).await?;
+            }
+        }
+        written += flush(&file, start + written, buffer.freeze()).await?;
+        check.verify(written, crc)?;
+        if let Some(file) = file {
+            let map = self.map();
+            blocking(move || {
+                file.sync_data().map_err(Error::io("syncing staged data"))?;
+                // Only after the data is durable does the chunk count as received.
+                let map_file = OpenOptions::new()
+                    .write(true)
+                    .open(&map)
+                    .map_err(not_found_as_gone)?;
+                map_file
+                    .write_all_at(&[1], index)
+                    .map_err(Error::io("updating the chunk map"))?;
+                map_file
+                    .sync_data()
+                    .map_err(Error::io("syncing the chunk map"))
+            })
+            .await?;
+        }
+        Ok(())
+    }
+
+    pub async fn sha256(&self) -> Result<String> {
+        let data = self.data();
+        blocking(move || {
+            let mut file = File::open(&data).map_err(not_found_as_gone)?;
+            let mut hasher = Sha256::new();
+            std::io::copy(&mut file, &mut hasher).map_err(Error::io("hashing staged data"))?;
+            Ok(hex::encode(hasher.finalize()))
+        })
+        .await
+    }
+
+    /// Moves the staged file to `target` (atomically replacing what is there).
+    pub async fn commit(
+        &self,
+        target: PathBuf,
+        mtime: Option<std::time::SystemTime>,
+    ) -> Result<()> {
+        let (data, map) = (self.data(), self.map());
+        blocking(move || {
+            let file = OpenOptions::new()
+                .write(true)
+                .open(&data)
+                .map_err(not_found_as_gone)?;
+            if let Some(t) = mtime {
+                file.set_modified(t)
+                    .map_err(Error::io("setting the modification time"))?;
+            }
+            file.sync_all().map_err(Error::io("syncing staged data"))?;
+            let parent = target.parent().expect("a file has a parent directory");
+            std::fs::create_dir_all(parent).map_err(Error::io("creating parent directories"))?;
+            std::fs::rename(&data, &target).map_err(not_found_as_gone)?;
+            sync_dir(parent)?;
+            let _ = std::fs::remove_file(&map);
+            Ok(())
+        })
+        .await
+    }
+
+    /// Frees every staged byte of the session, its manifest included.
+    pub async fn remove(&self) -> Result<()> {
+        let dir = self.dir.clone();
+        blocking(move || match std::fs::remove_dir_all(&dir) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                Err(Error::io("removing the staging directory")(e))
+            }
+            _ => Ok(()),
+        })
+        .await
+    }
+}
+
+async fn flush(file: &Option<Arc<File>>, offset: u64, data: Bytes) -> Result<u64> {
+    let len = data.len() as u64;
+    if let (Some(file), false) = (file, data.is_empty()) {
+        let file = file.clone();
+        blocking(move || {
+            file.write_all_at(&data, offset)
+                .map_err(Error::io("writing staged data"))
+        })
+        .await?;
+    }
+    Ok(len)
+}
+
+fn sync_dir(dir: &Path) -> Result<()> {
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(Error::io("syncing a directory"))
+}
+
+/// The staging file vanishes when another request committed or aborted the
+/// session; the caller re-reads the manifest to say which.
+fn not_found_as_gone(e: std::io::Error) -> Error {
+    if e.kind() == std::io::ErrorKind::NotFound {
+        Error::NotFound("staged data of the upload".into())
+    } else {
+        Error::io("staged data")(e)
+    }
+}
+
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| Error::Storage(format!("staging task failed: {e}")))?
+}

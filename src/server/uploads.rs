@@ -4,15 +4,22 @@ use axum::Json;
 use axum::body::Body;
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode, header};
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures::stream::BoxStream;
 use futures::{StreamExt, TryStreamExt};
 
 use super::AppState;
 use super::extract::{ApiJson, ApiPath};
 use crate::error::{Error, Result};
 use crate::protocol::FileMeta;
+use crate::protocol::upload::MAX_CHUNK_SIZE;
 use crate::protocol::upload::{
     CRC32C_HEADER, CreateUpload, UploadCreated, UploadStatus, parse_crc32c_header,
 };
+
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(2);
 
 pub async fn create(
     State(app): State<AppState>,
@@ -27,6 +34,24 @@ pub async fn put_chunk(
     headers: HeaderMap,
     body: Body,
 ) -> Result<StatusCode> {
+    let mut body = body
+        .into_data_stream()
+        .map_err(|e| Error::BadRequest(format!("chunk body interrupted: {e}")))
+        .boxed();
+    let received = receive_chunk(&app, &id, &index, &headers, &mut body).await;
+    if received.is_err() {
+        drain(&mut body).await;
+    }
+    received.map(|()| StatusCode::NO_CONTENT)
+}
+
+async fn receive_chunk(
+    app: &AppState,
+    id: &str,
+    index: &str,
+    headers: &HeaderMap,
+    body: &mut BoxStream<'static, Result<Bytes>>,
+) -> Result<()> {
     let index: u64 = index
         .parse()
         .map_err(|_| Error::BadRequest(format!("chunk index {index:?} is not a number")))?;
@@ -43,14 +68,25 @@ pub async fn put_chunk(
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse().ok());
-    let body = body
-        .into_data_stream()
-        .map_err(|e| Error::BadRequest(format!("chunk body interrupted: {e}")))
-        .boxed();
     app.uploads()
-        .put_chunk(&id, index, crc, declared, body)
-        .await?;
-    Ok(StatusCode::NO_CONTENT)
+        .put_chunk(id, index, crc, declared, body)
+        .await
+}
+
+/// Reads what is left of a refused chunk (up to one chunk's worth, briefly),
+/// so that a client still sending gets the error response instead of a reset
+/// connection.
+async fn drain(body: &mut BoxStream<'static, Result<Bytes>>) {
+    let discard = async {
+        let mut left = MAX_CHUNK_SIZE + 1;
+        while let Some(Ok(piece)) = body.next().await {
+            left = left.saturating_sub(piece.len() as u64);
+            if left == 0 {
+                break;
+            }
+        }
+    };
+    let _ = tokio::time::timeout(DRAIN_TIMEOUT, discard).await;
 }
 
 pub async fn status(

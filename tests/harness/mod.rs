@@ -14,7 +14,7 @@ pub struct Server {
     pub url: String,
     /// The local store directory (absent for `memory://`).
     pub store_dir: Option<PathBuf>,
-    _tmp: tempfile::TempDir,
+    _tmp: Option<tempfile::TempDir>,
 }
 
 /// The backends every conformance test runs against.
@@ -36,8 +36,23 @@ impl Server {
             Backend::Local => store_dir.to_str().unwrap().to_owned(),
             Backend::Memory => "memory://".to_owned(),
         };
+        let mut server = Self::spawn(&store, "127.0.0.1:0", extra);
+        server.store_dir = matches!(backend, Backend::Local).then_some(store_dir);
+        server._tmp = Some(tmp);
+        server
+    }
+
+    /// Another node on an existing store directory.
+    pub fn start_on(store: &str, extra: &[&str]) -> Server {
+        let mut server = Self::spawn(store, "127.0.0.1:0", extra);
+        server.store_dir = Some(PathBuf::from(store));
+        server
+    }
+
+    /// A node on `store` listening on `listen` (e.g. the address of a killed one).
+    pub fn spawn(store: &str, listen: &str, extra: &[&str]) -> Server {
         let mut child = Command::new(env!("CARGO_BIN_EXE_ferry"))
-            .args(["serve", "--store", &store, "--listen", "127.0.0.1:0"])
+            .args(["serve", "--store", store, "--listen", listen])
             .args(extra)
             .env("FERRY_LOG", "warn")
             .stdout(Stdio::piped())
@@ -58,8 +73,8 @@ impl Server {
             child,
             addr,
             url,
-            store_dir: matches!(backend, Backend::Local).then_some(store_dir),
-            _tmp: tmp,
+            store_dir: None,
+            _tmp: None,
         }
     }
 

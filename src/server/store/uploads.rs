@@ -187,7 +187,7 @@ impl UploadSessions {
         index: u64,
         crc32c: u32,
         declared_len: Option<u64>,
-        body: BoxStream<'static, Result<Bytes>>,
+        body: &mut BoxStream<'static, Result<Bytes>>,
     ) -> Result<()> {
         let manifest = self.manifest(id).await?;
         if manifest.state == UploadState::Committed {
@@ -336,7 +336,9 @@ impl UploadSessions {
         if let Some(expected) = &manifest.sha256 {
             let actual = staging.sha256().await?;
             if &actual != expected {
-                self.abort(&manifest.id).await?;
+                // The parts are already assembled at the private key: drop it.
+                self.store.objects.delete(staging.key()).await?;
+                self.forget(&manifest.id).await?;
                 return Err(sha_mismatch(expected, &actual));
             }
         }
@@ -346,7 +348,7 @@ impl UploadSessions {
 
     /// Aborts the session and frees everything it staged.
     pub async fn abort(&self, id: &str) -> Result<()> {
-        let manifest = self.fresh_manifest(id).await?;
+        let manifest = self.stored_manifest(id).await?;
         if let (StagingRecord::Multipart { key, upload_id }, UploadState::Open) =
             (&manifest.staging, manifest.state)
         {
@@ -417,6 +419,12 @@ impl UploadSessions {
 
     /// The manifest as the backend has it now.
     async fn fresh_manifest(&self, id: &str) -> Result<Arc<Manifest>> {
+        let m = self.stored_manifest(id).await?;
+        self.unexpired(m)
+    }
+
+    /// The manifest as the backend has it now, expired or not.
+    async fn stored_manifest(&self, id: &str) -> Result<Arc<Manifest>> {
         if !manifest::valid_id(id) {
             return Err(Error::NotFound(format!("upload {id}")));
         }
@@ -429,7 +437,7 @@ impl UploadSessions {
             .lock()
             .unwrap()
             .insert(id.to_owned(), m.clone());
-        self.unexpired(m)
+        Ok(m)
     }
 
     fn unexpired(&self, m: Arc<Manifest>) -> Result<Arc<Manifest>> {

@@ -77,7 +77,7 @@ impl LocalStaging {
         layout: ChunkLayout,
         index: u64,
         check: ChunkCheck,
-        mut body: BoxStream<'static, Result<Bytes>>,
+        body: &mut BoxStream<'static, Result<Bytes>>,
     ) -> Result<()> {
         let (start, end) = layout
             .chunk_range(index)

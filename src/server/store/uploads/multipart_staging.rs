@@ -58,7 +58,7 @@ impl<'a> MultipartStaging<'a> {
         layout: ChunkLayout,
         index: u64,
         check: ChunkCheck,
-        mut body: BoxStream<'static, Result<Bytes>>,
+        body: &mut BoxStream<'static, Result<Bytes>>,
     ) -> Result<()> {
         let expected = layout
             .chunk_len(index)

@@ -1,0 +1,451 @@
+//! Resumable chunk sessions over HTTP against a real server process; the
+//! conformance cases run on the local-directory and the memory (multipart)
+//! backends.
+
+mod harness;
+
+use std::time::Duration;
+
+use ferry::protocol::upload::crc32c_header_value;
+use harness::{Backend, Server, eventually, random_bytes};
+use serde_json::{Value, json};
+use sha2::{Digest, Sha256};
+
+const MIB: usize = 1 << 20;
+
+fn sha(data: &[u8]) -> String {
+    hex::encode(Sha256::digest(data))
+}
+
+async fn create(s: &Server, body: Value) -> (u16, Value) {
+    let resp = s
+        .client()
+        .post(format!("{}/v1/uploads", s.url))
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    let status = resp.status().as_u16();
+    (status, resp.json().await.unwrap_or(Value::Null))
+}
+
+async fn session(s: &Server, path: &str, data: &[u8], chunk_size: usize) -> String {
+    let (status, created) = create(
+        s,
+        json!({"path": path, "size": data.len(), "chunk_size": chunk_size, "sha256": sha(data)}),
+    )
+    .await;
+    assert_eq!(status, 201, "{created}");
+    created["id"].as_str().unwrap().to_owned()
+}
+
+async fn put_chunk_raw(s: &Server, id: &str, n: u64, body: Vec<u8>, crc_of: &[u8]) -> (u16, Value) {
+    let resp = s
+        .client()
+        .put(format!("{}/v1/uploads/{id}/chunks/{n}", s.url))
+        .header(
+            "X-Ferry-Crc32c",
+            crc32c_header_value(crc32c::crc32c(crc_of)),
+        )
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    let status = resp.status().as_u16();
+    (status, resp.json().await.unwrap_or(Value::Null))
+}
+
+async fn put_chunk(s: &Server, id: &str, n: usize, data: &[u8], cs: usize) -> u16 {
+    let chunk = &data[n * cs..((n + 1) * cs).min(data.len())];
+    put_chunk_raw(s, id, n as u64, chunk.to_vec(), chunk)
+        .await
+        .0
+}
+
+async fn status(s: &Server, id: &str) -> (u16, Value) {
+    s.json(&format!("/v1/uploads/{id}")).await
+}
+
+async fn complete(s: &Server, id: &str) -> (u16, Value) {
+    let resp = s
+        .client()
+        .post(format!("{}/v1/uploads/{id}/complete", s.url))
+        .send()
+        .await
+        .unwrap();
+    let status = resp.status().as_u16();
+    (status, resp.json().await.unwrap_or(Value::Null))
+}
+
+/// 5 MiB chunks suit every backend (S3-family parts must be at least 5 MiB).
+const CS: usize = 5 * MIB;
+
+async fn out_of_order_concurrent_and_repeated_chunks(backend: Backend) {
+    let s = Server::start_with(backend, &[]);
+    let data = random_bytes(4 * CS + 12_345);
+    let id = session(&s, "movies/out of order.bin", &data, CS).await;
+    assert_eq!(put_chunk(&s, &id, 4, &data, CS).await, 204);
+    assert_eq!(put_chunk(&s, &id, 1, &data, CS).await, 204);
+    assert_eq!(
+        put_chunk(&s, &id, 1, &data, CS).await,
+        204,
+        "a repeat is idempotent"
+    );
+    let (_, st) = status(&s, &id).await;
+    assert_eq!(st["received"], json!([[1, 1], [4, 4]]));
+    assert_eq!(st["bytes_received"], CS + 12_345);
+    assert_eq!(st["state"], "open");
+    let (a, b, c) = tokio::join!(
+        put_chunk(&s, &id, 3, &data, CS),
+        put_chunk(&s, &id, 0, &data, CS),
+        put_chunk(&s, &id, 2, &data, CS)
+    );
+    assert_eq!((a, b, c), (204, 204, 204));
+    let (code, meta) = complete(&s, &id).await;
+    assert_eq!(code, 200, "{meta}");
+    assert_eq!(meta["size"], data.len());
+    assert!(s.get_bytes("movies/out of order.bin").await.1 == data);
+    let (code, again) = complete(&s, &id).await;
+    assert_eq!((code, &again), (200, &meta), "complete is idempotent");
+    assert_eq!(status(&s, &id).await.1["state"], "committed");
+    let resp = s
+        .client()
+        .put(format!("{}/v1/uploads/{id}/chunks/0", s.url))
+        .header("X-Ferry-Crc32c", "AAAAAA==")
+        .body("")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 409, "no chunks into a committed session");
+}
+
+async fn bad_chunks_are_refused_and_not_kept(backend: Backend) {
+    let s = Server::start_with(backend, &[]);
+    let data = random_bytes(2 * CS + 100);
+    let id = session(&s, "f.bin", &data, CS).await;
+    let chunk0 = data[..CS].to_vec();
+    let mut corrupt = chunk0.clone();
+    corrupt[1000] ^= 0xff;
+    let (code, err) = put_chunk_raw(&s, &id, 0, corrupt.clone(), &chunk0).await;
+    assert_eq!(
+        (code, err["error"]["code"].as_str()),
+        (422, Some("checksum_mismatch"))
+    );
+    assert_eq!(
+        status(&s, &id).await.1["received"],
+        json!([]),
+        "a bad chunk is not kept"
+    );
+    // A wrong declared length is refused (and the client still reads the answer).
+    for len in [CS - 1, CS + 1] {
+        let body = vec![9u8; len];
+        let (code, err) = put_chunk_raw(&s, &id, 0, body.clone(), &body).await;
+        assert_eq!(
+            (code, err["error"]["code"].as_str()),
+            (400, Some("bad_request")),
+            "declared {len}"
+        );
+    }
+    // Streamed bodies (no length) are measured as they arrive.
+    for len in [CS - 1, CS + 1] {
+        let body = data[..len.min(data.len())].to_vec();
+        let crc = crc32c_header_value(crc32c::crc32c(&body));
+        let stream = futures::stream::iter(
+            body.chunks(64 * 1024)
+                .map(|c| Ok::<_, std::io::Error>(c.to_vec()))
+                .collect::<Vec<_>>(),
+        );
+        let resp = s
+            .client()
+            .put(format!("{}/v1/uploads/{id}/chunks/0", s.url))
+            .header("X-Ferry-Crc32c", crc)
+            .body(reqwest::Body::wrap_stream(stream))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 400, "streamed {len} bytes");
+    }
+    assert_eq!(
+        put_chunk_raw(&s, &id, 3, vec![1], &[1]).await.0,
+        400,
+        "index past the end"
+    );
+    assert_eq!(
+        put_chunk_raw(&s, &id, 2, vec![1; 99], &[1; 99]).await.0,
+        400,
+        "short last chunk"
+    );
+    let resp = s
+        .client()
+        .put(format!("{}/v1/uploads/{id}/chunks/0", s.url))
+        .body(chunk0.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 400, "missing CRC header");
+    let resp = s
+        .client()
+        .put(format!("{}/v1/uploads/{id}/chunks/x", s.url))
+        .header("X-Ferry-Crc32c", "AAAAAA==")
+        .body("")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 400, "non-numeric index");
+    assert_eq!(status(&s, &id).await.1["received"], json!([]));
+
+    // A received chunk is not damaged by a faulty repeat.
+    assert_eq!(put_chunk(&s, &id, 0, &data, CS).await, 204);
+    assert_eq!(put_chunk_raw(&s, &id, 0, corrupt, &chunk0).await.0, 422);
+    assert_eq!(put_chunk(&s, &id, 1, &data, CS).await, 204);
+    let (code, err) = complete(&s, &id).await;
+    assert_eq!(code, 409);
+    assert_eq!(err["error"]["code"], "missing_chunks");
+    assert_eq!(err["error"]["missing"], json!([[2, 2]]));
+    assert_eq!(put_chunk(&s, &id, 2, &data, CS).await, 204);
+    assert_eq!(complete(&s, &id).await.0, 200);
+    assert!(s.get_bytes("f.bin").await.1 == data);
+}
+
+async fn wrong_sha256_commits_nothing(backend: Backend) {
+    let s = Server::start_with(backend, &[]);
+    s.put("keep.bin", "old version").await;
+    let data = random_bytes(CS + 10);
+    let (code, created) = create(&s, json!({"path": "keep.bin", "size": data.len(), "chunk_size": CS, "sha256": sha(b"something else")})).await;
+    assert_eq!(code, 201);
+    let id = created["id"].as_str().unwrap();
+    put_chunk(&s, id, 0, &data, CS).await;
+    put_chunk(&s, id, 1, &data, CS).await;
+    let (code, err) = complete(&s, id).await;
+    assert_eq!(
+        (code, err["error"]["code"].as_str()),
+        (422, Some("checksum_mismatch"))
+    );
+    assert_eq!(s.get_bytes("keep.bin").await.1, b"old version");
+    assert_eq!(status(&s, id).await.0, 404, "the session is discarded");
+    let (_, listing) = s.json("/v1/list/?recursive=true").await;
+    assert_eq!(listing["entries"].as_array().unwrap().len(), 1);
+}
+
+async fn stale_if_match_is_412(backend: Backend) {
+    let s = Server::start_with(backend, &[]);
+    let meta: Value = s.put("doc.txt", "v1").await.json().await.unwrap();
+    let etag = meta["etag"].as_str().unwrap().to_owned();
+    let data = b"version two".to_vec();
+    let (code, created) = create(
+        &s,
+        json!({"path": "doc.txt", "size": data.len(), "if_match": etag}),
+    )
+    .await;
+    assert_eq!(code, 201);
+    let id = created["id"].as_str().unwrap().to_owned();
+    assert_eq!(put_chunk(&s, &id, 0, &data, data.len()).await, 204);
+    s.put("doc.txt", "changed elsewhere").await;
+    assert_eq!(complete(&s, &id).await.0, 412);
+    assert_eq!(s.get_bytes("doc.txt").await.1, b"changed elsewhere");
+    let (code, _) = create(
+        &s,
+        json!({"path": "doc.txt", "size": 1, "if_match": "\"stale\""}),
+    )
+    .await;
+    assert_eq!(code, 412);
+}
+
+async fn create_validates_its_request(backend: Backend) {
+    let s = Server::start_with(backend, &[]);
+    s.put("dir/file", "x").await;
+    for (body, want) in [
+        (json!({"path": "../x", "size": 1}), 400),
+        (json!({"path": "a", "size": 1, "chunk_size": 1000}), 400),
+        (json!({"path": "a", "size": 1, "sha256": "zz"}), 400),
+        (json!({"path": "dir", "size": 1}), 409),
+        (json!({"path": "dir/file/x", "size": 1}), 409),
+        (json!({"size": 1}), 400),
+    ] {
+        assert_eq!(create(&s, body.clone()).await.0, want, "{body}");
+    }
+    assert_eq!(status(&s, "0123456789abcdef0123456789abcdef").await.0, 404);
+    assert_eq!(status(&s, "..").await.0, 404);
+    // An empty file is one empty chunk.
+    let (code, created) = create(&s, json!({"path": "empty", "size": 0})).await;
+    assert_eq!((code, created["chunk_count"].as_u64()), (201, Some(1)));
+    let id = created["id"].as_str().unwrap();
+    assert_eq!(put_chunk_raw(&s, id, 0, vec![], &[]).await.0, 204);
+    assert_eq!(complete(&s, id).await.0, 200);
+    assert_eq!(s.get_bytes("empty").await, (200, vec![]));
+}
+
+async fn server_picks_a_chunk_size(backend: Backend) {
+    let s = Server::start_with(backend, &[]);
+    let (_, created) = create(&s, json!({"path": "big", "size": 1u64 << 30})).await;
+    let cs = created["chunk_size"].as_u64().unwrap();
+    assert!(
+        cs.is_power_of_two() && (1 << 20..=64 << 20).contains(&cs),
+        "{cs}"
+    );
+    if matches!(backend, Backend::Memory) {
+        assert!(cs >= 5 << 20, "multipart backends need 5 MiB parts");
+    }
+    assert_eq!(
+        created["chunk_count"].as_u64().unwrap(),
+        (1u64 << 30).div_ceil(cs)
+    );
+}
+
+async fn abort_frees_the_session(backend: Backend) {
+    let s = Server::start_with(backend, &[]);
+    let data = random_bytes(2 * CS);
+    let id = session(&s, "gone.bin", &data, CS).await;
+    put_chunk(&s, &id, 0, &data, CS).await;
+    let resp = s
+        .client()
+        .delete(format!("{}/v1/uploads/{id}", s.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 204);
+    assert_eq!(status(&s, &id).await.0, 404);
+    assert_eq!(put_chunk(&s, &id, 1, &data, CS).await, 404);
+    assert_eq!(s.get_bytes("gone.bin").await.0, 404);
+    if s.store_dir.is_some() {
+        assert!(
+            s.files_on_disk().is_empty(),
+            "staged bytes remain: {:?}",
+            s.files_on_disk()
+        );
+    }
+}
+
+macro_rules! conformance {
+    ($($name:ident),* $(,)?) => {
+        mod local {
+            $( #[tokio::test] async fn $name() { super::$name(super::Backend::Local).await } )*
+        }
+        mod memory {
+            $( #[tokio::test] async fn $name() { super::$name(super::Backend::Memory).await } )*
+        }
+    };
+}
+
+conformance!(
+    out_of_order_concurrent_and_repeated_chunks,
+    bad_chunks_are_refused_and_not_kept,
+    wrong_sha256_commits_nothing,
+    stale_if_match_is_412,
+    create_validates_its_request,
+    server_picks_a_chunk_size,
+    abort_frees_the_session,
+);
+
+#[tokio::test]
+async fn staging_is_one_sparse_file_written_in_place() {
+    let s = Server::start();
+    let data = random_bytes(3 * MIB);
+    let id = session(&s, "sparse.bin", &data, MIB).await;
+    put_chunk(&s, &id, 2, &data, MIB).await;
+    let files = s.files_on_disk();
+    assert_eq!(
+        files,
+        [
+            format!(".ferry/uploads/{id}/chunks"),
+            format!(".ferry/uploads/{id}/data"),
+            format!(".ferry/uploads/{id}/manifest.json")
+        ]
+    );
+    let staged = s
+        .store_dir
+        .as_ref()
+        .unwrap()
+        .join(format!(".ferry/uploads/{id}/data"));
+    let meta = std::fs::metadata(&staged).unwrap();
+    use std::os::unix::fs::MetadataExt;
+    assert_eq!(meta.len(), 3 * MIB as u64);
+    assert!(
+        meta.blocks() * 512 < 2 * MIB as u64,
+        "the holes are not allocated"
+    );
+    let ino = meta.ino();
+    put_chunk(&s, &id, 0, &data, MIB).await;
+    put_chunk(&s, &id, 1, &data, MIB).await;
+    assert_eq!(complete(&s, &id).await.0, 200);
+    let committed = s.store_dir.as_ref().unwrap().join("sparse.bin");
+    assert_eq!(
+        std::fs::metadata(committed).unwrap().ino(),
+        ino,
+        "commit is a rename, not a copy"
+    );
+}
+
+#[tokio::test]
+async fn sessions_survive_a_restart_and_are_shared_by_nodes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let store = tmp.path().join("store");
+    let first = Server::start_on(store.to_str().unwrap(), &[]);
+    let data = random_bytes(3 * MIB);
+    let id = session(&first, "shared.bin", &data, MIB).await;
+    assert_eq!(put_chunk(&first, &id, 0, &data, MIB).await, 204);
+    // A second node on the same store sees the session and takes chunks.
+    let second = Server::start_on(store.to_str().unwrap(), &[]);
+    assert_eq!(status(&second, &id).await.1["received"], json!([[0, 0]]));
+    assert_eq!(put_chunk(&second, &id, 1, &data, MIB).await, 204);
+    // The first node dies; a restarted node still has every acknowledged chunk.
+    drop(first);
+    let third = Server::start_on(store.to_str().unwrap(), &[]);
+    assert_eq!(status(&third, &id).await.1["received"], json!([[0, 1]]));
+    assert_eq!(put_chunk(&third, &id, 2, &data, MIB).await, 204);
+    assert_eq!(complete(&second, &id).await.0, 200);
+    assert_eq!(complete(&third, &id).await.0, 200);
+    assert!(third.get_bytes("shared.bin").await.1 == data);
+}
+
+#[tokio::test]
+async fn expired_sessions_are_collected() {
+    let s = Server::start_with(Backend::Local, &["--upload-ttl", "1", "--gc-interval", "1"]);
+    let data = random_bytes(2 * MIB);
+    let id = session(&s, "abandoned.bin", &data, MIB).await;
+    put_chunk(&s, &id, 0, &data, MIB).await;
+    assert!(!s.files_on_disk().is_empty());
+    assert!(
+        eventually(Duration::from_secs(10), || s.files_on_disk().is_empty()),
+        "{:?}",
+        s.files_on_disk()
+    );
+    assert_eq!(status(&s, &id).await.0, 404);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readers_never_see_a_partial_object_while_an_upload_completes() {
+    let s = Server::start();
+    let old = vec![b'o'; 8 * MIB];
+    let new = random_bytes(8 * MIB);
+    s.put("hot.bin", old.clone()).await;
+    let id = session(&s, "hot.bin", &new, MIB).await;
+    for n in 0..8 {
+        put_chunk(&s, &id, n, &new, MIB).await;
+    }
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let reader = {
+        let (client, url, stop) = (s.client(), s.file_url("hot.bin"), stop.clone());
+        let (old, new) = (old.clone(), new.clone());
+        tokio::spawn(async move {
+            let mut reads = 0;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) || reads < 5 {
+                let resp = client.get(&url).send().await.unwrap();
+                assert_eq!(resp.status(), 200);
+                let body = resp.bytes().await.unwrap();
+                assert!(
+                    body[..] == old[..] || body[..] == new[..],
+                    "a reader saw a mixed or partial object"
+                );
+                reads += 1;
+            }
+            reads
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert_eq!(complete(&s, &id).await.0, 200);
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    assert!(reader.await.unwrap() >= 5);
+    assert!(s.get_bytes("hot.bin").await.1 == new);
+}

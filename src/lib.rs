@@ -2,9 +2,11 @@
 //!
 //! - [`protocol`]: the wire types every program shares.
 //! - [`server`]: `ferry serve`, the HTTP API over an object store.
+//! - [`client`]: the client library every program uses.
 //! - [`cli`]: the `ferry` command line.
 
 pub mod cli;
+pub mod client;
 pub mod error;
 pub mod protocol;
 pub mod server;

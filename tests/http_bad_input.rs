@@ -215,6 +215,28 @@ async fn oversized_puts_are_413_and_leave_nothing_behind() {
         server.files_on_disk()
     );
     assert_eq!(server.get_bytes("big.bin").await.0, 404);
+    // A refused write into new directories leaves no directory behind.
+    let resp = client
+        .put(server.file_url("new/deep/big.bin"))
+        .body(vec![7u8; 2000])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 413);
+    let chunks: Vec<Result<Vec<u8>, std::io::Error>> =
+        (0..20).map(|_| Ok(vec![7u8; 100])).collect();
+    let body = reqwest::Body::wrap_stream(futures::stream::iter(chunks));
+    let _ = client
+        .put(server.file_url("new/deep/big.bin"))
+        .body(body)
+        .send()
+        .await;
+    let root = server.store_dir.clone().unwrap();
+    assert!(
+        eventually(Duration::from_secs(5), || !root.join("new").exists()),
+        "empty directories left behind"
+    );
+    assert_eq!(server.json("/v1/stat/new").await.0, 404);
 }
 
 #[tokio::test]

@@ -90,6 +90,11 @@ fn requested_range(headers: &HeaderMap, meta: &FileMeta) -> RangeRequest {
 fn file_headers(meta: &FileMeta, range: Option<ByteRange>) -> HeaderMap {
     let mut h = validator_headers(meta);
     h.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
+    // Stored files are data, never to be reinterpreted as active content.
+    h.insert(
+        header::X_CONTENT_TYPE_OPTIONS,
+        HeaderValue::from_static("nosniff"),
+    );
     let mime = mime_guess::from_path(meta.path.as_str()).first_or_octet_stream();
     if let Ok(v) = HeaderValue::from_str(mime.as_ref()) {
         h.insert(header::CONTENT_TYPE, v);

@@ -20,6 +20,12 @@ impl IntoResponse for Error {
             body.error.missing = Some(runs.clone());
         }
         let mut response = (status, Json(body)).into_response();
+        if matches!(self, Error::PayloadTooLarge { .. }) {
+            // The rest of the body is not read: this connection cannot be reused.
+            response
+                .headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        }
         if let Error::RangeNotSatisfiable { size } = self
             && let Ok(value) = HeaderValue::from_str(&unsatisfied_content_range(size))
         {

@@ -136,7 +136,7 @@ impl Store {
     /// visible until [`StoreWriter::commit`]; dropping the writer discards it.
     pub async fn writer(&self, path: &RemotePath) -> Result<StoreWriter> {
         self.check_file_writable(path).await?;
-        StoreWriter::start(&self.objects, path).await
+        StoreWriter::start(self, path).await
     }
 
     /// Deletes the file at `path`.

@@ -355,7 +355,7 @@ impl Store {
 
     /// On a local backend, removes directories left empty above `path`, so
     /// that a directory vanishes with its last entry as it does on a cloud store.
-    async fn prune_empty_local_parents(&self, path: &RemotePath) {
+    pub(super) async fn prune_empty_local_parents(&self, path: &RemotePath) {
         for ancestor in path.ancestors() {
             let Some(dir) = self.local_dir(&ancestor) else {
                 return;

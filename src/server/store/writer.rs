@@ -1,11 +1,9 @@
 //! Atomic streamed writes.
 
-use std::sync::Arc;
-
 use bytes::Bytes;
-use object_store::{ObjectStore, ObjectStoreExt, WriteMultipart};
+use object_store::{ObjectStoreExt, WriteMultipart};
 
-use super::keys;
+use super::{Store, keys};
 use crate::error::Result;
 use crate::protocol::RemotePath;
 
@@ -20,14 +18,22 @@ const PARTS_IN_FLIGHT: usize = 2;
 pub struct StoreWriter {
     upload: Option<WriteMultipart>,
     written: u64,
+    /// For tidying up after a discarded write.
+    store: Store,
+    path: RemotePath,
 }
 
 impl StoreWriter {
-    pub(super) async fn start(objects: &Arc<dyn ObjectStore>, path: &RemotePath) -> Result<Self> {
-        let upload = objects.put_multipart(&keys::object_path(path)).await?;
+    pub(super) async fn start(store: &Store, path: &RemotePath) -> Result<Self> {
+        let upload = store
+            .objects
+            .put_multipart(&keys::object_path(path))
+            .await?;
         Ok(Self {
             upload: Some(WriteMultipart::new_with_chunk_size(upload, PART_SIZE)),
             written: 0,
+            store: store.clone(),
+            path: path.clone(),
         })
     }
 
@@ -58,10 +64,13 @@ impl Drop for StoreWriter {
         if let Some(upload) = self.upload.take()
             && let Ok(runtime) = tokio::runtime::Handle::try_current()
         {
+            let (store, path) = (self.store.clone(), self.path.clone());
             runtime.spawn(async move {
                 if let Err(e) = upload.abort().await {
                     tracing::warn!(error = %e, "discarding an unfinished upload failed");
                 }
+                // The backend created parent directories for the staged write.
+                store.prune_empty_local_parents(&path).await;
             });
         }
     }

@@ -1,0 +1,422 @@
+//! The HTTP client: one pooled connection set per server, retries with
+//! backoff on connection failures, 5xx and 429, and ferry's JSON errors
+//! turned back into [`Error`] values.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use reqwest::{Method, RequestBuilder, Response, StatusCode, header};
+use serde::de::DeserializeOwned;
+use tokio_util::sync::CancellationToken;
+
+use super::retry::RetryPolicy;
+use crate::error::{Error, Result};
+use crate::protocol::upload::{
+    CRC32C_HEADER, CreateUpload, UploadCreated, UploadStatus, crc32c_header_value,
+};
+use crate::protocol::{
+    ErrorBody, ErrorCode, FileMeta, ListEntry, ListPage, MkdirRequest, MoveRequest, RemotePath,
+    RmdirRequest,
+};
+
+#[derive(Debug, Clone)]
+pub struct ClientConfig {
+    pub connect_timeout: Duration,
+    /// Longest wait for response headers and for each part of a body.
+    pub read_timeout: Duration,
+    pub retry: RetryPolicy,
+}
+
+impl Default for ClientConfig {
+    fn default() -> Self {
+        Self {
+            connect_timeout: Duration::from_secs(10),
+            read_timeout: Duration::from_secs(60),
+            retry: RetryPolicy::default(),
+        }
+    }
+}
+
+/// A client of one ferry server. Cheap to clone; clones share connections.
+#[derive(Clone, Debug)]
+pub struct Client {
+    http: reqwest::Client,
+    base: String,
+    retry: RetryPolicy,
+    cancel: CancellationToken,
+    chunk_bytes_sent: Arc<AtomicU64>,
+}
+
+impl Client {
+    pub fn new(server: &str) -> Result<Client> {
+        Self::with_config(server, ClientConfig::default())
+    }
+
+    pub fn with_config(server: &str, config: ClientConfig) -> Result<Client> {
+        let url = url::Url::parse(server)
+            .map_err(|e| Error::BadRequest(format!("server URL {server:?}: {e}")))?;
+        if !matches!(url.scheme(), "http" | "https") {
+            return Err(Error::BadRequest(format!(
+                "server URL must be http:// or https://, not {server}"
+            )));
+        }
+        let http = reqwest::Client::builder()
+            .connect_timeout(config.connect_timeout)
+            .read_timeout(config.read_timeout)
+            .build()
+            .map_err(|e| Error::Network(e.to_string()))?;
+        Ok(Client {
+            http,
+            base: server.trim_end_matches('/').to_owned(),
+            retry: config.retry,
+            cancel: CancellationToken::new(),
+            chunk_bytes_sent: Arc::default(),
+        })
+    }
+
+    /// A clone whose requests stop (with [`Error::Cancelled`]) once `token` is cancelled.
+    pub fn with_cancel(&self, token: CancellationToken) -> Client {
+        Client {
+            cancel: token,
+            ..self.clone()
+        }
+    }
+
+    pub fn retry_policy(&self) -> &RetryPolicy {
+        &self.retry
+    }
+
+    pub fn base_url(&self) -> &str {
+        &self.base
+    }
+
+    /// Chunk bytes put on the wire by this client and its clones, retries included.
+    pub fn chunk_bytes_sent(&self) -> u64 {
+        self.chunk_bytes_sent.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn url(&self, route: &str, path: &RemotePath) -> String {
+        format!("{}/v1/{route}/{}", self.base, path.to_url_path())
+    }
+
+    /// Sends the request built by `build` (called once per attempt), retrying
+    /// connection failures, timeouts, 5xx and 429 with backoff. Any other
+    /// error status becomes an [`Error`].
+    pub(crate) async fn send(&self, build: impl Fn() -> RequestBuilder) -> Result<Response> {
+        let started = Instant::now();
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let outcome = tokio::select! {
+                r = build().send() => r,
+                _ = self.cancel.cancelled() => return Err(Error::Cancelled),
+            };
+            let (error, retry_after) = match outcome {
+                Ok(resp)
+                    if resp.status().is_success() || resp.status() == StatusCode::NOT_MODIFIED =>
+                {
+                    return Ok(resp);
+                }
+                Ok(resp) if retryable_status(resp.status()) => {
+                    let retry_after = retry_after(&resp);
+                    (error_from_response(resp).await, retry_after)
+                }
+                Ok(resp) => return Err(error_from_response(resp).await),
+                Err(e) if retryable_transport(&e) => (Error::Network(describe(&e)), None),
+                Err(e) => return Err(Error::Network(describe(&e))),
+            };
+            if started.elapsed() >= self.retry.give_up_after {
+                return Err(error);
+            }
+            let delay = self.retry.delay(attempt, retry_after);
+            tracing::debug!(attempt, ?delay, %error, "retrying");
+            self.sleep(delay).await?;
+        }
+    }
+
+    /// Sleeps unless cancelled first.
+    pub(crate) async fn sleep(&self, delay: Duration) -> Result<()> {
+        tokio::select! {
+            _ = tokio::time::sleep(delay) => Ok(()),
+            _ = self.cancel.cancelled() => Err(Error::Cancelled),
+        }
+    }
+
+    async fn json<T: DeserializeOwned>(&self, build: impl Fn() -> RequestBuilder) -> Result<T> {
+        let resp = self.send(build).await?;
+        resp.json()
+            .await
+            .map_err(|e| Error::Network(format!("reading the response: {}", describe(&e))))
+    }
+
+    fn request(&self, method: Method, url: &str) -> RequestBuilder {
+        self.http.request(method, url)
+    }
+
+    pub async fn stat(&self, path: &RemotePath) -> Result<FileMeta> {
+        let url = self.url("stat", path);
+        self.json(|| self.request(Method::GET, &url)).await
+    }
+
+    /// One page of a listing.
+    pub async fn list_page(
+        &self,
+        dir: &RemotePath,
+        recursive: bool,
+        limit: Option<usize>,
+        cursor: Option<&str>,
+    ) -> Result<ListPage> {
+        let url = self.url("list", dir);
+        let mut query: Vec<(&str, String)> = vec![("recursive", recursive.to_string())];
+        if let Some(limit) = limit {
+            query.push(("limit", limit.to_string()));
+        }
+        if let Some(cursor) = cursor {
+            query.push(("cursor", cursor.to_owned()));
+        }
+        self.json(|| self.request(Method::GET, &url).query(&query))
+            .await
+    }
+
+    /// The whole listing, every page.
+    pub async fn list(&self, dir: &RemotePath, recursive: bool) -> Result<Vec<ListEntry>> {
+        let mut entries = Vec::new();
+        let mut cursor: Option<String> = None;
+        loop {
+            let page = self
+                .list_page(dir, recursive, None, cursor.as_deref())
+                .await?;
+            entries.extend(page.entries);
+            match page.cursor {
+                Some(next) => cursor = Some(next),
+                None => return Ok(entries),
+            }
+        }
+    }
+
+    pub async fn delete(&self, path: &RemotePath) -> Result<()> {
+        let url = self.url("files", path);
+        self.send(|| self.request(Method::DELETE, &url)).await?;
+        Ok(())
+    }
+
+    pub async fn mkdir(&self, path: &RemotePath, parents: bool) -> Result<FileMeta> {
+        let body = MkdirRequest {
+            path: path.clone(),
+            parents,
+        };
+        self.op("mkdir", &body).await
+    }
+
+    pub async fn rmdir(&self, path: &RemotePath, recursive: bool) -> Result<()> {
+        let body = RmdirRequest {
+            path: path.clone(),
+            recursive,
+        };
+        let url = format!("{}/v1/ops/rmdir", self.base);
+        self.send(|| self.request(Method::POST, &url).json(&body))
+            .await?;
+        Ok(())
+    }
+
+    pub async fn rename(&self, request: &MoveRequest) -> Result<FileMeta> {
+        self.op("rename", request).await
+    }
+
+    pub async fn copy(&self, request: &MoveRequest) -> Result<FileMeta> {
+        self.op("copy", request).await
+    }
+
+    async fn op<B: serde::Serialize, T: DeserializeOwned>(&self, op: &str, body: &B) -> Result<T> {
+        let url = format!("{}/v1/ops/{op}", self.base);
+        self.json(|| self.request(Method::POST, &url).json(body))
+            .await
+    }
+
+    /// One-shot upload of a small body.
+    pub async fn put_bytes(&self, path: &RemotePath, data: Bytes) -> Result<FileMeta> {
+        let url = self.url("files", path);
+        self.json(|| self.request(Method::PUT, &url).body(data.clone()))
+            .await
+    }
+
+    /// Bytes `[start, start + len)` of the version `etag` (any version when `None`).
+    /// A changed file fails with `precondition_failed`.
+    pub async fn read_range(
+        &self,
+        path: &RemotePath,
+        start: u64,
+        len: u64,
+        etag: Option<&str>,
+    ) -> Result<Bytes> {
+        if len == 0 {
+            return Ok(Bytes::new());
+        }
+        let resp = self
+            .get_range(path, start, Some(start + len - 1), etag)
+            .await?;
+        resp.bytes()
+            .await
+            .map_err(|e| Error::Network(format!("reading {path}: {}", describe(&e))))
+    }
+
+    /// A GET of `start..=end` (to the end when `None`), pinned to `etag`.
+    pub(crate) async fn get_range(
+        &self,
+        path: &RemotePath,
+        start: u64,
+        end: Option<u64>,
+        etag: Option<&str>,
+    ) -> Result<Response> {
+        let url = self.url("files", path);
+        let range = match end {
+            Some(end) => format!("bytes={start}-{end}"),
+            None => format!("bytes={start}-"),
+        };
+        let resp = self
+            .send(|| {
+                let req = self
+                    .request(Method::GET, &url)
+                    .header(header::RANGE, &range);
+                match etag {
+                    Some(tag) => req.header(header::IF_MATCH, format!("\"{tag}\"")),
+                    None => req,
+                }
+            })
+            .await?;
+        if start > 0 && resp.status() != StatusCode::PARTIAL_CONTENT {
+            return Err(Error::Network(format!(
+                "{path}: server ignored the range request"
+            )));
+        }
+        Ok(resp)
+    }
+
+    /// A GET that continues a download: the rest from `start` if the file is
+    /// still `etag` (206), or the whole current file (200).
+    pub(crate) async fn get_resume(
+        &self,
+        path: &RemotePath,
+        start: u64,
+        etag: &str,
+    ) -> Result<Response> {
+        let url = self.url("files", path);
+        self.send(|| {
+            self.request(Method::GET, &url)
+                .header(header::RANGE, format!("bytes={start}-"))
+                .header(header::IF_RANGE, format!("\"{etag}\""))
+        })
+        .await
+    }
+
+    pub async fn create_upload(&self, request: &CreateUpload) -> Result<UploadCreated> {
+        let url = format!("{}/v1/uploads", self.base);
+        self.json(|| self.request(Method::POST, &url).json(request))
+            .await
+    }
+
+    pub async fn upload_status(&self, id: &str) -> Result<UploadStatus> {
+        let url = format!("{}/v1/uploads/{id}", self.base);
+        self.json(|| self.request(Method::GET, &url)).await
+    }
+
+    pub async fn put_chunk(&self, id: &str, index: u64, data: Bytes) -> Result<()> {
+        let url = format!("{}/v1/uploads/{id}/chunks/{index}", self.base);
+        let crc = crc32c_header_value(crc32c::crc32c(&data));
+        let len = data.len() as u64;
+        self.send(|| {
+            self.chunk_bytes_sent.fetch_add(len, Ordering::Relaxed);
+            self.request(Method::PUT, &url)
+                .header(CRC32C_HEADER, &crc)
+                .body(data.clone())
+        })
+        .await?;
+        Ok(())
+    }
+
+    pub async fn complete_upload(&self, id: &str) -> Result<FileMeta> {
+        let url = format!("{}/v1/uploads/{id}/complete", self.base);
+        self.json(|| self.request(Method::POST, &url)).await
+    }
+
+    pub async fn abort_upload(&self, id: &str) -> Result<()> {
+        let url = format!("{}/v1/uploads/{id}", self.base);
+        self.send(|| self.request(Method::DELETE, &url)).await?;
+        Ok(())
+    }
+}
+
+fn retryable_status(status: StatusCode) -> bool {
+    status.is_server_error() || status == StatusCode::TOO_MANY_REQUESTS
+}
+
+fn retryable_transport(e: &reqwest::Error) -> bool {
+    e.is_connect() || e.is_timeout() || e.is_request() || e.is_body()
+}
+
+fn retry_after(resp: &Response) -> Option<Duration> {
+    let value = resp.headers().get(header::RETRY_AFTER)?.to_str().ok()?;
+    if let Ok(secs) = value.trim().parse::<u64>() {
+        return Some(Duration::from_secs(secs));
+    }
+    let when = httpdate::parse_http_date(value).ok()?;
+    Some(
+        when.duration_since(std::time::SystemTime::now())
+            .unwrap_or_default(),
+    )
+}
+
+/// The server's JSON error, or a description of whatever came instead.
+async fn error_from_response(resp: Response) -> Error {
+    let status = resp.status().as_u16();
+    let text = resp.text().await.unwrap_or_default();
+    match serde_json::from_str::<ErrorBody>(&text) {
+        Ok(body) if body.error.code == ErrorCode::MissingChunks => {
+            Error::MissingChunks(body.error.missing.unwrap_or_default())
+        }
+        Ok(body) => Error::Remote {
+            code: body.error.code,
+            status,
+            message: body.error.message,
+        },
+        Err(_) => Error::Remote {
+            code: status_code(status),
+            status,
+            message: format!(
+                "HTTP {status}: {}",
+                text.chars().take(200).collect::<String>()
+            ),
+        },
+    }
+}
+
+/// A code for a status that came without ferry's error body (a proxy, say).
+fn status_code(status: u16) -> ErrorCode {
+    match status {
+        400 => ErrorCode::BadRequest,
+        401 => ErrorCode::Unauthorized,
+        403 => ErrorCode::Forbidden,
+        404 => ErrorCode::NotFound,
+        409 => ErrorCode::Conflict,
+        412 => ErrorCode::PreconditionFailed,
+        413 => ErrorCode::PayloadTooLarge,
+        416 => ErrorCode::RangeNotSatisfiable,
+        429 => ErrorCode::RateLimited,
+        500..=599 => ErrorCode::StorageError,
+        _ => ErrorCode::Unknown,
+    }
+}
+
+/// reqwest's message plus its causes, which say what actually failed.
+pub(crate) fn describe(e: &reqwest::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = std::error::Error::source(e);
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}

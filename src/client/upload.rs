@@ -1,0 +1,220 @@
+//! Resumable upload of a local file through a chunk session.
+//!
+//! Guarantees: the remote file appears whole or not at all; an interrupted
+//! upload (dropped connection, restarted server, killed client) resumes from
+//! the session's status and re-sends only chunks the server has not
+//! acknowledged.
+
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use bytes::Bytes;
+use chrono::{DateTime, Utc};
+use futures::{StreamExt, TryStreamExt};
+use sha2::{Digest, Sha256};
+
+use super::throttle::Throttle;
+use super::{Client, Progress, ProgressFn};
+use crate::error::{Error, Result};
+use crate::protocol::upload::{ChunkLayout, CreateUpload, UploadState, expand_runs};
+use crate::protocol::{ErrorCode, FileMeta, RemotePath};
+
+/// Times a session is recreated when the server lost it (expired, collected).
+const SESSION_RECREATES: usize = 2;
+/// Rounds of "send what is missing, then complete" before giving up.
+const COMPLETE_ROUNDS: usize = 5;
+
+#[derive(Clone, Default)]
+pub struct UploadOptions {
+    /// Chunks in flight at once (default 4).
+    pub parallel: Option<usize>,
+    /// Ask for a chunk size instead of the server's choice.
+    pub chunk_size: Option<u64>,
+    /// Commit only if the remote file still has this etag.
+    pub if_match: Option<String>,
+    /// A session to continue (from an earlier, interrupted run).
+    pub resume_id: Option<String>,
+    /// The file's SHA-256 when already known (skips hashing).
+    pub sha256: Option<String>,
+    pub progress: Option<ProgressFn>,
+    /// Called with the session id as soon as it exists, to persist it.
+    pub on_session: Option<Arc<dyn Fn(&str) + Send + Sync>>,
+    pub throttle: Option<Arc<Throttle>>,
+}
+
+#[derive(Debug, Clone)]
+pub struct UploadReport {
+    pub meta: FileMeta,
+    pub session_id: String,
+    /// Bytes the server already had when this run started.
+    pub resumed_bytes: u64,
+}
+
+/// Uploads `local` to `remote` and commits it.
+pub async fn upload_file(
+    client: &Client,
+    local: &Path,
+    remote: &RemotePath,
+    options: UploadOptions,
+) -> Result<UploadReport> {
+    let file =
+        Arc::new(File::open(local).map_err(Error::io(format!("opening {}", local.display())))?);
+    let metadata = file
+        .metadata()
+        .map_err(Error::io(format!("reading {}", local.display())))?;
+    let size = metadata.len();
+    let mtime: Option<DateTime<Utc>> = metadata.modified().ok().map(Into::into);
+    let sha256 = match options.sha256.clone() {
+        Some(h) => h,
+        None => sha256_file(file.clone()).await?,
+    };
+    let request = CreateUpload {
+        path: remote.clone(),
+        size,
+        chunk_size: options.chunk_size,
+        sha256: Some(sha256),
+        if_match: options.if_match.clone(),
+        mtime,
+    };
+
+    let mut resume = options.resume_id.clone();
+    for _ in 0..=SESSION_RECREATES {
+        let id = match resume.take() {
+            Some(id) => id,
+            None => {
+                let created = client.create_upload(&request).await?;
+                if let Some(record) = &options.on_session {
+                    record(&created.id);
+                }
+                created.id
+            }
+        };
+        match drive_session(client, &id, &file, &request, &options).await {
+            Err(e) if e.code() == ErrorCode::NotFound => {
+                tracing::info!(
+                    session = id,
+                    "the server no longer has the session; starting a new one"
+                );
+            }
+            other => return other,
+        }
+    }
+    Err(Error::Conflict(format!(
+        "upload of {remote} kept losing its session"
+    )))
+}
+
+/// Sends what the session lacks and completes it.
+async fn drive_session(
+    client: &Client,
+    id: &str,
+    file: &Arc<File>,
+    request: &CreateUpload,
+    options: &UploadOptions,
+) -> Result<UploadReport> {
+    let status = client.upload_status(id).await?;
+    if status.path != request.path || status.size != request.size {
+        return Err(Error::NotFound(format!("session {id} is for another file")));
+    }
+    let resumed_bytes = status.bytes_received;
+    if status.state == UploadState::Committed {
+        let meta = status
+            .meta
+            .ok_or_else(|| Error::Storage("committed session without metadata".into()))?;
+        return Ok(UploadReport {
+            meta,
+            session_id: id.to_owned(),
+            resumed_bytes,
+        });
+    }
+    let layout = ChunkLayout {
+        size: status.size,
+        chunk_size: status.chunk_size,
+    };
+    let mut received: Vec<u64> = expand_runs(&status.received).collect();
+    let done = Arc::new(AtomicU64::new(status.bytes_received));
+    for _ in 0..COMPLETE_ROUNDS {
+        let missing: Vec<u64> = (0..layout.chunk_count())
+            .filter(|i| received.binary_search(i).is_err())
+            .collect();
+        send_chunks(client, id, file, layout, &missing, options, &done).await?;
+        match client.complete_upload(id).await {
+            Ok(meta) => {
+                return Ok(UploadReport {
+                    meta,
+                    session_id: id.to_owned(),
+                    resumed_bytes,
+                });
+            }
+            // Acknowledged chunks were lost (a node without fsync, say): resend.
+            Err(Error::MissingChunks(runs)) => {
+                let lost: Vec<u64> = expand_runs(&runs).collect();
+                received.retain(|i| lost.binary_search(i).is_err());
+                done.store(
+                    received.iter().filter_map(|i| layout.chunk_len(*i)).sum(),
+                    Ordering::Relaxed,
+                );
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Err(Error::Conflict(format!("session {id} kept losing chunks")))
+}
+
+async fn send_chunks(
+    client: &Client,
+    id: &str,
+    file: &Arc<File>,
+    layout: ChunkLayout,
+    chunks: &[u64],
+    options: &UploadOptions,
+    done: &Arc<AtomicU64>,
+) -> Result<()> {
+    let parallel = options.parallel.unwrap_or(4).max(1);
+    futures::stream::iter(chunks.iter().copied())
+        .map(|index| async move {
+            let (start, end) = layout.chunk_range(index).expect("index within the layout");
+            let data = read_at(file.clone(), start, end - start).await?;
+            if let Some(throttle) = &options.throttle {
+                throttle.acquire(data.len() as u64).await;
+            }
+            client.put_chunk(id, index, data).await?;
+            let now = done.fetch_add(end - start, Ordering::Relaxed) + (end - start);
+            if let Some(progress) = &options.progress {
+                progress(Progress {
+                    done: now,
+                    total: layout.size,
+                });
+            }
+            Ok::<_, Error>(())
+        })
+        .buffer_unordered(parallel)
+        .try_collect::<()>()
+        .await
+}
+
+async fn read_at(file: Arc<File>, start: u64, len: u64) -> Result<Bytes> {
+    tokio::task::spawn_blocking(move || {
+        let mut buf = vec![0u8; len as usize];
+        file.read_exact_at(&mut buf, start)
+            .map_err(Error::io("reading the local file"))?;
+        Ok(Bytes::from(buf))
+    })
+    .await
+    .map_err(|e| Error::Storage(format!("read task failed: {e}")))?
+}
+
+/// Hex SHA-256 of a whole file.
+pub async fn sha256_file(file: Arc<File>) -> Result<String> {
+    tokio::task::spawn_blocking(move || {
+        let mut hasher = Sha256::new();
+        let mut reader = std::io::BufReader::with_capacity(1 << 20, &*file);
+        std::io::copy(&mut reader, &mut hasher).map_err(Error::io("hashing the local file"))?;
+        Ok(hex::encode(hasher.finalize()))
+    })
+    .await
+    .map_err(|e| Error::Storage(format!("hash task failed: {e}")))?
+}

@@ -27,6 +27,9 @@ const SESSION_RECREATES: usize = 2;
 /// Rounds of "send what is missing, then complete" before giving up.
 const COMPLETE_ROUNDS: usize = 5;
 
+/// Receives a new session's id.
+pub type SessionFn = Arc<dyn Fn(&str) + Send + Sync>;
+
 #[derive(Clone, Default)]
 pub struct UploadOptions {
     /// Chunks in flight at once (default 4).
@@ -41,7 +44,7 @@ pub struct UploadOptions {
     pub sha256: Option<String>,
     pub progress: Option<ProgressFn>,
     /// Called with the session id as soon as it exists, to persist it.
-    pub on_session: Option<Arc<dyn Fn(&str) + Send + Sync>>,
+    pub on_session: Option<SessionFn>,
     pub throttle: Option<Arc<Throttle>>,
 }
 

@@ -1,6 +1,9 @@
 //! The `ferry` command line.
 
+mod namespace;
+mod remote;
 mod serve;
+mod transfer;
 
 use clap::{Parser, Subcommand};
 
@@ -15,11 +18,32 @@ pub struct Cli {
 pub enum Command {
     /// Serve a store over HTTP.
     Serve(serve::ServeArgs),
+    /// Upload a file (resumable: run again to continue).
+    Put(transfer::PutArgs),
+    /// Download a file (resumable: run again to continue).
+    Get(transfer::GetArgs),
+    /// List a directory.
+    Ls(namespace::LsArgs),
+    /// Show a file's or directory's metadata.
+    Stat(namespace::StatArgs),
+    /// Remove a file, or with -r a directory.
+    Rm(namespace::RmArgs),
+    /// Move or rename a file or directory.
+    Mv(namespace::MvArgs),
+    /// Create a directory.
+    Mkdir(namespace::MkdirArgs),
 }
 
 /// Runs the parsed command line.
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Serve(args) => serve::run(args).await,
+        Command::Put(args) => transfer::put(args).await,
+        Command::Get(args) => transfer::get(args).await,
+        Command::Ls(args) => namespace::ls(args).await,
+        Command::Stat(args) => namespace::stat(args).await,
+        Command::Rm(args) => namespace::rm(args).await,
+        Command::Mv(args) => namespace::mv(args).await,
+        Command::Mkdir(args) => namespace::mkdir(args).await,
     }
 }

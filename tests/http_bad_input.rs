@@ -324,3 +324,24 @@ async fn writes_that_would_mix_files_and_directories_are_409() {
     );
     assert_eq!(server.get_bytes("a/b.txt").await.1, b"x");
 }
+
+/// Regression: with SIGPIPE at its default disposition, a client closing its
+/// connection in the middle of a download killed the server.
+#[tokio::test]
+async fn a_client_dropping_a_download_midway_does_not_kill_the_server() {
+    let mut server = Server::start();
+    server.put("big.bin", vec![3u8; 8 << 20]).await;
+    for _ in 0..5 {
+        let mut stream = TcpStream::connect(server.addr).unwrap();
+        write!(stream, "GET /v1/files/big.bin HTTP/1.1\r\nHost: t\r\n\r\n").unwrap();
+        let mut first = [0u8; 4096];
+        std::io::Read::read(&mut stream, &mut first).unwrap();
+        drop(stream);
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(
+        server.child.try_wait().unwrap().is_none(),
+        "the server died"
+    );
+    assert_eq!(server.get_bytes("big.bin").await.1.len(), 8 << 20);
+}

@@ -1,0 +1,78 @@
+//! Arguments shared by the commands that talk to a server.
+
+use std::time::Duration;
+
+use clap::Args;
+
+use crate::client::Client;
+use crate::error::Result;
+use crate::protocol::RemotePath;
+
+#[derive(Debug, Clone, Args)]
+pub struct ServerArgs {
+    /// The ferry server.
+    #[arg(
+        long,
+        env = "FERRY_SERVER",
+        default_value = "http://127.0.0.1:7070",
+        global = true
+    )]
+    pub server: String,
+    /// Give up on an unreachable server after this many seconds of retrying.
+    #[arg(long, default_value_t = 120, global = true)]
+    pub retry_for: u64,
+}
+
+impl ServerArgs {
+    pub fn client(&self) -> Result<Client> {
+        let mut config = crate::client::ClientConfig::default();
+        config.retry.give_up_after = Duration::from_secs(self.retry_for);
+        Client::with_config(&self.server, config)
+    }
+}
+
+/// A remote path as typed: a leading `/` is allowed and means the root.
+pub fn parse_remote(text: &str) -> Result<RemotePath> {
+    Ok(RemotePath::parse(text.strip_prefix('/').unwrap_or(text))?)
+}
+
+/// A byte count such as `1048576`, `512K`, `10M` or `1G` (powers of 1024).
+pub fn parse_bytes(text: &str) -> std::result::Result<u64, String> {
+    let text = text.trim();
+    let (number, unit) = text
+        .find(|c: char| !c.is_ascii_digit())
+        .map_or((text, ""), |i| text.split_at(i));
+    let scale: u64 = match unit.trim().to_ascii_uppercase().as_str() {
+        "" | "B" => 1,
+        "K" | "KB" | "KIB" => 1 << 10,
+        "M" | "MB" | "MIB" => 1 << 20,
+        "G" | "GB" | "GIB" => 1 << 30,
+        other => return Err(format!("unknown unit {other:?} (use K, M or G)")),
+    };
+    number
+        .parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(scale))
+        .ok_or_else(|| format!("{text:?} is not a byte count"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn byte_counts() {
+        assert_eq!(parse_bytes("1024"), Ok(1024));
+        assert_eq!(parse_bytes("10M"), Ok(10 << 20));
+        assert_eq!(parse_bytes("2g"), Ok(2 << 30));
+        assert!(parse_bytes("5X").is_err());
+        assert!(parse_bytes("M").is_err());
+    }
+
+    #[test]
+    fn remote_paths() {
+        assert_eq!(parse_remote("/a/b").unwrap().as_str(), "a/b");
+        assert!(parse_remote("/").unwrap().is_root());
+        assert!(parse_remote("../x").is_err());
+    }
+}

@@ -1,0 +1,416 @@
+//! The client library and the `ferry` transfer commands against real server
+//! processes: interrupted uploads and downloads resume, and a killed server or
+//! client loses nothing.
+
+mod harness;
+
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use ferry::client::download::{DownloadOptions, download_file};
+use ferry::client::ranged::RangedReader;
+use ferry::client::upload::{UploadOptions, upload_file};
+use ferry::client::{Client, ClientConfig, Progress};
+use ferry::protocol::{ErrorCode, RemotePath};
+use harness::{Server, eventually, random_bytes};
+use tokio::io::{AsyncReadExt, AsyncSeekExt};
+
+const MIB: usize = 1 << 20;
+
+fn remote(p: &str) -> RemotePath {
+    p.parse().unwrap()
+}
+
+fn write_random(dir: &std::path::Path, name: &str, len: usize) -> (std::path::PathBuf, Vec<u8>) {
+    let data = random_bytes(len);
+    let path = dir.join(name);
+    std::fs::write(&path, &data).unwrap();
+    (path, data)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upload_survives_a_server_killed_mid_transfer() {
+    let tmp = tempfile::tempdir().unwrap();
+    let store = tmp.path().join("store");
+    let server = Server::start_on(store.to_str().unwrap(), &[]);
+    let addr = server.addr.to_string();
+    let (local, data) = write_random(tmp.path(), "big.bin", 200 * MIB);
+    let client = Client::new(&server.url).unwrap();
+
+    // Kill the server once 40% is acknowledged; restart it on the same port.
+    let server = Arc::new(std::sync::Mutex::new(Some(server)));
+    let killed = Arc::new(AtomicBool::new(false));
+    let restarter = {
+        let (server, killed, store, addr) =
+            (server.clone(), killed.clone(), store.clone(), addr.clone());
+        std::thread::spawn(move || {
+            assert!(eventually(Duration::from_secs(120), || killed.load(Ordering::SeqCst)));
+            drop(server.lock().unwrap().take()); // SIGKILL
+            std::thread::sleep(Duration::from_millis(500));
+            *server.lock().unwrap() = Some(Server::spawn(store.to_str().unwrap(), &addr, &[]));
+        })
+    };
+    let progress = {
+        let killed = killed.clone();
+        Arc::new(move |p: Progress| {
+            if p.done * 10 >= p.total * 4 {
+                killed.store(true, Ordering::SeqCst);
+            }
+        })
+    };
+    let options = UploadOptions {
+        progress: Some(progress),
+        throttle: Some(Arc::new(ferry::client::throttle::Throttle::new(
+            100 * MIB as u64,
+        ))),
+        ..Default::default()
+    };
+    let report = upload_file(&client, &local, &remote("big.bin"), options)
+        .await
+        .unwrap();
+    restarter.join().unwrap();
+    assert!(killed.load(Ordering::SeqCst));
+    assert_eq!(report.meta.size, data.len() as u64);
+    let sent = client.chunk_bytes_sent();
+    assert!(
+        sent < data.len() as u64 * 12 / 10,
+        "re-sent too much: {sent} bytes for {}",
+        data.len()
+    );
+    let on_disk = std::fs::read(store.join("big.bin")).unwrap();
+    assert!(on_disk == data, "committed file differs");
+}
+
+fn ferry(args: &[&str], state: &std::path::Path, server: &Server) -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_ferry"));
+    cmd.args(args)
+        .env("FERRY_SERVER", &server.url)
+        .env("FERRY_STATE_DIR", state)
+        .env("FERRY_LOG", "warn");
+    cmd
+}
+
+fn sent_bytes(stdout: &str) -> u64 {
+    let after = stdout
+        .split("sent ")
+        .nth(1)
+        .unwrap_or_else(|| panic!("no summary in {stdout:?}"));
+    after.split(' ').next().unwrap().parse().unwrap()
+}
+
+#[tokio::test]
+async fn ferry_put_killed_halfway_resumes_when_run_again() {
+    let server = Server::start();
+    let tmp = tempfile::tempdir().unwrap();
+    let state = tmp.path().join("state");
+    let (local, data) = write_random(tmp.path(), "movie.bin", 100 * MIB);
+    let local_arg = local.to_str().unwrap();
+    let mut first = ferry(
+        &["put", "--bwlimit", "40M", local_arg, "clips/movie.bin"],
+        &state,
+        &server,
+    )
+    .stdout(Stdio::null())
+    .spawn()
+    .unwrap();
+    // Find the session from the resume record and wait until it is half done.
+    let session = || -> Option<String> {
+        let dir = state.join("transfers");
+        let entry = std::fs::read_dir(dir).ok()?.flatten().next()?;
+        let record: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(entry.path()).ok()?).ok()?;
+        record["session_id"].as_str().map(str::to_owned)
+    };
+    assert!(eventually(Duration::from_secs(60), || session().is_some()));
+    let id = session().unwrap();
+    let client = Client::new(&server.url).unwrap();
+    let mut half = false;
+    for _ in 0..600 {
+        let status = client.upload_status(&id).await.unwrap();
+        if status.bytes_received * 2 >= status.size {
+            half = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(half, "the upload never got half way");
+    first.kill().unwrap(); // SIGKILL
+    first.wait().unwrap();
+    assert_eq!(
+        server.get_bytes("clips/movie.bin").await.0,
+        404,
+        "nothing committed yet"
+    );
+
+    let out = ferry(&["put", local_arg, "clips/movie.bin"], &state, &server)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let sent = sent_bytes(&stdout);
+    assert!(
+        sent <= data.len() as u64 / 2 + 8 * MIB as u64,
+        "resumed run re-sent {sent} bytes: {stdout}"
+    );
+    assert!(server.get_bytes("clips/movie.bin").await.1 == data);
+    assert!(
+        std::fs::read_dir(state.join("transfers"))
+            .unwrap()
+            .next()
+            .is_none(),
+        "resume record removed"
+    );
+}
+
+#[tokio::test]
+async fn ferry_get_killed_halfway_resumes_when_run_again() {
+    let server = Server::start();
+    let data = random_bytes(60 * MIB);
+    server.put("video.bin", data.clone()).await;
+    let tmp = tempfile::tempdir().unwrap();
+    let dest = tmp.path().join("video.bin");
+    let part = tmp.path().join(".video.bin.ferry-part");
+    let mut first = ferry(
+        &[
+            "get",
+            "--bwlimit",
+            "30M",
+            "video.bin",
+            dest.to_str().unwrap(),
+        ],
+        tmp.path(),
+        &server,
+    )
+    .stdout(Stdio::null())
+    .spawn()
+    .unwrap();
+    assert!(eventually(Duration::from_secs(60), || std::fs::metadata(
+        &part
+    )
+    .is_ok_and(|m| m.len() > 20 * MIB as u64)));
+    first.kill().unwrap();
+    first.wait().unwrap();
+    assert!(!dest.exists(), "no partial destination");
+    let out = ferry(
+        &["get", "video.bin", dest.to_str().unwrap()],
+        tmp.path(),
+        &server,
+    )
+    .output()
+    .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let resumed: u64 = stdout
+        .split(", ")
+        .nth(1)
+        .unwrap()
+        .split(' ')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(resumed >= 20 * MIB as u64, "{stdout}");
+    assert!(std::fs::read(&dest).unwrap() == data);
+    assert!(!part.exists());
+}
+
+#[tokio::test]
+async fn a_download_resumed_after_the_file_changed_gets_the_new_version() {
+    let server = Server::start();
+    let old = random_bytes(4 * MIB);
+    let new = random_bytes(3 * MIB);
+    server.put("doc.bin", old.clone()).await;
+    let tmp = tempfile::tempdir().unwrap();
+    let dest = tmp.path().join("doc.bin");
+    // A part of the old version, as left by an interrupted run.
+    let client = Client::new(&server.url).unwrap();
+    let etag = client.stat(&remote("doc.bin")).await.unwrap().etag.unwrap();
+    std::fs::write(tmp.path().join(".doc.bin.ferry-part"), &old[..MIB]).unwrap();
+    std::fs::write(
+        tmp.path().join(".doc.bin.ferry-part.json"),
+        serde_json::json!({"etag": etag, "size": old.len()}).to_string(),
+    )
+    .unwrap();
+    // Same version: continues from the part.
+    let report = download_file(
+        &client,
+        &remote("doc.bin"),
+        &dest,
+        DownloadOptions::default(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(report.resumed_bytes, MIB as u64);
+    assert!(std::fs::read(&dest).unwrap() == old);
+
+    std::fs::write(tmp.path().join(".doc.bin.ferry-part"), &old[..MIB]).unwrap();
+    std::fs::write(
+        tmp.path().join(".doc.bin.ferry-part.json"),
+        serde_json::json!({"etag": etag, "size": old.len()}).to_string(),
+    )
+    .unwrap();
+    server.put("doc.bin", new.clone()).await;
+    download_file(
+        &client,
+        &remote("doc.bin"),
+        &dest,
+        DownloadOptions::default(),
+    )
+    .await
+    .unwrap();
+    assert!(
+        std::fs::read(&dest).unwrap() == new,
+        "a stale part must not be mixed with the new version"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn download_survives_a_server_restart() {
+    let tmp = tempfile::tempdir().unwrap();
+    let store = tmp.path().join("store");
+    let server = Server::start_on(store.to_str().unwrap(), &[]);
+    let addr = server.addr.to_string();
+    let data = random_bytes(80 * MIB);
+    server.put("big.bin", data.clone()).await;
+    let client = Client::new(&server.url).unwrap();
+    let dest = tmp.path().join("out.bin");
+    let half = Arc::new(AtomicBool::new(false));
+    let restarter = {
+        let (half, store) = (half.clone(), store.clone());
+        std::thread::spawn(move || {
+            assert!(eventually(Duration::from_secs(60), || half.load(Ordering::SeqCst)));
+            drop(server);
+            std::thread::sleep(Duration::from_millis(300));
+            Server::spawn(store.to_str().unwrap(), &addr, &[])
+        })
+    };
+    let options = DownloadOptions {
+        progress: Some({
+            let half = half.clone();
+            Arc::new(move |p: Progress| {
+                if p.done * 2 >= p.total {
+                    half.store(true, Ordering::SeqCst);
+                }
+            })
+        }),
+        throttle: Some(Arc::new(ferry::client::throttle::Throttle::new(
+            40 * MIB as u64,
+        ))),
+    };
+    download_file(&client, &remote("big.bin"), &dest, options)
+        .await
+        .unwrap();
+    let _restarted = restarter.join().unwrap();
+    assert!(std::fs::read(&dest).unwrap() == data);
+}
+
+#[tokio::test]
+async fn ranged_reader_seeks_and_reads_the_right_bytes() {
+    let server = Server::start();
+    let data = random_bytes(5 * MIB + 123);
+    server.put("media.mp4", data.clone()).await;
+    let client = Client::new(&server.url).unwrap();
+    let mut reader = RangedReader::open(&client, &remote("media.mp4"))
+        .await
+        .unwrap();
+    assert_eq!(reader.meta().size, data.len() as u64);
+    let mut buf = vec![0u8; MIB];
+    reader
+        .seek(std::io::SeekFrom::End(-(MIB as i64)))
+        .await
+        .unwrap();
+    reader.read_exact(&mut buf).await.unwrap();
+    assert!(buf[..] == data[data.len() - MIB..]);
+    reader.seek(std::io::SeekFrom::Start(0)).await.unwrap();
+    reader.read_exact(&mut buf).await.unwrap();
+    assert!(buf[..] == data[..MIB]);
+    for offset in [4096u64, 3 * MIB as u64 + 17, 77, 5 * MIB as u64] {
+        let mut small = [0u8; 100];
+        reader.seek(std::io::SeekFrom::Start(offset)).await.unwrap();
+        reader.read_exact(&mut small).await.unwrap();
+        assert_eq!(small[..], data[offset as usize..offset as usize + 100]);
+    }
+    let mut rest = Vec::new();
+    reader.seek(std::io::SeekFrom::Current(-50)).await.unwrap();
+    reader.read_to_end(&mut rest).await.unwrap();
+    assert_eq!(rest.len(), data.len() - (5 * MIB + 50));
+    // A replaced file fails the next request instead of mixing versions.
+    server.put("media.mp4", "replaced").await;
+    reader.seek(std::io::SeekFrom::Start(0)).await.unwrap();
+    let err = reader.read_exact(&mut buf).await.unwrap_err();
+    assert!(err.to_string().contains("precondition"), "{err}");
+}
+
+#[tokio::test]
+async fn errors_are_clear() {
+    let server = Server::start();
+    let client = Client::new(&server.url).unwrap();
+    let err = client.stat(&remote("missing.txt")).await.unwrap_err();
+    assert_eq!(err.code(), ErrorCode::NotFound);
+    assert_eq!(err.status(), 404);
+    assert!(err.to_string().contains("missing.txt"), "{err}");
+
+    let mut config = ClientConfig::default();
+    config.retry.give_up_after = Duration::from_millis(500);
+    let addr = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap()
+    };
+    let dead = Client::with_config(&format!("http://{addr}"), config).unwrap();
+    let err = dead.stat(&remote("x")).await.unwrap_err();
+    assert!(matches!(err, ferry::Error::Network(_)), "{err:?}");
+    assert!(err.to_string().contains("connect"), "{err}");
+    assert!(Client::new("ftp://x").is_err());
+}
+
+/// A stand-in server that fails the first requests with 503 and 429 (with
+/// `Retry-After`), then answers: the client's retry logic, without a network.
+#[tokio::test]
+async fn retries_5xx_and_429_honouring_retry_after() {
+    use axum::http::{HeaderMap, StatusCode};
+    use std::sync::atomic::AtomicUsize;
+    let calls = Arc::new(AtomicUsize::new(0));
+    let app = {
+        let calls = calls.clone();
+        axum::Router::new().fallback(move || {
+            let n = calls.fetch_add(1, Ordering::SeqCst);
+            async move {
+                let mut headers = HeaderMap::new();
+                match n {
+                    0 => (StatusCode::SERVICE_UNAVAILABLE, headers, "{}".to_owned()),
+                    1 => {
+                        headers.insert("retry-after", "1".parse().unwrap());
+                        (StatusCode::TOO_MANY_REQUESTS, headers, "{}".to_owned())
+                    }
+                    _ => (
+                        StatusCode::OK,
+                        headers,
+                        r#"{"path":"x","kind":"file","size":1,"mtime":null,"etag":"e"}"#.to_owned(),
+                    ),
+                }
+            }
+        })
+    };
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    let client = Client::new(&format!("http://{addr}")).unwrap();
+    let started = std::time::Instant::now();
+    let meta = client.stat(&remote("x")).await.unwrap();
+    assert_eq!(meta.size, 1);
+    assert_eq!(calls.load(Ordering::SeqCst), 3);
+    assert!(
+        started.elapsed() >= Duration::from_secs(1),
+        "Retry-After was not honoured"
+    );
+}

@@ -42,6 +42,7 @@ fn remote<T: ObjectStore + MultipartStore>(store: T, description: String) -> Sto
         multipart: Some(store),
         local_root: None,
         description,
+        feed: Default::default(),
     }
 }
 
@@ -57,6 +58,7 @@ fn local(dir: &FsPath) -> Result<Store> {
     Ok(Store {
         objects: Arc::new(fs),
         multipart: None,
+        feed: Default::default(),
         description: root.display().to_string(),
         local_root: Some(root),
     })
@@ -70,30 +72,24 @@ fn cloud(scheme: &str, spec: &str) -> Result<Store> {
     use object_store::prefix::PrefixStore;
 
     let url = url::Url::parse(spec).map_err(|e| Error::BadRequest(format!("{spec}: {e}")))?;
-    let objects: Arc<dyn ObjectStore> = match scheme {
-        "s3" | "s3a" => Arc::new(AmazonS3Builder::from_env().with_url(spec).build()?),
-        "gs" => Arc::new(
-            GoogleCloudStorageBuilder::from_env()
-                .with_url(spec)
-                .build()?,
-        ),
-        "az" | "azure" | "abfs" | "abfss" => {
-            Arc::new(MicrosoftAzureBuilder::from_env().with_url(spec).build()?)
-        }
-        other => {
-            return Err(Error::BadRequest(format!(
-                "unsupported store scheme {other}://"
-            )));
-        }
-    };
     // The URL's path, if any, is a prefix inside the bucket or container.
-    let prefix = url.path().trim_matches('/');
-    let objects: Arc<dyn ObjectStore> = if prefix.is_empty() {
-        objects
-    } else {
-        Arc::new(PrefixStore::new(objects, prefix))
-    };
-    Ok(remote(objects, spec.to_owned()))
+    let prefix = url.path().trim_matches('/').to_owned();
+    let description = spec.to_owned();
+    match scheme {
+        "s3" | "s3a" => {
+            let s3 = AmazonS3Builder::from_env().with_url(spec).build()?;
+            Ok(remote(PrefixStore::new(s3, prefix), description))
+        }
+        "gs" => {
+            let gcs = GoogleCloudStorageBuilder::from_env().with_url(spec).build()?;
+            Ok(remote(PrefixStore::new(gcs, prefix), description))
+        }
+        "az" | "azure" | "abfs" | "abfss" => {
+            let azure = MicrosoftAzureBuilder::from_env().with_url(spec).build()?;
+            Ok(remote(PrefixStore::new(azure, prefix), description))
+        }
+        other => Err(Error::BadRequest(format!("unsupported store scheme {other}://"))),
+    }
 }
 
 #[cfg(not(feature = "cloud"))]

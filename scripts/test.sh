@@ -7,6 +7,11 @@ if ! command -v cargo-nextest >/dev/null 2>&1; then
   cargo install --locked cargo-nextest
 fi
 
+# The independent WebSocket client test is written in Python.
+if ! python3 -c 'import websockets' 2>/dev/null; then
+  python3 -m pip install --quiet 'websockets>=13'
+fi
+
 cargo nextest run --workspace --all-features --no-fail-fast
 # nextest does not run doctests.
 cargo test --workspace --all-features --doc

@@ -4,6 +4,7 @@ mod namespace;
 mod remote;
 mod serve;
 mod transfer;
+mod watch;
 
 use clap::{Parser, Subcommand};
 
@@ -32,6 +33,8 @@ pub enum Command {
     Mv(namespace::MvArgs),
     /// Create a directory.
     Mkdir(namespace::MkdirArgs),
+    /// Print changes as they happen (one JSON object per line).
+    Watch(watch::WatchArgs),
 }
 
 /// Runs the parsed command line.
@@ -45,5 +48,6 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Rm(args) => namespace::rm(args).await,
         Command::Mv(args) => namespace::mv(args).await,
         Command::Mkdir(args) => namespace::mkdir(args).await,
+        Command::Watch(args) => watch::watch(args).await,
     }
 }

@@ -17,6 +17,8 @@ pub mod ranged;
 pub mod retry;
 pub mod throttle;
 pub mod upload;
+pub mod watch;
+pub mod ws;
 
 use std::sync::Arc;
 

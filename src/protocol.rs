@@ -5,10 +5,12 @@
 //! server and the clients agree by construction instead of by copy.
 
 pub mod error;
+pub mod events;
 pub mod meta;
 pub mod path;
 pub mod range;
 pub mod upload;
+pub mod ws;
 
 pub use error::{ErrorBody, ErrorCode};
 pub use meta::{EntryKind, FileMeta, ListEntry, ListPage, MkdirRequest, MoveRequest, RmdirRequest};

@@ -10,13 +10,16 @@
 //! ```
 
 mod conditional;
+mod events;
 mod extract;
+pub mod feed;
 mod files;
 mod listing;
 mod ops;
 mod response;
 pub mod store;
 mod uploads;
+mod ws;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -30,6 +33,9 @@ use tokio::net::TcpListener;
 use crate::error::Error;
 pub use store::Store;
 use store::uploads::UploadSessions;
+use tokio_util::sync::CancellationToken;
+
+use crate::protocol::upload::MAX_CHUNK_SIZE;
 
 /// Largest body accepted by default: S3's largest object.
 pub const DEFAULT_MAX_BODY_BYTES: u64 = 5 << 40;
@@ -42,6 +48,10 @@ pub struct ServerConfig {
     pub upload_ttl: Duration,
     /// How often expired upload sessions are collected.
     pub gc_interval: Duration,
+    /// How often WebSocket peers are pinged; silent for 2.5 times this, they are dropped.
+    pub ws_ping_interval: Duration,
+    /// Largest WebSocket message accepted.
+    pub ws_max_message: usize,
 }
 
 impl Default for ServerConfig {
@@ -50,6 +60,8 @@ impl Default for ServerConfig {
             max_body_bytes: DEFAULT_MAX_BODY_BYTES,
             upload_ttl: Duration::from_secs(24 * 3600),
             gc_interval: Duration::from_secs(600),
+            ws_ping_interval: Duration::from_secs(30),
+            ws_max_message: (MAX_CHUNK_SIZE as usize) + (1 << 20),
         }
     }
 }
@@ -64,6 +76,8 @@ struct Shared {
     store: Store,
     uploads: UploadSessions,
     config: ServerConfig,
+    /// Cancelled when the server starts shutting down (ends WebSockets).
+    shutdown: CancellationToken,
 }
 
 impl AppState {
@@ -74,8 +88,13 @@ impl AppState {
                 store,
                 uploads,
                 config,
+                shutdown: CancellationToken::new(),
             }),
         }
+    }
+
+    fn shutdown_token(&self) -> CancellationToken {
+        self.inner.shutdown.clone()
     }
 
     fn uploads(&self) -> &UploadSessions {
@@ -121,6 +140,8 @@ pub fn router(state: AppState) -> Router {
         )
         .route("/v1/uploads/{id}/chunks/{index}", put(uploads::put_chunk))
         .route("/v1/uploads/{id}/complete", post(uploads::complete))
+        .route("/v1/ws", get(ws::upgrade))
+        .route("/v1/events", get(events::events))
         .route(
             "/healthz",
             get(|| async { axum::Json(serde_json::json!({"status": "ok"})) }),
@@ -139,6 +160,11 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     let collector = tokio::spawn(collect_expired_uploads(state.clone()));
+    let token = state.shutdown_token();
+    let shutdown = async move {
+        shutdown.await;
+        token.cancel();
+    };
     let served = axum::serve(listener, router(state))
         .with_graceful_shutdown(shutdown)
         .await;

@@ -27,6 +27,9 @@ pub struct ServeArgs {
     /// Seconds between sweeps for expired upload sessions.
     #[arg(long, default_value_t = 600)]
     gc_interval: u64,
+    /// Seconds between WebSocket pings; a peer silent for 2.5 times this is dropped.
+    #[arg(long, default_value_t = 30)]
+    ws_ping_interval: u64,
 }
 
 pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
@@ -40,6 +43,8 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         max_body_bytes: args.max_body_bytes,
         upload_ttl: Duration::from_secs(args.upload_ttl),
         gc_interval: Duration::from_secs(args.gc_interval.max(1)),
+        ws_ping_interval: Duration::from_secs(args.ws_ping_interval.max(1)),
+        ..ServerConfig::default()
     };
     // Scripts and tests read this line to learn the address.
     println!("ferry serving {} at http://{addr}", store.describe());

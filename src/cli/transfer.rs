@@ -18,7 +18,7 @@ use tokio_util::sync::CancellationToken;
 use super::remote::{ServerArgs, parse_bytes, parse_remote};
 use crate::client::download::{DownloadOptions, download_file};
 use crate::client::throttle::Throttle;
-use crate::client::upload::{UploadOptions, upload_file};
+use crate::client::upload::{Transport, UploadOptions, upload_file};
 use crate::client::{Client, Progress, ProgressFn};
 use crate::error::Error;
 use crate::protocol::{EntryKind, ErrorCode, RemotePath};
@@ -32,6 +32,9 @@ pub struct PutArgs {
     /// Chunks in flight at once.
     #[arg(long, default_value_t = 4)]
     parallel: usize,
+    /// How chunks travel: `auto` (WebSocket, falling back to HTTP), `http` or `ws`.
+    #[arg(long, default_value = "auto", value_parser = parse_transport)]
+    transport: Transport,
     /// Bandwidth limit in bytes per second (K, M, G suffixes).
     #[arg(long, value_parser = parse_bytes)]
     bwlimit: Option<u64>,
@@ -106,7 +109,10 @@ pub async fn put(args: PutArgs) -> anyhow::Result<()> {
         progress: bar.as_ref().map(progress_fn),
         on_session: Some(on_session),
         throttle: args.bwlimit.map(|rate| Arc::new(Throttle::new(rate))),
-        ..Default::default()
+        transport: args.transport,
+        ws: None,
+        if_match: None,
+        chunk_size: None,
     };
     let report = upload_file(&client, &args.local, &remote, options)
         .await
@@ -158,6 +164,15 @@ pub async fn get(args: GetArgs) -> anyhow::Result<()> {
         report.resumed_bytes
     );
     Ok(())
+}
+
+fn parse_transport(text: &str) -> Result<Transport, String> {
+    match text {
+        "auto" => Ok(Transport::Auto),
+        "http" => Ok(Transport::Http),
+        "ws" | "websocket" => Ok(Transport::WebSocket),
+        other => Err(format!("{other:?} is not one of auto, http, ws")),
+    }
 }
 
 /// `REMOTE`, or `REMOTE/<name of LOCAL>` when `REMOTE` names a directory.

@@ -97,6 +97,10 @@ impl Client {
         self.chunk_bytes_sent.load(Ordering::Relaxed)
     }
 
+    pub(crate) fn count_chunk_bytes(&self, bytes: u64) {
+        self.chunk_bytes_sent.fetch_add(bytes, Ordering::Relaxed);
+    }
+
     pub(crate) fn url(&self, route: &str, path: &RemotePath) -> String {
         format!("{}/v1/{route}/{}", self.base, path.to_url_path())
     }

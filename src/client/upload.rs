@@ -13,19 +13,35 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use bytes::Bytes;
 use chrono::{DateTime, Utc};
-use futures::{StreamExt, TryStreamExt};
+use futures::future::BoxFuture;
+use futures::{FutureExt, StreamExt, TryStreamExt};
 use sha2::{Digest, Sha256};
 
 use super::throttle::Throttle;
+use super::ws::WsConnection;
 use super::{Client, Progress, ProgressFn};
 use crate::error::{Error, Result};
 use crate::protocol::upload::{ChunkLayout, CreateUpload, UploadState, expand_runs};
 use crate::protocol::{ErrorCode, FileMeta, RemotePath};
 
+/// Chunks in flight at once unless asked otherwise.
+const DEFAULT_PARALLEL: usize = 4;
 /// Times a session is recreated when the server lost it (expired, collected).
 const SESSION_RECREATES: usize = 2;
 /// Rounds of "send what is missing, then complete" before giving up.
 const COMPLETE_ROUNDS: usize = 5;
+
+/// How chunks travel.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Transport {
+    /// The WebSocket, falling back to HTTP chunk PUTs if it cannot be opened
+    /// or drops mid-transfer.
+    #[default]
+    Auto,
+    Http,
+    /// The WebSocket only.
+    WebSocket,
+}
 
 /// Receives a new session's id.
 pub type SessionFn = Arc<dyn Fn(&str) + Send + Sync>;
@@ -46,6 +62,9 @@ pub struct UploadOptions {
     /// Called with the session id as soon as it exists, to persist it.
     pub on_session: Option<SessionFn>,
     pub throttle: Option<Arc<Throttle>>,
+    pub transport: Transport,
+    /// A WebSocket connection to share with other transfers.
+    pub ws: Option<Arc<WsConnection>>,
 }
 
 #[derive(Debug, Clone)]
@@ -118,11 +137,29 @@ async fn drive_session(
     request: &CreateUpload,
     options: &UploadOptions,
 ) -> Result<UploadReport> {
-    let status = client.upload_status(id).await?;
+    let mut status = client.upload_status(id).await?;
     if status.path != request.path || status.size != request.size {
         return Err(Error::NotFound(format!("session {id} is for another file")));
     }
     let resumed_bytes = status.bytes_received;
+    if status.state == UploadState::Open && options.transport != Transport::Http {
+        match upload_over_ws(client, id, file, options).await {
+            Ok(meta) => {
+                return Ok(UploadReport {
+                    meta,
+                    session_id: id.to_owned(),
+                    resumed_bytes,
+                });
+            }
+            Err(e @ (Error::Network(_) | Error::MissingChunks(_)))
+                if options.transport == Transport::Auto =>
+            {
+                tracing::info!(error = %e, "WebSocket upload interrupted; continuing over HTTP");
+                status = client.upload_status(id).await?;
+            }
+            Err(e) => return Err(e),
+        }
+    }
     if status.state == UploadState::Committed {
         let meta = status
             .meta
@@ -167,6 +204,37 @@ async fn drive_session(
     Err(Error::Conflict(format!("session {id} kept losing chunks")))
 }
 
+async fn upload_over_ws(
+    client: &Client,
+    id: &str,
+    file: &Arc<File>,
+    options: &UploadOptions,
+) -> Result<FileMeta> {
+    let conn = match &options.ws {
+        Some(conn) => conn.clone(),
+        None => WsConnection::connect(client).await?,
+    };
+    let read_chunk = |start: u64, len: u64| -> BoxFuture<'static, Result<Bytes>> {
+        let (file, throttle) = (file.clone(), options.throttle.clone());
+        async move {
+            let data = read_at(file, start, len).await?;
+            if let Some(throttle) = throttle {
+                throttle.acquire(len).await;
+            }
+            Ok(data)
+        }
+        .boxed()
+    };
+    let parallel = options.parallel.unwrap_or(DEFAULT_PARALLEL);
+    let uploaded = conn
+        .upload(id, &read_chunk, parallel, options.progress.as_ref())
+        .await;
+    if options.ws.is_none() {
+        conn.close();
+    }
+    uploaded
+}
+
 async fn send_chunks(
     client: &Client,
     id: &str,
@@ -176,7 +244,7 @@ async fn send_chunks(
     options: &UploadOptions,
     done: &Arc<AtomicU64>,
 ) -> Result<()> {
-    let parallel = options.parallel.unwrap_or(4).max(1);
+    let parallel = options.parallel.unwrap_or(DEFAULT_PARALLEL).max(1);
     futures::stream::iter(chunks.iter().copied())
         .map(|index| async move {
             let (start, end) = layout.chunk_range(index).expect("index within the layout");

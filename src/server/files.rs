@@ -157,8 +157,7 @@ pub async fn put_file(
     }
     // Re-checked just before commit to narrow the window for a racing writer.
     check_write_preconditions(&app, &headers, &path).await?;
-    writer.commit().await?;
-    let meta = app.store().head_file(&path).await?;
+    let meta = writer.commit().await?;
     let status = if before.is_some() {
         StatusCode::OK
     } else {
@@ -219,8 +218,7 @@ pub async fn post_form(
         let mut writer = app.store().writer(&path).await?;
         copy_body(&mut writer, &mut field, limit - total).await?;
         total += writer.written();
-        writer.commit().await?;
-        created.push(app.store().head_file(&path).await?);
+        created.push(writer.commit().await?);
     }
     if created.is_empty() {
         return Err(Error::BadRequest("the form carried no file field".into()));

@@ -45,6 +45,8 @@ pub struct Store {
     /// upload sessions stage their chunks as parts.
     multipart: Option<Arc<dyn MultipartStore>>,
     description: String,
+    /// Where every committed change is announced.
+    pub(crate) feed: super::feed::ChangeFeed,
 }
 
 impl std::fmt::Debug for Store {
@@ -136,13 +138,20 @@ impl Store {
     /// visible until [`StoreWriter::commit`]; dropping the writer discards it.
     pub async fn writer(&self, path: &RemotePath) -> Result<StoreWriter> {
         self.check_file_writable(path).await?;
-        StoreWriter::start(self, path).await
+        let existed = self.try_head_file(path).await?.is_some();
+        StoreWriter::start(self, path, existed).await
+    }
+
+    /// Subscribes to every change committed through this store from now on.
+    pub fn subscribe(&self) -> tokio::sync::broadcast::Receiver<crate::protocol::events::Change> {
+        self.feed.subscribe()
     }
 
     /// Deletes the file at `path`.
     pub async fn delete_file(&self, path: &RemotePath) -> Result<()> {
         self.head_file(path).await?;
         self.objects.delete(&keys::object_path(path)).await?;
+        self.feed.deleted(path, EntryKind::File);
         Ok(())
     }
 

@@ -81,14 +81,18 @@ fn cloud(scheme: &str, spec: &str) -> Result<Store> {
             Ok(remote(PrefixStore::new(s3, prefix), description))
         }
         "gs" => {
-            let gcs = GoogleCloudStorageBuilder::from_env().with_url(spec).build()?;
+            let gcs = GoogleCloudStorageBuilder::from_env()
+                .with_url(spec)
+                .build()?;
             Ok(remote(PrefixStore::new(gcs, prefix), description))
         }
         "az" | "azure" | "abfs" | "abfss" => {
             let azure = MicrosoftAzureBuilder::from_env().with_url(spec).build()?;
             Ok(remote(PrefixStore::new(azure, prefix), description))
         }
-        other => Err(Error::BadRequest(format!("unsupported store scheme {other}://"))),
+        other => Err(Error::BadRequest(format!(
+            "unsupported store scheme {other}://"
+        ))),
     }
 }
 

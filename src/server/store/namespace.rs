@@ -153,7 +153,9 @@ impl Store {
         self.objects
             .put(&keys::marker_path(path), PutPayload::new())
             .await?;
-        Ok(self.dir_meta_with_mtime(path).await)
+        let meta = self.dir_meta_with_mtime(path).await;
+        self.feed.written(&meta, false);
+        Ok(meta)
     }
 
     /// Removes the directory `path`; without `recursive` it must be empty.
@@ -189,6 +191,7 @@ impl Store {
             }
             self.prune_empty_local_parents(path).await;
         }
+        self.feed.deleted(path, EntryKind::Dir);
         Ok(())
     }
 
@@ -275,7 +278,12 @@ impl Store {
         if how == Transfer::Move {
             self.prune_empty_local_parents(from).await;
         }
-        self.stat(to).await
+        let meta = self.stat(to).await?;
+        match how {
+            Transfer::Move => self.feed.renamed(from, &meta),
+            Transfer::Copy => self.feed.written(&meta, false),
+        }
+        Ok(meta)
     }
 
     async fn transfer_tree(&self, from: &RemotePath, to: &RemotePath, how: Transfer) -> Result<()> {

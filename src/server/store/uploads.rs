@@ -276,6 +276,7 @@ impl UploadSessions {
         if let Some(expected) = &manifest.if_match {
             self.check_if_match(&manifest.path, expected).await?;
         }
+        let existed = self.store.try_head_file(&manifest.path).await?.is_some();
         let committed = match &manifest.staging {
             StagingRecord::LocalFile => self.commit_local(&manifest).await,
             StagingRecord::Multipart { key, upload_id } => {
@@ -292,6 +293,7 @@ impl UploadSessions {
             Err(e) => return Err(e),
         }
         let meta = self.store.head_file(&manifest.path).await?;
+        self.store.feed.written(&meta, existed);
         manifest.state = UploadState::Committed;
         manifest.result = Some(meta.clone());
         manifest::write(&self.store, &manifest).await?;

@@ -5,7 +5,7 @@ use object_store::{ObjectStoreExt, WriteMultipart};
 
 use super::{Store, keys};
 use crate::error::Result;
-use crate::protocol::RemotePath;
+use crate::protocol::{FileMeta, RemotePath};
 
 /// Part size: the smallest S3 accepts, so one code path serves every backend.
 const PART_SIZE: usize = 5 * 1024 * 1024;
@@ -21,10 +21,12 @@ pub struct StoreWriter {
     /// For tidying up after a discarded write.
     store: Store,
     path: RemotePath,
+    /// Whether a file was there when the write began (for the change feed).
+    existed: bool,
 }
 
 impl StoreWriter {
-    pub(super) async fn start(store: &Store, path: &RemotePath) -> Result<Self> {
+    pub(super) async fn start(store: &Store, path: &RemotePath, existed: bool) -> Result<Self> {
         let upload = store
             .objects
             .put_multipart(&keys::object_path(path))
@@ -34,6 +36,7 @@ impl StoreWriter {
             written: 0,
             store: store.clone(),
             path: path.clone(),
+            existed,
         })
     }
 
@@ -51,11 +54,14 @@ impl StoreWriter {
         self.written
     }
 
-    /// Makes the object visible, atomically replacing any previous version.
-    pub async fn commit(mut self) -> Result<()> {
+    /// Makes the object visible, atomically replacing any previous version,
+    /// and returns its metadata.
+    pub async fn commit(mut self) -> Result<FileMeta> {
         let upload = self.upload.take().expect("writer committed twice");
         upload.finish().await?;
-        Ok(())
+        let meta = self.store.head_file(&self.path).await?;
+        self.store.feed.written(&meta, self.existed);
+        Ok(meta)
     }
 }
 

@@ -1,0 +1,55 @@
+//! `GET /v1/events?prefix=`: the change feed as Server-Sent Events.
+
+use std::convert::Infallible;
+
+use axum::extract::State;
+use axum::response::sse::{Event, KeepAlive, Sse};
+use futures::Stream;
+use serde::Deserialize;
+use tokio::sync::broadcast::error::RecvError;
+
+use super::AppState;
+use super::extract::ApiQuery;
+use crate::error::Result;
+use crate::protocol::RemotePath;
+
+#[derive(Debug, Default, Deserialize)]
+pub struct EventsQuery {
+    #[serde(default)]
+    prefix: RemotePath,
+}
+
+/// Each change is an event named `change` with the change as JSON data. A
+/// subscriber that fell behind gets an `error` event (`{"code":"lagged",…}`)
+/// and continues with the newest changes.
+pub async fn events(
+    State(app): State<AppState>,
+    ApiQuery(query): ApiQuery<EventsQuery>,
+) -> Result<Sse<impl Stream<Item = std::result::Result<Event, Infallible>>>> {
+    let receiver = app.store().subscribe();
+    let prefix = query.prefix;
+    let stream = futures::stream::unfold(receiver, move |mut receiver| {
+        let prefix = prefix.clone();
+        async move {
+            loop {
+                let event = match receiver.recv().await {
+                    Ok(change) if change.matches(&prefix) => Event::default()
+                        .event("change")
+                        .json_data(&change)
+                        .expect("changes serialize"),
+                    Ok(_) => continue,
+                    Err(RecvError::Lagged(missed)) => Event::default().event("error").data(
+                        serde_json::json!({
+                            "code": "lagged",
+                            "message": format!("{missed} changes were missed; re-read what you cache"),
+                        })
+                        .to_string(),
+                    ),
+                    Err(RecvError::Closed) => return None,
+                };
+                return Some((Ok(event), receiver));
+            }
+        }
+    });
+    Ok(Sse::new(stream).keep_alive(KeepAlive::default()))
+}

@@ -1,0 +1,544 @@
+//! `GET /v1/ws` (subprotocol `ferry.v1`): many uploads, downloads and watches
+//! multiplexed on one connection. docs/PROTOCOL.md describes the frames.
+//!
+//! Backpressure: outgoing messages go through a bounded queue, so a slow
+//! reader stalls the downloads feeding it instead of growing memory; incoming
+//! chunks are written by at most a few tasks at once, and while those are busy
+//! the connection stops reading.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use axum::extract::State;
+use axum::extract::ws::rejection::WebSocketUpgradeRejection;
+use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade, close_code};
+use axum::http::HeaderMap;
+use axum::response::Response;
+use bytes::Bytes;
+use futures::{SinkExt, StreamExt};
+use tokio::sync::broadcast::error::RecvError;
+use tokio::sync::{Semaphore, mpsc};
+use tokio::task::AbortHandle;
+
+use super::AppState;
+use crate::error::{Error, Result};
+use crate::protocol::upload::{ChunkLayout, expand_runs};
+use crate::protocol::ws::{
+    Channel, ClientMessage, FrameHeader, ProtocolErrorCode, SUBPROTOCOL, ServerMessage, WsErrorCode,
+};
+use crate::protocol::{ErrorCode, RemotePath};
+
+/// Outgoing messages queued per connection before senders wait.
+const OUTGOING_QUEUE: usize = 32;
+/// Chunks written at once per connection.
+const CHUNK_WRITERS: usize = 8;
+/// How long a closing connection waits for the peer's Close.
+const CLOSE_HANDSHAKE: std::time::Duration = std::time::Duration::from_secs(2);
+
+pub async fn upgrade(
+    State(app): State<AppState>,
+    headers: HeaderMap,
+    upgrade: std::result::Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
+) -> Result<Response> {
+    let upgrade = upgrade
+        .map_err(|e| Error::BadRequest(format!("not a WebSocket upgrade: {}", e.body_text())))?;
+    let offered = headers
+        .get_all("sec-websocket-protocol")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|p| p.trim() == SUBPROTOCOL);
+    if !offered {
+        return Err(Error::BadRequest(format!(
+            "the WebSocket subprotocol {SUBPROTOCOL} is required"
+        )));
+    }
+    let max = app.config().ws_max_message;
+    Ok(upgrade
+        .protocols([SUBPROTOCOL])
+        .max_message_size(max)
+        .max_frame_size(max)
+        .on_upgrade(move |socket| serve(app, socket)))
+}
+
+/// What a channel is bound to.
+enum Binding {
+    Upload(Arc<UploadChannel>),
+    /// A download or a watch, running as a task.
+    Task(AbortHandle),
+}
+
+struct UploadChannel {
+    id: String,
+    layout: ChunkLayout,
+    received: Mutex<HashSet<u64>>,
+}
+
+type Channels = Arc<Mutex<HashMap<Channel, Binding>>>;
+
+async fn serve(app: AppState, socket: WebSocket) {
+    let (mut sink, mut incoming) = socket.split();
+    let (out, mut queue) = mpsc::channel::<Message>(OUTGOING_QUEUE);
+    let ping_every = app.config().ws_ping_interval;
+    let writer = tokio::spawn(async move {
+        let mut ping = tokio::time::interval(ping_every);
+        ping.tick().await;
+        loop {
+            let message = tokio::select! {
+                m = queue.recv() => match m {
+                    Some(m) => m,
+                    None => break,
+                },
+                _ = ping.tick() => Message::Ping(Bytes::from_static(b"ferry")),
+            };
+            let closing = matches!(message, Message::Close(_));
+            if sink.send(message).await.is_err() {
+                break;
+            }
+            if closing {
+                // Nothing may follow a Close; hold the socket open until the
+                // reader has seen the peer's Close, then let it drop.
+                while queue.recv().await.is_some() {}
+                break;
+            }
+        }
+    });
+
+    let connection = Connection {
+        app: app.clone(),
+        out: out.clone(),
+        channels: Arc::default(),
+        writers: Arc::new(Semaphore::new(CHUNK_WRITERS)),
+    };
+    // A peer that sends nothing, not even pongs, for this long is gone.
+    let idle = ping_every.saturating_mul(5) / 2;
+    let shutdown = app.shutdown_token();
+    let mut last_seen = Instant::now();
+    loop {
+        let deadline = tokio::time::Instant::from_std(last_seen + idle);
+        let frame = tokio::select! {
+            f = incoming.next() => f,
+            _ = tokio::time::sleep_until(deadline) => {
+                close(&out, close_code::AWAY, "idle").await;
+                await_peer_close(&mut incoming).await;
+                break;
+            }
+            _ = shutdown.cancelled() => {
+                close(&out, close_code::AWAY, "server shutting down").await;
+                await_peer_close(&mut incoming).await;
+                break;
+            }
+        };
+        last_seen = Instant::now();
+        match frame {
+            Some(Ok(Message::Text(text))) => connection.on_text(text.as_str()).await,
+            Some(Ok(Message::Binary(data))) => connection.on_binary(data).await,
+            Some(Ok(Message::Close(_))) | None => break,
+            Some(Ok(_)) => {} // ping (answered by the library) and pong
+            Some(Err(e)) => {
+                // Oversized messages and protocol violations end up here.
+                tracing::debug!(error = %e, "WebSocket read failed");
+                close(&out, close_code::POLICY, &e.to_string()).await;
+                await_peer_close(&mut incoming).await;
+                break;
+            }
+        }
+    }
+    connection.stop_all();
+    drop(connection);
+    drop(out);
+    let _ = writer.await;
+}
+
+/// After sending Close: reads until the peer's Close (or a short deadline),
+/// which completes the closing handshake cleanly.
+async fn await_peer_close(incoming: &mut futures::stream::SplitStream<WebSocket>) {
+    let drain = async {
+        while let Some(Ok(message)) = incoming.next().await {
+            if matches!(message, Message::Close(_)) {
+                return;
+            }
+        }
+    };
+    let _ = tokio::time::timeout(CLOSE_HANDSHAKE, drain).await;
+}
+
+async fn close(out: &mpsc::Sender<Message>, code: u16, reason: &str) {
+    let reason: String = reason.chars().take(100).collect();
+    let _ = out
+        .send(Message::Close(Some(CloseFrame {
+            code,
+            reason: reason.into(),
+        })))
+        .await;
+}
+
+struct Connection {
+    app: AppState,
+    out: mpsc::Sender<Message>,
+    channels: Channels,
+    writers: Arc<Semaphore>,
+}
+
+impl Connection {
+    async fn on_text(&self, text: &str) {
+        let message = match serde_json::from_str::<ClientMessage>(text) {
+            Ok(m) => m,
+            Err(e) => {
+                let ch = serde_json::from_str::<serde_json::Value>(text)
+                    .ok()
+                    .and_then(|v| v["ch"].as_u64())
+                    .and_then(|c| u32::try_from(c).ok());
+                let message = format!("not a valid message: {e}");
+                return send(
+                    &self.out,
+                    protocol_error(ch, ProtocolErrorCode::BadMessage, message),
+                )
+                .await;
+            }
+        };
+        match message {
+            ClientMessage::UploadCreate { ch, request } => {
+                if self.claim(ch).await {
+                    let opened = self.app.uploads().create(request).await.map(|c| c.id);
+                    self.bind_upload(ch, opened).await;
+                }
+            }
+            ClientMessage::UploadOpen { ch, id } => {
+                if self.claim(ch).await {
+                    self.bind_upload(ch, Ok(id)).await;
+                }
+            }
+            ClientMessage::UploadComplete { ch } => self.complete(ch).await,
+            ClientMessage::Download {
+                ch,
+                path,
+                offset,
+                length,
+            } => {
+                if self.claim(ch).await {
+                    let task = tokio::spawn(download(
+                        self.app.clone(),
+                        self.out.clone(),
+                        self.channels.clone(),
+                        ch,
+                        path,
+                        offset,
+                        length,
+                    ));
+                    self.bind_task(ch, task.abort_handle());
+                }
+            }
+            ClientMessage::Status { ch, id } => {
+                let reply = match self.app.uploads().status(&id).await {
+                    Ok(status) => ServerMessage::Status { ch, status },
+                    Err(e) => api_error(Some(ch), &e, None),
+                };
+                send(&self.out, reply).await;
+            }
+            ClientMessage::Cancel { ch } => {
+                if let Some(Binding::Task(task)) = self.channels.lock().unwrap().remove(&ch) {
+                    task.abort();
+                }
+                send(&self.out, ServerMessage::Cancelled { ch }).await;
+            }
+            ClientMessage::Watch { ch, prefix } => {
+                if self.claim(ch).await {
+                    let task = tokio::spawn(watch(self.app.clone(), self.out.clone(), ch, prefix));
+                    self.bind_task(ch, task.abort_handle());
+                }
+            }
+        }
+    }
+
+    /// Reserves `ch` for a new transfer, or says it is taken.
+    async fn claim(&self, ch: Channel) -> bool {
+        if !self.channels.lock().unwrap().contains_key(&ch) {
+            return true;
+        }
+        let message = format!("channel {ch} is in use; cancel it or pick another");
+        send(
+            &self.out,
+            protocol_error(Some(ch), ProtocolErrorCode::ChannelBusy, message),
+        )
+        .await;
+        false
+    }
+
+    fn bind_task(&self, ch: Channel, task: AbortHandle) {
+        let mut channels = self.channels.lock().unwrap();
+        // A task that already finished has removed nothing yet; keep it simple:
+        // the entry is replaced when the task ends (see `release`).
+        if !task.is_finished() {
+            channels.insert(ch, Binding::Task(task));
+        }
+    }
+
+    async fn bind_upload(&self, ch: Channel, id: Result<String>) {
+        let status = match id {
+            Ok(id) => self.app.uploads().status(&id).await,
+            Err(e) => Err(e),
+        };
+        let status = match status {
+            Ok(s) => s,
+            Err(e) => return send(&self.out, api_error(Some(ch), &e, None)).await,
+        };
+        let channel = Arc::new(UploadChannel {
+            id: status.id.clone(),
+            layout: ChunkLayout {
+                size: status.size,
+                chunk_size: status.chunk_size,
+            },
+            received: Mutex::new(expand_runs(&status.received).collect()),
+        });
+        self.channels
+            .lock()
+            .unwrap()
+            .insert(ch, Binding::Upload(channel));
+        let ready = ServerMessage::Ready {
+            ch,
+            id: status.id,
+            size: status.size,
+            chunk_size: status.chunk_size,
+            chunk_count: status.chunk_count,
+            received: status.received,
+            expires_at: status.expires_at,
+        };
+        send(&self.out, ready).await;
+    }
+
+    fn upload(&self, ch: Channel) -> Option<Arc<UploadChannel>> {
+        match self.channels.lock().unwrap().get(&ch) {
+            Some(Binding::Upload(u)) => Some(u.clone()),
+            _ => None,
+        }
+    }
+
+    async fn on_binary(&self, data: Bytes) {
+        let Some((header, payload)) = FrameHeader::decode(&data) else {
+            let message = format!(
+                "a binary frame needs a 16-byte header; got {} bytes",
+                data.len()
+            );
+            return send(
+                &self.out,
+                protocol_error(None, ProtocolErrorCode::BadFrame, message),
+            )
+            .await;
+        };
+        let ch = header.ch;
+        let Some(upload) = self.upload(ch) else {
+            let message = format!("channel {ch} has no upload open");
+            return send(
+                &self.out,
+                protocol_error(Some(ch), ProtocolErrorCode::BadFrame, message),
+            )
+            .await;
+        };
+        let layout = upload.layout;
+        if header.offset % layout.chunk_size != 0
+            || layout
+                .chunk_range(header.offset / layout.chunk_size)
+                .is_none()
+        {
+            let message = format!(
+                "offset {} is not the start of a chunk of this upload",
+                header.offset
+            );
+            return send(
+                &self.out,
+                protocol_error(Some(ch), ProtocolErrorCode::BadFrame, message),
+            )
+            .await;
+        }
+        let index = header.offset / layout.chunk_size;
+        let payload = data.slice(data.len() - payload.len()..);
+        // Waiting here stops reading from the socket: backpressure on the sender.
+        let permit = self
+            .writers
+            .clone()
+            .acquire_owned()
+            .await
+            .expect("never closed");
+        let (app, out) = (self.app.clone(), self.out.clone());
+        tokio::spawn(async move {
+            let _permit = permit;
+            let len = payload.len() as u64;
+            let body = futures::stream::iter([Ok(payload)]).boxed();
+            let mut body = body;
+            let reply = match app
+                .uploads()
+                .put_chunk(&upload.id, index, header.crc32c, Some(len), &mut body)
+                .await
+            {
+                Ok(()) => {
+                    send(&out, ServerMessage::Ack { ch, index }).await;
+                    let (chunks, bytes) = {
+                        let mut received = upload.received.lock().unwrap();
+                        received.insert(index);
+                        let bytes: u64 = received.iter().filter_map(|i| layout.chunk_len(*i)).sum();
+                        (received.len() as u64, bytes)
+                    };
+                    ServerMessage::Progress {
+                        ch,
+                        bytes_received: bytes,
+                        chunk_count: layout.chunk_count(),
+                        chunks_received: chunks,
+                    }
+                }
+                Err(e) => api_error(Some(ch), &e, Some(index)),
+            };
+            send(&out, reply).await;
+        });
+    }
+
+    async fn complete(&self, ch: Channel) {
+        let Some(upload) = self.upload(ch) else {
+            let message = format!("channel {ch} has no upload open");
+            return send(
+                &self.out,
+                protocol_error(Some(ch), ProtocolErrorCode::BadFrame, message),
+            )
+            .await;
+        };
+        // Chunks still being written on this connection land first.
+        let all = self
+            .writers
+            .acquire_many(CHUNK_WRITERS as u32)
+            .await
+            .expect("never closed");
+        drop(all);
+        let reply = match self.app.uploads().complete(&upload.id).await {
+            Ok(meta) => {
+                self.channels.lock().unwrap().remove(&ch);
+                ServerMessage::Done { ch, meta }
+            }
+            Err(e) => api_error(Some(ch), &e, None),
+        };
+        send(&self.out, reply).await;
+    }
+
+    fn stop_all(&self) {
+        for (_, binding) in self.channels.lock().unwrap().drain() {
+            if let Binding::Task(task) = binding {
+                task.abort();
+            }
+        }
+    }
+}
+
+async fn download(
+    app: AppState,
+    out: mpsc::Sender<Message>,
+    channels: Channels,
+    ch: Channel,
+    path: RemotePath,
+    offset: u64,
+    length: Option<u64>,
+) {
+    let sent = stream_file(&app, &out, ch, &path, offset, length).await;
+    channels.lock().unwrap().remove(&ch);
+    let reply = match sent {
+        Ok(meta) => ServerMessage::Eof { ch, meta },
+        Err(e) => api_error(Some(ch), &e, None),
+    };
+    send(&out, reply).await;
+}
+
+async fn stream_file(
+    app: &AppState,
+    out: &mpsc::Sender<Message>,
+    ch: Channel,
+    path: &RemotePath,
+    offset: u64,
+    length: Option<u64>,
+) -> Result<crate::protocol::FileMeta> {
+    let meta = app.store().head_file(path).await?;
+    if offset > meta.size {
+        return Err(Error::RangeNotSatisfiable { size: meta.size });
+    }
+    let end = length.map_or(meta.size, |l| offset.saturating_add(l).min(meta.size));
+    if end == offset {
+        return Ok(meta);
+    }
+    let range = crate::protocol::ByteRange {
+        start: offset,
+        end: end - 1,
+    };
+    let mut stream = app
+        .store()
+        .read(path, Some(range), meta.etag.as_deref())
+        .await?;
+    let mut position = offset;
+    while let Some(piece) = stream.next().await {
+        let piece = piece?;
+        for part in piece.chunks(crate::protocol::ws::MAX_DOWNLOAD_FRAME) {
+            let frame = FrameHeader::frame(ch, position, part);
+            position += part.len() as u64;
+            if out.send(Message::Binary(frame.into())).await.is_err() {
+                return Err(Error::Network("connection closed".into()));
+            }
+        }
+    }
+    Ok(meta)
+}
+
+async fn watch(app: AppState, out: mpsc::Sender<Message>, ch: Channel, prefix: RemotePath) {
+    let mut changes = app.store().subscribe();
+    loop {
+        let message = match changes.recv().await {
+            Ok(change) if change.matches(&prefix) => ServerMessage::Change { ch, change },
+            Ok(_) => continue,
+            Err(RecvError::Lagged(missed)) => {
+                let message = format!("{missed} changes were missed; re-read what you cache");
+                protocol_error(Some(ch), ProtocolErrorCode::Lagged, message)
+            }
+            Err(RecvError::Closed) => return,
+        };
+        if out.send(text(&message)).await.is_err() {
+            return;
+        }
+    }
+}
+
+fn text(message: &ServerMessage) -> Message {
+    Message::Text(
+        serde_json::to_string(message)
+            .expect("messages serialize")
+            .into(),
+    )
+}
+
+async fn send(out: &mpsc::Sender<Message>, message: ServerMessage) {
+    // A closed queue means the connection is going away; nothing to tell.
+    let _ = out.send(text(&message)).await;
+}
+
+fn protocol_error(ch: Option<Channel>, code: ProtocolErrorCode, message: String) -> ServerMessage {
+    ServerMessage::Error {
+        ch,
+        code: WsErrorCode::Protocol(code),
+        message,
+        index: None,
+        missing: None,
+    }
+}
+
+fn api_error(ch: Option<Channel>, e: &Error, index: Option<u64>) -> ServerMessage {
+    let missing = match e {
+        Error::MissingChunks(runs) => Some(runs.clone()),
+        _ => None,
+    };
+    let code = match e.code() {
+        ErrorCode::Internal => ErrorCode::StorageError,
+        other => other,
+    };
+    ServerMessage::Error {
+        ch,
+        code: WsErrorCode::Api(code),
+        message: e.to_string(),
+        index,
+        missing,
+    }
+}

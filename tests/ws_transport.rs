@@ -1,0 +1,511 @@
+//! The WebSocket transport and the change feed against a real server process.
+
+mod harness;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use bytes::Bytes;
+use ferry::client::upload::{Transport, UploadOptions, upload_file};
+use ferry::client::watch::{WatchEvent, Watcher};
+use ferry::client::ws::WsConnection;
+use ferry::client::{Client, Progress};
+use ferry::protocol::RemotePath;
+use ferry::protocol::events::ChangeKind;
+use ferry::protocol::upload::crc32c_header_value;
+use ferry::protocol::ws::FrameHeader;
+use futures::{SinkExt, StreamExt};
+use harness::{Server, random_bytes};
+use serde_json::{Value, json};
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+
+const MIB: usize = 1 << 20;
+
+fn remote(p: &str) -> RemotePath {
+    p.parse().unwrap()
+}
+
+fn write_file(dir: &std::path::Path, name: &str, data: &[u8]) -> std::path::PathBuf {
+    let path = dir.join(name);
+    std::fs::write(&path, data).unwrap();
+    path
+}
+
+#[tokio::test]
+async fn an_independent_python_client_following_the_protocol_doc_round_trips_a_file() {
+    let server = Server::start();
+    let tmp = tempfile::tempdir().unwrap();
+    let data = random_bytes(5 * MIB + 4321);
+    let file = write_file(tmp.path(), "py.bin", &data);
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/python/ws_client.py");
+    let out = std::process::Command::new("python3")
+        .args([
+            script,
+            &server.url,
+            file.to_str().unwrap(),
+            "from python/file.bin",
+        ])
+        .output()
+        .expect("python3 runs");
+    assert!(
+        out.status.success(),
+        "the Python client failed (scripts/test.sh installs `websockets`):\n{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(server.get_bytes("from python/file.bin").await.1 == data);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dropped_websocket_falls_back_to_http_and_completes() {
+    let server = Server::start();
+    let tmp = tempfile::tempdir().unwrap();
+    let data = random_bytes(40 * MIB);
+    let file = write_file(tmp.path(), "f.bin", &data);
+    let client = Client::new(&server.url).unwrap();
+    let conn = WsConnection::connect(&client).await.unwrap();
+    let closed_at = Arc::new(AtomicU64::new(0));
+    let progress = {
+        let (conn, closed_at) = (conn.clone(), closed_at.clone());
+        Arc::new(move |p: Progress| {
+            if p.done * 10 >= p.total * 4 && !conn.is_closed() {
+                closed_at.store(p.done, Ordering::SeqCst);
+                conn.close();
+            }
+        })
+    };
+    let options = UploadOptions {
+        ws: Some(conn.clone()),
+        transport: Transport::Auto,
+        chunk_size: Some(MIB as u64),
+        progress: Some(progress),
+        throttle: Some(Arc::new(ferry::client::throttle::Throttle::new(
+            80 * MIB as u64,
+        ))),
+        ..Default::default()
+    };
+    let report = upload_file(&client, &file, &remote("fallback.bin"), options)
+        .await
+        .unwrap();
+    let closed_at = closed_at.load(Ordering::SeqCst);
+    assert!(
+        closed_at > 0 && closed_at < data.len() as u64,
+        "the socket was closed mid-way ({closed_at})"
+    );
+    assert_eq!(report.meta.size, data.len() as u64);
+    assert!(server.get_bytes("fallback.bin").await.1 == data);
+    let sent = client.chunk_bytes_sent();
+    assert!(
+        sent < data.len() as u64 * 13 / 10,
+        "acknowledged chunks were re-sent: {sent}"
+    );
+}
+
+#[tokio::test]
+async fn a_session_started_over_http_finishes_over_the_websocket() {
+    let server = Server::start();
+    let client = Client::new(&server.url).unwrap();
+    let data = random_bytes(3 * MIB);
+    let created = client
+        .create_upload(&ferry::protocol::upload::CreateUpload {
+            path: remote("mixed.bin"),
+            size: data.len() as u64,
+            chunk_size: Some(MIB as u64),
+            sha256: None,
+            if_match: None,
+            mtime: None,
+        })
+        .await
+        .unwrap();
+    client
+        .put_chunk(&created.id, 1, Bytes::copy_from_slice(&data[MIB..2 * MIB]))
+        .await
+        .unwrap();
+    let conn = WsConnection::connect(&client).await.unwrap();
+    let data2 = data.clone();
+    let read =
+        move |start: u64, len: u64| -> futures::future::BoxFuture<'static, ferry::Result<Bytes>> {
+            let chunk = Bytes::copy_from_slice(&data2[start as usize..(start + len) as usize]);
+            Box::pin(async move { Ok(chunk) })
+        };
+    let before = client.chunk_bytes_sent();
+    let meta = conn.upload(&created.id, &read, 4, None).await.unwrap();
+    assert_eq!(meta.size, data.len() as u64);
+    assert_eq!(
+        client.chunk_bytes_sent() - before,
+        2 * MIB as u64,
+        "only the missing chunks went over the socket"
+    );
+    assert!(server.get_bytes("mixed.bin").await.1 == data);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ten_uploads_and_ten_downloads_share_one_connection() {
+    let server = Server::start();
+    let tmp = tempfile::tempdir().unwrap();
+    let client = Client::new(&server.url).unwrap();
+    let conn = WsConnection::connect(&client).await.unwrap();
+    let mut tasks = Vec::new();
+    for i in 0..10 {
+        let existing = random_bytes(2 * MIB + i * 1000);
+        server.put(&format!("down/{i}.bin"), existing.clone()).await;
+        let upload = random_bytes(3 * MIB + i * 777);
+        let file = write_file(tmp.path(), &format!("{i}.bin"), &upload);
+        let (client, conn) = (client.clone(), conn.clone());
+        tasks.push(tokio::spawn(async move {
+            let options = UploadOptions {
+                ws: Some(conn.clone()),
+                transport: Transport::WebSocket,
+                chunk_size: Some(MIB as u64),
+                ..Default::default()
+            };
+            let target = remote(&format!("up/{i}.bin"));
+            let up = upload_file(&client, &file, &target, options);
+            let mut got = Vec::new();
+            let path = remote(&format!("down/{i}.bin"));
+            let mut sink = |_, b: Bytes| {
+                got.extend_from_slice(&b);
+                Ok(())
+            };
+            let down = conn.download(&path, 0, None, &mut sink);
+            let (up, down) = tokio::join!(up, down);
+            up.unwrap();
+            down.unwrap();
+            assert!(got == existing, "download {i} differs");
+            (i, upload)
+        }));
+    }
+    for task in tasks {
+        let (i, upload) = task.await.unwrap();
+        assert!(
+            server.get_bytes(&format!("up/{i}.bin")).await.1 == upload,
+            "upload {i} differs"
+        );
+    }
+    // A ranged download on the same connection.
+    let mut got = Vec::new();
+    let meta = conn
+        .download(&remote("down/3.bin"), 1000, Some(5000), &mut |_, b| {
+            got.extend_from_slice(&b);
+            Ok(())
+        })
+        .await
+        .unwrap();
+    assert_eq!(got.len(), 5000);
+    assert!(got[..] == server.get_bytes("down/3.bin").await.1[1000..6000]);
+    assert_eq!(meta.path.as_str(), "down/3.bin");
+}
+
+/// Reads SSE `change` events from `GET /v1/events`.
+async fn sse_changes(url: String, count: usize) -> Vec<Value> {
+    let resp = reqwest::get(url).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let mut stream = resp.bytes_stream();
+    let mut buffer = String::new();
+    let mut changes = Vec::new();
+    while changes.len() < count {
+        let piece = tokio::time::timeout(Duration::from_secs(10), stream.next())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        buffer.push_str(&String::from_utf8_lossy(&piece));
+        while let Some(end) = buffer.find("\n\n") {
+            let event: String = buffer.drain(..end + 2).collect();
+            if event.contains("event: change") {
+                let data = event
+                    .lines()
+                    .find_map(|l| l.strip_prefix("data: "))
+                    .unwrap();
+                changes.push(serde_json::from_str(data).unwrap());
+            }
+        }
+    }
+    changes
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_changes_reach_websocket_and_sse_subscribers_once() {
+    let server = Server::start();
+    let client = Client::new(&server.url).unwrap();
+    server.put("outside/x.txt", "x").await;
+    let mut watcher = Watcher::start(&client, &remote("docs"));
+    let sse = tokio::spawn(sse_changes(
+        format!("{}/v1/events?prefix=docs", server.url),
+        3,
+    ));
+    // Let both subscriptions be in place before changing anything.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    server.put("docs/a.txt", "hello").await;
+    server.put("outside/y.txt", "not watched").await;
+    assert_eq!(
+        server
+            .client()
+            .delete(server.file_url("docs/a.txt"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        204
+    );
+    server.put("docs/b.txt", "b").await;
+    assert_eq!(
+        server
+            .op("rename", json!({"from": "docs/b.txt", "to": "docs/c.txt"}))
+            .await
+            .0,
+        200
+    );
+
+    let mut seen = Vec::new();
+    while seen.len() < 4 {
+        match tokio::time::timeout(Duration::from_secs(10), watcher.next())
+            .await
+            .unwrap()
+            .unwrap()
+        {
+            WatchEvent::Change(change) => seen.push((
+                change.kind,
+                change.path.to_string(),
+                change.from.map(|f| f.to_string()),
+            )),
+            WatchEvent::Resync => panic!("unexpected resync"),
+        }
+    }
+    assert_eq!(
+        seen,
+        [
+            (ChangeKind::Created, "docs/a.txt".into(), None),
+            (ChangeKind::Deleted, "docs/a.txt".into(), None),
+            (ChangeKind::Created, "docs/b.txt".into(), None),
+            (
+                ChangeKind::Renamed,
+                "docs/c.txt".into(),
+                Some("docs/b.txt".into())
+            ),
+        ]
+    );
+    // Nothing more: each change arrived once, and the unwatched path never did.
+    assert!(
+        tokio::time::timeout(Duration::from_millis(500), watcher.next())
+            .await
+            .is_err()
+    );
+
+    let sse = sse.await.unwrap();
+    let kinds: Vec<(&str, &str)> = sse
+        .iter()
+        .map(|c| (c["kind"].as_str().unwrap(), c["path"].as_str().unwrap()))
+        .collect();
+    assert_eq!(
+        kinds,
+        [
+            ("created", "docs/a.txt"),
+            ("deleted", "docs/a.txt"),
+            ("created", "docs/b.txt")
+        ]
+    );
+}
+
+type Socket =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+async fn raw_socket(server: &Server) -> Socket {
+    let mut request = format!("ws://{}/v1/ws", server.addr)
+        .into_client_request()
+        .unwrap();
+    request
+        .headers_mut()
+        .insert("sec-websocket-protocol", "ferry.v1".parse().unwrap());
+    tokio_tungstenite::connect_async(request).await.unwrap().0
+}
+
+async fn next_json(socket: &mut Socket) -> Value {
+    loop {
+        let message = tokio::time::timeout(Duration::from_secs(10), socket.next())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        if let Message::Text(text) = message {
+            return serde_json::from_str(text.as_str()).unwrap();
+        }
+    }
+}
+
+#[tokio::test]
+async fn malformed_input_gets_an_error_message_and_the_connection_lives_on() {
+    let server = Server::start();
+    let mut ws = raw_socket(&server).await;
+    let cases: Vec<(Message, &str)> = vec![
+        (Message::Text("{not json".into()), "bad_message"),
+        (
+            Message::Text(r#"{"op":"teleport","ch":4}"#.into()),
+            "bad_message",
+        ),
+        (
+            Message::Text(r#"{"op":"download","ch":4}"#.into()),
+            "bad_message",
+        ),
+        (Message::Binary(Bytes::from_static(b"short")), "bad_frame"),
+        (
+            Message::Binary(FrameHeader::frame(77, 0, b"data").into()),
+            "bad_frame",
+        ),
+        (
+            Message::Text(
+                r#"{"op":"upload.open","ch":2,"id":"0123456789abcdef0123456789abcdef"}"#.into(),
+            ),
+            "not_found",
+        ),
+        (
+            Message::Text(r#"{"op":"upload.create","ch":3,"path":"../x","size":1}"#.into()),
+            "bad_message",
+        ),
+        (
+            Message::Text(r#"{"op":"download","ch":5,"path":"missing.bin"}"#.into()),
+            "not_found",
+        ),
+    ];
+    for (message, code) in cases {
+        let shown = format!("{message:?}");
+        ws.send(message).await.unwrap();
+        let reply = next_json(&mut ws).await;
+        assert_eq!(
+            (reply["op"].as_str(), reply["code"].as_str()),
+            (Some("error"), Some(code)),
+            "{shown}: {reply}"
+        );
+    }
+    // CRC mismatch and wrong length on a real upload; then the right chunk is taken.
+    ws.send(Message::Text(
+        r#"{"op":"upload.create","ch":9,"path":"ok.bin","size":1048576}"#.into(),
+    ))
+    .await
+    .unwrap();
+    let ready = next_json(&mut ws).await;
+    assert_eq!(ready["op"], "ready", "{ready}");
+    let chunk = random_bytes(MIB);
+    let mut bad = FrameHeader::frame(9, 0, &chunk);
+    bad[100] ^= 1;
+    ws.send(Message::Binary(bad.into())).await.unwrap();
+    let reply = next_json(&mut ws).await;
+    assert_eq!(
+        (reply["code"].as_str(), reply["index"].as_u64()),
+        (Some("checksum_mismatch"), Some(0)),
+        "{reply}"
+    );
+    ws.send(Message::Binary(
+        FrameHeader::frame(9, 0, &chunk[..1000]).into(),
+    ))
+    .await
+    .unwrap();
+    assert_eq!(next_json(&mut ws).await["code"], "bad_request");
+    ws.send(Message::Binary(FrameHeader::frame(9, 5, &chunk).into()))
+        .await
+        .unwrap();
+    assert_eq!(
+        next_json(&mut ws).await["code"],
+        "bad_frame",
+        "unaligned offset"
+    );
+    ws.send(Message::Text(r#"{"op":"watch","ch":9}"#.into()))
+        .await
+        .unwrap();
+    assert_eq!(next_json(&mut ws).await["code"], "channel_busy");
+    ws.send(Message::Binary(FrameHeader::frame(9, 0, &chunk).into()))
+        .await
+        .unwrap();
+    assert_eq!(
+        next_json(&mut ws).await,
+        json!({"op": "ack", "ch": 9, "index": 0})
+    );
+    assert_eq!(next_json(&mut ws).await["op"], "progress");
+    ws.send(Message::Text(r#"{"op":"status","ch":1,"id":""}"#.into()))
+        .await
+        .unwrap();
+    assert_eq!(next_json(&mut ws).await["code"], "not_found");
+    ws.send(Message::Text(r#"{"op":"upload.complete","ch":9}"#.into()))
+        .await
+        .unwrap();
+    let done = next_json(&mut ws).await;
+    assert_eq!(
+        (done["op"].as_str(), done["meta"]["size"].as_u64()),
+        (Some("done"), Some(MIB as u64)),
+        "{done}"
+    );
+    assert!(server.get_bytes("ok.bin").await.1 == chunk);
+    // HTTP status of the same session says committed (chunks are shared).
+    ws.close(None).await.unwrap();
+    assert_eq!(server.json("/healthz").await.0, 200);
+}
+
+#[tokio::test]
+async fn oversized_messages_close_the_connection_not_the_server() {
+    let server = Server::start();
+    let mut ws = raw_socket(&server).await;
+    let huge = vec![0u8; 66 * MIB];
+    let _ = ws.send(Message::Binary(huge.into())).await;
+    let mut code = None;
+    while let Ok(Some(message)) = tokio::time::timeout(Duration::from_secs(10), ws.next()).await {
+        match message {
+            Ok(Message::Close(Some(frame))) => {
+                code = Some(u16::from(frame.code));
+                break;
+            }
+            Ok(_) => continue,
+            Err(_) => break,
+        }
+    }
+    assert!(matches!(code, None | Some(1008) | Some(1009)), "{code:?}");
+    assert_eq!(server.json("/healthz").await.0, 200);
+    let mut again = raw_socket(&server).await;
+    again
+        .send(Message::Text(r#"{"op":"status","ch":1,"id":"x"}"#.into()))
+        .await
+        .unwrap();
+    assert_eq!(next_json(&mut again).await["code"], "not_found");
+}
+
+#[tokio::test]
+async fn a_silent_peer_is_pinged_then_closed_as_idle() {
+    let server = Server::start_with(harness::Backend::Local, &["--ws-ping-interval", "1"]);
+    let mut ws = raw_socket(&server).await;
+    // Read nothing (so no pongs go back) for longer than 2.5 intervals.
+    tokio::time::sleep(Duration::from_millis(3500)).await;
+    let mut pings = 0;
+    let mut close = None;
+    while let Ok(Some(Ok(message))) = tokio::time::timeout(Duration::from_secs(5), ws.next()).await
+    {
+        match message {
+            Message::Ping(_) => pings += 1,
+            Message::Close(frame) => {
+                close = frame.map(|f| (u16::from(f.code), f.reason.to_string()));
+                break;
+            }
+            _ => {}
+        }
+    }
+    assert!(pings >= 1, "no pings");
+    assert_eq!(close, Some((1001, "idle".to_owned())));
+}
+
+#[tokio::test]
+async fn the_upgrade_requires_the_subprotocol() {
+    let server = Server::start();
+    let request = format!("ws://{}/v1/ws", server.addr)
+        .into_client_request()
+        .unwrap();
+    let err = tokio_tungstenite::connect_async(request).await.unwrap_err();
+    assert!(err.to_string().contains("400"), "{err}");
+    let resp = server
+        .client()
+        .get(format!("{}/v1/ws", server.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 400);
+    let _ = crc32c_header_value(0);
+}

@@ -7,6 +7,12 @@ if ! command -v cargo-nextest >/dev/null 2>&1; then
   cargo install --locked cargo-nextest
 fi
 
+# Real FUSE mounts (fuse3) and real media tools (ffmpeg) in the mount tests.
+if ! command -v fusermount3 >/dev/null 2>&1 || ! command -v ffprobe >/dev/null 2>&1; then
+  apt-get update
+  DEBIAN_FRONTEND=noninteractive apt-get install -y fuse3 ffmpeg
+fi
+
 # The independent WebSocket client test is written in Python.
 if ! python3 -c 'import websockets' 2>/dev/null; then
   python3 -m pip install --quiet 'websockets>=13'

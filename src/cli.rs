@@ -1,5 +1,6 @@
 //! The `ferry` command line.
 
+mod mount;
 mod namespace;
 mod remote;
 mod serve;
@@ -35,6 +36,8 @@ pub enum Command {
     Mkdir(namespace::MkdirArgs),
     /// Print changes as they happen (one JSON object per line).
     Watch(watch::WatchArgs),
+    /// Mount a ferry server as a directory (FUSE).
+    Mount(mount::MountArgs),
 }
 
 /// Runs the parsed command line.
@@ -49,5 +52,6 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Mv(args) => namespace::mv(args).await,
         Command::Mkdir(args) => namespace::mkdir(args).await,
         Command::Watch(args) => watch::watch(args).await,
+        Command::Mount(args) => mount::mount(args).await,
     }
 }

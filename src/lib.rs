@@ -3,11 +3,13 @@
 //! - [`protocol`]: the wire types every program shares.
 //! - [`server`]: `ferry serve`, the HTTP API over an object store.
 //! - [`client`]: the client library every program uses.
+//! - [`fs`]: `ferry mount`, the FUSE filesystem.
 //! - [`cli`]: the `ferry` command line.
 
 pub mod cli;
 pub mod client;
 pub mod error;
+pub mod fs;
 pub mod protocol;
 pub mod server;
 

@@ -262,9 +262,10 @@ pub fn eventually(timeout: Duration, mut check: impl FnMut() -> bool) -> bool {
     }
 }
 
+/// Random bytes from the kernel (fast even in unoptimised test builds).
 pub fn random_bytes(len: usize) -> Vec<u8> {
-    use rand::RngCore;
     let mut data = vec![0u8; len];
-    rand::rng().fill_bytes(&mut data);
+    let mut urandom = std::fs::File::open("/dev/urandom").unwrap();
+    urandom.read_exact(&mut data).unwrap();
     data
 }

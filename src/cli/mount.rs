@@ -1,0 +1,149 @@
+//! `ferry mount URL MOUNTPOINT`.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use clap::Args;
+
+use super::remote::parse_bytes;
+use crate::client::Client;
+use crate::fs::Mount;
+use crate::fs::core::MountOptions;
+use crate::protocol::RemotePath;
+
+#[derive(Debug, Args)]
+pub struct MountArgs {
+    /// The ferry server, e.g. http://127.0.0.1:7070.
+    url: String,
+    /// An existing, empty directory.
+    mountpoint: PathBuf,
+    /// Memory for cached file blocks (K, M, G suffixes).
+    #[arg(long, default_value = "256M", value_parser = parse_bytes)]
+    cache_size: u64,
+    /// Refuse every change through the mount.
+    #[arg(long)]
+    read_only: bool,
+    /// Seconds a request keeps retrying an unreachable server before the
+    /// filesystem call fails with EIO.
+    #[arg(long, default_value_t = 10)]
+    retry_for: u64,
+    /// Stay in the foreground (otherwise the mount runs in the background
+    /// once it is ready).
+    #[arg(long)]
+    foreground: bool,
+}
+
+pub async fn mount(args: MountArgs) -> anyhow::Result<()> {
+    let mountpoint = std::fs::canonicalize(&args.mountpoint)
+        .with_context(|| format!("mount point {}", args.mountpoint.display()))?;
+    if !mountpoint.is_dir() {
+        bail!("mount point {} is not a directory", mountpoint.display());
+    }
+    if is_mounted(&mountpoint) {
+        bail!(
+            "{} is busy: something is already mounted there",
+            mountpoint.display()
+        );
+    }
+    let mut config = crate::client::ClientConfig::default();
+    config.retry.give_up_after = Duration::from_secs(args.retry_for);
+    config.retry.max_delay = Duration::from_secs(2);
+    let client = Client::with_config(&args.url, config)?;
+    client
+        .stat(&RemotePath::root())
+        .await
+        .with_context(|| format!("cannot reach the ferry server at {}", args.url))?;
+    if !args.foreground {
+        return run_in_background(&mountpoint);
+    }
+    let options = MountOptions {
+        cache_bytes: args.cache_size as usize,
+        read_only: args.read_only,
+        ..MountOptions::default()
+    };
+    let mount = Mount::start(client, &mountpoint, options)?;
+    eprintln!("ferry: {} mounted at {}", args.url, mountpoint.display());
+    wait_for_end(&mount).await;
+    if !mount.is_finished() {
+        mount
+            .unmount()
+            .with_context(|| format!("unmounting {}", mountpoint.display()))?;
+    }
+    eprintln!("ferry: {} unmounted", mountpoint.display());
+    Ok(())
+}
+
+/// Until SIGINT, SIGTERM or an unmount from outside (`fusermount3 -u`).
+async fn wait_for_end(mount: &Mount) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).expect("installing the SIGTERM handler");
+    let mut ticks = tokio::time::interval(Duration::from_millis(200));
+    loop {
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => return,
+            _ = term.recv() => return,
+            _ = ticks.tick() => if mount.is_finished() { return },
+        }
+    }
+}
+
+/// Starts this same command in the foreground as a detached process, and
+/// returns once the mount is in place (or says why it failed).
+fn run_in_background(mountpoint: &Path) -> anyhow::Result<()> {
+    let log = std::env::temp_dir().join(format!("ferry-mount-{}.log", std::process::id()));
+    let mut args: Vec<String> = std::env::args().skip(1).collect();
+    args.push("--foreground".into());
+    let mut child = {
+        use std::os::unix::process::CommandExt;
+        Command::new(std::env::current_exe()?)
+            .args(&args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log)?)
+            .process_group(0)
+            .spawn()?
+    };
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while Instant::now() < deadline {
+        if is_mounted(mountpoint) {
+            println!(
+                "mounted at {} (process {}, log {})",
+                mountpoint.display(),
+                child.id(),
+                log.display()
+            );
+            return Ok(());
+        }
+        if let Some(status) = child.try_wait()? {
+            let output = std::fs::read_to_string(&log).unwrap_or_default();
+            bail!("the mount process exited ({status}):\n{output}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    bail!(
+        "the mount did not appear within 15 s; see {}",
+        log.display()
+    )
+}
+
+/// True when `path` is a mount point (per /proc/self/mountinfo).
+pub fn is_mounted(path: &Path) -> bool {
+    let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else {
+        return false;
+    };
+    let wanted = path.to_string_lossy();
+    info.lines()
+        .filter_map(|line| line.split(' ').nth(4))
+        .any(|mount_point| unescape(mount_point) == wanted)
+}
+
+/// mountinfo escapes space, tab, newline and backslash as octal.
+fn unescape(field: &str) -> String {
+    field
+        .replace("\\040", " ")
+        .replace("\\011", "\t")
+        .replace("\\012", "\n")
+        .replace("\\134", "\\")
+}

@@ -1,0 +1,79 @@
+//! `ferry mount`: a FUSE filesystem over a ferry server.
+//!
+//! [`core::MountCore`] holds the logic (inodes, attribute cache, block cache,
+//! readahead) as ordinary async methods; [`fuse`] only translates kernel
+//! requests. docs/SEMANTICS.md says what the mount guarantees.
+
+pub mod block_cache;
+pub mod core;
+mod fuse;
+pub mod inodes;
+mod invalidate;
+pub mod readahead;
+
+use std::path::Path;
+use std::sync::Arc;
+
+use fuser::{Config, MountOption};
+
+use self::core::{MountCore, MountOptions};
+use crate::client::Client;
+use crate::client::watch::Watcher;
+use crate::error::{Error, Result};
+use crate::protocol::RemotePath;
+
+/// A live mount; dropping it unmounts.
+pub struct Mount {
+    session: Option<fuser::BackgroundSession>,
+    invalidator: tokio::task::JoinHandle<()>,
+    pub core: Arc<MountCore>,
+}
+
+impl Mount {
+    /// Mounts `client`'s server at `mountpoint`. Must run inside a tokio runtime.
+    pub fn start(client: Client, mountpoint: &Path, options: MountOptions) -> Result<Mount> {
+        let core = Arc::new(MountCore::new(client.clone(), options));
+        let filesystem = fuse::FerryFs::new(core.clone(), tokio::runtime::Handle::current());
+        let mut config = Config::default();
+        config.mount_options = vec![
+            MountOption::FSName(format!("ferry:{}", client.base_url())),
+            MountOption::Subtype("ferry".into()),
+            MountOption::NoAtime,
+        ];
+        if core.options.read_only {
+            config.mount_options.push(MountOption::RO);
+        }
+        config.n_threads = Some(2);
+        let session = fuser::spawn_mount(filesystem, mountpoint, &config)
+            .map_err(Error::io(format!("mounting at {}", mountpoint.display())))?;
+        let watcher = Watcher::start(&client, &RemotePath::root());
+        let invalidator = tokio::spawn(invalidate::run(core.clone(), session.notifier(), watcher));
+        Ok(Mount {
+            session: Some(session),
+            invalidator,
+            core,
+        })
+    }
+
+    /// True once the kernel side went away (e.g. `fusermount3 -u`).
+    pub fn is_finished(&self) -> bool {
+        self.session.as_ref().is_none_or(|s| s.guard.is_finished())
+    }
+
+    /// Unmounts and waits for the session to end.
+    pub fn unmount(mut self) -> Result<()> {
+        self.invalidator.abort();
+        match self.session.take() {
+            Some(session) if !session.guard.is_finished() => {
+                session.umount_and_join().map_err(Error::io("unmounting"))
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
+impl Drop for Mount {
+    fn drop(&mut self) {
+        self.invalidator.abort();
+    }
+}

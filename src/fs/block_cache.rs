@@ -1,0 +1,215 @@
+//! Fixed-size blocks of remote files in an LRU bounded in bytes, keyed by
+//! (path, etag, block): a changed file never serves old blocks. Concurrent
+//! misses on one block make one request.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+use futures::FutureExt;
+use futures::future::{BoxFuture, Shared};
+use lru::LruCache;
+
+use crate::protocol::RemotePath;
+
+/// Block size of every fetch.
+pub const BLOCK_SIZE: u64 = 1 << 20;
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct BlockKey {
+    pub path: RemotePath,
+    pub etag: String,
+    pub block: u64,
+}
+
+/// A fetch failure, shareable between the requests that waited on it.
+#[derive(Debug, Clone)]
+pub struct FetchError {
+    pub errno: i32,
+    pub message: String,
+}
+
+impl From<crate::Error> for FetchError {
+    fn from(e: crate::Error) -> Self {
+        FetchError {
+            errno: e.errno(),
+            message: e.to_string(),
+        }
+    }
+}
+
+type Fetch = Shared<BoxFuture<'static, Result<Bytes, FetchError>>>;
+
+pub struct BlockCache {
+    blocks: Mutex<Lru>,
+    in_flight: Mutex<HashMap<BlockKey, Fetch>>,
+}
+
+struct Lru {
+    map: LruCache<BlockKey, Bytes>,
+    bytes: usize,
+    capacity: usize,
+}
+
+/// What the cache did for a request (for tests and metrics).
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct CacheStats {
+    pub cached_bytes: usize,
+    pub blocks: usize,
+}
+
+impl BlockCache {
+    pub fn new(capacity_bytes: usize) -> Self {
+        Self {
+            blocks: Mutex::new(Lru {
+                map: LruCache::unbounded(),
+                bytes: 0,
+                capacity: capacity_bytes,
+            }),
+            in_flight: Mutex::default(),
+        }
+    }
+
+    pub fn stats(&self) -> CacheStats {
+        let lru = self.blocks.lock().unwrap();
+        CacheStats {
+            cached_bytes: lru.bytes,
+            blocks: lru.map.len(),
+        }
+    }
+
+    pub fn contains(&self, key: &BlockKey) -> bool {
+        self.blocks.lock().unwrap().map.contains(key)
+    }
+
+    /// True when the block is cached or already being fetched.
+    pub fn has_or_fetching(&self, key: &BlockKey) -> bool {
+        self.contains(key) || self.in_flight.lock().unwrap().contains_key(key)
+    }
+
+    /// The block, from the cache or fetched by `fetch` (once, however many
+    /// callers ask at the same time).
+    pub async fn get_or_fetch<F>(
+        &self,
+        key: BlockKey,
+        fetch: impl FnOnce() -> F,
+    ) -> Result<Bytes, FetchError>
+    where
+        F: Future<Output = Result<Bytes, FetchError>> + Send + 'static,
+    {
+        if let Some(data) = self.blocks.lock().unwrap().map.get(&key) {
+            return Ok(data.clone());
+        }
+        let shared = {
+            let mut in_flight = self.in_flight.lock().unwrap();
+            match in_flight.get(&key) {
+                Some(f) => f.clone(),
+                None => {
+                    let f = fetch().boxed().shared();
+                    in_flight.insert(key.clone(), f.clone());
+                    f
+                }
+            }
+        };
+        let result = shared.await;
+        self.in_flight.lock().unwrap().remove(&key);
+        if let Ok(data) = &result {
+            self.insert(key, data.clone());
+        }
+        result
+    }
+
+    fn insert(&self, key: BlockKey, data: Bytes) {
+        let mut lru = self.blocks.lock().unwrap();
+        if lru.map.contains(&key) || data.len() > lru.capacity {
+            return;
+        }
+        lru.bytes += data.len();
+        lru.map.put(key, data);
+        while lru.bytes > lru.capacity {
+            match lru.map.pop_lru() {
+                Some((_, evicted)) => lru.bytes -= evicted.len(),
+                None => break,
+            }
+        }
+    }
+}
+
+/// Keeps shared fetches alive for callers that only start them (prefetch).
+pub fn detach(
+    cache: Arc<BlockCache>,
+    key: BlockKey,
+    fetch: BoxFuture<'static, Result<Bytes, FetchError>>,
+) {
+    tokio::spawn(async move {
+        let _ = cache.get_or_fetch(key, || fetch).await;
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    fn key(block: u64) -> BlockKey {
+        BlockKey {
+            path: "f".parse().unwrap(),
+            etag: "e".into(),
+            block,
+        }
+    }
+
+    #[tokio::test]
+    async fn concurrent_misses_fetch_once() {
+        let cache = Arc::new(BlockCache::new(10 << 20));
+        let calls = Arc::new(AtomicUsize::new(0));
+        let mut waiters = Vec::new();
+        for _ in 0..8 {
+            let (cache, calls) = (cache.clone(), calls.clone());
+            waiters.push(tokio::spawn(async move {
+                cache
+                    .get_or_fetch(key(0), || async move {
+                        calls.fetch_add(1, Ordering::SeqCst);
+                        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                        Ok(Bytes::from_static(b"data"))
+                    })
+                    .await
+            }));
+        }
+        for w in waiters {
+            assert_eq!(w.await.unwrap().unwrap(), Bytes::from_static(b"data"));
+        }
+        assert_eq!(calls.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn stays_within_its_byte_budget() {
+        let cache = BlockCache::new(3000);
+        for b in 0..10 {
+            cache
+                .get_or_fetch(key(b), || async { Ok(Bytes::from(vec![0u8; 1000])) })
+                .await
+                .unwrap();
+        }
+        assert_eq!(
+            cache.stats(),
+            CacheStats {
+                cached_bytes: 3000,
+                blocks: 3
+            }
+        );
+        assert!(cache.contains(&key(9)) && !cache.contains(&key(6)));
+        let err = cache
+            .get_or_fetch(key(20), || async {
+                Err(FetchError {
+                    errno: 5,
+                    message: "down".into(),
+                })
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(err.errno, 5);
+        assert!(!cache.contains(&key(20)), "failures are not cached");
+    }
+}

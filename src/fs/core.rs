@@ -1,0 +1,388 @@
+//! The filesystem logic behind the FUSE adapter, as ordinary async methods
+//! (testable without a mount). Inputs and outputs are inode numbers, names
+//! and metadata; errors carry the errno the kernel should see.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use futures::FutureExt;
+use tokio::sync::Semaphore;
+
+use super::block_cache::{BLOCK_SIZE, BlockCache, BlockKey, FetchError, detach};
+use super::inodes::{Inodes, ROOT_INO};
+use super::readahead::Readahead;
+use crate::client::Client;
+use crate::error::Error;
+use crate::protocol::{EntryKind, ErrorCode, FileMeta, MoveRequest, RemotePath};
+
+/// Linux errno values the mount returns.
+pub mod errno {
+    pub const EPERM: i32 = 1;
+    pub const ENOENT: i32 = 2;
+    pub const EIO: i32 = 5;
+    pub const EBADF: i32 = 9;
+    pub const EINVAL: i32 = 22;
+    pub const EROFS: i32 = 30;
+    pub const ENAMETOOLONG: i32 = 36;
+    pub const ENOTSUP: i32 = 95;
+    pub const ESTALE: i32 = 116;
+}
+
+/// Block fetches in flight at once, prefetch included.
+const FETCHES_IN_FLIGHT: usize = 8;
+
+#[derive(Debug, Clone)]
+pub struct MountOptions {
+    pub cache_bytes: usize,
+    pub read_only: bool,
+    /// How long attributes and names are trusted without asking the server.
+    pub attr_ttl: Duration,
+}
+
+impl Default for MountOptions {
+    fn default() -> Self {
+        Self {
+            cache_bytes: 256 << 20,
+            read_only: false,
+            attr_ttl: Duration::from_secs(1),
+        }
+    }
+}
+
+pub type FsResult<T> = std::result::Result<T, i32>;
+
+fn errno_of(e: &Error) -> i32 {
+    e.errno()
+}
+
+/// An open file: pinned to the version seen at open.
+struct Handle {
+    meta: FileMeta,
+    readahead: Mutex<Readahead>,
+}
+
+pub struct MountCore {
+    client: Client,
+    pub inodes: Inodes,
+    cache: Arc<BlockCache>,
+    handles: Mutex<HashMap<u64, Arc<Handle>>>,
+    next_handle: AtomicU64,
+    /// The etag each inode had at its last open, to keep the kernel's page
+    /// cache across opens of an unchanged file.
+    opened_versions: Mutex<HashMap<u64, String>>,
+    fetches: Arc<Semaphore>,
+    pub options: MountOptions,
+}
+
+impl MountCore {
+    pub fn new(client: Client, options: MountOptions) -> Self {
+        Self {
+            client,
+            inodes: Inodes::new(options.attr_ttl),
+            cache: Arc::new(BlockCache::new(options.cache_bytes)),
+            handles: Mutex::default(),
+            next_handle: AtomicU64::new(1),
+            opened_versions: Mutex::default(),
+            fetches: Arc::new(Semaphore::new(FETCHES_IN_FLIGHT)),
+            options,
+        }
+    }
+
+    pub fn client(&self) -> &Client {
+        &self.client
+    }
+
+    fn path(&self, ino: u64) -> FsResult<RemotePath> {
+        self.inodes.path(ino).ok_or(errno::ENOENT)
+    }
+
+    fn child(&self, parent: u64, name: &str) -> FsResult<RemotePath> {
+        if name.len() > crate::protocol::path::MAX_SEGMENT_BYTES {
+            return Err(errno::ENAMETOOLONG);
+        }
+        // Names the server can never hold (reserved, `..`) simply do not exist.
+        self.path(parent)?.join(name).map_err(|_| errno::ENOENT)
+    }
+
+    async fn stat(&self, path: &RemotePath) -> FsResult<(u64, FileMeta)> {
+        if let Some(ino) = self.inodes.known(path)
+            && let Some(meta) = self.inodes.fresh_meta(ino)
+        {
+            return Ok((ino, meta));
+        }
+        match self.client.stat(path).await {
+            Ok(meta) => Ok((self.inodes.remember(&meta), meta)),
+            Err(e) => {
+                if e.code() == ErrorCode::NotFound {
+                    self.inodes.invalidate(path);
+                }
+                Err(errno_of(&e))
+            }
+        }
+    }
+
+    pub async fn lookup(&self, parent: u64, name: &str) -> FsResult<(u64, FileMeta)> {
+        let path = self.child(parent, name)?;
+        self.stat(&path).await
+    }
+
+    pub async fn getattr(&self, ino: u64) -> FsResult<FileMeta> {
+        let path = self.path(ino)?;
+        self.stat(&path).await.map(|(_, meta)| meta)
+    }
+
+    /// Every entry of the directory (paged from the server), with inodes.
+    pub async fn readdir(&self, ino: u64) -> FsResult<Vec<(u64, String, EntryKind)>> {
+        let dir = self.path(ino)?;
+        let entries = self
+            .client
+            .list(&dir, false)
+            .await
+            .map_err(|e| errno_of(&e))?;
+        let mut out = Vec::with_capacity(entries.len());
+        for entry in entries {
+            let Ok(path) = dir.join(&entry.name) else {
+                continue;
+            };
+            let meta = FileMeta {
+                path,
+                kind: entry.kind,
+                size: entry.size,
+                mtime: entry.mtime,
+                etag: entry.etag,
+            };
+            out.push((self.inodes.remember(&meta), entry.name, entry.kind));
+        }
+        Ok(out)
+    }
+
+    /// Opens `ino` for reading. Returns the handle and whether the kernel may
+    /// keep its cached pages (the file is unchanged since the last open).
+    pub async fn open(&self, ino: u64, write: bool) -> FsResult<(u64, bool)> {
+        if write {
+            return Err(self.write_refusal());
+        }
+        let path = self.path(ino)?;
+        let meta = self.client.stat(&path).await.map_err(|e| errno_of(&e))?;
+        if meta.kind == EntryKind::Dir {
+            return Err(21); // EISDIR
+        }
+        self.inodes.remember(&meta);
+        let etag = meta.etag.clone().unwrap_or_default();
+        let keep_cache = self
+            .opened_versions
+            .lock()
+            .unwrap()
+            .insert(ino, etag.clone())
+            == Some(etag);
+        let fh = self.next_handle.fetch_add(1, Ordering::Relaxed);
+        let handle = Arc::new(Handle {
+            meta,
+            readahead: Mutex::default(),
+        });
+        self.handles.lock().unwrap().insert(fh, handle);
+        Ok((fh, keep_cache))
+    }
+
+    pub fn release(&self, fh: u64) {
+        self.handles.lock().unwrap().remove(&fh);
+    }
+
+    /// Up to `size` bytes at `offset` of the version opened as `fh`.
+    pub async fn read(&self, fh: u64, offset: u64, size: u32) -> FsResult<Bytes> {
+        let handle = self
+            .handles
+            .lock()
+            .unwrap()
+            .get(&fh)
+            .cloned()
+            .ok_or(errno::EBADF)?;
+        let file_size = handle.meta.size;
+        if offset >= file_size || size == 0 {
+            return Ok(Bytes::new());
+        }
+        let end = (offset + size as u64).min(file_size);
+        let window = handle
+            .readahead
+            .lock()
+            .unwrap()
+            .observe(offset, end - offset, BLOCK_SIZE);
+        let first = offset / BLOCK_SIZE;
+        let last = (end - 1) / BLOCK_SIZE;
+        if window > 0 {
+            let prefetch_end = end.saturating_add(window).min(file_size);
+            for block in last + 1..=(prefetch_end.saturating_sub(1)) / BLOCK_SIZE {
+                self.prefetch(&handle.meta, block);
+            }
+        }
+        let mut out = BytesMut::with_capacity((end - offset) as usize);
+        for block in first..=last {
+            let data = self.block(&handle.meta, block).await.map_err(|e| {
+                tracing::warn!(path = %handle.meta.path, block, error = %e.message, "read failed");
+                e.errno
+            })?;
+            let block_start = block * BLOCK_SIZE;
+            let from = offset.max(block_start) - block_start;
+            let to = (end - block_start).min(data.len() as u64);
+            if from >= to {
+                // The server sent less than the size promised.
+                return Err(errno::EIO);
+            }
+            out.extend_from_slice(&data[from as usize..to as usize]);
+        }
+        Ok(out.freeze())
+    }
+
+    fn block_key(meta: &FileMeta, block: u64) -> BlockKey {
+        BlockKey {
+            path: meta.path.clone(),
+            etag: meta.etag.clone().unwrap_or_default(),
+            block,
+        }
+    }
+
+    fn fetch(
+        &self,
+        meta: &FileMeta,
+        block: u64,
+    ) -> futures::future::BoxFuture<'static, Result<Bytes, FetchError>> {
+        let (client, fetches, path, etag) = (
+            self.client.clone(),
+            self.fetches.clone(),
+            meta.path.clone(),
+            meta.etag.clone(),
+        );
+        let start = block * BLOCK_SIZE;
+        let len = BLOCK_SIZE.min(meta.size - start);
+        async move {
+            let _permit = fetches.acquire_owned().await.expect("never closed");
+            client
+                .read_range(&path, start, len, etag.as_deref())
+                .await
+                .map_err(|e| {
+                    if e.code() == ErrorCode::PreconditionFailed {
+                        // Replaced since it was opened: this handle's version is gone.
+                        FetchError {
+                            errno: errno::ESTALE,
+                            message: e.to_string(),
+                        }
+                    } else {
+                        FetchError::from(e)
+                    }
+                })
+        }
+        .boxed()
+    }
+
+    async fn block(&self, meta: &FileMeta, block: u64) -> Result<Bytes, FetchError> {
+        let fetch = self.fetch(meta, block);
+        self.cache
+            .get_or_fetch(Self::block_key(meta, block), || fetch)
+            .await
+    }
+
+    fn prefetch(&self, meta: &FileMeta, block: u64) {
+        let key = Self::block_key(meta, block);
+        if !self.cache.has_or_fetching(&key) {
+            detach(self.cache.clone(), key, self.fetch(meta, block));
+        }
+    }
+
+    pub fn cache_stats(&self) -> super::block_cache::CacheStats {
+        self.cache.stats()
+    }
+
+    /// Why file contents cannot be written: a read-only mount, or (for now)
+    /// no write path.
+    pub fn write_refusal(&self) -> i32 {
+        if self.options.read_only {
+            errno::EROFS
+        } else {
+            errno::ENOTSUP
+        }
+    }
+
+    fn writable(&self) -> FsResult<()> {
+        if self.options.read_only {
+            Err(errno::EROFS)
+        } else {
+            Ok(())
+        }
+    }
+
+    pub async fn mkdir(&self, parent: u64, name: &str) -> FsResult<(u64, FileMeta)> {
+        self.writable()?;
+        let path = self.child(parent, name)?;
+        let meta = self
+            .client
+            .mkdir(&path, false)
+            .await
+            .map_err(|e| errno_of(&e))?;
+        self.inodes.invalidate(&self.path(parent)?);
+        Ok((self.inodes.remember(&meta), meta))
+    }
+
+    pub async fn rmdir(&self, parent: u64, name: &str) -> FsResult<()> {
+        self.writable()?;
+        let path = self.child(parent, name)?;
+        let (_, meta) = self.stat(&path).await?;
+        if meta.kind != EntryKind::Dir {
+            return Err(20); // ENOTDIR
+        }
+        self.client
+            .rmdir(&path, false)
+            .await
+            .map_err(|e| errno_of(&e))?;
+        self.inodes.remove(&path);
+        Ok(())
+    }
+
+    pub async fn unlink(&self, parent: u64, name: &str) -> FsResult<()> {
+        self.writable()?;
+        let path = self.child(parent, name)?;
+        self.client.delete(&path).await.map_err(|e| errno_of(&e))?;
+        self.inodes.remove(&path);
+        Ok(())
+    }
+
+    /// rename(2): replaces a file at the destination; `no_replace` refuses to.
+    pub async fn rename(
+        &self,
+        parent: u64,
+        name: &str,
+        new_parent: u64,
+        new_name: &str,
+        no_replace: bool,
+    ) -> FsResult<()> {
+        self.writable()?;
+        let from = self.child(parent, name)?;
+        let to = self.child(new_parent, new_name)?;
+        let request = MoveRequest {
+            from: from.clone(),
+            to: to.clone(),
+            overwrite: !no_replace,
+            recursive: true,
+        };
+        self.client
+            .rename(&request)
+            .await
+            .map_err(|e| errno_of(&e))?;
+        self.inodes.rename(&from, &to);
+        Ok(())
+    }
+
+    /// Drops what is cached about `path` after a change made elsewhere.
+    pub fn forget_path(&self, path: &RemotePath) {
+        self.inodes.invalidate(path);
+        if let Some(parent) = path.parent() {
+            self.inodes.invalidate(&parent);
+        }
+    }
+
+    pub fn root_ino(&self) -> u64 {
+        ROOT_INO
+    }
+}

@@ -1,0 +1,353 @@
+//! The thin fuser adapter: each kernel request becomes a call on
+//! [`MountCore`], answered from a tokio task so a slow fetch never holds up
+//! other requests.
+
+use std::ffi::OsStr;
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use fuser::{
+    Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo, LockOwner,
+    OpenFlags, RenameFlags, ReplyAttr, ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry,
+    ReplyOpen, ReplyStatfs, Request,
+};
+use tokio::runtime::Handle;
+
+use super::core::{FsResult, MountCore, errno};
+use crate::protocol::{EntryKind, FileMeta};
+
+pub struct FerryFs {
+    core: Arc<MountCore>,
+    runtime: Handle,
+    ids: Ids,
+}
+
+/// Who owns every file, and the time given to directories without one.
+#[derive(Clone, Copy)]
+struct Ids {
+    uid: u32,
+    gid: u32,
+    mounted_at: SystemTime,
+    read_only: bool,
+}
+
+impl FerryFs {
+    pub fn new(core: Arc<MountCore>, runtime: Handle) -> Self {
+        let (uid, gid) = owner_ids();
+        let read_only = core.options.read_only;
+        Self {
+            core,
+            runtime,
+            ids: Ids {
+                uid,
+                gid,
+                mounted_at: SystemTime::now(),
+                read_only,
+            },
+        }
+    }
+
+    /// Runs `work` on the runtime and hands its result to `answer`.
+    fn spawn<T: Send + 'static>(
+        &self,
+        work: impl Future<Output = FsResult<T>> + Send + 'static,
+        answer: impl FnOnce(FsResult<T>) + Send + 'static,
+    ) {
+        self.runtime.spawn(async move { answer(work.await) });
+    }
+}
+
+fn owner_ids() -> (u32, u32) {
+    // The mounting user owns every file (the server has no owners).
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata("/proc/self")
+        .map(|m| (m.uid(), m.gid()))
+        .unwrap_or((0, 0))
+}
+
+fn attr(ino: u64, meta: &FileMeta, ids: Ids) -> FileAttr {
+    let Ids {
+        uid,
+        gid,
+        mounted_at,
+        read_only,
+    } = ids;
+    let mtime = meta.mtime.map(SystemTime::from).unwrap_or(mounted_at);
+    let (kind, perm, nlink) = match meta.kind {
+        EntryKind::Dir => (FileType::Directory, 0o755, 2),
+        EntryKind::File => (FileType::RegularFile, 0o644, 1),
+    };
+    let perm = if read_only { perm & 0o555 } else { perm };
+    FileAttr {
+        ino: INodeNo(ino),
+        size: meta.size,
+        blocks: meta.size.div_ceil(512),
+        atime: mtime,
+        mtime,
+        ctime: mtime,
+        crtime: mtime,
+        kind,
+        perm,
+        nlink,
+        uid,
+        gid,
+        rdev: 0,
+        flags: 0,
+        blksize: 1 << 20,
+    }
+}
+
+fn name(name: &OsStr) -> FsResult<String> {
+    name.to_str().map(str::to_owned).ok_or(errno::EINVAL)
+}
+
+fn err(code: i32) -> Errno {
+    Errno::from_i32(code)
+}
+
+/// Kernel readahead asked for: large sequential reads mean fewer requests.
+const KERNEL_READAHEAD: u32 = 1 << 20;
+
+impl Filesystem for FerryFs {
+    fn init(&mut self, _req: &Request, config: &mut fuser::KernelConfig) -> std::io::Result<()> {
+        if let Err(nearest) = config.set_max_readahead(KERNEL_READAHEAD) {
+            let _ = config.set_max_readahead(nearest);
+        }
+        Ok(())
+    }
+
+    fn lookup(&self, _req: &Request, parent: INodeNo, name_os: &OsStr, reply: ReplyEntry) {
+        let (core, ids) = (self.core.clone(), self.ids);
+        let ttl = core.options.attr_ttl;
+        let name = name(name_os);
+        self.spawn(
+            async move { core.lookup(parent.0, &name?).await },
+            move |r| match r {
+                Ok((ino, meta)) => reply.entry(&ttl, &attr(ino, &meta, ids), Generation(0)),
+                Err(e) => reply.error(err(e)),
+            },
+        );
+    }
+
+    fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        let (core, ids) = (self.core.clone(), self.ids);
+        let ttl = core.options.attr_ttl;
+        self.spawn(async move { core.getattr(ino.0).await }, move |r| match r {
+            Ok(meta) => reply.attr(&ttl, &attr(ino.0, &meta, ids)),
+            Err(e) => reply.error(err(e)),
+        });
+    }
+
+    fn readdir(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectory,
+    ) {
+        let core = self.core.clone();
+        self.spawn(async move { core.readdir(ino.0).await }, move |r| match r {
+            Ok(entries) => {
+                let dots = [
+                    (ino.0, ".".to_owned(), EntryKind::Dir),
+                    (ino.0, "..".to_owned(), EntryKind::Dir),
+                ];
+                for (i, (child, name, kind)) in dots
+                    .into_iter()
+                    .chain(entries)
+                    .enumerate()
+                    .skip(offset as usize)
+                {
+                    let kind = match kind {
+                        EntryKind::Dir => FileType::Directory,
+                        EntryKind::File => FileType::RegularFile,
+                    };
+                    if reply.add(INodeNo(child), (i + 1) as u64, kind, name) {
+                        break;
+                    }
+                }
+                reply.ok();
+            }
+            Err(e) => reply.error(err(e)),
+        });
+    }
+
+    fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        let core = self.core.clone();
+        let write =
+            flags.0 & (libc_flags::O_WRONLY | libc_flags::O_RDWR | libc_flags::O_TRUNC) != 0;
+        self.spawn(
+            async move { core.open(ino.0, write).await },
+            move |r| match r {
+                Ok((fh, keep_cache)) => {
+                    let flags = if keep_cache {
+                        FopenFlags::FOPEN_KEEP_CACHE
+                    } else {
+                        FopenFlags::empty()
+                    };
+                    reply.opened(FileHandle(fh), flags);
+                }
+                Err(e) => reply.error(err(e)),
+            },
+        );
+    }
+
+    fn read(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        size: u32,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyData,
+    ) {
+        let core = self.core.clone();
+        self.spawn(
+            async move { core.read(fh.0, offset, size).await },
+            move |r| match r {
+                Ok(data) => reply.data(&data),
+                Err(e) => reply.error(err(e)),
+            },
+        );
+    }
+
+    fn release(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        _flush: bool,
+        reply: ReplyEmpty,
+    ) {
+        self.core.release(fh.0);
+        reply.ok();
+    }
+
+    fn mkdir(
+        &self,
+        _req: &Request,
+        parent: INodeNo,
+        name_os: &OsStr,
+        _mode: u32,
+        _umask: u32,
+        reply: ReplyEntry,
+    ) {
+        let (core, ids) = (self.core.clone(), self.ids);
+        let ttl = core.options.attr_ttl;
+        let name = name(name_os);
+        self.spawn(
+            async move { core.mkdir(parent.0, &name?).await },
+            move |r| match r {
+                Ok((ino, meta)) => reply.entry(&ttl, &attr(ino, &meta, ids), Generation(0)),
+                Err(e) => reply.error(err(e)),
+            },
+        );
+    }
+
+    fn rmdir(&self, _req: &Request, parent: INodeNo, name_os: &OsStr, reply: ReplyEmpty) {
+        let core = self.core.clone();
+        let name = name(name_os);
+        self.spawn(
+            async move { core.rmdir(parent.0, &name?).await },
+            move |r| empty(reply, r),
+        );
+    }
+
+    fn unlink(&self, _req: &Request, parent: INodeNo, name_os: &OsStr, reply: ReplyEmpty) {
+        let core = self.core.clone();
+        let name = name(name_os);
+        self.spawn(
+            async move { core.unlink(parent.0, &name?).await },
+            move |r| empty(reply, r),
+        );
+    }
+
+    fn rename(
+        &self,
+        _req: &Request,
+        parent: INodeNo,
+        name_os: &OsStr,
+        newparent: INodeNo,
+        newname_os: &OsStr,
+        flags: RenameFlags,
+        reply: ReplyEmpty,
+    ) {
+        if flags.contains(RenameFlags::RENAME_EXCHANGE) {
+            return reply.error(err(errno::EINVAL));
+        }
+        let no_replace = flags.contains(RenameFlags::RENAME_NOREPLACE);
+        let core = self.core.clone();
+        let (name, newname) = (name(name_os), name(newname_os));
+        self.spawn(
+            async move {
+                core.rename(parent.0, &name?, newparent.0, &newname?, no_replace)
+                    .await
+            },
+            move |r| empty(reply, r),
+        );
+    }
+
+    fn create(
+        &self,
+        _req: &Request,
+        _parent: INodeNo,
+        _name: &OsStr,
+        _mode: u32,
+        _umask: u32,
+        _flags: i32,
+        reply: fuser::ReplyCreate,
+    ) {
+        reply.error(err(self.core.write_refusal()));
+    }
+
+    fn mknod(
+        &self,
+        _req: &Request,
+        _parent: INodeNo,
+        _name: &OsStr,
+        _mode: u32,
+        _umask: u32,
+        _rdev: u32,
+        reply: ReplyEntry,
+    ) {
+        reply.error(err(self.core.write_refusal()));
+    }
+
+    fn link(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _newparent: INodeNo,
+        _newname: &OsStr,
+        reply: ReplyEntry,
+    ) {
+        // The server has no hard links.
+        reply.error(err(errno::EPERM));
+    }
+
+    fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
+        // The remote store has no fixed capacity; report a large free space so
+        // tools that check before writing go ahead.
+        let blocks = 1u64 << 40 >> 12;
+        reply.statfs(blocks, blocks, blocks, 1 << 30, 1 << 30, 4096, 255, 4096);
+    }
+}
+
+fn empty(reply: ReplyEmpty, r: FsResult<()>) {
+    match r {
+        Ok(()) => reply.ok(),
+        Err(e) => reply.error(err(e)),
+    }
+}
+
+/// `open(2)` flag bits (Linux).
+mod libc_flags {
+    pub const O_WRONLY: i32 = 0o1;
+    pub const O_RDWR: i32 = 0o2;
+    pub const O_TRUNC: i32 = 0o1000;
+}

@@ -1,0 +1,180 @@
+//! Inode numbers for remote paths: stable while mounted, and a short-lived
+//! cache of each path's metadata.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use crate::protocol::{FileMeta, RemotePath};
+
+pub const ROOT_INO: u64 = 1;
+
+#[derive(Default)]
+struct Maps {
+    by_path: HashMap<RemotePath, u64>,
+    by_ino: HashMap<u64, Node>,
+    next: u64,
+}
+
+struct Node {
+    path: RemotePath,
+    meta: Option<(FileMeta, Instant)>,
+}
+
+/// The inode table of one mount.
+pub struct Inodes {
+    maps: Mutex<Maps>,
+    ttl: Duration,
+}
+
+impl Inodes {
+    pub fn new(ttl: Duration) -> Self {
+        let mut maps = Maps {
+            next: ROOT_INO + 1,
+            ..Default::default()
+        };
+        maps.by_path.insert(RemotePath::root(), ROOT_INO);
+        maps.by_ino.insert(
+            ROOT_INO,
+            Node {
+                path: RemotePath::root(),
+                meta: None,
+            },
+        );
+        Self {
+            maps: Mutex::new(maps),
+            ttl,
+        }
+    }
+
+    /// The inode of `path`, assigning one on first sight.
+    pub fn ino(&self, path: &RemotePath) -> u64 {
+        let mut maps = self.maps.lock().unwrap();
+        if let Some(ino) = maps.by_path.get(path) {
+            return *ino;
+        }
+        let ino = maps.next;
+        maps.next += 1;
+        maps.by_path.insert(path.clone(), ino);
+        maps.by_ino.insert(
+            ino,
+            Node {
+                path: path.clone(),
+                meta: None,
+            },
+        );
+        ino
+    }
+
+    /// The inode of `path` if one was assigned.
+    pub fn known(&self, path: &RemotePath) -> Option<u64> {
+        self.maps.lock().unwrap().by_path.get(path).copied()
+    }
+
+    pub fn path(&self, ino: u64) -> Option<RemotePath> {
+        self.maps
+            .lock()
+            .unwrap()
+            .by_ino
+            .get(&ino)
+            .map(|n| n.path.clone())
+    }
+
+    /// Remembers `meta` for its path and returns the path's inode.
+    pub fn remember(&self, meta: &FileMeta) -> u64 {
+        let ino = self.ino(&meta.path);
+        if let Some(node) = self.maps.lock().unwrap().by_ino.get_mut(&ino) {
+            node.meta = Some((meta.clone(), Instant::now()));
+        }
+        ino
+    }
+
+    /// The cached metadata of `ino`, if still fresh.
+    pub fn fresh_meta(&self, ino: u64) -> Option<FileMeta> {
+        let maps = self.maps.lock().unwrap();
+        let (meta, at) = maps.by_ino.get(&ino)?.meta.as_ref()?;
+        (at.elapsed() < self.ttl).then(|| meta.clone())
+    }
+
+    /// Forgets the cached metadata of `path` (it changed or vanished).
+    pub fn invalidate(&self, path: &RemotePath) {
+        let mut maps = self.maps.lock().unwrap();
+        if let Some(ino) = maps.by_path.get(path).copied()
+            && let Some(node) = maps.by_ino.get_mut(&ino)
+        {
+            node.meta = None;
+        }
+    }
+
+    /// Forgets every cached metadata entry.
+    pub fn invalidate_all(&self) {
+        for node in self.maps.lock().unwrap().by_ino.values_mut() {
+            node.meta = None;
+        }
+    }
+
+    /// Moves `from` and everything below it to `to`, keeping inode numbers.
+    pub fn rename(&self, from: &RemotePath, to: &RemotePath) {
+        let mut maps = self.maps.lock().unwrap();
+        let moved: Vec<(RemotePath, u64)> = maps
+            .by_path
+            .iter()
+            .filter(|(p, _)| p.starts_with(from))
+            .map(|(p, i)| (p.clone(), *i))
+            .collect();
+        // Whatever stood at the destination is replaced.
+        if let Some(old) = maps.by_path.remove(to) {
+            maps.by_ino.remove(&old);
+        }
+        for (old_path, ino) in moved {
+            let rest = old_path.strip_prefix(from).unwrap_or_default().to_owned();
+            let Ok(new_path) = (if rest.is_empty() {
+                Ok(to.clone())
+            } else {
+                to.join_relative(&rest)
+            }) else {
+                continue;
+            };
+            maps.by_path.remove(&old_path);
+            maps.by_path.insert(new_path.clone(), ino);
+            if let Some(node) = maps.by_ino.get_mut(&ino) {
+                node.path = new_path;
+                node.meta = None;
+            }
+        }
+    }
+
+    /// Forgets `path` (deleted); its inode number is not reused.
+    pub fn remove(&self, path: &RemotePath) {
+        let mut maps = self.maps.lock().unwrap();
+        if let Some(ino) = maps.by_path.remove(path) {
+            maps.by_ino.remove(&ino);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn p(s: &str) -> RemotePath {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn inode_numbers_are_stable_and_follow_renames() {
+        let t = Inodes::new(Duration::from_secs(1));
+        let a = t.ino(&p("a"));
+        let ab = t.ino(&p("a/b"));
+        assert_eq!(t.ino(&p("a")), a);
+        assert_ne!(a, ab);
+        t.rename(&p("a"), &p("z"));
+        assert_eq!(t.known(&p("z")), Some(a));
+        assert_eq!(t.known(&p("z/b")), Some(ab));
+        assert_eq!(t.path(ab), Some(p("z/b")));
+        assert_eq!(t.known(&p("a/b")), None);
+        t.remove(&p("z/b"));
+        assert_eq!(t.path(ab), None);
+        assert_ne!(t.ino(&p("z/b")), ab, "numbers are not reused");
+    }
+}

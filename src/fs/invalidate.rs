@@ -1,0 +1,49 @@
+//! Remote changes made elsewhere reach the mount through the change feed:
+//! the driver's caches and the kernel's (entries, attributes, pages) are
+//! dropped for every changed path as the event arrives.
+
+use std::sync::Arc;
+
+use fuser::{INodeNo, Notifier};
+
+use super::core::MountCore;
+use crate::client::watch::{WatchEvent, Watcher};
+use crate::protocol::RemotePath;
+
+pub async fn run(core: Arc<MountCore>, notifier: Notifier, mut watcher: Watcher) {
+    let notifier = Arc::new(notifier);
+    while let Some(event) = watcher.next().await {
+        match event {
+            WatchEvent::Change(change) => {
+                let mut paths = vec![change.path];
+                paths.extend(change.from);
+                for path in paths {
+                    forget(&core, &notifier, &path).await;
+                }
+            }
+            // Events may have been missed: trust nothing cached.
+            WatchEvent::Resync => core.inodes.invalidate_all(),
+        }
+    }
+}
+
+async fn forget(core: &Arc<MountCore>, notifier: &Arc<Notifier>, path: &RemotePath) {
+    core.forget_path(path);
+    let entry = path
+        .parent()
+        .and_then(|parent| core.inodes.known(&parent))
+        .zip(path.name().map(str::to_owned));
+    let inode = core.inodes.known(path);
+    let notifier = notifier.clone();
+    // Notifications write to /dev/fuse and may wait on the kernel: keep them
+    // off the threads that answer requests. Unknown entries are not errors.
+    let _ = tokio::task::spawn_blocking(move || {
+        if let Some((parent, name)) = entry {
+            let _ = notifier.inval_entry(INodeNo(parent), name.as_ref());
+        }
+        if let Some(ino) = inode {
+            let _ = notifier.inval_inode(INodeNo(ino), 0, 0);
+        }
+    })
+    .await;
+}

@@ -1,0 +1,424 @@
+//! `ferry mount` read path and namespace, on real FUSE mounts of a real
+//! server. Skipped (loudly) only where /dev/fuse is absent.
+
+mod harness;
+
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use harness::{Server, eventually, random_bytes};
+use sha2::{Digest, Sha256};
+
+const MIB: usize = 1 << 20;
+
+fn fuse_available() -> bool {
+    let ok = Path::new("/dev/fuse").exists();
+    if !ok {
+        eprintln!(
+            "\n*** SKIPPED: /dev/fuse is absent; mount tests need FUSE (apt-get install fuse3) ***\n"
+        );
+    }
+    ok
+}
+
+fn is_mounted(path: &Path) -> bool {
+    let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    let wanted = path.to_str().unwrap();
+    info.lines().any(|l| l.split(' ').nth(4) == Some(wanted))
+}
+
+/// A `ferry mount --foreground` process; unmounted and stopped on drop.
+struct MountProc {
+    child: Child,
+    path: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl MountProc {
+    fn start(server: &Server, extra: &[&str]) -> MountProc {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("mnt");
+        std::fs::create_dir(&path).unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_ferry"))
+            .args(["mount", &server.url, path.to_str().unwrap(), "--foreground"])
+            .args(extra)
+            .env("FERRY_LOG", "warn")
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap();
+        assert!(
+            eventually(Duration::from_secs(15), || is_mounted(&path)),
+            "the mount did not appear"
+        );
+        MountProc {
+            child,
+            path,
+            _dir: dir,
+        }
+    }
+
+    fn at(&self, rel: &str) -> PathBuf {
+        self.path.join(rel)
+    }
+}
+
+impl Drop for MountProc {
+    fn drop(&mut self) {
+        let _ = Command::new("fusermount3")
+            .arg("-u")
+            .arg(&self.path)
+            .status();
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn store_file(server: &Server, rel: &str, data: &[u8]) {
+    let path = server.store_dir.as_ref().unwrap().join(rel);
+    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+    std::fs::write(path, data).unwrap();
+}
+
+fn sha_of_reader(mut r: impl Read) -> String {
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0u8; MIB];
+    loop {
+        let n = r.read(&mut buf).unwrap();
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+    }
+    hex::encode(hasher.finalize())
+}
+
+#[test]
+fn a_1_gib_file_reads_back_identically() {
+    if !fuse_available() {
+        return;
+    }
+    let server = Server::start();
+    let data = random_bytes(1 << 30);
+    store_file(&server, "big/one-gig.bin", &data);
+    let expected = hex::encode(Sha256::digest(&data));
+    drop(data);
+    let mount = MountProc::start(&server, &[]);
+    let file = std::fs::File::open(mount.at("big/one-gig.bin")).unwrap();
+    assert_eq!(file.metadata().unwrap().len(), 1 << 30);
+    assert_eq!(sha_of_reader(file), expected);
+}
+
+#[test]
+fn concurrent_readers_of_one_file_and_of_fifty_files() {
+    if !fuse_available() {
+        return;
+    }
+    let server = Server::start();
+    let shared = random_bytes(48 * MIB);
+    store_file(&server, "shared.bin", &shared);
+    let mut small = Vec::new();
+    for i in 0..50 {
+        let data = random_bytes(MIB + i * 4099);
+        store_file(&server, &format!("many/f{i:02}.bin"), &data);
+        small.push(data);
+    }
+    let mount = MountProc::start(&server, &[]);
+    let expected = hex::encode(Sha256::digest(&shared));
+    std::thread::scope(|scope| {
+        for _ in 0..8 {
+            let (path, expected) = (mount.at("shared.bin"), expected.clone());
+            scope.spawn(move || {
+                assert_eq!(sha_of_reader(std::fs::File::open(path).unwrap()), expected)
+            });
+        }
+        for (i, data) in small.iter().enumerate() {
+            let path = mount.at(&format!("many/f{i:02}.bin"));
+            scope.spawn(move || assert!(std::fs::read(path).unwrap() == *data, "file {i} differs"));
+        }
+    });
+    let listed: Vec<_> = std::fs::read_dir(mount.at("many"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(listed.len(), 50);
+}
+
+#[test]
+fn seeks_read_the_right_bytes() {
+    if !fuse_available() {
+        return;
+    }
+    let server = Server::start();
+    let data = random_bytes(40 * MIB + 12_345);
+    store_file(&server, "seek.bin", &data);
+    let mount = MountProc::start(&server, &[]);
+    let mut file = std::fs::File::open(mount.at("seek.bin")).unwrap();
+    let mut buf = vec![0u8; MIB];
+    file.seek(SeekFrom::End(-(MIB as i64))).unwrap();
+    file.read_exact(&mut buf).unwrap();
+    assert!(buf[..] == data[data.len() - MIB..], "last MiB");
+    file.seek(SeekFrom::Start(0)).unwrap();
+    file.read_exact(&mut buf).unwrap();
+    assert!(buf[..] == data[..MIB], "first MiB");
+    let mut state = 0x9e3779b97f4a7c15u64;
+    for _ in 0..300 {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        let offset = state % (data.len() as u64 - 4096);
+        let mut small = [0u8; 4096];
+        file.read_exact_at(&mut small, offset).unwrap();
+        assert!(
+            small[..] == data[offset as usize..offset as usize + 4096],
+            "4 KiB at {offset}"
+        );
+    }
+    // Reading past the end returns nothing, not an error.
+    assert_eq!(file.read_at(&mut buf, data.len() as u64 + 10).unwrap(), 0);
+}
+
+/// Byte offsets of the top-level MP4 boxes named `name`.
+fn box_offset(data: &[u8], name: &[u8; 4]) -> Option<usize> {
+    let mut at = 0;
+    while at + 8 <= data.len() {
+        let size = u32::from_be_bytes(data[at..at + 4].try_into().unwrap()) as usize;
+        if &data[at + 4..at + 8] == name {
+            return Some(at);
+        }
+        if size < 8 {
+            return None;
+        }
+        at += size;
+    }
+    None
+}
+
+#[test]
+fn ffprobe_and_a_seek_decode_work_on_an_mp4_with_moov_at_the_end() {
+    if !fuse_available() {
+        return;
+    }
+    let server = Server::start();
+    let tmp = tempfile::tempdir().unwrap();
+    let video = tmp.path().join("clip.mp4");
+    let made = Command::new("ffmpeg")
+        .args([
+            "-hide_banner",
+            "-loglevel",
+            "error",
+            "-f",
+            "lavfi",
+            "-i",
+            "testsrc=duration=120:size=320x240:rate=10",
+        ])
+        .args([
+            "-c:v",
+            "libx264",
+            "-preset",
+            "ultrafast",
+            "-g",
+            "20",
+            "-pix_fmt",
+            "yuv420p",
+        ])
+        .arg(&video)
+        .status()
+        .expect("ffmpeg is installed (scripts/test.sh installs it)");
+    assert!(made.success());
+    let bytes = std::fs::read(&video).unwrap();
+    let (moov, mdat) = (
+        box_offset(&bytes, b"moov").unwrap(),
+        box_offset(&bytes, b"mdat").unwrap(),
+    );
+    assert!(
+        moov > mdat,
+        "the test needs the moov atom after the media data"
+    );
+    store_file(&server, "videos/clip.mp4", &bytes);
+    let mount = MountProc::start(&server, &[]);
+    let target = mount.at("videos/clip.mp4");
+    let probe = Command::new("ffprobe")
+        .args([
+            "-v",
+            "error",
+            "-show_entries",
+            "format=duration",
+            "-of",
+            "csv=p=0",
+        ])
+        .arg(&target)
+        .output()
+        .unwrap();
+    assert!(
+        probe.status.success(),
+        "{}",
+        String::from_utf8_lossy(&probe.stderr)
+    );
+    let duration: f64 = String::from_utf8_lossy(&probe.stdout)
+        .trim()
+        .parse()
+        .unwrap();
+    assert!((duration - 120.0).abs() < 1.0, "{duration}");
+    let frame = tmp.path().join("frame.png");
+    let decode = Command::new("ffmpeg")
+        .args(["-hide_banner", "-loglevel", "error", "-ss", "60", "-i"])
+        .arg(&target)
+        .args(["-frames:v", "1"])
+        .arg(&frame)
+        .output()
+        .unwrap();
+    assert!(
+        decode.status.success(),
+        "{}",
+        String::from_utf8_lossy(&decode.stderr)
+    );
+    assert!(std::fs::metadata(&frame).unwrap().len() > 1000);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn namespace_changes_are_visible_both_ways() {
+    if !fuse_available() {
+        return;
+    }
+    let server = Server::start();
+    server.put("docs/a.txt", "first version").await;
+    let mount = MountProc::start(&server, &[]);
+    // Through the mount, seen by the API.
+    std::fs::create_dir(mount.at("made-here")).unwrap();
+    assert_eq!(server.json("/v1/stat/made-here").await.1["kind"], "dir");
+    std::fs::rename(mount.at("docs/a.txt"), mount.at("made-here/b.txt")).unwrap();
+    assert_eq!(
+        server.get_bytes("made-here/b.txt").await.1,
+        b"first version"
+    );
+    std::fs::create_dir(mount.at("empty")).unwrap();
+    std::fs::remove_dir(mount.at("empty")).unwrap();
+    assert_eq!(server.json("/v1/stat/empty").await.0, 404);
+    std::fs::remove_file(mount.at("made-here/b.txt")).unwrap();
+    assert_eq!(server.get_bytes("made-here/b.txt").await.0, 404);
+    // Through the API, seen by the mount (the change feed invalidates at once).
+    server
+        .op("mkdir", serde_json::json!({"path": "from-api"}))
+        .await;
+    server.put("from-api/c.txt", "api").await;
+    let seen = mount.at("from-api/c.txt");
+    assert!(eventually(Duration::from_secs(3), || std::fs::read(&seen)
+        .is_ok_and(|b| b == b"api")));
+    server
+        .op(
+            "rename",
+            serde_json::json!({"from": "from-api", "to": "renamed", "recursive": true}),
+        )
+        .await;
+    assert!(eventually(Duration::from_secs(3), || !mount
+        .at("from-api")
+        .exists()
+        && mount.at("renamed/c.txt").exists()));
+    // A file changed through the API reads back its new bytes.
+    server
+        .put("renamed/c.txt", "a longer, second version")
+        .await;
+    assert!(eventually(Duration::from_secs(3), || {
+        std::fs::read(mount.at("renamed/c.txt")).is_ok_and(|b| b == b"a longer, second version")
+    }));
+    let names: Vec<String> = std::fs::read_dir(&mount.path)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    assert!(
+        names.contains(&"renamed".to_owned()) && !names.iter().any(|n| n.starts_with(".ferry")),
+        "{names:?}"
+    );
+}
+
+#[test]
+fn unsupported_and_missing_give_honest_errnos() {
+    if !fuse_available() {
+        return;
+    }
+    let server = Server::start();
+    store_file(&server, "f.txt", b"x");
+    let mount = MountProc::start(&server, &[]);
+    let missing = std::fs::read(mount.at("nope.txt")).unwrap_err();
+    assert_eq!(missing.raw_os_error(), Some(2), "ENOENT");
+    let link = std::fs::hard_link(mount.at("f.txt"), mount.at("g.txt")).unwrap_err();
+    assert_eq!(link.raw_os_error(), Some(1), "EPERM");
+    let created = std::fs::File::create(mount.at("new.txt")).unwrap_err();
+    assert_eq!(
+        created.raw_os_error(),
+        Some(95),
+        "ENOTSUP until the write path exists"
+    );
+    let rmdir_file = std::fs::remove_dir(mount.at("f.txt")).unwrap_err();
+    assert_eq!(rmdir_file.raw_os_error(), Some(20), "ENOTDIR");
+    std::fs::create_dir(mount.at("d")).unwrap();
+    std::fs::write(server.store_dir.as_ref().unwrap().join("d/inner"), b"1").unwrap();
+    let not_empty = std::fs::remove_dir(mount.at("d")).unwrap_err();
+    assert_eq!(not_empty.raw_os_error(), Some(39), "ENOTEMPTY");
+}
+
+#[test]
+fn a_stopped_server_gives_eio_and_reads_resume_when_it_returns() {
+    if !fuse_available() {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let store = tmp.path().join("store");
+    let server = Server::start_on(store.to_str().unwrap(), &[]);
+    let addr = server.addr.to_string();
+    let data = random_bytes(16 * MIB);
+    store_file(&server, "f.bin", &data);
+    let mount = MountProc::start(&server, &["--retry-for", "2"]);
+    let file = std::fs::File::open(mount.at("f.bin")).unwrap();
+    let mut buf = vec![0u8; 4096];
+    file.read_exact_at(&mut buf, 0).unwrap();
+    assert!(buf[..] == data[..4096]);
+    drop(server); // SIGKILL
+    let err = file.read_exact_at(&mut buf, 12 * MIB as u64).unwrap_err();
+    assert_eq!(
+        err.raw_os_error(),
+        Some(5),
+        "EIO, not wrong bytes or ENOENT: {err}"
+    );
+    let _back = Server::spawn(store.to_str().unwrap(), &addr, &[]);
+    file.read_exact_at(&mut buf, 12 * MIB as u64).unwrap();
+    assert!(buf[..] == data[12 * MIB..12 * MIB + 4096]);
+}
+
+#[test]
+fn sigterm_unmounts_and_bad_mount_points_are_clear_errors() {
+    if !fuse_available() {
+        return;
+    }
+    let server = Server::start();
+    let mut mount = MountProc::start(&server, &[]);
+    let busy = Command::new(env!("CARGO_BIN_EXE_ferry"))
+        .args(["mount", &server.url])
+        .arg(&mount.path)
+        .output()
+        .unwrap();
+    assert!(!busy.status.success());
+    assert!(
+        String::from_utf8_lossy(&busy.stderr).contains("busy"),
+        "{}",
+        String::from_utf8_lossy(&busy.stderr)
+    );
+    let missing = Command::new(env!("CARGO_BIN_EXE_ferry"))
+        .args(["mount", &server.url, "/no/such/dir"])
+        .output()
+        .unwrap();
+    assert!(!missing.status.success());
+    assert!(String::from_utf8_lossy(&missing.stderr).contains("/no/such/dir"));
+    let status = Command::new("kill")
+        .args(["-TERM", &mount.child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let exited = mount.child.wait().unwrap();
+    assert!(exited.success(), "{exited:?}");
+    assert!(!is_mounted(&mount.path));
+    let _ = std::io::stderr().flush();
+}

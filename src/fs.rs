@@ -6,6 +6,7 @@
 
 pub mod block_cache;
 pub mod core;
+mod disk_cache;
 mod fuse;
 pub mod inodes;
 mod invalidate;
@@ -32,7 +33,9 @@ pub struct Mount {
 impl Mount {
     /// Mounts `client`'s server at `mountpoint`. Must run inside a tokio runtime.
     pub fn start(client: Client, mountpoint: &Path, options: MountOptions) -> Result<Mount> {
-        let core = Arc::new(MountCore::new(client.clone(), options));
+        let core =
+            MountCore::new(client.clone(), options).map_err(Error::io("opening the disk cache"))?;
+        let core = Arc::new(core);
         let filesystem = fuse::FerryFs::new(core.clone(), tokio::runtime::Handle::current());
         let mut config = Config::default();
         config.mount_options = vec![

@@ -22,6 +22,12 @@ pub struct MountArgs {
     /// Memory for cached file blocks (K, M, G suffixes).
     #[arg(long, default_value = "256M", value_parser = parse_bytes)]
     cache_size: u64,
+    /// A directory for a second block cache on disk (emptied at mount time).
+    #[arg(long)]
+    cache_dir: Option<PathBuf>,
+    /// Budget of the disk cache (K, M, G suffixes).
+    #[arg(long, default_value = "4G", value_parser = parse_bytes)]
+    disk_cache_size: u64,
     /// Refuse every change through the mount.
     #[arg(long)]
     read_only: bool,
@@ -60,6 +66,7 @@ pub async fn mount(args: MountArgs) -> anyhow::Result<()> {
     }
     let options = MountOptions {
         cache_bytes: args.cache_size as usize,
+        disk_cache: args.cache_dir.map(|dir| (dir, args.disk_cache_size)),
         read_only: args.read_only,
         ..MountOptions::default()
     };

@@ -12,6 +12,7 @@ use futures::FutureExt;
 use tokio::sync::Semaphore;
 
 use super::block_cache::{BLOCK_SIZE, BlockCache, BlockKey, FetchError, detach};
+use super::disk_cache::DiskCache;
 use super::inodes::{Inodes, ROOT_INO};
 use super::readahead::Readahead;
 use crate::client::Client;
@@ -37,6 +38,8 @@ const FETCHES_IN_FLIGHT: usize = 8;
 #[derive(Debug, Clone)]
 pub struct MountOptions {
     pub cache_bytes: usize,
+    /// A directory for a second, on-disk block cache, and its budget in bytes.
+    pub disk_cache: Option<(std::path::PathBuf, u64)>,
     pub read_only: bool,
     /// How long attributes and names are trusted without asking the server.
     pub attr_ttl: Duration,
@@ -46,6 +49,7 @@ impl Default for MountOptions {
     fn default() -> Self {
         Self {
             cache_bytes: 256 << 20,
+            disk_cache: None,
             read_only: false,
             attr_ttl: Duration::from_secs(1),
         }
@@ -74,12 +78,18 @@ pub struct MountCore {
     /// cache across opens of an unchanged file.
     opened_versions: Mutex<HashMap<u64, String>>,
     fetches: Arc<Semaphore>,
+    disk: Option<Arc<DiskCache>>,
     pub options: MountOptions,
 }
 
 impl MountCore {
-    pub fn new(client: Client, options: MountOptions) -> Self {
-        Self {
+    pub fn new(client: Client, options: MountOptions) -> std::io::Result<Self> {
+        let disk = match &options.disk_cache {
+            Some((dir, bytes)) => Some(DiskCache::open(dir, *bytes)?),
+            None => None,
+        };
+        Ok(Self {
+            disk,
             client,
             inodes: Inodes::new(options.attr_ttl),
             cache: Arc::new(BlockCache::new(options.cache_bytes)),
@@ -88,7 +98,7 @@ impl MountCore {
             opened_versions: Mutex::default(),
             fetches: Arc::new(Semaphore::new(FETCHES_IN_FLIGHT)),
             options,
-        }
+        })
     }
 
     pub fn client(&self) -> &Client {
@@ -255,11 +265,17 @@ impl MountCore {
             meta.path.clone(),
             meta.etag.clone(),
         );
+        let (disk, key) = (self.disk.clone(), Self::block_key(meta, block));
         let start = block * BLOCK_SIZE;
         let len = BLOCK_SIZE.min(meta.size - start);
         async move {
+            if let Some(disk) = &disk
+                && let Some(data) = disk.get(&key).await
+            {
+                return Ok(data);
+            }
             let _permit = fetches.acquire_owned().await.expect("never closed");
-            client
+            let data = client
                 .read_range(&path, start, len, etag.as_deref())
                 .await
                 .map_err(|e| {
@@ -272,7 +288,11 @@ impl MountCore {
                     } else {
                         FetchError::from(e)
                     }
-                })
+                })?;
+            if let Some(disk) = &disk {
+                disk.put(key, data.clone());
+            }
+            Ok(data)
         }
         .boxed()
     }

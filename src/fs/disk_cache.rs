@@ -52,9 +52,8 @@ impl DiskCache {
 
     /// The block if it is on disk.
     pub async fn get(self: &Arc<Self>, key: &BlockKey) -> Option<Bytes> {
-        if self.index.lock().unwrap().files.get(key).is_none() {
-            return None;
-        }
+        // Also marks the block as recently used.
+        self.index.lock().unwrap().files.get(key)?;
         let path = self.file(key);
         let data = tokio::task::spawn_blocking(move || std::fs::read(path))
             .await

@@ -10,7 +10,9 @@ mod disk_cache;
 mod fuse;
 pub mod inodes;
 mod invalidate;
+pub mod pending;
 pub mod readahead;
+mod staging;
 
 use std::path::Path;
 use std::sync::Arc;
@@ -36,6 +38,15 @@ impl Mount {
         let core =
             MountCore::new(client.clone(), options).map_err(Error::io("opening the disk cache"))?;
         let core = Arc::new(core);
+        let resumed = core
+            .start_writes()
+            .map_err(Error::io("opening the upload journal"))?;
+        if resumed > 0 {
+            tracing::info!(
+                uploads = resumed,
+                "resuming uploads an earlier mount left unfinished"
+            );
+        }
         let filesystem = fuse::FerryFs::new(core.clone(), tokio::runtime::Handle::current());
         let mut config = Config::default();
         config.mount_options = vec![

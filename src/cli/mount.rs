@@ -18,14 +18,21 @@ pub struct MountArgs {
     /// The ferry server, e.g. http://127.0.0.1:7070.
     url: String,
     /// An existing, empty directory.
-    mountpoint: PathBuf,
+    #[arg(required_unless_present = "status")]
+    mountpoint: Option<PathBuf>,
+    /// Show the uploads this server's mounts have not committed yet, and exit.
+    #[arg(long)]
+    status: bool,
     /// Memory for cached file blocks (K, M, G suffixes).
     #[arg(long, default_value = "256M", value_parser = parse_bytes)]
     cache_size: u64,
-    /// A directory for a second block cache on disk (emptied at mount time).
+    /// The mount's directory: staged writes, the journal of pending uploads,
+    /// and (when given explicitly) a second block cache on disk, emptied at
+    /// mount time. Default: a directory per server URL under the state
+    /// directory ($FERRY_STATE_DIR, else ~/.local/state/ferry).
     #[arg(long)]
     cache_dir: Option<PathBuf>,
-    /// Budget of the disk cache (K, M, G suffixes).
+    /// Budget of the disk block cache (K, M, G suffixes).
     #[arg(long, default_value = "4G", value_parser = parse_bytes)]
     disk_cache_size: u64,
     /// Refuse every change through the mount.
@@ -42,8 +49,19 @@ pub struct MountArgs {
 }
 
 pub async fn mount(args: MountArgs) -> anyhow::Result<()> {
-    let mountpoint = std::fs::canonicalize(&args.mountpoint)
-        .with_context(|| format!("mount point {}", args.mountpoint.display()))?;
+    let state = match &args.cache_dir {
+        Some(dir) => dir.clone(),
+        None => default_cache_dir(&args.url)?,
+    };
+    if args.status {
+        return print_status(&state);
+    }
+    let requested = args
+        .mountpoint
+        .clone()
+        .expect("clap requires it without --status");
+    let mountpoint = std::fs::canonicalize(&requested)
+        .with_context(|| format!("mount point {}", requested.display()))?;
     if !mountpoint.is_dir() {
         bail!("mount point {} is not a directory", mountpoint.display());
     }
@@ -66,7 +84,11 @@ pub async fn mount(args: MountArgs) -> anyhow::Result<()> {
     }
     let options = MountOptions {
         cache_bytes: args.cache_size as usize,
-        disk_cache: args.cache_dir.map(|dir| (dir, args.disk_cache_size)),
+        disk_cache: args
+            .cache_dir
+            .clone()
+            .map(|dir| (dir, args.disk_cache_size)),
+        state_dir: Some(state),
         read_only: args.read_only,
         ..MountOptions::default()
     };
@@ -79,6 +101,33 @@ pub async fn mount(args: MountArgs) -> anyhow::Result<()> {
             .with_context(|| format!("unmounting {}", mountpoint.display()))?;
     }
     eprintln!("ferry: {} unmounted", mountpoint.display());
+    Ok(())
+}
+
+/// The cache directory of mounts of `url`: stable, so a later mount finds
+/// the uploads an earlier one left.
+fn default_cache_dir(url: &str) -> anyhow::Result<PathBuf> {
+    use sha2::{Digest, Sha256};
+    let id = hex::encode(&Sha256::digest(url.trim_end_matches('/').as_bytes())[..8]);
+    Ok(super::transfer::state_dir()?.join("mounts").join(id))
+}
+
+fn print_status(state: &Path) -> anyhow::Result<()> {
+    let pending = crate::fs::pending::list_pending(&state.join("journal"));
+    if pending.is_empty() {
+        println!("no pending uploads");
+    }
+    for entry in pending {
+        let size = std::fs::metadata(&entry.local)
+            .map(|m| m.len())
+            .unwrap_or(0);
+        println!(
+            "{}	{} bytes	queued {}",
+            entry.path,
+            size,
+            entry.queued_at.to_rfc3339()
+        );
+    }
     Ok(())
 }
 

@@ -11,13 +11,19 @@ use bytes::{Bytes, BytesMut};
 use futures::FutureExt;
 use tokio::sync::Semaphore;
 
+mod writes;
+
+use self::writes::staged_meta_of;
 use super::block_cache::{BLOCK_SIZE, BlockCache, BlockKey, FetchError, detach};
 use super::disk_cache::DiskCache;
 use super::inodes::{Inodes, ROOT_INO};
+use super::pending::UploadQueue;
 use super::readahead::Readahead;
+use super::staging::{RemoteBlocks, Staged};
 use crate::client::Client;
 use crate::error::Error;
 use crate::protocol::{EntryKind, ErrorCode, FileMeta, MoveRequest, RemotePath};
+use std::sync::OnceLock;
 
 /// Linux errno values the mount returns.
 pub mod errno {
@@ -40,6 +46,9 @@ pub struct MountOptions {
     pub cache_bytes: usize,
     /// A directory for a second, on-disk block cache, and its budget in bytes.
     pub disk_cache: Option<(std::path::PathBuf, u64)>,
+    /// Where files being written are staged and pending uploads journaled;
+    /// without it file contents cannot be written.
+    pub state_dir: Option<std::path::PathBuf>,
     pub read_only: bool,
     /// How long attributes and names are trusted without asking the server.
     pub attr_ttl: Duration,
@@ -50,6 +59,7 @@ impl Default for MountOptions {
         Self {
             cache_bytes: 256 << 20,
             disk_cache: None,
+            state_dir: None,
             read_only: false,
             attr_ttl: Duration::from_secs(1),
         }
@@ -66,6 +76,8 @@ fn errno_of(e: &Error) -> i32 {
 struct Handle {
     meta: FileMeta,
     readahead: Mutex<Readahead>,
+    /// Set when the file is being written (through this or another handle).
+    staged: Option<Arc<Staged>>,
 }
 
 pub struct MountCore {
@@ -79,6 +91,9 @@ pub struct MountCore {
     opened_versions: Mutex<HashMap<u64, String>>,
     fetches: Arc<Semaphore>,
     disk: Option<Arc<DiskCache>>,
+    uploads: OnceLock<Arc<UploadQueue>>,
+    /// Files being written, or closed and not yet committed, by path.
+    staged: Mutex<HashMap<RemotePath, Arc<Staged>>>,
     pub options: MountOptions,
 }
 
@@ -90,6 +105,8 @@ impl MountCore {
         };
         Ok(Self {
             disk,
+            uploads: OnceLock::new(),
+            staged: Mutex::default(),
             client,
             inodes: Inodes::new(options.attr_ttl),
             cache: Arc::new(BlockCache::new(options.cache_bytes)),
@@ -118,6 +135,9 @@ impl MountCore {
     }
 
     async fn stat(&self, path: &RemotePath) -> FsResult<(u64, FileMeta)> {
+        if let Some(meta) = self.staged_meta(path) {
+            return Ok((self.inodes.ino(path), meta));
+        }
         if let Some(ino) = self.inodes.known(path)
             && let Some(meta) = self.inodes.fresh_meta(ino)
         {
@@ -171,11 +191,19 @@ impl MountCore {
 
     /// Opens `ino` for reading. Returns the handle and whether the kernel may
     /// keep its cached pages (the file is unchanged since the last open).
-    pub async fn open(&self, ino: u64, write: bool) -> FsResult<(u64, bool)> {
+    pub async fn open(&self, ino: u64, write: bool, truncate: bool) -> FsResult<(u64, bool)> {
         if write {
-            return Err(self.write_refusal());
+            return self.open_for_write(ino, truncate).await;
         }
         let path = self.path(ino)?;
+        if let Some(staged) = self.staged_for(&path) {
+            // Read what this mount wrote, even before it is committed.
+            staged.state.lock().unwrap().open_handles += 1;
+            return Ok((
+                self.add_handle(staged_meta_of(&staged), Some(staged)),
+                false,
+            ));
+        }
         let meta = self.client.stat(&path).await.map_err(|e| errno_of(&e))?;
         if meta.kind == EntryKind::Dir {
             return Err(21); // EISDIR
@@ -188,28 +216,44 @@ impl MountCore {
             .unwrap()
             .insert(ino, etag.clone())
             == Some(etag);
+        Ok((self.add_handle(meta, None), keep_cache))
+    }
+
+    fn add_handle(&self, meta: FileMeta, staged: Option<Arc<Staged>>) -> u64 {
         let fh = self.next_handle.fetch_add(1, Ordering::Relaxed);
         let handle = Arc::new(Handle {
             meta,
             readahead: Mutex::default(),
+            staged,
         });
         self.handles.lock().unwrap().insert(fh, handle);
-        Ok((fh, keep_cache))
+        fh
     }
 
-    pub fn release(&self, fh: u64) {
-        self.handles.lock().unwrap().remove(&fh);
-    }
-
-    /// Up to `size` bytes at `offset` of the version opened as `fh`.
-    pub async fn read(&self, fh: u64, offset: u64, size: u32) -> FsResult<Bytes> {
-        let handle = self
-            .handles
+    fn handle(&self, fh: u64) -> FsResult<Arc<Handle>> {
+        self.handles
             .lock()
             .unwrap()
             .get(&fh)
             .cloned()
-            .ok_or(errno::EBADF)?;
+            .ok_or(errno::EBADF)
+    }
+
+    /// Closes `fh`; the last close of a written file queues its upload.
+    pub async fn release(&self, fh: u64) -> FsResult<()> {
+        let handle = self.handles.lock().unwrap().remove(&fh);
+        match handle.and_then(|h| h.staged.clone()) {
+            Some(staged) => self.release_staged(staged).await,
+            None => Ok(()),
+        }
+    }
+
+    /// Up to `size` bytes at `offset` of the version opened as `fh`.
+    pub async fn read(&self, fh: u64, offset: u64, size: u32) -> FsResult<Bytes> {
+        let handle = self.handle(fh)?;
+        if let Some(staged) = &handle.staged {
+            return staged.read(self, offset, size).await;
+        }
         let file_size = handle.meta.size;
         if offset >= file_size || size == 0 {
             return Ok(Bytes::new());
@@ -315,16 +359,6 @@ impl MountCore {
         self.cache.stats()
     }
 
-    /// Why file contents cannot be written: a read-only mount, or (for now)
-    /// no write path.
-    pub fn write_refusal(&self) -> i32 {
-        if self.options.read_only {
-            errno::EROFS
-        } else {
-            errno::ENOTSUP
-        }
-    }
-
     fn writable(&self) -> FsResult<()> {
         if self.options.read_only {
             Err(errno::EROFS)
@@ -363,7 +397,15 @@ impl MountCore {
     pub async fn unlink(&self, parent: u64, name: &str) -> FsResult<()> {
         self.writable()?;
         let path = self.child(parent, name)?;
-        self.client.delete(&path).await.map_err(|e| errno_of(&e))?;
+        if let Some(open) = self.quiesce(&path).await {
+            open.state.lock().unwrap().unlinked = true;
+            self.staged.lock().unwrap().remove(&path);
+            if open.base.is_some() {
+                self.client.delete(&path).await.map_err(|e| errno_of(&e))?;
+            }
+        } else {
+            self.client.delete(&path).await.map_err(|e| errno_of(&e))?;
+        }
         self.inodes.remove(&path);
         Ok(())
     }
@@ -380,6 +422,29 @@ impl MountCore {
         self.writable()?;
         let from = self.child(parent, name)?;
         let to = self.child(new_parent, new_name)?;
+        // A pending upload to either name must land before the names move.
+        let open = self.quiesce(&from).await;
+        if let Some(replaced) = self.quiesce(&to).await {
+            replaced.state.lock().unwrap().unlinked = true;
+        }
+        if let Some(staged) = open {
+            if staged.base.is_some() {
+                let request = MoveRequest {
+                    from: from.clone(),
+                    to: to.clone(),
+                    overwrite: !no_replace,
+                    recursive: false,
+                };
+                self.client
+                    .rename(&request)
+                    .await
+                    .map_err(|e| errno_of(&e))?;
+            }
+            // Still being written: its upload goes to the new name.
+            self.restage(&staged, &from, &to);
+            self.inodes.rename(&from, &to);
+            return Ok(());
+        }
         let request = MoveRequest {
             from: from.clone(),
             to: to.clone(),
@@ -404,5 +469,16 @@ impl MountCore {
 
     pub fn root_ino(&self) -> u64 {
         ROOT_INO
+    }
+}
+
+impl RemoteBlocks for MountCore {
+    fn fetch(
+        &self,
+        meta: &FileMeta,
+        block: u64,
+    ) -> futures::future::BoxFuture<'_, Result<Bytes, FetchError>> {
+        let meta = meta.clone();
+        async move { self.block(&meta, block).await }.boxed()
     }
 }

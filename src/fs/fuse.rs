@@ -113,6 +113,9 @@ impl Filesystem for FerryFs {
         if let Err(nearest) = config.set_max_readahead(KERNEL_READAHEAD) {
             let _ = config.set_max_readahead(nearest);
         }
+        if let Err(nearest) = config.set_max_write(KERNEL_READAHEAD) {
+            let _ = config.set_max_write(nearest);
+        }
         Ok(())
     }
 
@@ -175,10 +178,10 @@ impl Filesystem for FerryFs {
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
         let core = self.core.clone();
-        let write =
-            flags.0 & (libc_flags::O_WRONLY | libc_flags::O_RDWR | libc_flags::O_TRUNC) != 0;
+        let write = flags.0 & (libc_flags::O_WRONLY | libc_flags::O_RDWR) != 0;
+        let truncate = flags.0 & libc_flags::O_TRUNC != 0;
         self.spawn(
-            async move { core.open(ino.0, write).await },
+            async move { core.open(ino.0, write, truncate).await },
             move |r| match r {
                 Ok((fh, keep_cache)) => {
                     let flags = if keep_cache {
@@ -224,8 +227,94 @@ impl Filesystem for FerryFs {
         _flush: bool,
         reply: ReplyEmpty,
     ) {
-        self.core.release(fh.0);
+        let core = self.core.clone();
+        self.spawn(async move { core.release(fh.0).await }, move |r| {
+            empty(reply, r)
+        });
+    }
+
+    fn write(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        data: &[u8],
+        _write_flags: fuser::WriteFlags,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: fuser::ReplyWrite,
+    ) {
+        let core = self.core.clone();
+        let data = bytes::Bytes::copy_from_slice(data);
+        self.spawn(
+            async move { core.write(fh.0, offset, data).await },
+            move |r| match r {
+                Ok(n) => reply.written(n),
+                Err(e) => reply.error(err(e)),
+            },
+        );
+    }
+
+    fn flush(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _lock_owner: LockOwner,
+        reply: ReplyEmpty,
+    ) {
+        // Uploads happen at the last close; fsync waits for the commit.
         reply.ok();
+    }
+
+    fn fsync(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        _datasync: bool,
+        reply: ReplyEmpty,
+    ) {
+        let core = self.core.clone();
+        self.spawn(async move { core.fsync(fh.0).await }, move |r| {
+            empty(reply, r)
+        });
+    }
+
+    fn setattr(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _mode: Option<u32>,
+        _uid: Option<u32>,
+        _gid: Option<u32>,
+        size: Option<u64>,
+        _atime: Option<fuser::TimeOrNow>,
+        _mtime: Option<fuser::TimeOrNow>,
+        _ctime: Option<SystemTime>,
+        _fh: Option<FileHandle>,
+        _crtime: Option<SystemTime>,
+        _chgtime: Option<SystemTime>,
+        _bkuptime: Option<SystemTime>,
+        _flags: Option<fuser::BsdFileFlags>,
+        reply: ReplyAttr,
+    ) {
+        let (core, ids) = (self.core.clone(), self.ids);
+        let ttl = core.options.attr_ttl;
+        // Modes, owners and times are not stored remotely: accepted, unchanged.
+        self.spawn(
+            async move {
+                match size {
+                    Some(size) => core.set_size(ino.0, size).await,
+                    None => core.getattr(ino.0).await,
+                }
+            },
+            move |r| match r {
+                Ok(meta) => reply.attr(&ttl, &attr(ino.0, &meta, ids)),
+                Err(e) => reply.error(err(e)),
+            },
+        );
     }
 
     fn mkdir(
@@ -295,14 +384,29 @@ impl Filesystem for FerryFs {
     fn create(
         &self,
         _req: &Request,
-        _parent: INodeNo,
-        _name: &OsStr,
+        parent: INodeNo,
+        name_os: &OsStr,
         _mode: u32,
         _umask: u32,
         _flags: i32,
         reply: fuser::ReplyCreate,
     ) {
-        reply.error(err(self.core.write_refusal()));
+        let (core, ids) = (self.core.clone(), self.ids);
+        let ttl = core.options.attr_ttl;
+        let name = name(name_os);
+        self.spawn(
+            async move { core.create(parent.0, &name?).await },
+            move |r| match r {
+                Ok((ino, meta, fh)) => reply.created(
+                    &ttl,
+                    &attr(ino, &meta, ids),
+                    Generation(0),
+                    FileHandle(fh),
+                    FopenFlags::empty(),
+                ),
+                Err(e) => reply.error(err(e)),
+            },
+        );
     }
 
     fn mknod(
@@ -328,6 +432,26 @@ impl Filesystem for FerryFs {
     ) {
         // The server has no hard links.
         reply.error(err(errno::EPERM));
+    }
+
+    fn getxattr(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _name: &OsStr,
+        _size: u32,
+        reply: fuser::ReplyXattr,
+    ) {
+        // The server keeps no extended attributes.
+        reply.error(Errno::NO_XATTR);
+    }
+
+    fn listxattr(&self, _req: &Request, _ino: INodeNo, size: u32, reply: fuser::ReplyXattr) {
+        if size == 0 {
+            reply.size(0);
+        } else {
+            reply.data(&[]);
+        }
     }
 
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {

@@ -29,6 +29,11 @@ pub async fn run(core: Arc<MountCore>, notifier: Notifier, mut watcher: Watcher)
 
 async fn forget(core: &Arc<MountCore>, notifier: &Arc<Notifier>, path: &RemotePath) {
     core.forget_path(path);
+    if core.writes_in_flight(path) {
+        // Our own upload landing: the kernel already sees this content, and
+        // invalidating the entry under a waiting open would fail that open.
+        return;
+    }
     let entry = path
         .parent()
         .and_then(|parent| core.inodes.known(&parent))

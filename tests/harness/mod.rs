@@ -2,6 +2,8 @@
 //! client, and a raw HTTP/1.1 client for requests no URL library would send.
 #![allow(dead_code)]
 
+pub mod mount;
+
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};

@@ -1,0 +1,265 @@
+//! The write path of [`MountCore`]: create, open for writing, write,
+//! truncate, fsync and the last close, over [`Staged`] files and the
+//! [`UploadQueue`].
+
+use std::sync::{Arc, Weak};
+
+use bytes::Bytes;
+
+use super::{FsResult, MountCore, errno};
+use crate::fs::pending::UploadQueue;
+use crate::fs::staging::{Staged, discard};
+use crate::protocol::{EntryKind, FileMeta, RemotePath};
+
+/// Metadata of a staged file as the mount shows it.
+pub(super) fn staged_meta_of(staged: &Staged) -> FileMeta {
+    let state = staged.state.lock().unwrap();
+    FileMeta {
+        path: state.path.clone(),
+        kind: EntryKind::File,
+        size: state.size,
+        mtime: Some(state.mtime.into()),
+        etag: staged.base.as_ref().and_then(|b| b.etag.clone()),
+    }
+}
+
+impl MountCore {
+    /// Enables writing: opens the journal and resumes uploads an earlier
+    /// mount left unfinished. Returns how many it resumed.
+    pub fn start_writes(self: &Arc<Self>) -> std::io::Result<usize> {
+        let Some(dir) = self.options.state_dir.clone() else {
+            return Ok(0);
+        };
+        let weak: Weak<MountCore> = Arc::downgrade(self);
+        let queue = UploadQueue::open(
+            self.client.clone(),
+            &dir,
+            Box::new(move |path| {
+                if let Some(core) = weak.upgrade() {
+                    core.settled(path);
+                }
+            }),
+        )?;
+        let resumed = queue.recover();
+        let _ = self.uploads.set(queue);
+        Ok(resumed)
+    }
+
+    fn queue(&self) -> FsResult<&Arc<UploadQueue>> {
+        if self.options.read_only {
+            return Err(errno::EROFS);
+        }
+        self.uploads.get().ok_or(errno::ENOTSUP)
+    }
+
+    /// Why file contents cannot be written here.
+    pub fn write_refusal(&self) -> i32 {
+        match self.queue() {
+            Ok(_) => 0,
+            Err(e) => e,
+        }
+    }
+
+    pub(super) fn staged_for(&self, path: &RemotePath) -> Option<Arc<Staged>> {
+        self.staged.lock().unwrap().get(path).cloned()
+    }
+
+    /// True while this mount is writing or uploading `path`.
+    pub fn writes_in_flight(&self, path: &RemotePath) -> bool {
+        self.staged_for(path).is_some()
+    }
+
+    pub(super) fn staged_meta(&self, path: &RemotePath) -> Option<FileMeta> {
+        self.staged_for(path).map(|s| staged_meta_of(&s))
+    }
+
+    /// Before a namespace change of `path`: lets a closed file's pending
+    /// upload land first. Returns the staged file if it is still open.
+    pub(super) async fn quiesce(&self, path: &RemotePath) -> Option<Arc<Staged>> {
+        let staged = self.staged_for(path)?;
+        if staged.state.lock().unwrap().open_handles > 0 {
+            return Some(staged);
+        }
+        if let Ok(queue) = self.queue() {
+            queue.wait(path).await;
+        }
+        None
+    }
+
+    /// Moves an open staged file to a new name.
+    pub(super) fn restage(&self, staged: &Arc<Staged>, from: &RemotePath, to: &RemotePath) {
+        let mut map = self.staged.lock().unwrap();
+        map.remove(from);
+        map.insert(to.clone(), staged.clone());
+        staged.state.lock().unwrap().path = to.clone();
+    }
+
+    /// An upload finished: the server now has the file.
+    fn settled(&self, path: &RemotePath) {
+        let mut staged = self.staged.lock().unwrap();
+        if let Some(s) = staged.get(path) {
+            let state = s.state.lock().unwrap();
+            if state.open_handles == 0 && !state.dirty {
+                drop(state);
+                staged.remove(path);
+            }
+        }
+        drop(staged);
+        self.inodes.invalidate(path);
+    }
+
+    /// Creates (or truncates) `name` in `parent` and opens it for writing.
+    pub async fn create(&self, parent: u64, name: &str) -> FsResult<(u64, FileMeta, u64)> {
+        let queue = self.queue()?.clone();
+        let path = self.child(parent, name)?;
+        let (_, dir) = self.stat(&self.path(parent)?).await?;
+        if dir.kind != EntryKind::Dir {
+            return Err(20); // ENOTDIR
+        }
+        queue.wait(&path).await;
+        let staged = Arc::new(Staged::create(
+            queue.new_staging_path(),
+            path.clone(),
+            None,
+            true,
+        )?);
+        self.staged
+            .lock()
+            .unwrap()
+            .insert(path.clone(), staged.clone());
+        staged.state.lock().unwrap().open_handles += 1;
+        let meta = staged_meta_of(&staged);
+        let ino = self.inodes.ino(&path);
+        Ok((ino, meta.clone(), self.add_handle(meta, Some(staged))))
+    }
+
+    pub(super) async fn open_for_write(&self, ino: u64, truncate: bool) -> FsResult<(u64, bool)> {
+        let staged = self.stage(ino, truncate).await?;
+        if truncate {
+            staged.truncate(self, 0).await?;
+        }
+        staged.state.lock().unwrap().open_handles += 1;
+        Ok((
+            self.add_handle(staged_meta_of(&staged), Some(staged)),
+            false,
+        ))
+    }
+
+    /// The staged file of `ino`, staging it from its remote version if needed.
+    async fn stage(&self, ino: u64, truncate: bool) -> FsResult<Arc<Staged>> {
+        let queue = self.queue()?.clone();
+        let path = self.path(ino)?;
+        if let Some(staged) = self.staged_for(&path) {
+            let open = staged.state.lock().unwrap().open_handles > 0;
+            if open {
+                return Ok(staged);
+            }
+            // Closed and uploading: let that version land first.
+            queue.wait(&path).await;
+            self.staged.lock().unwrap().remove(&path);
+        }
+        let base = self.client.stat(&path).await.map_err(|e| e.errno())?;
+        if base.kind == EntryKind::Dir {
+            return Err(21); // EISDIR
+        }
+        let staged = Arc::new(Staged::create(
+            queue.new_staging_path(),
+            path.clone(),
+            Some(base),
+            truncate,
+        )?);
+        self.staged.lock().unwrap().insert(path, staged.clone());
+        Ok(staged)
+    }
+
+    pub async fn write(&self, fh: u64, offset: u64, data: Bytes) -> FsResult<u32> {
+        let handle = self.handle(fh)?;
+        let staged = handle.staged.clone().ok_or(errno::EBADF)?;
+        staged.write(self, offset, data).await
+    }
+
+    /// `truncate(2)`/`ftruncate(2)`: through the open staged file, or staging
+    /// the file just for this change (uploaded at once).
+    pub async fn set_size(&self, ino: u64, size: u64) -> FsResult<FileMeta> {
+        let staged = self.stage(ino, false).await?;
+        staged.state.lock().unwrap().open_handles += 1;
+        let result = staged.truncate(self, size).await;
+        let meta = staged_meta_of(&staged);
+        self.release_staged(staged).await?;
+        result.map(|()| meta)
+    }
+
+    /// Waits until the file's current content is committed on the server.
+    pub async fn fsync(&self, fh: u64) -> FsResult<()> {
+        let handle = self.handle(fh)?;
+        let Some(staged) = handle.staged.clone() else {
+            return Ok(());
+        };
+        let queue = self.queue()?.clone();
+        let _exclusive = staged.gate.write().await;
+        if !staged.state.lock().unwrap().dirty {
+            queue.wait(&staged.path()).await;
+            return Ok(());
+        }
+        staged.complete(self).await?;
+        let path = staged.path();
+        // Upload a snapshot, so writes can go on in the staging file meanwhile.
+        let snapshot = queue.new_staging_path();
+        let local = staged.local.clone();
+        let copy = snapshot.clone();
+        tokio::task::spawn_blocking(move || std::fs::copy(local, copy))
+            .await
+            .map_err(|_| errno::EIO)?
+            .map_err(|e| e.raw_os_error().unwrap_or(errno::EIO))?;
+        let base = staged.base.as_ref().and_then(|b| b.etag.clone());
+        queue
+            .enqueue(path.clone(), snapshot, base)
+            .map_err(|e| e.raw_os_error().unwrap_or(errno::EIO))?;
+        staged.state.lock().unwrap().dirty = false;
+        queue.wait(&path).await;
+        Ok(())
+    }
+
+    pub(super) async fn release_staged(&self, staged: Arc<Staged>) -> FsResult<()> {
+        let queue = self.queue()?.clone();
+        let path = staged.path();
+        // Announced before the last handle goes, so that anyone who then
+        // finds the file closed also finds its upload on the way.
+        let (last, reservation) = {
+            let mut state = staged.state.lock().unwrap();
+            let last = state.open_handles <= 1;
+            let reservation =
+                (last && state.dirty && !state.unlinked).then(|| queue.reserve(&path));
+            state.open_handles = state.open_handles.saturating_sub(1);
+            (last, reservation)
+        };
+        if !last {
+            return Ok(());
+        }
+        let (dirty, unlinked) = {
+            let state = staged.state.lock().unwrap();
+            (state.dirty, state.unlinked)
+        };
+        if unlinked {
+            discard(&staged.local);
+            return Ok(());
+        }
+        if !dirty {
+            // An upload in progress owns the staging file until it settles.
+            if !queue.is_pending(&path) {
+                self.staged.lock().unwrap().remove(&path);
+                discard(&staged.local);
+            }
+            return Ok(());
+        }
+        // The staging file becomes the whole new content, durable locally,
+        // and is journaled before close returns.
+        staged.complete(self).await?;
+        let base = staged.base.as_ref().and_then(|b| b.etag.clone());
+        staged.state.lock().unwrap().dirty = false;
+        let reservation = reservation.expect("a dirty file's last close reserves its upload");
+        reservation
+            .enqueue(staged.local.clone(), base)
+            .map_err(|e| e.raw_os_error().unwrap_or(errno::EIO))
+    }
+}

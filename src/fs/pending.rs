@@ -1,0 +1,300 @@
+//! Uploads of closed files: journaled in the mount's state directory before
+//! `close` returns, sent in the background as resumable chunk sessions, and
+//! resumed by the next mount of the same server after a crash. Nothing
+//! written and closed is lost.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use futures::FutureExt;
+use futures::future::{BoxFuture, Shared};
+use serde::{Deserialize, Serialize};
+
+use crate::client::Client;
+use crate::client::upload::{Transport, UploadOptions, upload_file};
+use crate::error::Error;
+use crate::protocol::{ErrorCode, RemotePath};
+
+/// One journaled upload.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct JournalEntry {
+    pub path: RemotePath,
+    pub local: PathBuf,
+    /// Commit only over this version (the one the file was opened from).
+    pub base_etag: Option<String>,
+    pub session_id: Option<String>,
+    pub queued_at: DateTime<Utc>,
+}
+
+type Done = Shared<BoxFuture<'static, ()>>;
+
+pub struct UploadQueue {
+    client: Client,
+    journal: PathBuf,
+    staging: PathBuf,
+    running: Mutex<HashMap<RemotePath, Done>>,
+    /// Called with each path once its upload is committed (or given up).
+    on_settled: Box<dyn Fn(&RemotePath) + Send + Sync>,
+}
+
+impl UploadQueue {
+    /// Opens (creating) `state/journal` and `state/staging`.
+    pub fn open(
+        client: Client,
+        state: &Path,
+        on_settled: Box<dyn Fn(&RemotePath) + Send + Sync>,
+    ) -> std::io::Result<Arc<UploadQueue>> {
+        let (journal, staging) = (state.join("journal"), state.join("staging"));
+        std::fs::create_dir_all(&journal)?;
+        std::fs::create_dir_all(&staging)?;
+        Ok(Arc::new(UploadQueue {
+            client,
+            journal,
+            staging,
+            running: Mutex::default(),
+            on_settled,
+        }))
+    }
+
+    /// A fresh staging file path.
+    pub fn new_staging_path(&self) -> PathBuf {
+        self.staging.join(hex::encode(rand::random::<[u8; 12]>()))
+    }
+
+    /// Marks `path` as having an upload on its way, before its content is
+    /// ready: [`UploadQueue::wait`] waits for it from now on.
+    pub fn reserve(self: &Arc<Self>, path: &RemotePath) -> Reservation {
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let done = async move {
+            let _ = rx.await;
+        }
+        .boxed()
+        .shared();
+        self.running.lock().unwrap().insert(path.clone(), done);
+        Reservation {
+            queue: self.clone(),
+            path: path.clone(),
+            settled: Some(tx),
+        }
+    }
+
+    /// Journals the upload of `local` to `path`, then starts it.
+    pub fn enqueue(
+        self: &Arc<Self>,
+        path: RemotePath,
+        local: PathBuf,
+        base_etag: Option<String>,
+    ) -> std::io::Result<()> {
+        self.reserve(&path).enqueue(local, base_etag)
+    }
+
+    /// Restarts every journaled upload (after a crash). Returns how many.
+    pub fn recover(self: &Arc<Self>) -> usize {
+        let mut count = 0;
+        for record in std::fs::read_dir(&self.journal)
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            let path = record.path();
+            if path.extension().is_none_or(|e| e != "json") {
+                continue;
+            }
+            match std::fs::read(&path)
+                .ok()
+                .and_then(|b| serde_json::from_slice::<JournalEntry>(&b).ok())
+            {
+                Some(entry) if entry.local.exists() => {
+                    tracing::info!(path = %entry.path, "resuming an upload left by an earlier mount");
+                    self.start(path, entry);
+                    count += 1;
+                }
+                _ => {
+                    tracing::warn!(record = %path.display(), "dropping an unusable upload record");
+                    let _ = std::fs::remove_file(&path);
+                }
+            }
+        }
+        count
+    }
+
+    /// Journaled uploads not yet committed.
+    pub fn pending(&self) -> Vec<JournalEntry> {
+        list_pending(&self.journal)
+    }
+
+    /// Waits until the upload of `path` (if any) has settled.
+    pub async fn wait(&self, path: &RemotePath) {
+        let done = self.running.lock().unwrap().get(path).cloned();
+        if let Some(done) = done {
+            done.await;
+        }
+    }
+
+    pub fn is_pending(&self, path: &RemotePath) -> bool {
+        self.running.lock().unwrap().contains_key(path)
+    }
+
+    fn start(self: &Arc<Self>, record: PathBuf, entry: JournalEntry) {
+        let reservation = self.reserve(&entry.path);
+        reservation.start(record, entry);
+    }
+
+    async fn run(self: &Arc<Self>, record: &Path, mut entry: JournalEntry) {
+        let mut attempt = 0u32;
+        let mut target = entry.path.clone();
+        loop {
+            let session = {
+                let record = record.to_owned();
+                let entry = entry.clone();
+                Arc::new(move |id: &str| {
+                    let mut updated = entry.clone();
+                    updated.session_id = Some(id.to_owned());
+                    if let Err(e) = write_record(&record, &updated) {
+                        tracing::warn!(error = %e, "updating the upload journal failed");
+                    }
+                })
+            };
+            let options = UploadOptions {
+                if_match: entry.base_etag.clone().filter(|_| target == entry.path),
+                resume_id: entry.session_id.take(),
+                on_session: Some(session),
+                transport: Transport::Http,
+                ..Default::default()
+            };
+            match upload_file(&self.client, &entry.local, &target, options).await {
+                Ok(_) => break,
+                Err(e) if is_conflict(&e) && target == entry.path => {
+                    target = conflict_path(&entry.path);
+                    tracing::warn!(path = %entry.path, kept_as = %target, error = %e,
+                        "the remote file changed since it was opened; keeping both");
+                }
+                Err(e) if !entry.local.exists() => {
+                    tracing::error!(path = %target, error = %e, "the staged file is gone; this upload cannot be completed");
+                    break;
+                }
+                Err(e) => {
+                    attempt += 1;
+                    let delay = self
+                        .client
+                        .retry_policy()
+                        .delay(attempt.min(10), None)
+                        .max(Duration::from_millis(200));
+                    tracing::warn!(path = %target, error = %e, ?delay, "upload failed; retrying");
+                    tokio::time::sleep(delay).await;
+                    // The journal holds the latest session id.
+                    if let Some(latest) = std::fs::read(record)
+                        .ok()
+                        .and_then(|b| serde_json::from_slice::<JournalEntry>(&b).ok())
+                    {
+                        entry.session_id = latest.session_id;
+                    }
+                }
+            }
+        }
+        let _ = std::fs::remove_file(record);
+        let _ = std::fs::remove_file(&entry.local);
+        (self.on_settled)(&entry.path);
+        if target != entry.path {
+            (self.on_settled)(&target);
+        }
+    }
+}
+
+/// An upload announced by [`UploadQueue::reserve`]. Dropped without being
+/// enqueued, it releases whoever waits for it.
+pub struct Reservation {
+    queue: Arc<UploadQueue>,
+    path: RemotePath,
+    settled: Option<tokio::sync::oneshot::Sender<()>>,
+}
+
+impl Reservation {
+    /// Journals the upload of `local`, then starts it.
+    pub fn enqueue(self, local: PathBuf, base_etag: Option<String>) -> std::io::Result<()> {
+        let entry = JournalEntry {
+            path: self.path.clone(),
+            local,
+            base_etag,
+            session_id: None,
+            queued_at: Utc::now(),
+        };
+        let record = self
+            .queue
+            .journal
+            .join(format!("{}.json", file_name(&entry.local)));
+        write_record(&record, &entry)?;
+        self.start(record, entry);
+        Ok(())
+    }
+
+    fn start(mut self, record: PathBuf, entry: JournalEntry) {
+        let settled = self.settled.take();
+        let (queue, path) = (self.queue.clone(), self.path.clone());
+        tokio::spawn(async move {
+            queue.run(&record, entry).await;
+            queue.running.lock().unwrap().remove(&path);
+            if let Some(tx) = settled {
+                let _ = tx.send(());
+            }
+        });
+    }
+}
+
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        if let Some(tx) = self.settled.take() {
+            self.queue.running.lock().unwrap().remove(&self.path);
+            let _ = tx.send(());
+        }
+    }
+}
+
+/// The remote version moved on (412), or the path can no longer hold a file.
+fn is_conflict(e: &Error) -> bool {
+    matches!(
+        e.code(),
+        ErrorCode::PreconditionFailed | ErrorCode::IsADirectory | ErrorCode::NotADirectory
+    )
+}
+
+/// `name.conflict-<UTC timestamp>` beside `path`.
+pub fn conflict_path(path: &RemotePath) -> RemotePath {
+    let stamp = Utc::now().format("%Y%m%dT%H%M%S%.3fZ");
+    let name = format!("{}.conflict-{stamp}", path.name().unwrap_or("file"));
+    let parent = path.parent().unwrap_or_default();
+    parent.join(&name).unwrap_or_else(|_| path.clone())
+}
+
+fn file_name(path: &Path) -> String {
+    path.file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default()
+}
+
+fn write_record(record: &Path, entry: &JournalEntry) -> std::io::Result<()> {
+    let tmp = record.with_extension("tmp");
+    std::fs::write(
+        &tmp,
+        serde_json::to_vec_pretty(entry).expect("entries serialize"),
+    )?;
+    std::fs::File::open(&tmp)?.sync_all()?;
+    std::fs::rename(&tmp, record)?;
+    std::fs::File::open(record.parent().expect("records live in a directory"))?.sync_all()
+}
+
+/// The journaled uploads in a mount's state directory.
+pub fn list_pending(journal: &Path) -> Vec<JournalEntry> {
+    let mut out: Vec<JournalEntry> = std::fs::read_dir(journal)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter(|e| e.path().extension().is_some_and(|x| x == "json"))
+        .filter_map(|e| serde_json::from_slice(&std::fs::read(e.path()).ok()?).ok())
+        .collect();
+    out.sort_by_key(|e| e.queued_at);
+    out
+}

@@ -1,0 +1,92 @@
+//! Real FUSE mounts for the mount tests: a `ferry mount --foreground`
+//! process, unmounted and stopped on drop.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use super::{Server, eventually};
+
+pub fn fuse_available() -> bool {
+    let ok = Path::new("/dev/fuse").exists();
+    if !ok {
+        eprintln!(
+            "\n*** SKIPPED: /dev/fuse is absent; mount tests need FUSE (apt-get install fuse3) ***\n"
+        );
+    }
+    ok
+}
+
+pub fn is_mounted(path: &Path) -> bool {
+    let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    let wanted = path.to_str().unwrap();
+    info.lines().any(|l| l.split(' ').nth(4) == Some(wanted))
+}
+
+/// A `ferry mount --foreground` process; unmounted and stopped on drop.
+pub struct MountProc {
+    pub child: Child,
+    pub path: PathBuf,
+    /// `FERRY_STATE_DIR` of the mount (staging and the upload journal).
+    pub state: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl MountProc {
+    pub fn start(server: &Server, extra: &[&str]) -> MountProc {
+        let dir = tempfile::tempdir().unwrap();
+        let state = dir.path().join("state");
+        Self::start_with_state(&server.url, dir, state, extra)
+    }
+
+    /// A mount whose state directory is `state` (kept by the caller to
+    /// remount with the same journal).
+    pub fn start_with_state(
+        url: &str,
+        dir: tempfile::TempDir,
+        state: PathBuf,
+        extra: &[&str],
+    ) -> MountProc {
+        let path = dir.path().join("mnt");
+        std::fs::create_dir_all(&path).unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_ferry"))
+            .args(["mount", url, path.to_str().unwrap(), "--foreground"])
+            .args(extra)
+            .env("FERRY_LOG", "warn")
+            .env("FERRY_STATE_DIR", &state)
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap();
+        assert!(
+            eventually(Duration::from_secs(15), || is_mounted(&path)),
+            "the mount did not appear"
+        );
+        MountProc {
+            child,
+            path,
+            state,
+            _dir: dir,
+        }
+    }
+
+    pub fn at(&self, rel: &str) -> PathBuf {
+        self.path.join(rel)
+    }
+}
+
+impl Drop for MountProc {
+    fn drop(&mut self) {
+        let _ = Command::new("fusermount3")
+            .arg("-u")
+            .arg(&self.path)
+            .status();
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub fn store_file(server: &Server, rel: &str, data: &[u8]) {
+    let path = server.store_dir.as_ref().unwrap().join(rel);
+    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+    std::fs::write(path, data).unwrap();
+}

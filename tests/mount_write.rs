@@ -1,0 +1,469 @@
+//! `ferry mount` write path on real FUSE mounts: staging, upload on close,
+//! fsync, crash recovery and conflicts. Skipped (loudly) only where
+//! /dev/fuse is absent.
+
+mod harness;
+
+use std::io::{Seek, SeekFrom, Write};
+use std::os::unix::fs::FileExt;
+use std::process::Command;
+use std::time::Duration;
+
+use harness::mount::{MountProc, fuse_available, is_mounted, store_file};
+use harness::{Server, eventually, random_bytes};
+
+const MIB: usize = 1 << 20;
+
+/// Waits until the server holds exactly `expected` at `path`.
+async fn server_has(server: &Server, path: &str, expected: &[u8]) -> bool {
+    for _ in 0..300 {
+        let (status, body) = server.get_bytes(path).await;
+        if status == 200 && body == expected {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    false
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cp_of_a_1_gib_file_is_committed_by_fsync() {
+    if !fuse_available() {
+        return;
+    }
+    let server = Server::start();
+    let mount = MountProc::start(&server, &[]);
+    let data = random_bytes(1 << 30);
+    let tmp = tempfile::tempdir().unwrap();
+    let source = tmp.path().join("src.bin");
+    std::fs::write(&source, &data).unwrap();
+    let status = Command::new("cp")
+        .arg(&source)
+        .arg(mount.at("copied.bin"))
+        .status()
+        .unwrap();
+    assert!(status.success());
+    // fsync returns only once the server has committed the file.
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .open(mount.at("copied.bin"))
+        .unwrap();
+    file.sync_all().unwrap();
+    let (code, body) = server.get_bytes("copied.bin").await;
+    assert_eq!(code, 200);
+    assert!(body == data, "the server's copy differs");
+    assert!(std::fs::read(mount.at("copied.bin")).unwrap() == data);
+}
+
+/// A random mix of writes, truncates and reads through the mount, checked
+/// against an in-memory model of the file.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn random_writes_truncates_and_reads_match_a_model() {
+    if !fuse_available() {
+        return;
+    }
+    let server = Server::start();
+    let initial = random_bytes(3 * MIB + 777);
+    store_file(&server, "fsx.bin", &initial);
+    let mount = MountProc::start(&server, &[]);
+    let mut model = initial.clone();
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(mount.at("fsx.bin"))
+        .unwrap();
+    let mut seed = 0x2545f4914f6cdd1du64;
+    let mut next = move |bound: u64| {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed % bound.max(1)
+    };
+    for op in 0..3000 {
+        let limit = 5 * MIB as u64;
+        match next(10) {
+            0..=4 => {
+                let offset = next(limit);
+                let big = next(4) == 0;
+                let len = 1 + next(if big { 300_000 } else { 5000 }) as usize;
+                let data: Vec<u8> = (0..len).map(|i| (i as u64 ^ offset ^ op) as u8).collect();
+                file.write_all_at(&data, offset).unwrap();
+                let end = offset as usize + len;
+                if model.len() < end {
+                    model.resize(end, 0);
+                }
+                model[offset as usize..end].copy_from_slice(&data);
+            }
+            5 => {
+                let size = next(limit);
+                file.set_len(size).unwrap();
+                model.resize(size as usize, 0);
+            }
+            _ => {
+                let offset = next(model.len() as u64 + 100);
+                let len = 1 + next(70_000) as usize;
+                let mut buf = vec![0u8; len];
+                let n = read_fully_at(&file, &mut buf, offset);
+                let want_end = (offset as usize + len).min(model.len());
+                let want = if (offset as usize) < model.len() {
+                    &model[offset as usize..want_end]
+                } else {
+                    &[][..]
+                };
+                assert_eq!(n, want.len(), "op {op}: read length at {offset}");
+                assert!(
+                    buf[..n] == *want,
+                    "op {op}: bytes at {offset} differ from the model"
+                );
+            }
+        }
+    }
+    assert_eq!(file.metadata().unwrap().len(), model.len() as u64);
+    file.sync_all().unwrap();
+    drop(file);
+    assert!(
+        server_has(&server, "fsx.bin", &model).await,
+        "the committed file differs from the model"
+    );
+}
+
+fn read_fully_at(file: &std::fs::File, buf: &mut [u8], offset: u64) -> usize {
+    let mut done = 0;
+    while done < buf.len() {
+        let n = file
+            .read_at(&mut buf[done..], offset + done as u64)
+            .unwrap();
+        if n == 0 {
+            break;
+        }
+        done += n;
+    }
+    done
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_editor_save_replaces_the_file_atomically() {
+    if !fuse_available() {
+        return;
+    }
+    let server = Server::start();
+    server.put("notes/todo.txt", "old contents").await;
+    let mount = MountProc::start(&server, &[]);
+    let tmp_path = mount.at("notes/.todo.txt.swp");
+    let mut tmp = std::fs::File::create(&tmp_path).unwrap();
+    tmp.write_all(b"new contents, saved by an editor").unwrap();
+    tmp.sync_all().unwrap();
+    drop(tmp);
+    std::fs::rename(&tmp_path, mount.at("notes/todo.txt")).unwrap();
+    assert_eq!(
+        std::fs::read(mount.at("notes/todo.txt")).unwrap(),
+        b"new contents, saved by an editor"
+    );
+    assert!(
+        server_has(
+            &server,
+            "notes/todo.txt",
+            b"new contents, saved by an editor"
+        )
+        .await
+    );
+    assert_eq!(server.get_bytes("notes/.todo.txt.swp").await.0, 404);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tar_extracts_a_thousand_files() {
+    if !fuse_available() {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let tree = tmp.path().join("tree");
+    for i in 0..1000 {
+        let dir = tree.join(format!("d{:02}", i % 20));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(
+            dir.join(format!("f{i:04}.txt")),
+            format!("file {i}\n").repeat(i % 7 + 1),
+        )
+        .unwrap();
+    }
+    let archive = tmp.path().join("tree.tar");
+    assert!(
+        Command::new("tar")
+            .arg("-cf")
+            .arg(&archive)
+            .arg("-C")
+            .arg(tmp.path())
+            .arg("tree")
+            .status()
+            .unwrap()
+            .success()
+    );
+    let server = Server::start();
+    let mount = MountProc::start(&server, &[]);
+    let out = Command::new("tar")
+        .arg("-xf")
+        .arg(&archive)
+        .arg("-C")
+        .arg(&mount.path)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for i in (0..1000).step_by(37) {
+        let rel = format!("tree/d{:02}/f{i:04}.txt", i % 20);
+        let want = format!("file {i}\n").repeat(i % 7 + 1);
+        assert!(server_has(&server, &rel, want.as_bytes()).await, "{rel}");
+    }
+    let mut files = 0;
+    for _ in 0..300 {
+        let listing = server
+            .json("/v1/list/tree?recursive=true&limit=10000")
+            .await
+            .1;
+        files = listing["entries"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|e| e["kind"] == "file")
+            .count();
+        if files == 1000 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(files, 1000, "every extracted file reaches the server");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn git_clone_into_the_mount_passes_fsck() {
+    if !fuse_available() {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let repo = tmp.path().join("repo");
+    let git = |dir: &std::path::Path, args: &[&str]| {
+        let out = Command::new("git")
+            .arg("-C")
+            .arg(dir)
+            .args(args)
+            .output()
+            .expect("git is installed");
+        assert!(
+            out.status.success(),
+            "git {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    std::fs::create_dir(&repo).unwrap();
+    git(&repo, &["init", "-q"]);
+    for i in 0..20 {
+        std::fs::write(
+            repo.join(format!("file{i}.txt")),
+            format!("content {i}\n").repeat(50),
+        )
+        .unwrap();
+        git(&repo, &["add", "."]);
+        git(
+            &repo,
+            &[
+                "-c",
+                "user.name=t",
+                "-c",
+                "user.email=t@t",
+                "commit",
+                "-q",
+                "-m",
+                &format!("commit {i}"),
+            ],
+        );
+    }
+    let server = Server::start();
+    let mount = MountProc::start(&server, &[]);
+    let clone = mount.at("clone");
+    let out = Command::new("git")
+        .arg("clone")
+        .arg("-q")
+        .arg("--no-hardlinks")
+        .arg(&repo)
+        .arg(&clone)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "git clone: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    git(&clone, &["fsck", "--full"]);
+    assert_eq!(
+        std::fs::read_to_string(clone.join("file7.txt")).unwrap(),
+        "content 7\n".repeat(50)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ffmpeg_writes_an_mp4_that_ffprobe_reads_back() {
+    if !fuse_available() {
+        return;
+    }
+    let server = Server::start();
+    let mount = MountProc::start(&server, &[]);
+    let target = mount.at("made.mp4");
+    let made = Command::new("ffmpeg")
+        .args([
+            "-hide_banner",
+            "-loglevel",
+            "error",
+            "-f",
+            "lavfi",
+            "-i",
+            "testsrc=duration=20:size=320x240:rate=10",
+        ])
+        .args([
+            "-c:v",
+            "libx264",
+            "-preset",
+            "ultrafast",
+            "-movflags",
+            "+faststart",
+        ])
+        .arg(&target)
+        .output()
+        .unwrap();
+    assert!(
+        made.status.success(),
+        "{}",
+        String::from_utf8_lossy(&made.stderr)
+    );
+    let probe = Command::new("ffprobe")
+        .args([
+            "-v",
+            "error",
+            "-show_entries",
+            "format=duration",
+            "-of",
+            "csv=p=0",
+        ])
+        .arg(&target)
+        .output()
+        .unwrap();
+    assert!(
+        probe.status.success(),
+        "{}",
+        String::from_utf8_lossy(&probe.stderr)
+    );
+    let duration: f64 = String::from_utf8_lossy(&probe.stdout)
+        .trim()
+        .parse()
+        .unwrap();
+    assert!((duration - 20.0).abs() < 1.0, "{duration}");
+    let local = std::fs::read(&target).unwrap();
+    assert!(server_has(&server, "made.mp4", &local).await);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn files_closed_before_a_sigkill_are_committed_by_the_next_mount() {
+    if !fuse_available() {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let store = tmp.path().join("store");
+    let state = tmp.path().join("state");
+    let server = Server::start_on(store.to_str().unwrap(), &[]);
+    let (addr, url) = (server.addr.to_string(), server.url.clone());
+    let mut mount =
+        MountProc::start_with_state(&url, tempfile::tempdir().unwrap(), state.clone(), &[]);
+    let contents: Vec<Vec<u8>> = (0..5).map(|i| random_bytes(2 * MIB + i * 1000)).collect();
+    let mut files: Vec<std::fs::File> = (0..5)
+        .map(|i| std::fs::File::create(mount.at(&format!("pending{i}.bin"))).unwrap())
+        .collect();
+    for (file, data) in files.iter_mut().zip(&contents) {
+        file.write_all(data).unwrap();
+    }
+    // The server goes away, then the files are closed: their uploads cannot
+    // happen, but close returns once each is journaled.
+    drop(server);
+    drop(files);
+    let journal = std::fs::read_dir(state.join("mounts"))
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path()
+        .join("journal");
+    assert!(eventually(Duration::from_secs(5), || std::fs::read_dir(
+        &journal
+    )
+    .map(|d| d.count())
+    .unwrap_or(0)
+        == 5));
+    mount.child.kill().unwrap(); // SIGKILL
+    mount.child.wait().unwrap();
+    let _ = Command::new("fusermount3")
+        .arg("-u")
+        .arg(&mount.path)
+        .status();
+    let status = Command::new(env!("CARGO_BIN_EXE_ferry"))
+        .args(["mount", &url, "--status"])
+        .env("FERRY_STATE_DIR", &state)
+        .output()
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&status.stdout).lines().count(),
+        5,
+        "--status lists the pending uploads"
+    );
+    drop(mount);
+    // The server returns; the next mount of the same URL commits everything.
+    let server = Server::spawn(store.to_str().unwrap(), &addr, &[]);
+    let remount =
+        MountProc::start_with_state(&url, tempfile::tempdir().unwrap(), state.clone(), &[]);
+    for (i, data) in contents.iter().enumerate() {
+        assert!(
+            server_has(&server, &format!("pending{i}.bin"), data).await,
+            "pending{i}.bin"
+        );
+    }
+    assert!(eventually(Duration::from_secs(5), || std::fs::read_dir(
+        &journal
+    )
+    .map(|d| d.count())
+    .unwrap_or(1)
+        == 0));
+    assert!(is_mounted(&remount.path));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_file_changed_remotely_while_open_keeps_both_versions() {
+    if !fuse_available() {
+        return;
+    }
+    let server = Server::start();
+    server.put("shared.txt", "original").await;
+    let mount = MountProc::start(&server, &[]);
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .open(mount.at("shared.txt"))
+        .unwrap();
+    file.seek(SeekFrom::Start(0)).unwrap();
+    file.write_all(b"LOCAL EDIT").unwrap();
+    server.put("shared.txt", "remote edit").await;
+    file.sync_all().unwrap();
+    drop(file);
+    assert_eq!(
+        server.get_bytes("shared.txt").await.1,
+        b"remote edit",
+        "the remote version is not clobbered"
+    );
+    let listing = server.json("/v1/list/").await.1;
+    let conflict = listing["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["name"].as_str().unwrap().to_owned())
+        .find(|n| n.starts_with("shared.txt.conflict-"))
+        .expect("a conflict copy beside the file");
+    assert_eq!(server.get_bytes(&conflict).await.1, b"LOCAL EDIT");
+}

@@ -419,7 +419,9 @@ impl Filesystem for FerryFs {
         _rdev: u32,
         reply: ReplyEntry,
     ) {
-        reply.error(err(self.core.write_refusal()));
+        // Regular files come through `create`; devices and FIFOs have no place
+        // on the server.
+        reply.error(err(self.core.write_refusal().unwrap_or(errno::ENOTSUP)));
     }
 
     fn link(

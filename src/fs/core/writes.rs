@@ -52,12 +52,9 @@ impl MountCore {
         self.uploads.get().ok_or(errno::ENOTSUP)
     }
 
-    /// Why file contents cannot be written here.
-    pub fn write_refusal(&self) -> i32 {
-        match self.queue() {
-            Ok(_) => 0,
-            Err(e) => e,
-        }
+    /// Why file contents cannot be written here, if they cannot.
+    pub fn write_refusal(&self) -> Option<i32> {
+        self.queue().err()
     }
 
     pub(super) fn staged_for(&self, path: &RemotePath) -> Option<Arc<Staged>> {

@@ -60,8 +60,16 @@ pub async fn mount(args: MountArgs) -> anyhow::Result<()> {
         .mountpoint
         .clone()
         .expect("clap requires it without --status");
-    let mountpoint = std::fs::canonicalize(&requested)
-        .with_context(|| format!("mount point {}", requested.display()))?;
+    let mountpoint = match std::fs::canonicalize(&requested) {
+        Ok(path) => path,
+        // ENOTCONN: a FUSE mount whose process died.
+        Err(e) if e.raw_os_error() == Some(107) => bail!(
+            "{} is a stale mount left by a process that died; unmount it with `fusermount3 -u {}`",
+            requested.display(),
+            requested.display()
+        ),
+        Err(e) => return Err(e).with_context(|| format!("mount point {}", requested.display())),
+    };
     if !mountpoint.is_dir() {
         bail!("mount point {} is not a directory", mountpoint.display());
     }

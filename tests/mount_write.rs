@@ -401,6 +401,17 @@ async fn files_closed_before_a_sigkill_are_committed_by_the_next_mount() {
         == 5));
     mount.child.kill().unwrap(); // SIGKILL
     mount.child.wait().unwrap();
+    let stale = Command::new(env!("CARGO_BIN_EXE_ferry"))
+        .args(["mount", &url])
+        .arg(&mount.path)
+        .output()
+        .unwrap();
+    assert!(!stale.status.success());
+    assert!(
+        String::from_utf8_lossy(&stale.stderr).contains("stale mount"),
+        "{}",
+        String::from_utf8_lossy(&stale.stderr)
+    );
     let _ = Command::new("fusermount3")
         .arg("-u")
         .arg(&mount.path)

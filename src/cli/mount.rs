@@ -60,18 +60,18 @@ pub async fn mount(args: MountArgs) -> anyhow::Result<()> {
         .mountpoint
         .clone()
         .expect("clap requires it without --status");
-    let mountpoint = match std::fs::canonicalize(&requested) {
-        Ok(path) => path,
+    let mountpoint = std::fs::canonicalize(&requested)
+        .with_context(|| format!("mount point {}", requested.display()))?;
+    match std::fs::metadata(&mountpoint) {
+        Ok(meta) if meta.is_dir() => {}
+        Ok(_) => bail!("mount point {} is not a directory", mountpoint.display()),
         // ENOTCONN: a FUSE mount whose process died.
         Err(e) if e.raw_os_error() == Some(107) => bail!(
             "{} is a stale mount left by a process that died; unmount it with `fusermount3 -u {}`",
-            requested.display(),
-            requested.display()
+            mountpoint.display(),
+            mountpoint.display()
         ),
-        Err(e) => return Err(e).with_context(|| format!("mount point {}", requested.display())),
-    };
-    if !mountpoint.is_dir() {
-        bail!("mount point {} is not a directory", mountpoint.display());
+        Err(e) => return Err(e).with_context(|| format!("mount point {}", mountpoint.display())),
     }
     if is_mounted(&mountpoint) {
         bail!(

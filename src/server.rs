@@ -27,6 +27,7 @@ use std::time::Duration;
 
 use axum::Router;
 use axum::extract::DefaultBodyLimit;
+use axum::serve::ListenerExt;
 use axum::routing::{get, post, put};
 use tokio::net::TcpListener;
 
@@ -165,6 +166,13 @@ pub async fn run(
         shutdown.await;
         token.cancel();
     };
+    // Small control messages (WebSocket acks, progress) must not wait for
+    // Nagle's algorithm.
+    let listener = listener.tap_io(|tcp| {
+        if let Err(e) = tcp.set_nodelay(true) {
+            tracing::debug!(error = %e, "setting TCP_NODELAY failed");
+        }
+    });
     let served = axum::serve(listener, router(state))
         .with_graceful_shutdown(shutdown)
         .await;

@@ -27,8 +27,8 @@ use std::time::Duration;
 
 use axum::Router;
 use axum::extract::DefaultBodyLimit;
-use axum::serve::ListenerExt;
 use axum::routing::{get, post, put};
+use axum::serve::ListenerExt;
 use tokio::net::TcpListener;
 
 use crate::error::Error;

@@ -24,8 +24,8 @@ pub struct DownloadQuery {
     download: Option<String>,
 }
 
-/// Times a download re-reads metadata when the file changes between the
-/// metadata read and the data read.
+/// Times a download re-opens the file when it changes between the metadata
+/// read and the data read (only possible on non-local backends).
 const READ_ATTEMPTS: usize = 3;
 
 pub async fn get_file(
@@ -38,20 +38,21 @@ pub async fn get_file(
     let mut attempt = 0;
     loop {
         attempt += 1;
-        let meta = app.store().head_file(&path).await?;
-        match conditional::evaluate(&headers, Some(&meta), true) {
+        let opened = app.store().open_read(&path).await?;
+        let meta = &opened.meta;
+        match conditional::evaluate(&headers, Some(meta), true) {
             Verdict::Proceed => {}
-            Verdict::NotModified => return Ok(not_modified(&meta)),
+            Verdict::NotModified => return Ok(not_modified(meta)),
             Verdict::Failed(why) => return Err(Error::PreconditionFailed(why.into())),
         }
-        let range = match requested_range(&headers, &meta) {
+        let range = match requested_range(&headers, meta) {
             RangeRequest::Unsatisfiable => {
                 return Err(Error::RangeNotSatisfiable { size: meta.size });
             }
             RangeRequest::Partial(r) => Some(r),
             RangeRequest::Full => None,
         };
-        let mut response_headers = file_headers(&meta, range);
+        let mut response_headers = file_headers(meta, range);
         if query.download.as_deref().is_some_and(|v| v != "0") {
             response_headers.insert(header::CONTENT_DISPOSITION, attachment(&path));
         }
@@ -63,7 +64,7 @@ pub async fn get_file(
         if method == Method::HEAD {
             return Ok((status, response_headers).into_response());
         }
-        match app.store().read(&path, range, meta.etag.as_deref()).await {
+        match opened.stream(range).await {
             Ok(stream) => {
                 return Ok((status, response_headers, Body::from_stream(stream)).into_response());
             }

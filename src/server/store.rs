@@ -3,11 +3,13 @@
 //! the hidden `.ferry/` state prefix).
 //!
 //! Guarantees: a file write is atomic (a reader sees the old object or the new
-//! one, never a part); nothing is ever read or written outside the store's root,
-//! because every key is built from a validated [`RemotePath`].
+//! one, never a part); a read streams bytes of the one version whose metadata
+//! it reported ([`Store::open_read`]); nothing is ever read or written outside
+//! the store's root, because every key is built from a validated [`RemotePath`].
 
 mod backend;
 mod keys;
+mod local_read;
 pub mod namespace;
 pub mod uploads;
 mod writer;
@@ -22,17 +24,11 @@ use object_store::multipart::MultipartStore;
 use object_store::{
     GetOptions, GetRange, GetResultPayload, ObjectMeta, ObjectStore, ObjectStoreExt,
 };
-use tokio::io::{AsyncReadExt, AsyncSeekExt};
-use tokio_util::io::ReaderStream;
 
 use crate::error::{Error, Result};
 use crate::protocol::{ByteRange, EntryKind, FileMeta, RemotePath};
 
 pub use writer::StoreWriter;
-
-/// Read size when streaming from a local file: large enough for GB/s on
-/// loopback, small enough that 200 concurrent streams stay well under 100 MiB.
-const LOCAL_READ_CHUNK: usize = 256 * 1024;
 
 /// A ferry store over one object-store backend. Cheap to clone.
 #[derive(Clone)]
@@ -86,51 +82,49 @@ impl Store {
         if path.is_root() {
             return Ok(None);
         }
-        match self
-            .objects
-            .head(&keys::object_path(path))
-            .await
-            .map_err(Error::from)
-        {
-            Ok(meta) => Ok(Some(file_meta(path.clone(), &meta))),
-            Err(Error::NotFound(_)) => Ok(None),
-            Err(e) => Err(e),
-        }
+        let meta = missing_as_none(self.objects.head(&keys::object_path(path)).await)?;
+        Ok(meta.map(|meta| file_meta(path.clone(), &meta)))
     }
 
-    /// Streams `range` (or the whole file) of the version tagged `etag`.
-    /// Fails with `precondition_failed` if the file changed since.
-    pub async fn read(
-        &self,
-        path: &RemotePath,
-        range: Option<ByteRange>,
-        etag: Option<&str>,
-    ) -> Result<BoxStream<'static, Result<Bytes>>> {
-        let options = GetOptions {
-            range: range.map(|r| GetRange::Bounded(r.start..r.end + 1)),
-            if_match: etag.map(|e| self.backend_etag(e)),
-            ..Default::default()
+    /// Opens the file at `path` for reading: its metadata now, its bytes later
+    /// through [`OpenedFile::stream`]. A directory there is `is_a_directory`,
+    /// nothing there `not_found`.
+    ///
+    /// On a local store this is the only metadata round trip: the file is
+    /// opened once, and its bytes are later read from that same descriptor.
+    pub async fn open_read(&self, path: &RemotePath) -> Result<OpenedFile> {
+        if path.is_root() {
+            return Err(Error::IsADirectory("/".into()));
+        }
+        let key = keys::object_path(path);
+        let found = if self.local_root.is_some() {
+            // Without a range, the local backend only opens and stats the file.
+            let got = self.objects.get_opts(&key, GetOptions::default()).await;
+            missing_as_none(got)?.map(|got| {
+                let file = match got.payload {
+                    GetResultPayload::File(file, _) => Some(file),
+                    // Not what a local backend returns: read as any other.
+                    GetResultPayload::Stream(_) => None,
+                };
+                (got.meta, file)
+            })
+        } else {
+            missing_as_none(self.objects.head(&key).await)?.map(|meta| (meta, None))
         };
-        let result = self
-            .objects
-            .get_opts(&keys::object_path(path), options)
-            .await?;
-        let span = result.range.clone();
-        Ok(match result.payload {
-            GetResultPayload::File(file, _) => {
-                let mut file = tokio::fs::File::from_std(file);
-                let len = span.end - span.start;
-                let stream = futures::stream::once(async move {
-                    file.seek(std::io::SeekFrom::Start(span.start)).await?;
-                    Ok::<_, std::io::Error>(ReaderStream::with_capacity(
-                        file.take(len),
-                        LOCAL_READ_CHUNK,
-                    ))
-                })
-                .try_flatten();
-                stream.map_err(|e| Error::Storage(e.to_string())).boxed()
-            }
-            GetResultPayload::Stream(s) => s.map_err(Error::from).boxed(),
+        let Some((meta, file)) = found else {
+            return Err(self.not_a_file(path).await);
+        };
+        let source = match file {
+            Some(file) => Source::Local(file),
+            None => Source::Remote {
+                objects: self.objects.clone(),
+                key,
+                etag: meta.e_tag.clone(),
+            },
+        };
+        Ok(OpenedFile {
+            meta: file_meta(path.clone(), &meta),
+            source,
         })
     }
 
@@ -164,11 +158,6 @@ impl Store {
         }
     }
 
-    /// Every object_store backend quotes its etags.
-    fn backend_etag(&self, etag: &str) -> String {
-        format!("\"{etag}\"")
-    }
-
     /// Where the directory `path` lies on disk, for a local backend.
     fn local_dir(&self, path: &RemotePath) -> Option<PathBuf> {
         let mut dir = self.local_root.clone()?;
@@ -178,6 +167,65 @@ impl Store {
                 .map(|p| p.as_ref().to_owned()),
         );
         Some(dir)
+    }
+}
+
+/// A file opened by [`Store::open_read`]: its metadata, and its bytes on demand.
+/// Dropping it reads nothing (and closes a local file).
+pub struct OpenedFile {
+    /// The version of the file that [`OpenedFile::stream`] yields bytes of.
+    pub meta: FileMeta,
+    source: Source,
+}
+
+enum Source {
+    /// Local store: the open file, read with positioned reads.
+    Local(std::fs::File),
+    /// Other backends: a ranged get, conditional on the backend's own etag.
+    Remote {
+        objects: Arc<dyn ObjectStore>,
+        key: object_store::path::Path,
+        etag: Option<String>,
+    },
+}
+
+impl OpenedFile {
+    /// Streams `range` (or the whole file) of the version described by
+    /// [`OpenedFile::meta`]; `range` must lie within `meta.size`.
+    ///
+    /// Never yields bytes of another version. On a local store the bytes come
+    /// from the descriptor opened with the metadata, so this cannot fail
+    /// before the first byte. On other backends the read is conditional on
+    /// the etag: if the file was replaced or deleted since it was opened, this
+    /// fails (before any byte) with `precondition_failed` or `not_found`.
+    pub async fn stream(
+        self,
+        range: Option<ByteRange>,
+    ) -> Result<BoxStream<'static, Result<Bytes>>> {
+        match self.source {
+            Source::Local(file) => {
+                let span = range.map_or(0..self.meta.size, |r| r.start..r.end + 1);
+                Ok(local_read::stream(file, span))
+            }
+            Source::Remote { objects, key, etag } => {
+                let options = GetOptions {
+                    range: range.map(|r| GetRange::Bounded(r.start..r.end + 1)),
+                    if_match: etag,
+                    ..Default::default()
+                };
+                let got = objects.get_opts(&key, options).await?;
+                Ok(got.into_stream().map_err(Error::from).boxed())
+            }
+        }
+    }
+}
+
+/// `Ok(None)` for "no object there", other errors mapped as usual.
+fn missing_as_none<T>(result: object_store::Result<T>) -> Result<Option<T>> {
+    match result.map_err(Error::from) {
+        Ok(found) => Ok(Some(found)),
+        Err(Error::NotFound(_)) => Ok(None),
+        Err(e) => Err(e),
     }
 }
 
@@ -205,5 +253,78 @@ fn dir_meta(path: RemotePath) -> FileMeta {
         size: 0,
         mtime: None,
         etag: None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use futures::TryStreamExt;
+
+    use super::*;
+
+    async fn put(store: &Store, path: &RemotePath, data: &'static [u8]) -> FileMeta {
+        let mut writer = store.writer(path).await.unwrap();
+        writer.write(Bytes::from_static(data)).await.unwrap();
+        writer.commit().await.unwrap()
+    }
+
+    async fn read_all(opened: OpenedFile, range: Option<ByteRange>) -> Result<Vec<u8>> {
+        let chunks: Vec<Bytes> = opened.stream(range).await?.try_collect().await?;
+        Ok(chunks.concat())
+    }
+
+    #[tokio::test]
+    async fn a_local_read_streams_the_version_it_opened() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path().to_str().unwrap()).unwrap();
+        let path = RemotePath::parse("a/f.txt").unwrap();
+        let written = put(&store, &path, b"first version").await;
+        let opened = store.open_read(&path).await.unwrap();
+        assert_eq!(opened.meta, store.head_file(&path).await.unwrap());
+        assert_eq!(opened.meta.etag, written.etag);
+        put(&store, &path, b"second").await;
+        let range = ByteRange { start: 6, end: 12 };
+        assert_eq!(read_all(opened, Some(range)).await.unwrap(), b"version");
+    }
+
+    #[tokio::test]
+    async fn a_remote_read_of_a_replaced_file_fails_before_any_byte() {
+        let store = Store::open("memory://").unwrap();
+        let path = RemotePath::parse("f.txt").unwrap();
+        put(&store, &path, b"first version").await;
+        let opened = store.open_read(&path).await.unwrap();
+        let unchanged = store.open_read(&path).await.unwrap();
+        assert_eq!(read_all(unchanged, None).await.unwrap(), b"first version");
+        put(&store, &path, b"second").await;
+        let err = read_all(opened, None).await.unwrap_err();
+        assert!(matches!(err, Error::PreconditionFailed(_)), "{err:?}");
+    }
+
+    #[tokio::test]
+    async fn opening_a_directory_or_nothing_fails_like_head_file() {
+        for spec in ["memory://", ""] {
+            let dir = tempfile::tempdir().unwrap();
+            let spec = if spec.is_empty() {
+                dir.path().to_str().unwrap()
+            } else {
+                spec
+            };
+            let store = Store::open(spec).unwrap();
+            put(&store, &RemotePath::parse("d/f").unwrap(), b"x").await;
+            for (path, want_dir) in [
+                ("d", true),
+                ("", true),
+                ("nothing", false),
+                ("d/f/g", false),
+            ] {
+                let path = RemotePath::parse(path).unwrap();
+                let err = store.open_read(&path).await.err().unwrap();
+                match err {
+                    Error::IsADirectory(_) => assert!(want_dir, "{spec} {path}"),
+                    Error::NotFound(_) => assert!(!want_dir, "{spec} {path}"),
+                    other => panic!("{spec} {path}: {other:?}"),
+                }
+            }
+        }
     }
 }

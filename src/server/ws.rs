@@ -454,7 +454,8 @@ async fn stream_file(
     offset: u64,
     length: Option<u64>,
 ) -> Result<crate::protocol::FileMeta> {
-    let meta = app.store().head_file(path).await?;
+    let opened = app.store().open_read(path).await?;
+    let meta = opened.meta.clone();
     if offset > meta.size {
         return Err(Error::RangeNotSatisfiable { size: meta.size });
     }
@@ -466,10 +467,7 @@ async fn stream_file(
         start: offset,
         end: end - 1,
     };
-    let mut stream = app
-        .store()
-        .read(path, Some(range), meta.etag.as_deref())
-        .await?;
+    let mut stream = opened.stream(Some(range)).await?;
     let mut position = offset;
     while let Some(piece) = stream.next().await {
         let piece = piece?;

@@ -237,6 +237,9 @@ while [ -n "$(others)" ]; do
   waited=$((waited + 20))
 done
 ((waited == 0)) || log "waited ${waited}s for another benchmark"
+WAIT_NOTE="no other benchmark (bench/*.sh, wrk) was running when the measurements started"
+((waited == 0)) || WAIT_NOTE="$WAIT_NOTE (after waiting ${waited} s for one to finish)"
+[ -z "$(others)" ] || WAIT_NOTE="another benchmark was still running when the measurements started (after ${waited} s of waiting)"
 
 # Before each upload, wait up to QUIET_MAX seconds for the machine to be
 # quiet (other processes using < QUIET_CORES cores over 2 s): compiles come
@@ -499,6 +502,10 @@ SHA_REF=$(calc "$(now) - $t0" 2)
 # What one write() size costs the kernel here: the same 1 GiB written with
 # 4 MiB and with 1 MiB write() calls (no fsync), each after a 20 s pause.
 WRITE_CHECK_TXT=""
+PAGE_REPORTING="free page reporting"
+if [ -r /sys/module/page_reporting/parameters/reported_kib ]; then
+  PAGE_REPORTING="free page reporting is on: $(($(cat /sys/module/page_reporting/parameters/reported_kib) / 1048576)) GiB reported so far, in blocks of order $(cat /sys/module/page_reporting/parameters/page_reporting_order 2>/dev/null || echo '?')"
+fi
 if [ "${WRITE_CHECK:-1}" = 1 ]; then
   log "write-size check (dd bs=4M vs bs=1M after 20 s pauses)"
   for bs in 4M 1M 4M 1M; do
@@ -512,7 +519,7 @@ if [ "${WRITE_CHECK:-1}" = 1 ]; then
     add "ddw$bs.sys" "$sy"
     log "dd bs=$bs: ${w}s wall, ${sy}s sys"
   done
-  WRITE_CHECK_TXT="Write size matters on this machine: after a 20 s pause, writing the 1 GiB file into a new file on the same filesystem with \`dd bs=4M\` took $(fmt "$(med ddw4M.wall)" 2) s wall, $(fmt "$(med ddw4M.sys)" 2) s system CPU [runs: $(runs_of ddw4M.sys)], and with \`dd bs=1M\` $(fmt "$(med ddw1M.wall)" 2) s wall, $(fmt "$(med ddw1M.sys)" 2) s system CPU [$(runs_of ddw1M.sys)]. Done right after another big write, 4 MiB writes cost as little as 1 MiB ones; the extra time is spent in the kernel's copy into fresh page-cache pages, which looks like first-touch cost of memory this VM has handed back to its host (free page reporting is on). A server that writes each 4 MiB chunk with one write() pays it; one that writes in pieces of 1 MiB or less does not."
+  WRITE_CHECK_TXT="Write size matters on this machine: after a 20 s pause, writing the 1 GiB file into a new file on the same filesystem with \`dd bs=4M\` took $(fmt "$(med ddw4M.wall)" 2) s wall, $(fmt "$(med ddw4M.sys)" 2) s system CPU [runs: $(runs_of ddw4M.sys)], and with \`dd bs=1M\` $(fmt "$(med ddw1M.wall)" 2) s wall, $(fmt "$(med ddw1M.sys)" 2) s system CPU [$(runs_of ddw1M.sys)]. Run right after another big write, 4 MiB writes cost about as little as 1 MiB ones (seen by hand). perf puts the extra time in the kernel's copy into the new page-cache pages (\`copy_folio_from_iter_atomic\`); our reading, not proven: large page-cache folios come from free memory this VM has reported back to its host ($PAGE_REPORTING), so their first touch is expensive. Whatever the cause, on this machine a server that writes a 4 MiB chunk with one write() pays about $(calc "($(med ddw4M.sys) - $(med ddw1M.sys)) * 1073741824 / $SIZE" 1) s of kernel CPU per GiB more than one that writes pieces of 1 MiB or less."
 fi
 
 if grep -qiE 'error|panick' "$WORK/ferry.err"; then
@@ -564,7 +571,7 @@ SECTION=$WORK/section.md
   echo
   echo "Produced by \`bench/upload.sh\` on $(date -u '+%Y-%m-%d %H:%M UTC')."
   echo
-  echo "- Machine: $NPROC cores ($CPU_MODEL), $MEM_GIB GiB RAM, Linux $(uname -r), a VM; disk: $(df -h --output=source,fstype,size "$WORK" | awk 'NR == 2 { print $1 " (" $2 ", " $3 ")" }'), source file and all stores on it. Shared and noisy: during the uploads other processes kept $(fmt "$(median $ALL_OTHER)" 2) cores busy (median; range $OTHER_RANGE; \`/proc/stat\` minus the client's and server's CPU)."
+  echo "- Machine: $NPROC cores ($CPU_MODEL), $MEM_GIB GiB RAM, Linux $(uname -r), a VM; disk: $(df -h --output=source,fstype,size "$WORK" | awk 'NR == 2 { print $1 " (" $2 ", " $3 ")" }'), source file and all stores on it. Shared and noisy: during the uploads other processes kept $(fmt "$(median $ALL_OTHER)" 2) cores busy (median; range $OTHER_RANGE; \`/proc/stat\` minus the client's and server's CPU); $WAIT_NOTE."
   echo "- ferry $FERRY_REV (release build; \`ferry serve --store DIR\`, local-directory store); $(rclone version 2>/dev/null | head -n 1); curl $(curl --version | awk 'NR == 1 { print $2 }')."
   echo "- One ${SIZE_MIB} MiB random file (in the page cache) uploaded over loopback; client and server share the $NPROC cores. Every upload goes to a fresh server on a fresh, empty store (the target never exists beforehand); the tools take turns going first. Before each upload the script waits (up to ${QUIET_MAX} s) until other processes use < $QUIET_CORES cores."
   echo "- \`ferry put SRC $NAME --server URL\` (FERRY_STATE_DIR emptied each run): the client hashes the whole file (SHA-256) first, then sends $CHUNK_DESC with a CRC32C each, 4 in flight; the server stages them in place in one sparse file, fsyncs each chunk and the chunk map, re-hashes the staged file on complete, fsyncs and renames.$TRANSPORT_TXT"

@@ -18,9 +18,9 @@ use crate::error::{Error, Result};
 /// Bytes per read, each into a fresh buffer handed on as it is: a range up to
 /// this size is a single read. A stream holds little beyond what hyper queues
 /// for the socket (up to about 400 KiB per connection) when the client reads
-/// slowly. Measured on 2 cores (bench/serve.sh): 128 KiB reads streamed one
-/// file at about 1.5 GB/s, 256 KiB reads at 2.2 GB/s but peaked near 90 MiB
-/// with 200 streams; 192 KiB gives about 2 GB/s and 75 MiB.
+/// slowly. Measured on 2 cores (bench/RESULTS.md, serve notes): 128 KiB reads
+/// streamed one file at 1.5–1.7 GB/s, 256 KiB reads at 2.1–2.2 GB/s but
+/// peaked near 90 MiB with 200 streams; 192 KiB: 1.8–2.1 GB/s and 75 MiB.
 const CHUNK: usize = 192 * 1024;
 
 /// Streams bytes `range` of `file`, one blocking-pool read per [`CHUNK`] and

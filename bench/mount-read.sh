@@ -17,7 +17,11 @@
 #     again (warm);
 #   * ffprobe of the MP4 (cold, then warm);
 #   * `ffmpeg -ss 60 -i FILE -frames:v 1 -f null -` (cold, then warm);
-#   * the FUSE process's peak RSS (VmHWM) in each of those sessions.
+#   * the FUSE process's peak RSS (VmHWM) in each of those sessions;
+#   * how many bytes the server read (its rchar) during the cold sequential
+#     and the cold random run;
+#   * sequential and random again on a fresh mount but with the server's page
+#     cache warm (the client's own cost, without the disk).
 # "Cold" means: the FUSE client is unmounted and mounted again (its own memory
 # and disk caches emptied), then `sync; echo 3 > /proc/sys/vm/drop_caches`
 # just before the measurement (after which the tools themselves are read
@@ -628,15 +632,54 @@ seek_decode() { # CLIENT -> ms
   run_timed "$1 ffmpeg seek+decode" 120 ffmpeg -nostdin -v error -ss 60 -i "$f" -frames:v 1 -f null -
 }
 
+# Bytes the server behind CLIENT has read so far (rchar of /proc/PID/io, the
+# process and its children: nginx's workers; sendfile counts too).
+server_pid_of() {
+  case $1 in
+  ferry) echo "$FERRY_SERVE_PID" ;;
+  rclone-off | rclone-full) echo "$RCLONE_SERVE_PID" ;;
+  httpdirfs) echo "$NGINX_PID" ;;
+  esac
+}
+server_rchar() {
+  local top p sum=0 v
+  top=$(server_pid_of "$1")
+  [ -n "$top" ] || return 0
+  for p in "$top" $(pgrep -P "$top" 2>/dev/null); do
+    v=$(awk '$1 == "rchar:" { print $2 }' "/proc/$p/io" 2>/dev/null || true)
+    sum=$((sum + ${v:-0}))
+  done
+  echo "$sum"
+}
+# record_served ROUND CLIENT METRIC BEFORE: MiB the server read since BEFORE.
+record_served() {
+  [ -n "$4" ] || return 0
+  local now
+  now=$(server_rchar "$2")
+  [ -n "$now" ] && record "$1" "$2" "$3" "$(awk -v a="$4" -v b="$now" 'BEGIN { printf "%.1f", (b - a) / 1048576 }')"
+}
+
+# prepare_hot CLIENT: a fresh mount (client caches empty) while the server's
+# page cache holds the whole file: what the client itself costs, without
+# the disk.
+prepare_hot() {
+  mount_client "$1" || return 1
+  cat "$DATA/$BIG" >/dev/null
+  sleep 0.5
+}
+
 # ---------------------------------------------------------------- 7. sessions
 s_seq() { # ROUND CLIENT
   local r=$1 c=$2 v cpu0="" cpu1
   prepare_cold "$c" || return 0
   [ -z "$MOUNT_PID" ] || cpu0=$(proc_cpu "$MOUNT_PID")
+  local rc0
+  rc0=$(server_rchar "$c")
   if v=$(fio_seq "$c" 1); then
     record "$r" "$c" seq_cold "${v% *}"
     record "$r" "$c" seq_cold_mib "${v#* }"
   fi
+  record_served "$r" "$c" seq_cold_served "$rc0"
   if [ -n "$cpu0" ]; then
     cpu1=$(proc_cpu "$MOUNT_PID")
     [ -n "$cpu1" ] && record "$r" "$c" seq_cold_cpu "$(awk -v a="$cpu0" -v b="$cpu1" 'BEGIN { printf "%.2f", b - a }')"
@@ -652,6 +695,8 @@ s_seq() { # ROUND CLIENT
 s_rand() {
   local r=$1 c=$2 v
   prepare_cold "$c" || return 0
+  local rc0
+  rc0=$(server_rchar "$c")
   if v=$(fio_rand "$c" 1); then
     read -r p50 p99 mean n <<<"$v"
     record "$r" "$c" rand_p50 "$p50"
@@ -659,6 +704,7 @@ s_rand() {
     record "$r" "$c" rand_mean "$mean"
     record "$r" "$c" rand_n "$n"
   fi
+  record_served "$r" "$c" rand_served "$rc0"
   if v=$(fio_rand "$c" 0); then
     read -r p50 p99 mean n <<<"$v"
     record "$r" "$c" rand_warm_p50 "$p50"
@@ -679,6 +725,26 @@ s_video() {
   v=$(seek_decode "$c") && record "$r" "$c" seek_cold "$v"
   v=$(seek_decode "$c") && record "$r" "$c" seek_warm "$v"
   record_hwm "$r" "$c" hwm_seek
+  unmount_client
+}
+
+# Fresh mount, server's page cache warm (not for local, whose equivalent is
+# the warm re-read, nor httpdirfs, which is bound by its ~100 ms a request).
+s_hot() {
+  local r=$1 c=$2 v
+  case $c in local | httpdirfs) return 0 ;; esac
+  prepare_hot "$c" || return 0
+  if v=$(fio_seq "$c" 1); then
+    record "$r" "$c" seq_hot "${v% *}"
+  fi
+  record_hwm "$r" "$c" hwm_hot_seq
+  prepare_hot "$c" || return 0
+  if v=$(fio_rand "$c" 1); then
+    read -r p50 p99 mean n <<<"$v"
+    record "$r" "$c" rand_hot_p50 "$p50"
+    record "$r" "$c" rand_hot_p99 "$p99"
+  fi
+  record_hwm "$r" "$c" hwm_hot_rand
   unmount_client
 }
 
@@ -803,6 +869,11 @@ for r in $(seq "$RUNS"); do
   for c in "${order[@]}"; do
     log "  $c: ffprobe, seek+decode"
     s_video "$r" "$c"
+  done
+  for c in "${order[@]}"; do
+    case $c in local | httpdirfs) continue ;; esac
+    log "  $c: sequential and random with the server's page cache warm"
+    s_hot "$r" "$c"
   done
   log "  servers without FUSE: random range GETs"
   s_ranges "$r"

@@ -4,7 +4,8 @@
 # "## ws (WebSocket vs HTTP chunks, change-feed latency)" of bench/RESULTS.md
 # (other sections are kept as they are).
 #
-# 1. Waits until no other benchmark runs (bench/serve.sh, bench/upload.sh, wrk).
+# 1. Waits until no other benchmark runs (bench/*.sh, wrk), and pauses before
+#    any measured run while one is active or the machine is busy (compiles).
 # 2. cargo build --release; runs a private copy of target/release/ferry.
 # 3. 1 GiB random file, uploaded in 1 MiB chunks with PARALLEL chunks in
 #    flight, by bench/ws_load.py: over one WebSocket (a minimal RFC 6455 client
@@ -110,7 +111,24 @@ quiet_before_run() {
     fi
   done
 }
+# Another benchmark that becomes active mid-way (its own wait ran out) is
+# waited for too, up to MIDRUN_WAIT s in all (default 1800).
+MIDRUN_WAIT=${MIDRUN_WAIT:-1800}
+MIDRUN_WAITED=0
+wait_others_midrun() {
+  [[ ${SKIP_WAIT:-0} == 1 ]] && return 0
+  local logged=0
+  while (( MIDRUN_WAITED < MIDRUN_WAIT )) && others_running; do
+    (( logged )) || log "pausing: another benchmark is active: $(busy_others | tr '\n' ';')"
+    logged=1
+    sleep 20
+    MIDRUN_WAITED=$((MIDRUN_WAITED + 23))
+  done
+  (( logged )) && log "resuming"
+  return 0
+}
 note_noise() { # records other benchmarks and compilers busy right now
+  wait_others_midrun
   quiet_before_run
   NOISE_CHECKS=$((NOISE_CHECKS + 1))
   local line pid
@@ -363,7 +381,7 @@ export WS_START="$START_UTC" WS_MACHINE="$(nproc) cores ($CPU_MODEL), $MEM RAM, 
   WS_REV="$REV" WS_PY="$("$PY" --version 2>&1), websockets $("$PY" -c 'import websockets; print(websockets.__version__)'), crc32c $("$PY" -c 'import importlib.metadata as m; print(m.version("crc32c"))')" \
   WS_SIZE_MIB=$SIZE_MIB WS_RUNS=$RUNS WS_PUT_RUNS=$PUT_RUNS WS_PARALLEL=$PARALLEL WS_EVENTS=$EVENTS \
   WS_PACE_MS=$PACE_MS WS_WAITED="$WAITED_NOTE" WS_LOAD="$LOAD_START → $LOAD_END" \
-  WS_NOISE="$NOISE" WS_CHECKS="$CHECKS" WS_NOT_QUIET="$NOT_QUIET" WS_QUIET="$QUIET_CORES cores, $QUIET_MAX s" WS_DISK_STORE="$WORK/run/store" WS_SHM_STORE="$SHM/store"
+  WS_NOISE="$NOISE" WS_CHECKS="$CHECKS" WS_MIDRUN="$MIDRUN_WAITED" WS_NOT_QUIET="$NOT_QUIET" WS_QUIET="$QUIET_CORES cores, $QUIET_MAX s" WS_DISK_STORE="$WORK/run/store" WS_SHM_STORE="$SHM/store"
 SECTION=$WORK/section.md
 "$PY" "$BENCH/ws_report.py" "$RESULTS" "$PROBLEMS" > "$SECTION"
 cp "$RESULTS" "$WORK/results.jsonl"

@@ -78,7 +78,9 @@ def report(results_path, problems_path):
     w(f"- Machine: {env('WS_MACHINE', '?')}.")
     w(f"- ferry {env('WS_REV', '?')} (release build, `ferry serve --store DIR --listen 127.0.0.1:0`, "
       f"local-directory store); client: {env('WS_PY', '?')}.")
-    w(f"- Before each measured run the script waits (up to {env('WS_QUIET', '?').split(', ')[-1]}) "
+    w(f"- Before each measured run the script pauses while another benchmark is active "
+      f"(paused {env('WS_MIDRUN', '?')} s in all this time), then waits (up to "
+      f"{env('WS_QUIET', '?').split(', ')[-1]}) "
       f"until the machine's CPU use over 2 s is below {env('WS_QUIET', '?').split(', ')[0]}; "
       f"{env('WS_NOT_QUIET', '?')} of {env('WS_CHECKS', '?')} runs started without that quiet. "
       f"Other processes seen at those checks: {env('WS_NOISE') or 'none'}. "

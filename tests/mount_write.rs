@@ -393,12 +393,17 @@ async fn files_closed_before_a_sigkill_are_committed_by_the_next_mount() {
         .unwrap()
         .path()
         .join("journal");
-    assert!(eventually(Duration::from_secs(5), || std::fs::read_dir(
-        &journal
-    )
-    .map(|d| d.count())
-    .unwrap_or(0)
-        == 5));
+    // Records are written beside as `.tmp` then renamed; count finished ones.
+    let records = |dir: &std::path::Path| {
+        std::fs::read_dir(dir)
+            .map(|d| {
+                d.flatten()
+                    .filter(|e| e.path().extension().is_some_and(|x| x == "json"))
+                    .count()
+            })
+            .unwrap_or(0)
+    };
+    assert!(eventually(Duration::from_secs(5), || records(&journal) == 5));
     mount.child.kill().unwrap(); // SIGKILL
     mount.child.wait().unwrap();
     let stale = Command::new(env!("CARGO_BIN_EXE_ferry"))

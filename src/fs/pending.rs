@@ -100,6 +100,13 @@ impl UploadQueue {
             .flatten()
         {
             let path = record.path();
+            if path.extension().is_some_and(|e| e == "tmp") {
+                // A record half-written when the mount died; its upload was
+                // never acknowledged to the writer, or a complete record
+                // with the same name exists beside it.
+                let _ = std::fs::remove_file(&path);
+                continue;
+            }
             if path.extension().is_none_or(|e| e != "json") {
                 continue;
             }

@@ -4,6 +4,7 @@ mod mount;
 mod namespace;
 mod remote;
 mod serve;
+mod token;
 mod transfer;
 mod watch;
 
@@ -14,6 +15,34 @@ use clap::{Parser, Subcommand};
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
+    /// Log lines as `human` text or `json` objects (on stderr).
+    #[arg(long, env = "FERRY_LOG_FORMAT", global = true)]
+    pub log_format: Option<LogFormat>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Human,
+    Json,
+}
+
+impl Cli {
+    /// The flag, else (for `serve`) the config file's `log_format`.
+    pub fn log_format(&self) -> LogFormat {
+        if let Some(format) = self.log_format {
+            return format;
+        }
+        match &self.command {
+            Command::Serve(args) => args
+                .config
+                .as_deref()
+                .and_then(|path| serve::ServeFile::load(path).ok())
+                .and_then(|file| file.log_format)
+                .unwrap_or(LogFormat::Human),
+            _ => LogFormat::Human,
+        }
+    }
 }
 
 #[derive(Debug, Subcommand)]
@@ -38,6 +67,8 @@ pub enum Command {
     Watch(watch::WatchArgs),
     /// Mount a ferry server as a directory (FUSE).
     Mount(mount::MountArgs),
+    /// Make access tokens for the server's config.
+    Token(token::TokenArgs),
 }
 
 /// Runs the parsed command line.
@@ -53,5 +84,6 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Mkdir(args) => namespace::mkdir(args).await,
         Command::Watch(args) => watch::watch(args).await,
         Command::Mount(args) => mount::mount(args).await,
+        Command::Token(args) => token::run(args),
     }
 }

@@ -11,6 +11,17 @@ pub enum Error {
     InvalidPath(#[from] PathError),
     #[error("{0}")]
     BadRequest(String),
+    #[error("unauthorized: {0}")]
+    Unauthorized(String),
+    #[error("forbidden: {0}")]
+    Forbidden(String),
+    #[error("expired: {0}")]
+    Expired(String),
+    #[error("too many requests; retry in {retry_after} s")]
+    RateLimited { retry_after: u64 },
+    /// A per-token limit (open sessions, concurrent transfers) is reached.
+    #[error("limit reached: {0}")]
+    LimitReached(String),
     #[error("not found: {0}")]
     NotFound(String),
     #[error("already exists: {0}")]
@@ -58,6 +69,10 @@ impl Error {
         match self {
             Error::InvalidPath(_) => ErrorCode::InvalidPath,
             Error::BadRequest(_) => ErrorCode::BadRequest,
+            Error::Unauthorized(_) => ErrorCode::Unauthorized,
+            Error::Forbidden(_) => ErrorCode::Forbidden,
+            Error::Expired(_) => ErrorCode::Expired,
+            Error::RateLimited { .. } | Error::LimitReached(_) => ErrorCode::RateLimited,
             Error::NotFound(_) => ErrorCode::NotFound,
             Error::AlreadyExists(_) => ErrorCode::AlreadyExists,
             Error::IsADirectory(_) => ErrorCode::IsADirectory,

@@ -12,5 +12,6 @@ pub mod error;
 pub mod fs;
 pub mod protocol;
 pub mod server;
+pub mod tls;
 
 pub use error::{Error, Result};

@@ -2,14 +2,17 @@ use clap::Parser;
 
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
-    tracing_subscriber::fmt()
+    let cli = ferry::cli::Cli::parse();
+    let logs = tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("FERRY_LOG")
                 .unwrap_or_else(|_| "info".into()),
         )
-        .with_writer(std::io::stderr)
-        .init();
-    let cli = ferry::cli::Cli::parse();
+        .with_writer(std::io::stderr);
+    match cli.log_format() {
+        ferry::cli::LogFormat::Json => logs.json().init(),
+        ferry::cli::LogFormat::Human => logs.init(),
+    }
     match ferry::cli::run(cli).await {
         Ok(()) => std::process::ExitCode::SUCCESS,
         // `ferry ls | head`: the reader left; that is not a failure.

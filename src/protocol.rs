@@ -13,6 +13,9 @@ pub mod upload;
 pub mod ws;
 
 pub use error::{ErrorBody, ErrorCode};
-pub use meta::{EntryKind, FileMeta, ListEntry, ListPage, MkdirRequest, MoveRequest, RmdirRequest};
+pub use meta::{
+    EntryKind, FileMeta, ListEntry, ListPage, MkdirRequest, MoveRequest, RmdirRequest, SignRequest,
+    SignedUrl,
+};
 pub use path::{PathError, RemotePath};
 pub use range::{ByteRange, RangeRequest};

@@ -9,14 +9,20 @@
 //! # Ok(()) }
 //! ```
 
+pub mod auth;
+mod body;
 mod conditional;
 mod events;
 mod extract;
 pub mod feed;
 mod files;
+pub mod limits;
+pub mod listen;
 mod listing;
+mod metrics;
 mod ops;
 mod response;
+mod sign;
 pub mod store;
 mod uploads;
 mod ws;
@@ -27,11 +33,17 @@ use std::time::Duration;
 
 use axum::Router;
 use axum::extract::DefaultBodyLimit;
+use axum::middleware::from_fn_with_state;
 use axum::routing::{get, post, put};
-use axum::serve::ListenerExt;
+use limits::{RateLimit, RateLimiter, TransferLimiter};
+use listen::Listening;
+use metrics::Metrics;
 use tokio::net::TcpListener;
+use tower_http::cors::{AllowOrigin, CorsLayer};
+use tower_http::timeout::RequestBodyTimeoutLayer;
 
 use crate::error::Error;
+use auth::Authenticator;
 pub use store::Store;
 use store::uploads::UploadSessions;
 use tokio_util::sync::CancellationToken;
@@ -53,6 +65,33 @@ pub struct ServerConfig {
     pub ws_ping_interval: Duration,
     /// Largest WebSocket message accepted.
     pub ws_max_message: usize,
+    /// Tokens and the URL-signing key; without tokens, anyone is served.
+    pub auth: Arc<Authenticator>,
+    /// The address clients reach this server at (for signed URLs); without
+    /// it, the request's `Host` is used.
+    pub public_url: Option<String>,
+    /// TLS and the deadline for request headers.
+    pub listening: Listening,
+    /// Longest pause inside a request body before the request fails.
+    pub body_timeout: Duration,
+    /// Browser origins allowed to call the API (`*` for any); none: no CORS.
+    pub cors_origins: Vec<String>,
+    /// Requests per client address; `None`: unlimited.
+    pub rate_limit: Option<RateLimit>,
+    /// Open upload sessions per token; `None`: unlimited.
+    pub max_sessions_per_token: Option<usize>,
+    /// Concurrent transfers per token; `None`: unlimited.
+    pub max_transfers_per_token: Option<usize>,
+}
+
+impl ServerConfig {
+    fn scheme(&self) -> &'static str {
+        if self.listening.tls.is_some() {
+            "https"
+        } else {
+            "http"
+        }
+    }
 }
 
 impl Default for ServerConfig {
@@ -63,6 +102,14 @@ impl Default for ServerConfig {
             gc_interval: Duration::from_secs(600),
             ws_ping_interval: Duration::from_secs(30),
             ws_max_message: (MAX_CHUNK_SIZE as usize) + (1 << 20),
+            auth: Arc::default(),
+            public_url: None,
+            listening: Listening::default(),
+            body_timeout: Duration::from_secs(60),
+            cors_origins: Vec::new(),
+            rate_limit: None,
+            max_sessions_per_token: None,
+            max_transfers_per_token: None,
         }
     }
 }
@@ -79,15 +126,29 @@ struct Shared {
     config: ServerConfig,
     /// Cancelled when the server starts shutting down (ends WebSockets).
     shutdown: CancellationToken,
+    metrics: Arc<Metrics>,
+    rate_limiter: Option<Arc<RateLimiter>>,
+    transfer_limiter: Option<Arc<TransferLimiter>>,
 }
 
 impl AppState {
     pub fn new(store: Store, config: ServerConfig) -> Self {
-        let uploads = UploadSessions::new(store.clone(), config.upload_ttl, config.max_body_bytes);
+        let uploads = UploadSessions::new(
+            store.clone(),
+            config.upload_ttl,
+            config.max_body_bytes,
+            config.max_sessions_per_token,
+        );
         Self {
             inner: Arc::new(Shared {
                 store,
                 uploads,
+                metrics: Arc::default(),
+                rate_limiter: config.rate_limit.and_then(RateLimiter::new),
+                transfer_limiter: config
+                    .max_transfers_per_token
+                    .filter(|n| *n > 0)
+                    .map(TransferLimiter::new),
                 config,
                 shutdown: CancellationToken::new(),
             }),
@@ -108,6 +169,22 @@ impl AppState {
 
     fn config(&self) -> &ServerConfig {
         &self.inner.config
+    }
+
+    fn auth(&self) -> &Authenticator {
+        &self.inner.config.auth
+    }
+
+    fn metrics(&self) -> &Arc<Metrics> {
+        &self.inner.metrics
+    }
+
+    fn rate_limiter(&self) -> Option<&RateLimiter> {
+        self.inner.rate_limiter.as_deref()
+    }
+
+    fn transfer_limiter(&self) -> Option<&TransferLimiter> {
+        self.inner.transfer_limiter.as_deref()
     }
 }
 
@@ -141,17 +218,76 @@ pub fn router(state: AppState) -> Router {
         )
         .route("/v1/uploads/{id}/chunks/{index}", put(uploads::put_chunk))
         .route("/v1/uploads/{id}/complete", post(uploads::complete))
+        .route("/v1/sign", post(sign::sign))
         .route("/v1/ws", get(ws::upgrade))
         .route("/v1/events", get(events::events))
+        .route("/metrics", get(metrics::metrics))
         .route(
             "/healthz",
             get(|| async { axum::Json(serde_json::json!({"status": "ok"})) }),
         )
         .fallback(|| async { Error::NotFound("no such route".into()) })
         .method_not_allowed_fallback(|| async { response::method_not_allowed() })
+        // Layers run from the last added to the first.
+        .layer(from_fn_with_state(state.clone(), limits::limit_transfers))
+        .layer(from_fn_with_state(state.clone(), auth::authenticate))
+        .layer(from_fn_with_state(state.clone(), limits::rate_limit))
+        .layer(RequestBodyTimeoutLayer::new(state.config().body_timeout))
+        .layer(from_fn_with_state(state.clone(), metrics::measure))
+        .layer(cors(&state.config().cors_origins))
         // Bodies are streamed and limited by `max_body_bytes`, not buffered.
         .layer(DefaultBodyLimit::disable())
         .with_state(state)
+}
+
+/// Answers preflights and lets the listed origins read the headers a player
+/// or an uploader needs. No origins: no CORS headers at all.
+fn cors(origins: &[String]) -> CorsLayer {
+    use axum::http::{HeaderName, HeaderValue, Method, header};
+    if origins.is_empty() {
+        return CorsLayer::new();
+    }
+    let allow_origin = if origins.iter().any(|o| o == "*") {
+        AllowOrigin::any()
+    } else {
+        AllowOrigin::list(
+            origins
+                .iter()
+                .filter_map(|o| HeaderValue::from_str(o.trim_end_matches('/')).ok()),
+        )
+    };
+    let crc = HeaderName::from_static(crate::protocol::upload::CRC32C_HEADER);
+    CorsLayer::new()
+        .allow_origin(allow_origin)
+        .allow_methods([
+            Method::GET,
+            Method::HEAD,
+            Method::PUT,
+            Method::POST,
+            Method::DELETE,
+        ])
+        .allow_headers([
+            header::AUTHORIZATION,
+            header::CONTENT_TYPE,
+            header::RANGE,
+            header::IF_MATCH,
+            header::IF_NONE_MATCH,
+            header::IF_RANGE,
+            header::IF_MODIFIED_SINCE,
+            header::IF_UNMODIFIED_SINCE,
+            crc.clone(),
+        ])
+        .expose_headers([
+            header::CONTENT_RANGE,
+            header::ACCEPT_RANGES,
+            header::CONTENT_LENGTH,
+            header::ETAG,
+            header::LAST_MODIFIED,
+            header::LOCATION,
+            header::RETRY_AFTER,
+            crc,
+        ])
+        .max_age(Duration::from_secs(3600))
 }
 
 /// Serves until `shutdown` completes, then lets in-flight requests finish.
@@ -166,16 +302,8 @@ pub async fn run(
         shutdown.await;
         token.cancel();
     };
-    // Small control messages (WebSocket acks, progress) must not wait for
-    // Nagle's algorithm.
-    let listener = listener.tap_io(|tcp| {
-        if let Err(e) = tcp.set_nodelay(true) {
-            tracing::debug!(error = %e, "setting TCP_NODELAY failed");
-        }
-    });
-    let served = axum::serve(listener, router(state))
-        .with_graceful_shutdown(shutdown)
-        .await;
+    let listening = state.config().listening.clone();
+    let served = listen::serve(listener, router(state), listening, shutdown).await;
     collector.abort();
     served
 }
@@ -185,6 +313,9 @@ async fn collect_expired_uploads(state: AppState) {
     let mut ticks = tokio::time::interval(state.config().gc_interval);
     loop {
         ticks.tick().await;
+        if let Some(limiter) = state.rate_limiter() {
+            limiter.forget_idle();
+        }
         match state.uploads().collect_expired().await {
             Ok(0) => {}
             Ok(n) => tracing::info!(sessions = n, "collected expired upload sessions"),

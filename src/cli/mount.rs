@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use clap::Args;
 
-use super::remote::parse_bytes;
+use super::remote::{parse_bytes, read_token};
 use crate::client::Client;
 use crate::fs::Mount;
 use crate::fs::core::MountOptions;
@@ -46,6 +46,12 @@ pub struct MountArgs {
     /// once it is ready).
     #[arg(long)]
     foreground: bool,
+    /// A file holding the access token (else `FERRY_TOKEN`).
+    #[arg(long)]
+    token_file: Option<PathBuf>,
+    /// PEM CA certificates to trust for an https:// server, besides the system's.
+    #[arg(long, env = "FERRY_CA_FILE")]
+    ca_file: Option<PathBuf>,
 }
 
 pub async fn mount(args: MountArgs) -> anyhow::Result<()> {
@@ -82,6 +88,8 @@ pub async fn mount(args: MountArgs) -> anyhow::Result<()> {
     let mut config = crate::client::ClientConfig::default();
     config.retry.give_up_after = Duration::from_secs(args.retry_for);
     config.retry.max_delay = Duration::from_secs(2);
+    config.token = read_token(args.token_file.as_deref())?;
+    config.ca_file = args.ca_file.clone();
     let client = Client::with_config(&args.url, config)?;
     client
         .stat(&RemotePath::root())

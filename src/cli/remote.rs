@@ -1,11 +1,12 @@
 //! Arguments shared by the commands that talk to a server.
 
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use clap::Args;
 
 use crate::client::Client;
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::protocol::RemotePath;
 
 #[derive(Debug, Clone, Args)]
@@ -21,14 +22,41 @@ pub struct ServerArgs {
     /// Give up on an unreachable server after this many seconds of retrying.
     #[arg(long, default_value_t = 120, global = true)]
     pub retry_for: u64,
+    /// A file holding the access token (else `FERRY_TOKEN`).
+    #[arg(long, global = true)]
+    pub token_file: Option<PathBuf>,
+    /// PEM CA certificates to trust for an https:// server, besides the system's.
+    #[arg(long, env = "FERRY_CA_FILE", global = true)]
+    pub ca_file: Option<PathBuf>,
 }
 
 impl ServerArgs {
     pub fn client(&self) -> Result<Client> {
         let mut config = crate::client::ClientConfig::default();
         config.retry.give_up_after = Duration::from_secs(self.retry_for);
+        config.token = read_token(self.token_file.as_deref())?;
+        config.ca_file = self.ca_file.clone();
         Client::with_config(&self.server, config)
     }
+}
+
+/// The token from `file` (first line, trimmed) or else from `FERRY_TOKEN`.
+pub fn read_token(file: Option<&Path>) -> Result<Option<String>> {
+    let token = match file {
+        Some(file) => std::fs::read_to_string(file).map_err(|source| Error::Io {
+            context: format!("reading the token file {}", file.display()),
+            source,
+        })?,
+        None => match std::env::var("FERRY_TOKEN") {
+            Ok(token) => token,
+            Err(_) => return Ok(None),
+        },
+    };
+    let token = token.lines().next().unwrap_or_default().trim().to_owned();
+    if token.is_empty() {
+        return Err(Error::BadRequest("the token is empty".into()));
+    }
+    Ok(Some(token))
 }
 
 /// A remote path as typed: a leading `/` is allowed and means the root.

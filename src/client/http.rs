@@ -27,6 +27,11 @@ pub struct ClientConfig {
     /// Longest wait for response headers and for each part of a body.
     pub read_timeout: Duration,
     pub retry: RetryPolicy,
+    /// Sent as `Authorization: Bearer …` on every request.
+    pub token: Option<String>,
+    /// A PEM file of CA certificates trusted besides the system's, for
+    /// `https://` servers.
+    pub ca_file: Option<std::path::PathBuf>,
 }
 
 impl Default for ClientConfig {
@@ -35,6 +40,8 @@ impl Default for ClientConfig {
             connect_timeout: Duration::from_secs(10),
             read_timeout: Duration::from_secs(60),
             retry: RetryPolicy::default(),
+            token: None,
+            ca_file: None,
         }
     }
 }
@@ -47,6 +54,10 @@ pub struct Client {
     retry: RetryPolicy,
     cancel: CancellationToken,
     chunk_bytes_sent: Arc<AtomicU64>,
+    /// The `Authorization` value, also sent at WebSocket upgrades.
+    authorization: Option<reqwest::header::HeaderValue>,
+    /// For `https://` servers: also used by WebSocket connections.
+    tls: Option<Arc<rustls::ClientConfig>>,
 }
 
 impl Client {
@@ -62,17 +73,43 @@ impl Client {
                 "server URL must be http:// or https://, not {server}"
             )));
         }
-        let http = reqwest::Client::builder()
+        let authorization = match &config.token {
+            Some(token) => {
+                let mut value = reqwest::header::HeaderValue::from_str(&format!("Bearer {token}"))
+                    .map_err(|_| {
+                        Error::BadRequest("the token has characters a header cannot carry".into())
+                    })?;
+                value.set_sensitive(true);
+                Some(value)
+            }
+            None => None,
+        };
+        let mut headers = reqwest::header::HeaderMap::new();
+        if let Some(value) = &authorization {
+            headers.insert(reqwest::header::AUTHORIZATION, value.clone());
+        }
+        let tls = match url.scheme() {
+            "https" => Some(Arc::new(crate::tls::client_config(
+                config.ca_file.as_deref(),
+            )?)),
+            _ => None,
+        };
+        let mut builder = reqwest::Client::builder()
             .connect_timeout(config.connect_timeout)
             .read_timeout(config.read_timeout)
-            .build()
-            .map_err(|e| Error::Network(e.to_string()))?;
+            .default_headers(headers);
+        if let Some(tls) = &tls {
+            builder = builder.tls_backend_preconfigured((**tls).clone());
+        }
+        let http = builder.build().map_err(|e| Error::Network(e.to_string()))?;
         Ok(Client {
             http,
             base: server.trim_end_matches('/').to_owned(),
             retry: config.retry,
             cancel: CancellationToken::new(),
             chunk_bytes_sent: Arc::default(),
+            authorization,
+            tls,
         })
     }
 
@@ -90,6 +127,16 @@ impl Client {
 
     pub fn base_url(&self) -> &str {
         &self.base
+    }
+
+    /// The TLS settings for an `https://` server.
+    pub(crate) fn tls(&self) -> Option<Arc<rustls::ClientConfig>> {
+        self.tls.clone()
+    }
+
+    /// The `Authorization` header value, when the client has a token.
+    pub(crate) fn authorization(&self) -> Option<&reqwest::header::HeaderValue> {
+        self.authorization.as_ref()
     }
 
     /// Chunk bytes put on the wire by this client and its clones, retries included.

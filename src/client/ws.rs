@@ -54,11 +54,25 @@ impl WsConnection {
             "sec-websocket-protocol",
             HeaderValue::from_static(SUBPROTOCOL),
         );
+        if let Some(authorization) = client.authorization() {
+            request
+                .headers_mut()
+                .insert("authorization", authorization.clone());
+        }
         let config = tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default()
             .max_message_size(Some(
                 crate::protocol::upload::MAX_CHUNK_SIZE as usize + (1 << 20),
             ));
-        let connecting = tokio_tungstenite::connect_async_with_config(request, Some(config), true);
+        let connector = client
+            .tls()
+            .map(tokio_tungstenite::Connector::Rustls)
+            .unwrap_or(tokio_tungstenite::Connector::Plain);
+        let connecting = tokio_tungstenite::connect_async_tls_with_config(
+            request,
+            Some(config),
+            true,
+            Some(connector),
+        );
         let (socket, response) =
             tokio::time::timeout(std::time::Duration::from_secs(10), connecting)
                 .await

@@ -13,6 +13,8 @@ pub enum ErrorCode {
     Forbidden,
     NotFound,
     MethodNotAllowed,
+    /// A signed URL past its expiry.
+    Expired,
     AlreadyExists,
     IsADirectory,
     NotADirectory,
@@ -40,6 +42,7 @@ impl ErrorCode {
             ErrorCode::Forbidden => 403,
             ErrorCode::NotFound => 404,
             ErrorCode::MethodNotAllowed => 405,
+            ErrorCode::Expired => 410,
             ErrorCode::AlreadyExists
             | ErrorCode::IsADirectory
             | ErrorCode::NotADirectory

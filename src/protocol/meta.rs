@@ -74,3 +74,26 @@ pub struct RmdirRequest {
     #[serde(default)]
     pub recursive: bool,
 }
+
+/// `POST /v1/sign`: a URL that reads `path` without a token until it expires.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SignRequest {
+    pub path: RemotePath,
+    /// Seconds the URL stays valid (default one hour, at most seven days).
+    #[serde(default = "default_expires_in")]
+    pub expires_in: u64,
+}
+
+fn default_expires_in() -> u64 {
+    3600
+}
+
+/// The longest a signed URL may live.
+pub const MAX_SIGNED_SECONDS: u64 = 7 * 24 * 3600;
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SignedUrl {
+    /// Absolute when the server knows its public address, else from `/v1/`.
+    pub url: String,
+    pub expires_at: DateTime<Utc>,
+}

@@ -9,6 +9,7 @@ use serde::Deserialize;
 use tokio::sync::broadcast::error::RecvError;
 
 use super::AppState;
+use super::auth::Caller;
 use super::extract::ApiQuery;
 use crate::error::Result;
 use crate::protocol::RemotePath;
@@ -24,10 +25,11 @@ pub struct EventsQuery {
 /// and continues with the newest changes.
 pub async fn events(
     State(app): State<AppState>,
+    Caller(grant): Caller,
     ApiQuery(query): ApiQuery<EventsQuery>,
 ) -> Result<Sse<impl Stream<Item = std::result::Result<Event, Infallible>>>> {
+    let prefix = grant.watch_prefix(&query.prefix)?;
     let receiver = app.store().subscribe();
-    let prefix = query.prefix;
     let stream = futures::stream::unfold(receiver, move |mut receiver| {
         let prefix = prefix.clone();
         async move {

@@ -11,6 +11,7 @@ use percent_encoding::{NON_ALPHANUMERIC, utf8_percent_encode};
 use serde::Deserialize;
 
 use super::AppState;
+use super::auth::{Caller, Scope};
 use super::conditional::{self, Verdict};
 use super::extract::{ApiQuery, UrlPath};
 use super::store::StoreWriter;
@@ -30,11 +31,13 @@ const READ_ATTEMPTS: usize = 3;
 
 pub async fn get_file(
     State(app): State<AppState>,
+    Caller(grant): Caller,
     method: Method,
     headers: HeaderMap,
     UrlPath(path): UrlPath,
     ApiQuery(query): ApiQuery<DownloadQuery>,
 ) -> Result<Response> {
+    grant.allow(&path, Scope::Read)?;
     let mut attempt = 0;
     loop {
         attempt += 1;
@@ -136,10 +139,12 @@ fn attachment(path: &RemotePath) -> HeaderValue {
 
 pub async fn put_file(
     State(app): State<AppState>,
+    Caller(grant): Caller,
     headers: HeaderMap,
     UrlPath(path): UrlPath,
     body: Body,
 ) -> Result<Response> {
+    grant.allow(&path, Scope::Write)?;
     let limit = app.config().max_body_bytes;
     let declared = headers
         .get(header::CONTENT_LENGTH)
@@ -200,9 +205,11 @@ async fn copy_body<E: std::fmt::Display>(
 /// becomes `{dir}/{filename}`. Every file is committed only once complete.
 pub async fn post_form(
     State(app): State<AppState>,
+    Caller(grant): Caller,
     UrlPath(dir): UrlPath,
     form: std::result::Result<Multipart, MultipartRejection>,
 ) -> Result<Response> {
+    grant.allow(&dir, Scope::Write)?;
     let mut form = form.map_err(|e| Error::BadRequest(e.body_text()))?;
     let limit = app.config().max_body_bytes;
     let mut created = Vec::new();
@@ -233,9 +240,11 @@ pub async fn post_form(
 
 pub async fn delete_file(
     State(app): State<AppState>,
+    Caller(grant): Caller,
     headers: HeaderMap,
     UrlPath(path): UrlPath,
 ) -> Result<StatusCode> {
+    grant.allow(&path, Scope::Write)?;
     let current = app.store().head_file(&path).await?;
     if let Verdict::Failed(why) = conditional::evaluate(&headers, Some(&current), false) {
         return Err(Error::PreconditionFailed(why.into()));

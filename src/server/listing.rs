@@ -5,6 +5,7 @@ use axum::extract::State;
 use serde::Deserialize;
 
 use super::AppState;
+use super::auth::{Caller, Scope};
 use super::extract::{ApiQuery, UrlPath};
 use super::store::namespace::ListQuery;
 use crate::error::Result;
@@ -20,9 +21,11 @@ pub struct ListParams {
 
 pub async fn list(
     State(app): State<AppState>,
+    Caller(grant): Caller,
     UrlPath(dir): UrlPath,
     ApiQuery(params): ApiQuery<ListParams>,
 ) -> Result<Json<ListPage>> {
+    grant.allow(&dir, Scope::Read)?;
     let query = ListQuery {
         recursive: params.recursive,
         limit: params.limit,
@@ -31,6 +34,11 @@ pub async fn list(
     Ok(Json(app.store().list(&dir, &query).await?))
 }
 
-pub async fn stat(State(app): State<AppState>, UrlPath(path): UrlPath) -> Result<Json<FileMeta>> {
+pub async fn stat(
+    State(app): State<AppState>,
+    Caller(grant): Caller,
+    UrlPath(path): UrlPath,
+) -> Result<Json<FileMeta>> {
+    grant.allow(&path, Scope::Read)?;
     Ok(Json(app.store().stat(&path).await?))
 }

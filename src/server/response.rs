@@ -26,6 +26,17 @@ impl IntoResponse for Error {
                 .headers_mut()
                 .insert(header::CONNECTION, HeaderValue::from_static("close"));
         }
+        if let Error::RateLimited { retry_after } = self {
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(retry_after));
+        }
+        if matches!(self, Error::Unauthorized(_)) {
+            response.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                HeaderValue::from_static("Bearer realm=\"ferry\""),
+            );
+        }
         if let Error::RangeNotSatisfiable { size } = self
             && let Ok(value) = HeaderValue::from_str(&unsatisfied_content_range(size))
         {

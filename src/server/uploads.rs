@@ -11,6 +11,7 @@ use futures::stream::BoxStream;
 use futures::{StreamExt, TryStreamExt};
 
 use super::AppState;
+use super::auth::{Caller, Grant, Scope};
 use super::extract::{ApiJson, ApiPath};
 use crate::error::{Error, Result};
 use crate::protocol::FileMeta;
@@ -23,13 +24,24 @@ const DRAIN_TIMEOUT: Duration = Duration::from_secs(2);
 
 pub async fn create(
     State(app): State<AppState>,
+    Caller(grant): Caller,
     ApiJson(req): ApiJson<CreateUpload>,
 ) -> Result<(StatusCode, Json<UploadCreated>)> {
-    Ok((StatusCode::CREATED, Json(app.uploads().create(req).await?)))
+    grant.allow(&req.path, Scope::Write)?;
+    let created = app.uploads().create(req, grant.owner()).await?;
+    Ok((StatusCode::CREATED, Json(created)))
+}
+
+/// Refuses a session the caller did not create, or whose target it cannot write.
+pub async fn authorize(app: &AppState, grant: &Grant, id: &str) -> Result<()> {
+    let (path, owner) = app.uploads().target(id).await?;
+    grant.allow_session(owner.as_deref())?;
+    grant.allow(&path, Scope::Write)
 }
 
 pub async fn put_chunk(
     State(app): State<AppState>,
+    Caller(grant): Caller,
     ApiPath((id, index)): ApiPath<(String, String)>,
     headers: HeaderMap,
     body: Body,
@@ -38,7 +50,10 @@ pub async fn put_chunk(
         .into_data_stream()
         .map_err(|e| Error::BadRequest(format!("chunk body interrupted: {e}")))
         .boxed();
-    let received = receive_chunk(&app, &id, &index, &headers, &mut body).await;
+    let received = match authorize(&app, &grant, &id).await {
+        Ok(()) => receive_chunk(&app, &id, &index, &headers, &mut body).await,
+        Err(e) => Err(e),
+    };
     if received.is_err() {
         drain(&mut body).await;
     }
@@ -91,22 +106,28 @@ async fn drain(body: &mut BoxStream<'static, Result<Bytes>>) {
 
 pub async fn status(
     State(app): State<AppState>,
+    Caller(grant): Caller,
     ApiPath(id): ApiPath<String>,
 ) -> Result<Json<UploadStatus>> {
+    authorize(&app, &grant, &id).await?;
     Ok(Json(app.uploads().status(&id).await?))
 }
 
 pub async fn complete(
     State(app): State<AppState>,
+    Caller(grant): Caller,
     ApiPath(id): ApiPath<String>,
 ) -> Result<Json<FileMeta>> {
+    authorize(&app, &grant, &id).await?;
     Ok(Json(app.uploads().complete(&id).await?))
 }
 
 pub async fn abort(
     State(app): State<AppState>,
+    Caller(grant): Caller,
     ApiPath(id): ApiPath<String>,
 ) -> Result<StatusCode> {
+    authorize(&app, &grant, &id).await?;
     app.uploads().abort(&id).await?;
     Ok(StatusCode::NO_CONTENT)
 }

@@ -6,6 +6,10 @@
 //! chunks are written by at most a few tasks at once, and while those are busy
 //! the connection stops reading.
 
+use super::auth::{Caller, Grant, Scope};
+use super::limits::TransferSlot;
+use super::uploads::authorize;
+use axum::Extension;
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
@@ -38,6 +42,8 @@ const CLOSE_HANDSHAKE: std::time::Duration = std::time::Duration::from_secs(2);
 
 pub async fn upgrade(
     State(app): State<AppState>,
+    Caller(grant): Caller,
+    slot: Option<Extension<TransferSlot>>,
     headers: HeaderMap,
     upgrade: std::result::Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> Result<Response> {
@@ -59,7 +65,10 @@ pub async fn upgrade(
         .protocols([SUBPROTOCOL])
         .max_message_size(max)
         .max_frame_size(max)
-        .on_upgrade(move |socket| serve(app, socket)))
+        .on_upgrade(move |socket| async move {
+            serve(app, socket, grant).await;
+            drop(slot);
+        }))
 }
 
 /// What a channel is bound to.
@@ -77,7 +86,8 @@ struct UploadChannel {
 
 type Channels = Arc<Mutex<HashMap<Channel, Binding>>>;
 
-async fn serve(app: AppState, socket: WebSocket) {
+async fn serve(app: AppState, socket: WebSocket, grant: Grant) {
+    let _open = app.metrics().stream();
     let (mut sink, mut incoming) = socket.split();
     let (out, mut queue) = mpsc::channel::<Message>(OUTGOING_QUEUE);
     let ping_every = app.config().ws_ping_interval;
@@ -107,6 +117,7 @@ async fn serve(app: AppState, socket: WebSocket) {
 
     let connection = Connection {
         app: app.clone(),
+        grant,
         out: out.clone(),
         channels: Arc::default(),
         writers: Arc::new(Semaphore::new(CHUNK_WRITERS)),
@@ -133,7 +144,10 @@ async fn serve(app: AppState, socket: WebSocket) {
         last_seen = Instant::now();
         match frame {
             Some(Ok(Message::Text(text))) => connection.on_text(text.as_str()).await,
-            Some(Ok(Message::Binary(data))) => connection.on_binary(data).await,
+            Some(Ok(Message::Binary(data))) => {
+                app.metrics().received(data.len());
+                connection.on_binary(data).await
+            }
             Some(Ok(Message::Close(_))) | None => break,
             Some(Ok(_)) => {} // ping (answered by the library) and pong
             Some(Err(e)) => {
@@ -176,6 +190,8 @@ async fn close(out: &mpsc::Sender<Message>, code: u16, reason: &str) {
 
 struct Connection {
     app: AppState,
+    /// What the token presented at the upgrade allows.
+    grant: Grant,
     out: mpsc::Sender<Message>,
     channels: Channels,
     writers: Arc<Semaphore>,
@@ -201,13 +217,17 @@ impl Connection {
         match message {
             ClientMessage::UploadCreate { ch, request } => {
                 if self.claim(ch).await {
-                    let opened = self.app.uploads().create(request).await.map(|c| c.id);
-                    self.bind_upload(ch, opened).await;
+                    let opened = match self.grant.allow(&request.path, Scope::Write) {
+                        Ok(()) => self.app.uploads().create(request, self.grant.owner()).await,
+                        Err(e) => Err(e),
+                    };
+                    self.bind_upload(ch, opened.map(|c| c.id)).await;
                 }
             }
             ClientMessage::UploadOpen { ch, id } => {
                 if self.claim(ch).await {
-                    self.bind_upload(ch, Ok(id)).await;
+                    let allowed = authorize(&self.app, &self.grant, &id).await;
+                    self.bind_upload(ch, allowed.map(|()| id)).await;
                 }
             }
             ClientMessage::UploadComplete { ch } => self.complete(ch).await,
@@ -217,6 +237,9 @@ impl Connection {
                 offset,
                 length,
             } => {
+                if let Err(e) = self.grant.allow(&path, Scope::Read) {
+                    return send(&self.out, api_error(Some(ch), &e, None)).await;
+                }
                 if self.claim(ch).await {
                     let task = tokio::spawn(download(
                         self.app.clone(),
@@ -231,7 +254,11 @@ impl Connection {
                 }
             }
             ClientMessage::Status { ch, id } => {
-                let reply = match self.app.uploads().status(&id).await {
+                let status = match authorize(&self.app, &self.grant, &id).await {
+                    Ok(()) => self.app.uploads().status(&id).await,
+                    Err(e) => Err(e),
+                };
+                let reply = match status {
                     Ok(status) => ServerMessage::Status { ch, status },
                     Err(e) => api_error(Some(ch), &e, None),
                 };
@@ -244,6 +271,10 @@ impl Connection {
                 send(&self.out, ServerMessage::Cancelled { ch }).await;
             }
             ClientMessage::Watch { ch, prefix } => {
+                let prefix = match self.grant.watch_prefix(&prefix) {
+                    Ok(p) => p,
+                    Err(e) => return send(&self.out, api_error(Some(ch), &e, None)).await,
+                };
                 if self.claim(ch).await {
                     let task = tokio::spawn(watch(self.app.clone(), self.out.clone(), ch, prefix));
                     self.bind_task(ch, task.abort_handle());
@@ -474,6 +505,7 @@ async fn stream_file(
         for part in piece.chunks(crate::protocol::ws::MAX_DOWNLOAD_FRAME) {
             let frame = FrameHeader::frame(ch, position, part);
             position += part.len() as u64;
+            app.metrics().sent(part.len());
             if out.send(Message::Binary(frame.into())).await.is_err() {
                 return Err(Error::Network("connection closed".into()));
             }

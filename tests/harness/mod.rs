@@ -44,6 +44,20 @@ impl Server {
         server
     }
 
+    /// A server on a fresh local store, configured by the TOML `config`.
+    pub fn start_configured(config: &str, extra: &[&str]) -> Server {
+        let tmp = tempfile::tempdir().unwrap();
+        let file = tmp.path().join("ferry.toml");
+        std::fs::write(&file, config).unwrap();
+        let store_dir = tmp.path().join("store");
+        let mut args = vec!["--config", file.to_str().unwrap()];
+        args.extend_from_slice(extra);
+        let mut server = Self::spawn(store_dir.to_str().unwrap(), "127.0.0.1:0", &args);
+        server.store_dir = Some(store_dir);
+        server._tmp = Some(tmp);
+        server
+    }
+
     /// Another node on an existing store directory.
     pub fn start_on(store: &str, extra: &[&str]) -> Server {
         let mut server = Self::spawn(store, "127.0.0.1:0", extra);
@@ -67,10 +81,10 @@ impl Server {
             .unwrap();
         let url = line
             .split_whitespace()
-            .find(|w| w.starts_with("http://"))
+            .find(|w| w.starts_with("http://") || w.starts_with("https://"))
             .unwrap_or_else(|| panic!("no URL in the server's first line: {line:?}"))
             .to_owned();
-        let addr = url.trim_start_matches("http://").parse().unwrap();
+        let addr = url.split_once("://").unwrap().1.parse().unwrap();
         Server {
             child,
             addr,
@@ -270,4 +284,14 @@ pub fn random_bytes(len: usize) -> Vec<u8> {
     let mut urandom = std::fs::File::open("/dev/urandom").unwrap();
     urandom.read_exact(&mut data).unwrap();
     data
+}
+
+/// The `[[token]]` config entry admitting `token` (`scopes` as TOML, e.g.
+/// `["read", "write"]`).
+pub fn token_entry(name: &str, token: &str, scopes: &str, prefix: &str) -> String {
+    use sha2::Digest;
+    format!(
+        "[[token]]\nname = \"{name}\"\nsha256 = \"{}\"\nscopes = {scopes}\nprefix = \"{prefix}\"\n",
+        hex::encode(sha2::Sha256::digest(token.as_bytes()))
+    )
 }

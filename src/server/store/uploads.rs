@@ -24,11 +24,11 @@ use self::manifest::{Manifest, StagingRecord, UPLOADS_PREFIX};
 use self::multipart_staging::MultipartStaging;
 use super::{Store, keys};
 use crate::error::{Error, Result};
-use crate::protocol::FileMeta;
 use crate::protocol::upload::{
     ChunkLayout, CreateUpload, MAX_CHUNK_SIZE, MAX_MULTIPART_CHUNKS, MIN_CHUNK_SIZE,
     MIN_MULTIPART_CHUNK_SIZE, UploadCreated, UploadState, UploadStatus, default_chunk_size, runs,
 };
+use crate::protocol::{FileMeta, RemotePath};
 
 /// What a chunk must be: its length and CRC32C.
 #[derive(Debug, Clone, Copy)]
@@ -68,20 +68,51 @@ pub struct UploadSessions {
     manifests: Mutex<HashMap<String, Arc<Manifest>>>,
     /// Serialises `complete` of one session within this node.
     completing: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// Open sessions and their owners: those created here, plus those found
+    /// by the last sweep of the backend (other nodes' included).
+    open: Mutex<HashMap<String, Option<String>>>,
+    /// Most open sessions one token may have (`None`: no limit).
+    max_per_owner: Option<usize>,
 }
 
 impl UploadSessions {
-    pub fn new(store: Store, ttl: Duration, max_size: u64) -> Self {
+    pub fn new(store: Store, ttl: Duration, max_size: u64, max_per_owner: Option<usize>) -> Self {
         Self {
             store,
             ttl,
             max_size,
             manifests: Mutex::default(),
             completing: Mutex::default(),
+            open: Mutex::default(),
+            max_per_owner,
         }
     }
 
-    pub async fn create(&self, req: CreateUpload) -> Result<UploadCreated> {
+    /// Sessions known to be open.
+    pub fn open_count(&self) -> usize {
+        self.open.lock().unwrap().len()
+    }
+
+    /// Refuses a new session for a token at its limit.
+    fn check_owner_limit(&self, owner: Option<&str>) -> Result<()> {
+        let (Some(owner), Some(max)) = (owner, self.max_per_owner) else {
+            return Ok(());
+        };
+        let open = self.open.lock().unwrap();
+        let count = open
+            .values()
+            .filter(|o| o.as_deref() == Some(owner))
+            .count();
+        if count >= max {
+            return Err(Error::LimitReached(format!(
+                "token {owner:?} has {count} open upload sessions, its limit; complete or abort one"
+            )));
+        }
+        Ok(())
+    }
+
+    /// Opens a session for `req`, owned by the token named `owner`.
+    pub async fn create(&self, req: CreateUpload, owner: Option<&str>) -> Result<UploadCreated> {
         if req.path.is_root() {
             return Err(Error::IsADirectory("/".into()));
         }
@@ -97,6 +128,7 @@ impl UploadSessions {
         {
             return Err(Error::BadRequest("sha256 must be 64 hex digits".into()));
         }
+        self.check_owner_limit(owner)?;
         let multipart = self.store.multipart.is_some();
         let floor = if multipart {
             MIN_MULTIPART_CHUNK_SIZE
@@ -163,8 +195,13 @@ impl UploadSessions {
             staging,
             state: UploadState::Open,
             result: None,
+            owner: owner.map(str::to_owned),
         };
         manifest::write(&self.store, &manifest).await?;
+        self.open
+            .lock()
+            .unwrap()
+            .insert(id.clone(), owner.map(str::to_owned));
         if let Some(local) = self.local_staging(&id) {
             local.create(layout).await?;
         }
@@ -296,6 +333,7 @@ impl UploadSessions {
         self.store.feed.written(&meta, existed);
         manifest.state = UploadState::Committed;
         manifest.result = Some(meta.clone());
+        self.open.lock().unwrap().remove(id);
         manifest::write(&self.store, &manifest).await?;
         self.manifests
             .lock()
@@ -370,6 +408,7 @@ impl UploadSessions {
             .await?;
         let now = Utc::now();
         let mut collected = 0;
+        let mut open = HashMap::new();
         for prefix in listing.common_prefixes {
             let Some(id) = prefix.filename().filter(|id| manifest::valid_id(id)) else {
                 continue;
@@ -382,12 +421,28 @@ impl UploadSessions {
                         collected += 1;
                     }
                 }
+                Ok(Some(m)) if m.state == UploadState::Open => {
+                    open.insert(m.id, m.owner);
+                }
                 Ok(_) => {}
                 Err(e) => {
                     tracing::warn!(upload = id, error = %e, "reading an upload manifest failed")
                 }
             }
         }
+        // Sessions created while the sweep ran stay counted.
+        let mut known = self.open.lock().unwrap();
+        let sweep_started = now;
+        known.retain(|id, _| {
+            open.contains_key(id)
+                || self
+                    .manifests
+                    .lock()
+                    .unwrap()
+                    .get(id)
+                    .is_some_and(|m| m.created_at >= sweep_started)
+        });
+        known.extend(open);
         Ok(collected)
     }
 
@@ -409,6 +464,12 @@ impl UploadSessions {
             Err(Error::NotFound(_)) => Err(self.gone(&manifest.id).await),
             other => other,
         }
+    }
+
+    /// The session's target path and owning token, for access checks.
+    pub async fn target(&self, id: &str) -> Result<(RemotePath, Option<String>)> {
+        let m = self.manifest(id).await?;
+        Ok((m.path.clone(), m.owner.clone()))
     }
 
     /// The manifest, from this node's cache when possible.
@@ -490,6 +551,7 @@ impl UploadSessions {
         }
         self.manifests.lock().unwrap().remove(id);
         self.completing.lock().unwrap().remove(id);
+        self.open.lock().unwrap().remove(id);
         Ok(())
     }
 

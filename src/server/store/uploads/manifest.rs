@@ -29,6 +29,9 @@ pub struct Manifest {
     pub state: UploadState,
     /// The committed file, once `state` is `committed`.
     pub result: Option<FileMeta>,
+    /// The token that created the session; only it may use the session.
+    #[serde(default)]
+    pub owner: Option<String>,
 }
 
 /// How the chunks of a session are staged.

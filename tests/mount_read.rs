@@ -113,6 +113,41 @@ fn seeks_read_the_right_bytes() {
     assert_eq!(file.read_at(&mut buf, data.len() as u64 + 10).unwrap(), 0);
 }
 
+/// Response body bytes the server has sent so far (its `/metrics`).
+fn server_sent_bytes(server: &Server) -> f64 {
+    let response = harness::raw_get(server.addr, b"/metrics");
+    String::from_utf8_lossy(&response.body)
+        .lines()
+        .find_map(|l| l.strip_prefix("ferry_sent_bytes_total "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0.0)
+}
+
+#[test]
+fn random_reads_fetch_only_what_they_need() {
+    if !fuse_available() {
+        return;
+    }
+    let server = Server::start();
+    let data = random_bytes(64 * MIB);
+    store_file(&server, "random.bin", &data);
+    let mount = MountProc::start(&server, &[]);
+    let file = std::fs::File::open(mount.at("random.bin")).unwrap();
+    let before = server_sent_bytes(&server);
+    // Far apart: no read lands near another's block.
+    for i in 0..20u64 {
+        let offset = i * 3 * MIB as u64 + 12_345;
+        let mut small = [0u8; 4096];
+        file.read_exact_at(&mut small, offset).unwrap();
+        assert!(small[..] == data[offset as usize..offset as usize + 4096]);
+    }
+    let fetched = server_sent_bytes(&server) - before;
+    assert!(
+        fetched < (20 * 256 * 1024) as f64,
+        "20 random 4 KiB reads fetched {fetched} bytes"
+    );
+}
+
 /// Byte offsets of the top-level MP4 boxes named `name`.
 fn box_offset(data: &[u8], name: &[u8; 4]) -> Option<usize> {
     let mut at = 0;

@@ -272,6 +272,30 @@ impl MountCore {
                 self.prefetch(&handle.meta, block);
             }
         }
+        // Reads arriving out of order near blocks already wanted (the
+        // kernel's parallel readahead) are not seeks.
+        let near_cached = (first.saturating_sub(1)..=last + 1).any(|block| {
+            let key = Self::block_key(&handle.meta, block);
+            self.cache.has_or_fetching(&key)
+                || self.disk.as_ref().is_some_and(|disk| disk.contains(&key))
+        });
+        if window == 0 && !near_cached {
+            // A read after a seek: fetch only the bytes asked for (a player
+            // probing an index should not pay for whole blocks). Blocks are
+            // cached once reads turn sequential.
+            let data = self
+                .fetch_range(&handle.meta, offset, end - offset)
+                .await
+                .map_err(|e| {
+                    tracing::warn!(path = %handle.meta.path, offset, error = %e.message, "read failed");
+                    e.errno
+                })?;
+            if data.len() as u64 != end - offset {
+                // The server sent less than the size promised.
+                return Err(errno::EIO);
+            }
+            return Ok(data);
+        }
         let mut out = BytesMut::with_capacity((end - offset) as usize);
         for block in first..=last {
             let data = self.block(&handle.meta, block).await.map_err(|e| {
@@ -303,23 +327,40 @@ impl MountCore {
         meta: &FileMeta,
         block: u64,
     ) -> futures::future::BoxFuture<'static, Result<Bytes, FetchError>> {
-        let (client, fetches, path, etag) = (
-            self.client.clone(),
-            self.fetches.clone(),
-            meta.path.clone(),
-            meta.etag.clone(),
-        );
         let (disk, key) = (self.disk.clone(), Self::block_key(meta, block));
         let start = block * BLOCK_SIZE;
-        let len = BLOCK_SIZE.min(meta.size - start);
+        let fetch = self.fetch_range(meta, start, BLOCK_SIZE.min(meta.size - start));
         async move {
             if let Some(disk) = &disk
                 && let Some(data) = disk.get(&key).await
             {
                 return Ok(data);
             }
+            let data = fetch.await?;
+            if let Some(disk) = &disk {
+                disk.put(key, data.clone());
+            }
+            Ok(data)
+        }
+        .boxed()
+    }
+
+    /// `len` bytes at `start` of the version in `meta`, from the server.
+    fn fetch_range(
+        &self,
+        meta: &FileMeta,
+        start: u64,
+        len: u64,
+    ) -> impl Future<Output = Result<Bytes, FetchError>> + Send + 'static {
+        let (client, fetches, path, etag) = (
+            self.client.clone(),
+            self.fetches.clone(),
+            meta.path.clone(),
+            meta.etag.clone(),
+        );
+        async move {
             let _permit = fetches.acquire_owned().await.expect("never closed");
-            let data = client
+            client
                 .read_range(&path, start, len, etag.as_deref())
                 .await
                 .map_err(|e| {
@@ -332,13 +373,8 @@ impl MountCore {
                     } else {
                         FetchError::from(e)
                     }
-                })?;
-            if let Some(disk) = &disk {
-                disk.put(key, data.clone());
-            }
-            Ok(data)
+                })
         }
-        .boxed()
     }
 
     async fn block(&self, meta: &FileMeta, block: u64) -> Result<Bytes, FetchError> {

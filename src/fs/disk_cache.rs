@@ -50,6 +50,11 @@ impl DiskCache {
         self.dir.join(hex::encode(hasher.finalize()))
     }
 
+    /// Whether the block is on disk (without touching its recency).
+    pub fn contains(&self, key: &BlockKey) -> bool {
+        self.index.lock().unwrap().files.contains(key)
+    }
+
     /// The block if it is on disk.
     pub async fn get(self: &Arc<Self>, key: &BlockKey) -> Option<Bytes> {
         // Also marks the block as recently used.

@@ -10,6 +10,7 @@ pub mod cli;
 pub mod client;
 pub mod error;
 pub mod fs;
+pub mod metrics_export;
 pub mod protocol;
 pub mod server;
 pub mod tls;

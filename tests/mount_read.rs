@@ -116,11 +116,10 @@ fn seeks_read_the_right_bytes() {
 /// Response body bytes the server has sent so far (its `/metrics`).
 fn server_sent_bytes(server: &Server) -> f64 {
     let response = harness::raw_get(server.addr, b"/metrics");
-    String::from_utf8_lossy(&response.body)
-        .lines()
-        .find_map(|l| l.strip_prefix("ferry_sent_bytes_total "))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or(0.0)
+    metric(
+        &String::from_utf8_lossy(&response.body),
+        "ferry_sent_bytes_total",
+    )
 }
 
 #[test]
@@ -145,6 +144,63 @@ fn random_reads_fetch_only_what_they_need() {
     assert!(
         fetched < (20 * 256 * 1024) as f64,
         "20 random 4 KiB reads fetched {fetched} bytes"
+    );
+}
+
+/// One sample from a `/metrics` text, 0 when absent.
+fn metric(text: &str, name: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0.0)
+}
+
+#[test]
+fn the_mount_exports_its_counters() {
+    if !fuse_available() {
+        return;
+    }
+    let server = Server::start();
+    let data = random_bytes(8 * MIB);
+    store_file(&server, "counted.bin", &data);
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let addr = format!("127.0.0.1:{port}");
+    let mount = MountProc::start(&server, &["--metrics-addr", &addr]);
+    let scrape = || {
+        String::from_utf8_lossy(&harness::raw_get(addr.parse().unwrap(), b"/metrics").body)
+            .into_owned()
+    };
+    assert!(std::fs::read(mount.at("counted.bin")).unwrap() == data);
+    let first = scrape();
+    assert!(
+        metric(&first, "ferry_mount_fetched_bytes_total") >= (8 * MIB) as f64,
+        "{first}"
+    );
+    assert!(
+        metric(&first, "ferry_mount_cache_misses_total") >= 1.0,
+        "{first}"
+    );
+    assert_eq!(
+        metric(&first, "ferry_mount_pending_uploads"),
+        0.0,
+        "{first}"
+    );
+    // The kernel forgets its pages; the blocks come from the mount's memory.
+    std::fs::write("/proc/sys/vm/drop_caches", "3").unwrap();
+    assert!(std::fs::read(mount.at("counted.bin")).unwrap() == data);
+    let second = scrape();
+    assert!(
+        metric(&second, "ferry_mount_cache_hits_total")
+            > metric(&first, "ferry_mount_cache_hits_total"),
+        "{second}"
+    );
+    assert!(
+        metric(&second, "ferry_mount_cached_bytes") >= (8 * MIB) as f64,
+        "{second}"
     );
 }
 

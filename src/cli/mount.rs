@@ -52,6 +52,10 @@ pub struct MountArgs {
     /// PEM CA certificates to trust for an https:// server, besides the system's.
     #[arg(long, env = "FERRY_CA_FILE")]
     ca_file: Option<PathBuf>,
+    /// Serve the mount's counters (cache hits and misses, bytes fetched,
+    /// pending uploads) at http://ADDR/metrics.
+    #[arg(long)]
+    metrics_addr: Option<std::net::SocketAddr>,
 }
 
 pub async fn mount(args: MountArgs) -> anyhow::Result<()> {
@@ -109,6 +113,13 @@ pub async fn mount(args: MountArgs) -> anyhow::Result<()> {
         ..MountOptions::default()
     };
     let mount = Mount::start(client, &mountpoint, options)?;
+    if let Some(addr) = args.metrics_addr {
+        let core = mount.core.clone();
+        let bound = crate::metrics_export::serve(addr, move || core.metrics())
+            .await
+            .with_context(|| format!("serving metrics on {addr}"))?;
+        eprintln!("ferry: mount metrics at http://{bound}/metrics");
+    }
     eprintln!("ferry: {} mounted at {}", args.url, mountpoint.display());
     wait_for_end(&mount).await;
     if !mount.is_finished() {

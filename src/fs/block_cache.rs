@@ -4,6 +4,7 @@
 
 use std::collections::HashMap;
 use std::future::Future;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
@@ -44,6 +45,8 @@ type Fetch = Shared<BoxFuture<'static, Result<Bytes, FetchError>>>;
 pub struct BlockCache {
     blocks: Mutex<Lru>,
     in_flight: Mutex<HashMap<BlockKey, Fetch>>,
+    hits: AtomicU64,
+    misses: AtomicU64,
 }
 
 struct Lru {
@@ -57,6 +60,10 @@ struct Lru {
 pub struct CacheStats {
     pub cached_bytes: usize,
     pub blocks: usize,
+    /// Block requests answered from memory.
+    pub hits: u64,
+    /// Block requests that waited for a fetch (their own or another's).
+    pub misses: u64,
 }
 
 impl BlockCache {
@@ -68,6 +75,8 @@ impl BlockCache {
                 capacity: capacity_bytes,
             }),
             in_flight: Mutex::default(),
+            hits: AtomicU64::new(0),
+            misses: AtomicU64::new(0),
         }
     }
 
@@ -76,6 +85,8 @@ impl BlockCache {
         CacheStats {
             cached_bytes: lru.bytes,
             blocks: lru.map.len(),
+            hits: self.hits.load(Ordering::Relaxed),
+            misses: self.misses.load(Ordering::Relaxed),
         }
     }
 
@@ -99,8 +110,10 @@ impl BlockCache {
         F: Future<Output = Result<Bytes, FetchError>> + Send + 'static,
     {
         if let Some(data) = self.blocks.lock().unwrap().map.get(&key) {
+            self.hits.fetch_add(1, Ordering::Relaxed);
             return Ok(data.clone());
         }
+        self.misses.fetch_add(1, Ordering::Relaxed);
         let shared = {
             let mut in_flight = self.in_flight.lock().unwrap();
             match in_flight.get(&key) {
@@ -196,9 +209,16 @@ mod tests {
             cache.stats(),
             CacheStats {
                 cached_bytes: 3000,
-                blocks: 3
+                blocks: 3,
+                hits: 0,
+                misses: 10,
             }
         );
+        cache
+            .get_or_fetch(key(9), || async { unreachable!("cached") })
+            .await
+            .unwrap();
+        assert_eq!(cache.stats().hits, 1);
         assert!(cache.contains(&key(9)) && !cache.contains(&key(6)));
         let err = cache
             .get_or_fetch(key(20), || async {

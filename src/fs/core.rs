@@ -90,6 +90,8 @@ pub struct MountCore {
     /// cache across opens of an unchanged file.
     opened_versions: Mutex<HashMap<u64, String>>,
     fetches: Arc<Semaphore>,
+    /// File bytes received from the server by reads.
+    fetched_bytes: Arc<AtomicU64>,
     disk: Option<Arc<DiskCache>>,
     uploads: OnceLock<Arc<UploadQueue>>,
     /// Files being written, or closed and not yet committed, by path.
@@ -114,6 +116,7 @@ impl MountCore {
             next_handle: AtomicU64::new(1),
             opened_versions: Mutex::default(),
             fetches: Arc::new(Semaphore::new(FETCHES_IN_FLIGHT)),
+            fetched_bytes: Arc::default(),
             options,
         })
     }
@@ -358,11 +361,15 @@ impl MountCore {
             meta.path.clone(),
             meta.etag.clone(),
         );
+        let fetched = self.fetched_bytes.clone();
         async move {
             let _permit = fetches.acquire_owned().await.expect("never closed");
             client
                 .read_range(&path, start, len, etag.as_deref())
                 .await
+                .inspect(|data| {
+                    fetched.fetch_add(data.len() as u64, Ordering::Relaxed);
+                })
                 .map_err(|e| {
                     if e.code() == ErrorCode::PreconditionFailed {
                         // Replaced since it was opened: this handle's version is gone.
@@ -393,6 +400,40 @@ impl MountCore {
 
     pub fn cache_stats(&self) -> super::block_cache::CacheStats {
         self.cache.stats()
+    }
+
+    /// What `--metrics-addr` exports.
+    pub fn metrics(&self) -> Vec<crate::metrics_export::Sample> {
+        use crate::metrics_export::Sample;
+        let cache = self.cache.stats();
+        let pending = self.uploads.get().map_or(0, |q| q.pending().len());
+        vec![
+            Sample::counter(
+                "ferry_mount_cache_hits",
+                "Block reads answered from memory",
+                cache.hits,
+            ),
+            Sample::counter(
+                "ferry_mount_cache_misses",
+                "Block reads that waited for a fetch",
+                cache.misses,
+            ),
+            Sample::gauge(
+                "ferry_mount_cached_bytes",
+                "Bytes of file blocks held in memory",
+                cache.cached_bytes as u64,
+            ),
+            Sample::counter(
+                "ferry_mount_fetched_bytes",
+                "File bytes fetched from the server by reads",
+                self.fetched_bytes.load(Ordering::Relaxed),
+            ),
+            Sample::gauge(
+                "ferry_mount_pending_uploads",
+                "Closed files not yet committed on the server",
+                pending as u64,
+            ),
+        ]
     }
 
     fn writable(&self) -> FsResult<()> {

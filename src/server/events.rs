@@ -35,11 +35,13 @@ pub async fn events(
         async move {
             loop {
                 let event = match receiver.recv().await {
-                    Ok(change) if change.matches(&prefix) => Event::default()
-                        .event("change")
-                        .json_data(&change)
-                        .expect("changes serialize"),
-                    Ok(_) => continue,
+                    Ok(change) => match change.seen_from(&prefix) {
+                        Some(change) => Event::default()
+                            .event("change")
+                            .json_data(&change)
+                            .expect("changes serialize"),
+                        None => continue,
+                    },
                     Err(RecvError::Lagged(missed)) => Event::default().event("error").data(
                         serde_json::json!({
                             "code": "lagged",

@@ -518,8 +518,10 @@ async fn watch(app: AppState, out: mpsc::Sender<Message>, ch: Channel, prefix: R
     let mut changes = app.store().subscribe();
     loop {
         let message = match changes.recv().await {
-            Ok(change) if change.matches(&prefix) => ServerMessage::Change { ch, change },
-            Ok(_) => continue,
+            Ok(change) => match change.seen_from(&prefix) {
+                Some(change) => ServerMessage::Change { ch, change },
+                None => continue,
+            },
             Err(RecvError::Lagged(missed)) => {
                 let message = format!("{missed} changes were missed; re-read what you cache");
                 protocol_error(Some(ch), ProtocolErrorCode::Lagged, message)

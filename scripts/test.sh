@@ -21,3 +21,6 @@ fi
 cargo nextest run --workspace --all-features --no-fail-fast
 # nextest does not run doctests.
 cargo test --workspace --all-features --doc
+
+# Each fuzz target briefly (FUZZ_SECONDS, default 30): parsers of what peers send.
+bash scripts/fuzz.sh

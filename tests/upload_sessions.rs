@@ -227,6 +227,36 @@ async fn wrong_sha256_commits_nothing(backend: Backend) {
     assert_eq!(listing["entries"].as_array().unwrap().len(), 1);
 }
 
+/// Whatever a backend does with a chunk sent again with other bytes (a valid
+/// CRC32C each time) — local staging keeps the first, multipart the last —
+/// what gets committed hashes to the session's sha256.
+async fn a_chunk_resent_with_other_bytes_never_commits_unverified_data(backend: Backend) {
+    let s = Server::start_with(backend, &[]);
+    let data = random_bytes(2 * CS);
+    let id = session(&s, "resent.bin", &data, CS).await;
+    assert_eq!(put_chunk(&s, &id, 0, &data, CS).await, 204);
+    assert_eq!(put_chunk(&s, &id, 1, &data, CS).await, 204);
+    // Let the server hash what it has so far.
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    let other = random_bytes(CS);
+    assert_eq!(
+        put_chunk_raw(&s, &id, 0, other.clone(), &other).await.0,
+        204
+    );
+    let (code, body) = complete(&s, &id).await;
+    match code {
+        200 => assert!(
+            s.get_bytes("resent.bin").await.1 == data,
+            "committed bytes differ from the sha256"
+        ),
+        422 => {
+            assert_eq!(body["error"]["code"], "checksum_mismatch");
+            assert_eq!(s.get_bytes("resent.bin").await.0, 404);
+        }
+        other => panic!("{other}: {body}"),
+    }
+}
+
 async fn stale_if_match_is_412(backend: Backend) {
     let s = Server::start_with(backend, &[]);
     let meta: Value = s.put("doc.txt", "v1").await.json().await.unwrap();
@@ -331,6 +361,7 @@ conformance!(
     out_of_order_concurrent_and_repeated_chunks,
     bad_chunks_are_refused_and_not_kept,
     wrong_sha256_commits_nothing,
+    a_chunk_resent_with_other_bytes_never_commits_unverified_data,
     stale_if_match_is_412,
     create_validates_its_request,
     server_picks_a_chunk_size,

@@ -8,6 +8,7 @@
 mod local_staging;
 mod manifest;
 mod multipart_staging;
+mod running_digest;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -22,6 +23,7 @@ use object_store::{ObjectMeta, ObjectStoreExt};
 use self::local_staging::LocalStaging;
 use self::manifest::{Manifest, StagingRecord, UPLOADS_PREFIX};
 use self::multipart_staging::MultipartStaging;
+use self::running_digest::RunningDigest;
 use super::{Store, keys};
 use crate::error::{Error, Result};
 use crate::protocol::upload::{
@@ -73,6 +75,8 @@ pub struct UploadSessions {
     open: Mutex<HashMap<String, Option<String>>>,
     /// Most open sessions one token may have (`None`: no limit).
     max_per_owner: Option<usize>,
+    /// SHA-256 computed as chunks arrive, for local sessions created here.
+    digests: Mutex<HashMap<String, Arc<RunningDigest>>>,
 }
 
 impl UploadSessions {
@@ -85,6 +89,7 @@ impl UploadSessions {
             completing: Mutex::default(),
             open: Mutex::default(),
             max_per_owner,
+            digests: Mutex::default(),
         }
     }
 
@@ -165,6 +170,7 @@ impl UploadSessions {
         }
 
         let id = manifest::new_id();
+        let sha256_expected = sha256.is_some();
         let staging = if let Some(store) = &self.store.multipart {
             // With a checksum to verify, the parts assemble at a private key
             // first; without one, straight at the destination.
@@ -204,6 +210,12 @@ impl UploadSessions {
             .insert(id.clone(), owner.map(str::to_owned));
         if let Some(local) = self.local_staging(&id) {
             local.create(layout).await?;
+            if sha256_expected {
+                self.digests
+                    .lock()
+                    .unwrap()
+                    .insert(id.clone(), Arc::new(RunningDigest::new(layout)));
+            }
         }
         let created = UploadCreated {
             id: id.clone(),
@@ -249,10 +261,20 @@ impl UploadSessions {
         };
         let written = match &manifest.staging {
             StagingRecord::LocalFile => {
-                self.local_staging(id)
-                    .expect("a local backend")
-                    .write_chunk(layout, index, check, body)
-                    .await
+                let staging = self.local_staging(id).expect("a local backend");
+                let digest = self.digests.lock().unwrap().get(id).cloned();
+                let written = staging.write_chunk(layout, index, check, body).await;
+                if let (Some(digest), Ok(())) = (digest, &written) {
+                    digest.written(index);
+                    // Off the request's path: the ack does not wait for hashing.
+                    let data = staging.data();
+                    tokio::task::spawn_blocking(move || {
+                        if let Err(e) = digest.advance(&data) {
+                            tracing::debug!(error = %e, "hashing arriving chunks stopped");
+                        }
+                    });
+                }
+                written
             }
             StagingRecord::Multipart { key, upload_id } => {
                 MultipartStaging::new(&self.store, id, key, upload_id)
@@ -350,7 +372,17 @@ impl UploadSessions {
     async fn commit_local(&self, manifest: &Manifest) -> Result<()> {
         let staging = self.local_staging(&manifest.id).expect("a local backend");
         if let Some(expected) = &manifest.sha256 {
-            let actual = staging.sha256().await?;
+            let running = self.digests.lock().unwrap().remove(&manifest.id);
+            let actual = match running {
+                Some(digest) => {
+                    let data = staging.data();
+                    tokio::task::spawn_blocking(move || digest.finish(&data))
+                        .await
+                        .map_err(|e| Error::Storage(format!("hashing staged data: {e}")))??
+                }
+                // Created before a restart, or by another node.
+                None => staging.sha256().await?,
+            };
             if &actual != expected {
                 self.abort(&manifest.id).await?;
                 return Err(sha_mismatch(expected, &actual));
@@ -552,6 +584,7 @@ impl UploadSessions {
         self.manifests.lock().unwrap().remove(id);
         self.completing.lock().unwrap().remove(id);
         self.open.lock().unwrap().remove(id);
+        self.digests.lock().unwrap().remove(id);
         Ok(())
     }
 

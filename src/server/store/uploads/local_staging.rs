@@ -28,7 +28,8 @@ impl LocalStaging {
         Self { dir }
     }
 
-    fn data(&self) -> PathBuf {
+    /// The sparse file the chunks are written into.
+    pub fn data(&self) -> PathBuf {
         self.dir.join("data")
     }
 

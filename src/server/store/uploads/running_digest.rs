@@ -1,0 +1,136 @@
+//! The SHA-256 of a locally staged session, computed while its chunks arrive
+//! rather than by re-reading the whole file at `complete`.
+//!
+//! After each chunk this node writes, the digest advances over every chunk
+//! now contiguous from the start, reading them back from the staged file (the
+//! page cache, usually). At `complete` only the chunks not yet covered are
+//! read. This is sound because local staging never rewrites an acknowledged
+//! chunk: bytes once hashed stay what the file holds.
+
+use std::collections::BTreeSet;
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+use std::sync::Mutex;
+
+use sha2::{Digest, Sha256};
+
+use crate::error::{Error, Result};
+use crate::protocol::upload::ChunkLayout;
+
+/// Bytes hashed per read while advancing.
+const READ_PIECE: usize = 1 << 20;
+
+pub struct RunningDigest {
+    layout: ChunkLayout,
+    /// Chunks durably written (by this node).
+    written: Mutex<BTreeSet<u64>>,
+    /// Locked only on blocking threads, while hashing.
+    hashed: Mutex<Hashed>,
+}
+
+struct Hashed {
+    hasher: Sha256,
+    /// The first chunk not yet in `hasher`.
+    next: u64,
+}
+
+impl RunningDigest {
+    pub fn new(layout: ChunkLayout) -> Self {
+        Self {
+            layout,
+            written: Mutex::default(),
+            hashed: Mutex::new(Hashed {
+                hasher: Sha256::new(),
+                next: 0,
+            }),
+        }
+    }
+
+    /// After chunk `index` is durably written.
+    pub fn written(&self, index: u64) {
+        self.written.lock().unwrap().insert(index);
+    }
+
+    /// Hashes the chunks now contiguous from the start (blocking I/O).
+    pub fn advance(&self, data: &Path) -> Result<()> {
+        let mut hashed = self.hashed.lock().unwrap();
+        let file = open(data)?;
+        loop {
+            let next = hashed.next;
+            if !self.written.lock().unwrap().contains(&next) {
+                return Ok(());
+            }
+            hash_chunk(&file, self.layout, next, &mut hashed.hasher)?;
+            hashed.next += 1;
+        }
+    }
+
+    /// The whole file's digest, hashing whatever is not covered yet (blocking
+    /// I/O). Call once every chunk is in the file.
+    pub fn finish(&self, data: &Path) -> Result<String> {
+        let mut hashed = self.hashed.lock().unwrap();
+        let file = open(data)?;
+        while hashed.next < self.layout.chunk_count() {
+            let next = hashed.next;
+            hash_chunk(&file, self.layout, next, &mut hashed.hasher)?;
+            hashed.next += 1;
+        }
+        Ok(hex::encode(hashed.hasher.clone().finalize()))
+    }
+}
+
+fn open(data: &Path) -> Result<File> {
+    File::open(data).map_err(|e| match e.kind() {
+        std::io::ErrorKind::NotFound => Error::NotFound("upload session".into()),
+        _ => Error::Io {
+            context: "opening staged data".into(),
+            source: e,
+        },
+    })
+}
+
+fn hash_chunk(file: &File, layout: ChunkLayout, index: u64, hasher: &mut Sha256) -> Result<()> {
+    let Some((start, end)) = layout.chunk_range(index) else {
+        return Ok(());
+    };
+    let mut buf = vec![0u8; READ_PIECE.min((end - start) as usize)];
+    let mut at = start;
+    while at < end {
+        let want = buf.len().min((end - at) as usize);
+        file.read_exact_at(&mut buf[..want], at)
+            .map_err(Error::io("reading staged data to hash it"))?;
+        hasher.update(&buf[..want]);
+        at += want as u64;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn staged(data: &[u8]) -> (tempfile::TempDir, std::path::PathBuf) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("data");
+        std::fs::write(&path, data).unwrap();
+        (dir, path)
+    }
+
+    #[test]
+    fn out_of_order_chunks_give_the_files_digest() {
+        let data: Vec<u8> = (0..10_000u32).map(|i| (i % 251) as u8).collect();
+        let (_dir, path) = staged(&data);
+        let layout = ChunkLayout {
+            size: data.len() as u64,
+            chunk_size: 3000,
+        };
+        let digest = RunningDigest::new(layout);
+        for index in [1, 3, 0, 2] {
+            digest.written(index);
+            digest.advance(&path).unwrap();
+        }
+        let expected = hex::encode(Sha256::digest(&data));
+        assert_eq!(digest.finish(&path).unwrap(), expected);
+    }
+}

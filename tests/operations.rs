@@ -135,9 +135,10 @@ async fn cors_answers_preflights_and_exposes_the_player_headers() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_rate_limit_answers_429_with_retry_after_then_recovers() {
     let server =
-        Server::start_configured(&with_token(""), &["--rate-limit", "2", "--rate-burst", "5"]);
+        Server::start_configured(&with_token(""), &["--rate-limit", "1", "--rate-burst", "5"]);
     let mut statuses = Vec::new();
     let mut retry_after = None;
+    let started = std::time::Instant::now();
     for _ in 0..20 {
         let response = http()
             .get(format!("{}/v1/list/", server.url))
@@ -155,8 +156,13 @@ async fn the_rate_limit_answers_429_with_retry_after_then_recovers() {
             assert_eq!(body["error"]["code"], "rate_limited");
         }
     }
+    // The burst, plus one a second refilled meanwhile (the machine may be slow).
+    let refilled = started.elapsed().as_secs() as usize + 1;
     let ok = statuses.iter().filter(|s| **s == 200).count();
-    assert!((5..=7).contains(&ok), "burst of 5 then ~2/s: {statuses:?}");
+    assert!(
+        (5..=5 + refilled).contains(&ok),
+        "burst of 5 then 1/s over {refilled} s: {statuses:?}"
+    );
     assert!(statuses.contains(&429), "{statuses:?}");
     let wait = retry_after.expect("429 carries Retry-After");
     assert!((1..=2).contains(&wait), "{wait}");

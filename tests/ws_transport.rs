@@ -114,6 +114,7 @@ async fn a_session_started_over_http_finishes_over_the_websocket() {
             size: data.len() as u64,
             chunk_size: Some(MIB as u64),
             sha256: None,
+            sha256_at_complete: false,
             if_match: None,
             mtime: None,
         })
@@ -131,7 +132,10 @@ async fn a_session_started_over_http_finishes_over_the_websocket() {
             Box::pin(async move { Ok(chunk) })
         };
     let before = client.chunk_bytes_sent();
-    let meta = conn.upload(&created.id, &read, 4, None).await.unwrap();
+    let meta = conn
+        .upload(&created.id, &read, 4, None, None)
+        .await
+        .unwrap();
     assert_eq!(meta.size, data.len() as u64);
     assert_eq!(
         client.chunk_bytes_sent() - before,

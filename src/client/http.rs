@@ -387,9 +387,12 @@ impl Client {
         Ok(())
     }
 
-    pub async fn complete_upload(&self, id: &str) -> Result<FileMeta> {
+    /// Commits a session; `sha256` when it was created with `sha256_at_complete`.
+    pub async fn complete_upload(&self, id: &str, sha256: Option<String>) -> Result<FileMeta> {
         let url = format!("{}/v1/uploads/{id}/complete", self.base);
-        self.json(|| self.request(Method::POST, &url)).await
+        let body = crate::protocol::upload::CompleteUpload { sha256 };
+        self.json(|| self.request(Method::POST, &url).json(&body))
+            .await
     }
 
     pub async fn abort_upload(&self, id: &str) -> Result<()> {

@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use bytes::Bytes;
 use chrono::{DateTime, Utc};
-use futures::future::BoxFuture;
+use futures::future::{BoxFuture, Shared};
 use futures::{FutureExt, StreamExt, TryStreamExt};
 use sha2::{Digest, Sha256};
 
@@ -89,15 +89,18 @@ pub async fn upload_file(
         .map_err(Error::io(format!("reading {}", local.display())))?;
     let size = metadata.len();
     let mtime: Option<DateTime<Utc>> = metadata.modified().ok().map(Into::into);
-    let sha256 = match options.sha256.clone() {
-        Some(h) => h,
-        None => sha256_file(file.clone()).await?,
+    // Unless the caller knows the digest, it is computed while the chunks
+    // travel and sent with `complete`.
+    let digest = match &options.sha256 {
+        Some(_) => None,
+        None => Some(start_hashing(file.clone())),
     };
     let request = CreateUpload {
         path: remote.clone(),
         size,
         chunk_size: options.chunk_size,
-        sha256: Some(sha256),
+        sha256: options.sha256.clone(),
+        sha256_at_complete: digest.is_some(),
         if_match: options.if_match.clone(),
         mtime,
     };
@@ -114,7 +117,7 @@ pub async fn upload_file(
                 created.id
             }
         };
-        match drive_session(client, &id, &file, &request, &options).await {
+        match drive_session(client, &id, &file, &request, &options, digest.as_ref()).await {
             Err(e) if e.code() == ErrorCode::NotFound => {
                 tracing::info!(
                     session = id,
@@ -136,6 +139,7 @@ async fn drive_session(
     file: &Arc<File>,
     request: &CreateUpload,
     options: &UploadOptions,
+    digest: Option<&PendingDigest>,
 ) -> Result<UploadReport> {
     let mut status = client.upload_status(id).await?;
     if status.path != request.path || status.size != request.size {
@@ -143,7 +147,7 @@ async fn drive_session(
     }
     let resumed_bytes = status.bytes_received;
     if status.state == UploadState::Open && options.transport != Transport::Http {
-        match upload_over_ws(client, id, file, options).await {
+        match upload_over_ws(client, id, file, options, digest).await {
             Ok(meta) => {
                 return Ok(UploadReport {
                     meta,
@@ -181,7 +185,8 @@ async fn drive_session(
             .filter(|i| received.binary_search(i).is_err())
             .collect();
         send_chunks(client, id, file, layout, &missing, options, &done).await?;
-        match client.complete_upload(id).await {
+        let sha256 = resolve_digest(digest).await?;
+        match client.complete_upload(id, sha256).await {
             Ok(meta) => {
                 return Ok(UploadReport {
                     meta,
@@ -209,6 +214,7 @@ async fn upload_over_ws(
     id: &str,
     file: &Arc<File>,
     options: &UploadOptions,
+    digest: Option<&PendingDigest>,
 ) -> Result<FileMeta> {
     let conn = match &options.ws {
         Some(conn) => conn.clone(),
@@ -227,7 +233,7 @@ async fn upload_over_ws(
     };
     let parallel = options.parallel.unwrap_or(DEFAULT_PARALLEL);
     let uploaded = conn
-        .upload(id, &read_chunk, parallel, options.progress.as_ref())
+        .upload(id, &read_chunk, parallel, options.progress.as_ref(), digest)
         .await;
     if options.ws.is_none() {
         conn.close();
@@ -265,6 +271,29 @@ async fn send_chunks(
         .buffer_unordered(parallel)
         .try_collect::<()>()
         .await
+}
+
+/// A file's SHA-256 being computed in the background; clones share it.
+pub type PendingDigest = Shared<BoxFuture<'static, std::result::Result<String, String>>>;
+
+fn start_hashing(file: Arc<File>) -> PendingDigest {
+    let digest = async move { sha256_file(file).await.map_err(|e| e.to_string()) }
+        .boxed()
+        .shared();
+    // Runs now, alongside the transfer, not when first awaited.
+    tokio::spawn(digest.clone());
+    digest
+}
+
+/// The digest to send with `complete`, once it is ready.
+pub(crate) async fn resolve_digest(digest: Option<&PendingDigest>) -> Result<Option<String>> {
+    match digest {
+        Some(digest) => digest.clone().await.map(Some).map_err(|e| Error::Io {
+            context: "hashing the local file".into(),
+            source: std::io::Error::other(e),
+        }),
+        None => Ok(None),
+    }
 }
 
 async fn read_at(file: Arc<File>, start: u64, len: u64) -> Result<Bytes> {

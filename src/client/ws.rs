@@ -13,6 +13,7 @@ use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::http::HeaderValue;
 use tokio_util::sync::CancellationToken;
 
+use super::upload::{PendingDigest, resolve_digest};
 use super::{Client, Progress, ProgressFn};
 use crate::error::{Error, Result};
 use crate::protocol::upload::{ChunkLayout, expand_runs};
@@ -207,6 +208,7 @@ impl WsConnection {
          ),
         parallel: usize,
         progress: Option<&ProgressFn>,
+        digest: Option<&PendingDigest>,
     ) -> Result<FileMeta> {
         let mut channel = self.open_channel();
         let ch = channel.ch;
@@ -274,7 +276,8 @@ impl WsConnection {
                 other => return Err(unexpected(other)),
             }
         }
-        self.send_json(&ClientMessage::UploadComplete { ch })
+        let sha256 = resolve_digest(digest).await?;
+        self.send_json(&ClientMessage::UploadComplete { ch, sha256 })
             .await?;
         loop {
             match channel.next_message().await? {

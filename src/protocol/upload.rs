@@ -27,12 +27,25 @@ pub struct CreateUpload {
     /// Hex SHA-256 of the whole file, checked at `complete`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sha256: Option<String>,
+    /// The SHA-256 will come with `complete` instead (a client hashing while
+    /// it sends); the session is then staged so it can be checked before
+    /// anything is committed, and `complete` without it is refused.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub sha256_at_complete: bool,
     /// Commit only if the destination still has this etag.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub if_match: Option<String>,
     /// Modification time to give the committed file, where the backend can.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mtime: Option<DateTime<Utc>>,
+}
+
+/// The optional body of `POST /v1/uploads/{id}/complete`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CompleteUpload {
+    /// Hex SHA-256 of the whole file, when not given at creation.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sha256: Option<String>,
 }
 
 /// 201 answer to `POST /v1/uploads`.

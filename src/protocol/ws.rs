@@ -32,7 +32,12 @@ pub enum ClientMessage {
     #[serde(rename = "upload.open")]
     UploadOpen { ch: Channel, id: String },
     #[serde(rename = "upload.complete")]
-    UploadComplete { ch: Channel },
+    UploadComplete {
+        ch: Channel,
+        /// As in the body of `POST /v1/uploads/{id}/complete`.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        sha256: Option<String>,
+    },
     /// Stream `length` bytes (to the end when absent) of `path` from `offset`.
     #[serde(rename = "download")]
     Download {

@@ -44,15 +44,36 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for ApiJson<T> {
     type Rejection = Error;
 
     async fn from_request(req: Request, _: &S) -> Result<Self, Error> {
-        let body = axum::body::to_bytes(req.into_body(), MAX_JSON_BYTES)
-            .await
-            .map_err(|_| Error::PayloadTooLarge {
-                limit: MAX_JSON_BYTES as u64,
-            })?;
-        serde_json::from_slice(&body)
-            .map(ApiJson)
-            .map_err(|e| Error::BadRequest(format!("bad JSON body: {e}")))
+        let body = small_body(req).await?;
+        parse_json(&body).map(ApiJson)
     }
+}
+
+/// Like [`ApiJson`], but an empty body is `T::default()`.
+pub struct ApiJsonOrEmpty<T>(pub T);
+
+impl<T: DeserializeOwned + Default, S: Send + Sync> FromRequest<S> for ApiJsonOrEmpty<T> {
+    type Rejection = Error;
+
+    async fn from_request(req: Request, _: &S) -> Result<Self, Error> {
+        let body = small_body(req).await?;
+        if body.iter().all(u8::is_ascii_whitespace) {
+            return Ok(ApiJsonOrEmpty(T::default()));
+        }
+        parse_json(&body).map(ApiJsonOrEmpty)
+    }
+}
+
+async fn small_body(req: Request) -> Result<bytes::Bytes, Error> {
+    axum::body::to_bytes(req.into_body(), MAX_JSON_BYTES)
+        .await
+        .map_err(|_| Error::PayloadTooLarge {
+            limit: MAX_JSON_BYTES as u64,
+        })
+}
+
+fn parse_json<T: DeserializeOwned>(body: &[u8]) -> Result<T, Error> {
+    serde_json::from_slice(body).map_err(|e| Error::BadRequest(format!("bad JSON body: {e}")))
 }
 
 /// `Query<T>` whose rejection is a 400 in ferry's error format.

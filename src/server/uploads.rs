@@ -12,12 +12,12 @@ use futures::{StreamExt, TryStreamExt};
 
 use super::AppState;
 use super::auth::{Caller, Grant, Scope};
-use super::extract::{ApiJson, ApiPath};
+use super::extract::{ApiJson, ApiJsonOrEmpty, ApiPath};
 use crate::error::{Error, Result};
 use crate::protocol::FileMeta;
 use crate::protocol::upload::MAX_CHUNK_SIZE;
 use crate::protocol::upload::{
-    CRC32C_HEADER, CreateUpload, UploadCreated, UploadStatus, parse_crc32c_header,
+    CRC32C_HEADER, CompleteUpload, CreateUpload, UploadCreated, UploadStatus, parse_crc32c_header,
 };
 
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(2);
@@ -117,9 +117,10 @@ pub async fn complete(
     State(app): State<AppState>,
     Caller(grant): Caller,
     ApiPath(id): ApiPath<String>,
+    ApiJsonOrEmpty(body): ApiJsonOrEmpty<CompleteUpload>,
 ) -> Result<Json<FileMeta>> {
     authorize(&app, &grant, &id).await?;
-    Ok(Json(app.uploads().complete(&id).await?))
+    Ok(Json(app.uploads().complete(&id, body.sha256).await?))
 }
 
 pub async fn abort(

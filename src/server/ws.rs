@@ -230,7 +230,7 @@ impl Connection {
                     self.bind_upload(ch, allowed.map(|()| id)).await;
                 }
             }
-            ClientMessage::UploadComplete { ch } => self.complete(ch).await,
+            ClientMessage::UploadComplete { ch, sha256 } => self.complete(ch, sha256).await,
             ClientMessage::Download {
                 ch,
                 path,
@@ -424,7 +424,7 @@ impl Connection {
         });
     }
 
-    async fn complete(&self, ch: Channel) {
+    async fn complete(&self, ch: Channel, sha256: Option<String>) {
         let Some(upload) = self.upload(ch) else {
             let message = format!("channel {ch} has no upload open");
             return send(
@@ -440,7 +440,7 @@ impl Connection {
             .await
             .expect("never closed");
         drop(all);
-        let reply = match self.app.uploads().complete(&upload.id).await {
+        let reply = match self.app.uploads().complete(&upload.id, sha256).await {
             Ok(meta) => {
                 self.channels.lock().unwrap().remove(&ch);
                 ServerMessage::Done { ch, meta }

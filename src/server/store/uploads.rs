@@ -126,13 +126,8 @@ impl UploadSessions {
                 limit: self.max_size,
             });
         }
-        let sha256 = req.sha256.map(|h| h.to_ascii_lowercase());
-        if sha256
-            .as_ref()
-            .is_some_and(|h| h.len() != 64 || !h.bytes().all(|b| b.is_ascii_hexdigit()))
-        {
-            return Err(Error::BadRequest("sha256 must be 64 hex digits".into()));
-        }
+        let sha256 = parse_sha256(req.sha256)?;
+        let verify = sha256.is_some() || req.sha256_at_complete;
         self.check_owner_limit(owner)?;
         let multipart = self.store.multipart.is_some();
         let floor = if multipart {
@@ -170,11 +165,10 @@ impl UploadSessions {
         }
 
         let id = manifest::new_id();
-        let sha256_expected = sha256.is_some();
         let staging = if let Some(store) = &self.store.multipart {
             // With a checksum to verify, the parts assemble at a private key
             // first; without one, straight at the destination.
-            let key = if sha256.is_some() {
+            let key = if verify {
                 manifest::session_prefix(&id).join("object")
             } else {
                 keys::object_path(&req.path)
@@ -194,6 +188,7 @@ impl UploadSessions {
             size: req.size,
             chunk_size,
             sha256,
+            sha256_at_complete: req.sha256_at_complete,
             if_match,
             mtime: req.mtime,
             created_at: now,
@@ -210,7 +205,7 @@ impl UploadSessions {
             .insert(id.clone(), owner.map(str::to_owned));
         if let Some(local) = self.local_staging(&id) {
             local.create(layout).await?;
-            if sha256_expected {
+            if verify {
                 self.digests
                     .lock()
                     .unwrap()
@@ -312,7 +307,10 @@ impl UploadSessions {
 
     /// Commits the upload. Repeating it on a committed session returns the
     /// same metadata.
-    pub async fn complete(&self, id: &str) -> Result<FileMeta> {
+    /// Commits the session; `sha256` is the file's digest when it was not
+    /// given at creation.
+    pub async fn complete(&self, id: &str, sha256: Option<String>) -> Result<FileMeta> {
+        let given = parse_sha256(sha256)?;
         let lock = self
             .completing
             .lock()
@@ -325,6 +323,29 @@ impl UploadSessions {
         if let Some(meta) = &manifest.result {
             return Ok(meta.clone());
         }
+        manifest.sha256 = match (manifest.sha256.take(), given) {
+            (Some(created), Some(given)) if created != given => {
+                return Err(Error::BadRequest(format!(
+                    "sha256 {given} differs from the {created} given when the session was created"
+                )));
+            }
+            (None, None) if manifest.sha256_at_complete => {
+                return Err(Error::BadRequest(
+                    "this session was created to receive its sha256 with complete".into(),
+                ));
+            }
+            // A multipart session assembles at its destination unless told
+            // at creation that a digest will be checked.
+            (None, Some(_))
+                if !manifest.sha256_at_complete
+                    && !matches!(manifest.staging, StagingRecord::LocalFile) =>
+            {
+                return Err(Error::BadRequest(
+                    "to check a sha256 given with complete, create the session with sha256_at_complete".into(),
+                ));
+            }
+            (created, given) => created.or(given),
+        };
         let layout = manifest.layout();
         let received = self.received(&manifest).await?;
         if received.len() as u64 != layout.chunk_count() {
@@ -618,4 +639,15 @@ fn plain_tag(tag: &str) -> String {
         .trim_start_matches("W/")
         .trim_matches('"')
         .to_owned()
+}
+
+/// A client's hex SHA-256, lowercased; anything but 64 hex digits is refused.
+fn parse_sha256(sha256: Option<String>) -> Result<Option<String>> {
+    match sha256 {
+        Some(h) if h.len() == 64 && h.bytes().all(|b| b.is_ascii_hexdigit()) => {
+            Ok(Some(h.to_ascii_lowercase()))
+        }
+        Some(_) => Err(Error::BadRequest("sha256 must be 64 hex digits".into())),
+        None => Ok(None),
+    }
 }

@@ -21,6 +21,9 @@ pub struct Manifest {
     pub size: u64,
     pub chunk_size: u64,
     pub sha256: Option<String>,
+    /// The SHA-256 comes with `complete` (see `CreateUpload`).
+    #[serde(default)]
+    pub sha256_at_complete: bool,
     pub if_match: Option<String>,
     pub mtime: Option<DateTime<Utc>>,
     pub created_at: DateTime<Utc>,

@@ -74,28 +74,16 @@ pub async fn put(args: PutArgs) -> anyhow::Result<()> {
     let record: Option<ResumeRecord> = std::fs::read(&record_path)
         .ok()
         .and_then(|b| serde_json::from_slice(&b).ok());
-    let sha256 = match record.as_ref().and_then(|r| r.sha256.clone()) {
-        Some(hash) => hash,
-        None => {
-            let file = Arc::new(std::fs::File::open(&args.local)?);
-            let hash = crate::client::upload::sha256_file(file).await?;
-            save_record(
-                &record_path,
-                &ResumeRecord {
-                    session_id: None,
-                    sha256: Some(hash.clone()),
-                },
-            )?;
-            hash
-        }
-    };
+    // The digest is computed while the chunks travel (a record from an
+    // older run may already carry it).
+    let sha256 = record.as_ref().and_then(|r| r.sha256.clone());
     let bar = progress_bar(meta.len());
     let on_session = {
         let (record_path, sha256) = (record_path.clone(), sha256.clone());
         Arc::new(move |id: &str| {
             let record = ResumeRecord {
                 session_id: Some(id.to_owned()),
-                sha256: Some(sha256.clone()),
+                sha256: sha256.clone(),
             };
             if let Err(e) = save_record(&record_path, &record) {
                 tracing::warn!(error = %e, "saving the resume record failed");
@@ -105,7 +93,7 @@ pub async fn put(args: PutArgs) -> anyhow::Result<()> {
     let options = UploadOptions {
         parallel: Some(args.parallel),
         resume_id: record.and_then(|r| r.session_id),
-        sha256: Some(sha256),
+        sha256,
         progress: bar.as_ref().map(progress_fn),
         on_session: Some(on_session),
         throttle: args.bwlimit.map(|rate| Arc::new(Throttle::new(rate))),

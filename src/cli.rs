@@ -7,6 +7,8 @@ mod serve;
 mod transfer;
 mod watch;
 
+pub use remote::parse_bytes;
+
 use clap::{Parser, Subcommand};
 
 #[derive(Debug, Parser)]

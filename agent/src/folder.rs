@@ -1,0 +1,589 @@
+//! One synced folder: passes that bring the remote in line with the local
+//! tree, and the loop that runs them on start-up, on file-system events and
+//! periodically.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use crossbeam_channel::Receiver;
+use crossbeam_utils::sync::WaitGroup;
+use ferry::client::retry::RetryPolicy;
+use ferry::protocol::ErrorCode;
+use futures::StreamExt;
+use tokio::runtime::Handle;
+use tokio_util::sync::CancellationToken;
+
+use crate::filter::{Filter, IGNORE_FILE};
+use crate::journal::{Journal, Record, now_text};
+use crate::pipeline::{Outcome, Pass, Pipeline};
+use crate::plan::{Candidate, Move, RemoteFile, plan, under};
+use crate::remote::Remote;
+use crate::scan::scan;
+use crate::settle::now_ns;
+use crate::watch::{self, Notice};
+
+/// Past this many separate changed paths, one full pass is cheaper.
+const MAX_SCOPES: usize = 256;
+/// Deletes sent at once.
+const PARALLEL_DELETES: usize = 8;
+/// Rescan interval while file watching is unavailable.
+const FALLBACK_RESCAN: Duration = Duration::from_secs(60);
+/// Attempts per failing path before `once` gives up.
+const ONCE_ATTEMPTS: u32 = 4;
+
+pub struct Folder {
+    pub root: PathBuf,
+    pub journal: Journal,
+    pub remote: Remote,
+    pub filter: Filter,
+    pub dry_run: bool,
+    pub max_delete: Option<u64>,
+    pub rt: Handle,
+    pub stop: CancellationToken,
+}
+
+#[derive(Debug, Clone)]
+pub struct LoopOptions {
+    /// One full pass (and whatever it had to wait for), then return.
+    pub once: bool,
+    pub rescan_interval: Duration,
+}
+
+impl Folder {
+    /// One pass over `scopes` (folder-relative; `""` is everything).
+    pub fn pass(
+        self: &Arc<Self>,
+        pipeline: &Pipeline,
+        scopes: &[String],
+        full: bool,
+    ) -> Result<Outcome> {
+        let started = Instant::now();
+        if full {
+            self.filter.reload();
+        }
+        let accept = |rel: &str| match self.remote.path(rel) {
+            Ok(_) => true,
+            Err(e) => {
+                tracing::warn!(path = rel, error = %e, "cannot be a remote path; not synced");
+                false
+            }
+        };
+        let mut local = BTreeMap::new();
+        let mut unreadable = Vec::new();
+        let mut records = BTreeMap::new();
+        let mut remote = BTreeMap::new();
+        for scope in scopes {
+            let tree = scan(&self.root, scope, &self.filter, &accept);
+            local.extend(tree.files);
+            unreadable.extend(tree.unreadable);
+            records.extend(self.journal.records_under(scope)?);
+            let listed = self
+                .rt
+                .block_on(self.remote.index(scope))
+                .with_context(|| format!("listing {}", self.remote.describe()))?;
+            remote.extend(listed);
+        }
+        let kept = |path: &str| {
+            unreadable.iter().any(|dir| under(path, dir))
+                || self.filter.is_ignored(Path::new(path), false)
+        };
+        let seen_at = now_ns();
+        let plan = plan(scopes, &local, &records, &remote, &kept);
+        for path in &plan.changed_elsewhere {
+            tracing::debug!(path, "changed on the server, unchanged here; left as it is");
+        }
+        let mut outcome = Outcome {
+            unchanged: plan.unchanged,
+            ..Outcome::default()
+        };
+        let mut candidates = plan.candidates;
+        let mut vanished = plan.vanished;
+        if self.dry_run {
+            for m in &plan.moves {
+                let slash = if m.dir { "/" } else { "" };
+                println!("rename {}{slash} -> {}{slash}", m.from, m.to);
+            }
+        } else {
+            self.apply_moves(
+                &plan.moves,
+                &records,
+                &local,
+                &remote,
+                &mut candidates,
+                &mut vanished,
+                &mut outcome,
+            );
+        }
+
+        let pass = Arc::new(Pass {
+            folder: self.clone(),
+            remote,
+            vanished: Mutex::new(vanished),
+            outcome: Mutex::new(outcome),
+        });
+        let pending = WaitGroup::new();
+        for candidate in candidates {
+            if self.stop.is_cancelled() {
+                break;
+            }
+            pipeline.submit(&pass, candidate, seen_at, &pending);
+        }
+        pending.wait();
+        let vanished = std::mem::take(&mut *pass.vanished.lock().unwrap());
+        if !self.stop.is_cancelled() {
+            self.delete(&pass, vanished, full);
+        }
+        let outcome = std::mem::take(&mut *pass.outcome.lock().unwrap());
+        self.report(&outcome, full, started.elapsed());
+        Ok(outcome)
+    }
+
+    /// Server-side renames; a rename the server refuses becomes an upload of
+    /// the new path and a delete of the old one.
+    #[allow(clippy::too_many_arguments)]
+    fn apply_moves(
+        &self,
+        moves: &[Move],
+        records: &BTreeMap<String, Record>,
+        local: &BTreeMap<String, crate::journal::FileStamp>,
+        remote: &BTreeMap<String, RemoteFile>,
+        candidates: &mut Vec<Candidate>,
+        vanished: &mut Vec<Record>,
+        outcome: &mut Outcome,
+    ) {
+        for m in moves {
+            if self.stop.is_cancelled() {
+                return;
+            }
+            let moved: Vec<&Record> = records
+                .values()
+                .filter(|r| under(&r.path, &m.from))
+                .collect();
+            let renamed = self.rt.block_on(self.remote.rename(&m.from, &m.to, m.dir));
+            let result = renamed.map_err(anyhow::Error::from).and_then(|meta| {
+                self.journal.rename(&m.from, &m.to)?;
+                if m.dir {
+                    // Etags survive a rename on some stores and not on others.
+                    let listed = self.rt.block_on(self.remote.index(&m.to))?;
+                    for (path, file) in listed {
+                        self.journal.set_etag(&path, &file.etag)?;
+                    }
+                } else if let Some(etag) = meta.etag {
+                    self.journal.set_etag(&m.to, &etag)?;
+                }
+                Ok(())
+            });
+            match result {
+                Ok(()) => {
+                    tracing::info!(
+                        from = m.from,
+                        to = m.to,
+                        files = moved.len(),
+                        "renamed on the server"
+                    );
+                    outcome.renamed += moved.len();
+                    for c in candidates.iter_mut().filter(|c| under(&c.path, &m.to)) {
+                        if let Ok(Some(record)) = self.journal.record(&c.path) {
+                            c.remote = Some(RemoteFile {
+                                size: record.stamp.size,
+                                etag: record.etag.clone(),
+                                mtime: None,
+                            });
+                            c.record = Some(record);
+                        }
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(from = m.from, to = m.to, error = %e, "server-side rename failed; uploading instead");
+                    for record in moved {
+                        let to = format!("{}{}", m.to, &record.path[m.from.len()..]);
+                        vanished.push(record.clone());
+                        candidates.retain(|c| c.path != to);
+                        if let Some(stamp) = local.get(&to) {
+                            candidates.push(Candidate {
+                                path: to.clone(),
+                                stamp: *stamp,
+                                record: None,
+                                remote: remote.get(&to).cloned(),
+                            });
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Deletes the remote copies of vanished files, unless there are more
+    /// than the safeguard allows.
+    fn delete(&self, pass: &Pass, vanished: Vec<Record>, full: bool) {
+        if vanished.is_empty() {
+            return;
+        }
+        let (ours, gone): (Vec<Record>, Vec<Record>) = vanished
+            .into_iter()
+            .partition(|r| pass.remote.get(&r.path).is_some_and(|f| f.etag == r.etag));
+        if !self.dry_run {
+            for record in &gone {
+                // Deleted or replaced on the server already: nothing to delete.
+                tracing::info!(
+                    path = record.path,
+                    "gone here and changed or gone on the server; left as it is there"
+                );
+                let _ = self.journal.forget(&record.path);
+            }
+        }
+        if ours.is_empty() {
+            return;
+        }
+        let tracked = self.journal.count_records().map(|(n, _)| n).unwrap_or(0);
+        let remote_files = if full { pass.remote.len() as u64 } else { 0 };
+        let limit = delete_limit(self.max_delete, tracked, remote_files);
+        if ours.len() as u64 > limit {
+            let why = match self.max_delete {
+                Some(n) => format!("--max-delete {n}"),
+                None => format!("half of the {} remote files", tracked.max(remote_files)),
+            };
+            let message = format!(
+                "refusing to delete {} remote files in one pass (more than {why}); nothing was deleted. \
+                 If the deletions are intended, run with --max-delete {}",
+                ours.len(),
+                ours.len()
+            );
+            tracing::error!("{message}");
+            if self.dry_run {
+                println!("refuse {message}");
+            } else {
+                let _ = self.journal.add_error("", &message);
+                let _ = self
+                    .journal
+                    .set_meta("held_deletes", &ours.len().to_string());
+            }
+            pass.outcome.lock().unwrap().deletes_held = ours.len();
+            return;
+        }
+        if self.dry_run {
+            for record in &ours {
+                println!("delete {}", record.path);
+            }
+            return;
+        }
+        let _ = self.journal.set_meta("held_deletes", "0");
+        let results: Vec<(Record, ferry::Result<()>)> = self.rt.block_on(
+            futures::stream::iter(ours)
+                .map(|record| async move {
+                    let result = self.remote.delete(&record.path, &record.etag).await;
+                    (record, result)
+                })
+                .buffer_unordered(PARALLEL_DELETES)
+                .collect(),
+        );
+        let mut outcome = pass.outcome.lock().unwrap();
+        for (record, result) in results {
+            match result {
+                Ok(()) => {
+                    tracing::info!(path = record.path, "deleted");
+                    outcome.deleted += 1;
+                    let _ = self.journal.forget(&record.path);
+                }
+                Err(e) if e.code() == ErrorCode::NotFound => {
+                    let _ = self.journal.forget(&record.path);
+                }
+                Err(e) if e.code() == ErrorCode::PreconditionFailed => {
+                    tracing::warn!(
+                        path = record.path,
+                        "changed on the server since the last sync; not deleted there"
+                    );
+                    let _ = self.journal.forget(&record.path);
+                }
+                Err(e) => {
+                    tracing::warn!(path = record.path, error = %e, "delete failed; will retry");
+                    let _ = self.journal.add_error(&record.path, &e.to_string());
+                    outcome.failed += 1;
+                    outcome.retry.push((record.path.clone(), None));
+                }
+            }
+        }
+    }
+
+    fn report(&self, outcome: &Outcome, full: bool, took: Duration) {
+        let summary = format!(
+            "{} pass: {} uploaded ({} bytes), {} renamed, {} deleted, {} conflicts, {} unchanged, {} failed, {} waiting",
+            if full { "full" } else { "partial" },
+            outcome.uploaded,
+            outcome.uploaded_bytes,
+            outcome.renamed,
+            outcome.deleted,
+            outcome.conflicts,
+            outcome.unchanged,
+            outcome.failed,
+            outcome.retry.len(),
+        );
+        let busy = outcome.uploaded + outcome.renamed + outcome.deleted + outcome.failed > 0;
+        if full || busy {
+            tracing::info!(folder = %self.root.display(), took = ?took, "{summary}");
+        } else {
+            tracing::debug!(folder = %self.root.display(), took = ?took, "{summary}");
+        }
+        if self.dry_run {
+            for (path, _) in &outcome.retry {
+                println!("wait {path} (still being written)");
+            }
+            return;
+        }
+        let now = now_text();
+        let _ = self.journal.set_meta("last_pass_at", &now);
+        let _ = self.journal.set_meta("last_pass", &summary);
+        if full && outcome.failed == 0 {
+            let _ = self.journal.set_meta("last_full_sync_at", &now);
+        }
+    }
+
+    /// Runs passes until stopped (or, with `once`, until one full pass and
+    /// what it waited for are done). Returns whether everything was pushed.
+    pub fn run(
+        self: &Arc<Self>,
+        pipeline: &Pipeline,
+        options: &LoopOptions,
+        shutdown: &Receiver<()>,
+    ) -> Result<bool> {
+        let mut fallback = false;
+        let watch = if options.once || self.dry_run {
+            None
+        } else {
+            match watch::start(&self.root) {
+                Ok(w) => Some(w),
+                Err(e) if watch::is_watch_limit(&e) => {
+                    tracing::error!(
+                        folder = %self.root.display(),
+                        "{}; until then the folder is rescanned every {} s",
+                        watch::watch_limit_message(),
+                        FALLBACK_RESCAN.as_secs()
+                    );
+                    fallback = true;
+                    None
+                }
+                Err(e) => anyhow::bail!("cannot watch {}: {e}", self.root.display()),
+            }
+        };
+        let never = crossbeam_channel::never();
+        let events = watch.as_ref().map_or(&never, |w| &w.events);
+        let backoff = RetryPolicy {
+            base_delay: Duration::from_secs(1),
+            max_delay: Duration::from_secs(300),
+            give_up_after: Duration::MAX,
+        };
+        let mut dirty: HashMap<String, Instant> = HashMap::new();
+        let mut failures: HashMap<String, u32> = HashMap::new();
+        let mut pass_failures = 0u32;
+        let mut next_full = Instant::now();
+        let mut full_done = false;
+        loop {
+            if self.stop.is_cancelled() {
+                return Ok(true);
+            }
+            let now = Instant::now();
+            let (scopes, full) = if now >= next_full {
+                dirty.clear();
+                (vec![String::new()], true)
+            } else {
+                let due: Vec<String> = dirty
+                    .iter()
+                    .filter(|(_, at)| **at <= now)
+                    .map(|(p, _)| p.clone())
+                    .collect();
+                for path in &due {
+                    dirty.remove(path);
+                }
+                let scopes = collapse(due);
+                if scopes.len() > MAX_SCOPES {
+                    (vec![String::new()], true)
+                } else {
+                    (scopes, false)
+                }
+            };
+            if !scopes.is_empty() {
+                match self.pass(pipeline, &scopes, full) {
+                    Ok(outcome) => {
+                        pass_failures = 0;
+                        if full {
+                            full_done = true;
+                            let every = if fallback {
+                                options.rescan_interval.min(FALLBACK_RESCAN)
+                            } else {
+                                options.rescan_interval
+                            };
+                            next_full = Instant::now() + every;
+                        }
+                        let retried: Vec<&String> = outcome.retry.iter().map(|(p, _)| p).collect();
+                        failures.retain(|p, _| {
+                            retried.contains(&p) || !scopes.iter().any(|s| under(p, s))
+                        });
+                        for (path, after) in outcome.retry {
+                            let delay = match after {
+                                Some(wait) => wait,
+                                None => {
+                                    let n = failures.entry(path.clone()).or_insert(0);
+                                    *n += 1;
+                                    backoff.delay(*n, None).max(Duration::from_millis(500))
+                                }
+                            };
+                            let at = Instant::now() + delay;
+                            dirty
+                                .entry(path)
+                                .and_modify(|t| *t = (*t).min(at))
+                                .or_insert(at);
+                        }
+                    }
+                    Err(e) => {
+                        pass_failures += 1;
+                        let delay = backoff
+                            .delay(pass_failures, None)
+                            .max(Duration::from_secs(1));
+                        tracing::warn!(folder = %self.root.display(), error = %format!("{e:#}"), retry_in = ?delay, "pass failed");
+                        if !self.dry_run {
+                            let _ = self.journal.add_error("", &format!("{e:#}"));
+                        }
+                        if self.dry_run || (options.once && pass_failures >= ONCE_ATTEMPTS) {
+                            return Err(e);
+                        }
+                        let at = Instant::now() + delay;
+                        if full {
+                            next_full = at;
+                        } else {
+                            for scope in scopes {
+                                dirty.insert(scope, at);
+                            }
+                        }
+                    }
+                }
+                if !self.dry_run {
+                    let _ = self.journal.set_meta("waiting", &dirty.len().to_string());
+                }
+            }
+            if self.dry_run {
+                return Ok(true);
+            }
+            if options.once && full_done {
+                if dirty.is_empty() {
+                    return Ok(true);
+                }
+                if failures.values().any(|n| *n >= ONCE_ATTEMPTS) {
+                    tracing::error!(
+                        paths = failures.len(),
+                        "giving up on files that keep failing"
+                    );
+                    return Ok(false);
+                }
+            }
+            let wake = dirty
+                .values()
+                .copied()
+                .min()
+                .unwrap_or(next_full)
+                .min(next_full);
+            let timeout = wake.saturating_duration_since(Instant::now());
+            crossbeam_channel::select! {
+                recv(shutdown) -> _ => return Ok(true),
+                recv(events) -> delivery => {
+                    let Ok(delivery) = delivery else { continue };
+                    let mut notices = watch::interpret(delivery);
+                    while let Ok(more) = events.try_recv() {
+                        notices.extend(watch::interpret(more));
+                    }
+                    for notice in notices {
+                        self.notice(notice, &mut dirty, &mut next_full, &mut fallback);
+                    }
+                }
+                default(timeout) => {}
+            }
+        }
+    }
+
+    fn notice(
+        &self,
+        notice: Notice,
+        dirty: &mut HashMap<String, Instant>,
+        next_full: &mut Instant,
+        fallback: &mut bool,
+    ) {
+        let now = Instant::now();
+        match notice {
+            Notice::Changed(paths) => {
+                for abs in paths {
+                    let Some(rel) = abs.strip_prefix(&self.root).ok().and_then(|p| p.to_str())
+                    else {
+                        continue;
+                    };
+                    let mut rel = rel.to_owned();
+                    if abs.file_name().is_some_and(|n| n == IGNORE_FILE) {
+                        self.filter.reload();
+                        rel = Path::new(&rel)
+                            .parent()
+                            .and_then(|p| p.to_str())
+                            .unwrap_or("")
+                            .to_owned();
+                    } else if self.filter.is_ignored(Path::new(&rel), abs.is_dir()) {
+                        continue;
+                    }
+                    dirty.insert(rel, now);
+                }
+            }
+            Notice::Rescan(why) => {
+                tracing::warn!(folder = %self.root.display(), "{why}");
+                *next_full = now;
+            }
+            Notice::WatchLimit(why) => {
+                tracing::error!(
+                    folder = %self.root.display(),
+                    "{why}; until then the folder is rescanned every {} s",
+                    FALLBACK_RESCAN.as_secs()
+                );
+                *fallback = true;
+                *next_full = (*next_full).min(now + FALLBACK_RESCAN);
+            }
+        }
+    }
+}
+
+/// Deletes allowed in one pass: `--max-delete`, or half of the files known
+/// on the remote.
+pub fn delete_limit(max_delete: Option<u64>, tracked: u64, remote_files: u64) -> u64 {
+    max_delete.unwrap_or(tracked.max(remote_files) / 2)
+}
+
+/// The paths, minus those inside another one.
+fn collapse(mut paths: Vec<String>) -> Vec<String> {
+    paths.sort();
+    let mut out: Vec<String> = Vec::new();
+    for path in paths {
+        if !out.last().is_some_and(|last| under(&path, last)) {
+            out.push(path);
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_default_delete_limit_is_half_the_remote_files() {
+        assert_eq!(delete_limit(None, 10, 0), 5);
+        assert_eq!(delete_limit(None, 10, 30), 15);
+        assert_eq!(delete_limit(None, 1, 0), 0);
+        assert_eq!(delete_limit(Some(3), 1000, 1000), 3);
+    }
+
+    #[test]
+    fn collapse_keeps_the_outermost_paths() {
+        let paths = ["a/b", "a", "ab", "c/d/e", "c/d"]
+            .map(String::from)
+            .to_vec();
+        assert_eq!(collapse(paths), ["a", "ab", "c/d"]);
+        assert_eq!(collapse(vec!["x".into(), String::new()]), [""]);
+    }
+}

@@ -342,7 +342,8 @@ impl Folder {
     }
 
     /// Runs passes until stopped (or, with `once`, until one full pass and
-    /// what it waited for are done). Returns whether everything was pushed.
+    /// what it waited for are done). Returns whether everything was pushed
+    /// (deletes held back by the safeguard count as not pushed).
     pub fn run(
         self: &Arc<Self>,
         pipeline: &Pipeline,
@@ -380,6 +381,7 @@ impl Folder {
         let mut pass_failures = 0u32;
         let mut next_full = Instant::now();
         let mut full_done = false;
+        let mut deletes_held = false;
         loop {
             if self.stop.is_cancelled() {
                 return Ok(true);
@@ -408,6 +410,7 @@ impl Folder {
                 match self.pass(pipeline, &scopes, full) {
                     Ok(outcome) => {
                         pass_failures = 0;
+                        deletes_held |= outcome.deletes_held > 0;
                         if full {
                             full_done = true;
                             let every = if fallback {
@@ -468,7 +471,7 @@ impl Folder {
             }
             if options.once && full_done {
                 if dirty.is_empty() {
-                    return Ok(true);
+                    return Ok(!deletes_held);
                 }
                 if failures.values().any(|n| *n >= ONCE_ATTEMPTS) {
                     tracing::error!(

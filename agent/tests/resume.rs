@@ -108,3 +108,49 @@ async fn sigkill_halfway_then_restart_resumes_the_big_file_from_its_session() {
     let remote = remote_tree(&client, "resume").await;
     assert!(remote == local, "{}", diff(&local, &remote));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_stops_cleanly_mid_upload_and_the_next_run_resumes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let server = Server::start(&tmp.path().join("store"));
+    let mut agent = Agent::new(&tmp.path().join("folder"), &server, "term");
+    write(&agent.dir, "video.mp4", &random_bytes(64 << 20));
+    age(&agent.path("video.mp4"));
+    agent.start(&["--bwlimit", "8M"]);
+    let client = server.client();
+    let mut session = None;
+    assert!(
+        eventually(Duration::from_secs(30), || {
+            session = pending_session(&agent, "video.mp4");
+            std::future::ready(session.is_some())
+        })
+        .await,
+        "{}",
+        agent.log_text()
+    );
+    let session = session.unwrap();
+    assert!(
+        eventually(Duration::from_secs(30), || {
+            let (client, session) = (client.clone(), session.clone());
+            async move { client.upload_status(&session).await.unwrap().bytes_received >= 8 << 20 }
+        })
+        .await
+    );
+    let stopping = std::time::Instant::now();
+    agent.signal("TERM");
+    let exit = agent.wait(Duration::from_secs(20));
+    assert!(exit.success(), "{}", agent.log_text());
+    assert!(stopping.elapsed() < Duration::from_secs(10), "stopping took {:?}", stopping.elapsed());
+    assert!(agent.log_text().contains("stopping: letting chunks in flight finish"));
+    let status = client.upload_status(&session).await.unwrap();
+    assert_eq!(status.state, UploadState::Open, "the upload was not interrupted");
+    assert!(agent.status().contains(&format!("video.mp4 (67108864 bytes, session {session})")));
+
+    let log = agent.once_ok(&[]);
+    assert!(log.contains("resuming an interrupted upload"), "{log}");
+    assert_eq!(client.upload_status(&session).await.unwrap().state, UploadState::Committed);
+    assert_eq!(
+        harness::remote_bytes(&client, "term/video.mp4").await.map(|d| harness::sha256(&d)),
+        local_tree(&agent.dir).get("video.mp4").map(|(_, sha)| sha.clone())
+    );
+}

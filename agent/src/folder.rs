@@ -31,6 +31,8 @@ const MAX_SCOPES: usize = 256;
 const PARALLEL_DELETES: usize = 8;
 /// Rescan interval while file watching is unavailable.
 const FALLBACK_RESCAN: Duration = Duration::from_secs(60);
+/// How long `once` waits for a file to stop changing.
+const ONCE_SETTLE_LIMIT: Duration = Duration::from_secs(60);
 /// Attempts per failing path before `once` gives up.
 const ONCE_ATTEMPTS: u32 = 4;
 
@@ -382,6 +384,9 @@ impl Folder {
         let mut next_full = Instant::now();
         let mut full_done = false;
         let mut deletes_held = false;
+        // `once`: files that never settle (a log being appended) are given up on.
+        let mut changing_since: HashMap<String, Instant> = HashMap::new();
+        let mut gave_up = false;
         loop {
             if self.stop.is_cancelled() {
                 return Ok(true);
@@ -421,12 +426,15 @@ impl Folder {
                             next_full = Instant::now() + every;
                         }
                         let retried: Vec<&String> = outcome.retry.iter().map(|(p, _)| p).collect();
-                        failures.retain(|p, _| {
-                            retried.contains(&p) || !scopes.iter().any(|s| under(p, s))
-                        });
+                        let outside = |p: &String| !scopes.iter().any(|s| under(p, s));
+                        failures.retain(|p, _| retried.contains(&p) || outside(p));
+                        changing_since.retain(|p, _| retried.contains(&p) || outside(p));
                         for (path, after) in outcome.retry {
                             let delay = match after {
-                                Some(wait) => wait,
+                                Some(wait) => {
+                                    changing_since.entry(path.clone()).or_insert(now);
+                                    wait
+                                }
                                 None => {
                                     let n = failures.entry(path.clone()).or_insert(0);
                                     *n += 1;
@@ -470,8 +478,21 @@ impl Folder {
                 return Ok(true);
             }
             if options.once && full_done {
+                changing_since.retain(|path, since| {
+                    let stuck = since.elapsed() >= ONCE_SETTLE_LIMIT;
+                    if stuck {
+                        tracing::warn!(
+                            path,
+                            "still changing after {} s; not pushed this time",
+                            ONCE_SETTLE_LIMIT.as_secs()
+                        );
+                        dirty.remove(path);
+                        gave_up = true;
+                    }
+                    !stuck
+                });
                 if dirty.is_empty() {
-                    return Ok(!deletes_held);
+                    return Ok(!deletes_held && !gave_up);
                 }
                 if failures.values().any(|n| *n >= ONCE_ATTEMPTS) {
                     tracing::error!(

@@ -27,6 +27,12 @@ use crate::remote::Push;
 use crate::scan::stat_file;
 use crate::settle::{QUIET, Settle, now_ns, settle};
 
+/// Files below this size are sent in one chunk: latency, not bandwidth,
+/// limits them.
+const SMALL_FILE: u64 = 1 << 20;
+/// How many times more small transfers than large ones run at once.
+pub const SMALL_LANE_FACTOR: usize = 4;
+
 /// One pass over some scopes of a folder, shared by the jobs it started.
 pub struct Pass {
     pub folder: Arc<Folder>,
@@ -118,22 +124,34 @@ pub struct Pipeline {
 }
 
 impl Pipeline {
+    /// `transfers` files in flight, each with several chunks; small files,
+    /// renames and journal updates, which wait on round trips rather than
+    /// bandwidth, go in a lane [`SMALL_LANE_FACTOR`] times as wide.
     pub fn start(hashers: usize, transfers: usize) -> Pipeline {
         let (hash_tx, hash_rx) = crossbeam_channel::bounded::<HashJob>(256);
-        let (transfer_tx, transfer_rx) = crossbeam_channel::bounded::<TransferJob>(transfers * 2);
+        let transfers = transfers.max(1);
+        let (large_tx, large_rx) = crossbeam_channel::bounded::<TransferJob>(transfers);
+        let small = transfers * SMALL_LANE_FACTOR;
+        let (small_tx, small_rx) = crossbeam_channel::bounded::<TransferJob>(small);
         for i in 0..hashers.max(1) {
-            let (rx, tx) = (hash_rx.clone(), transfer_tx.clone());
+            let lanes = Lanes {
+                large: large_tx.clone(),
+                small: small_tx.clone(),
+            };
+            let rx = hash_rx.clone();
             std::thread::Builder::new()
                 .name(format!("hasher-{i}"))
-                .spawn(move || hasher(rx, tx))
+                .spawn(move || hasher(rx, lanes))
                 .expect("spawning a hasher thread");
         }
-        for i in 0..transfers.max(1) {
-            let rx: Receiver<TransferJob> = transfer_rx.clone();
-            std::thread::Builder::new()
-                .name(format!("transfer-{i}"))
-                .spawn(move || transfer(rx))
-                .expect("spawning a transfer thread");
+        for (lane, rx, threads) in [("large", large_rx, transfers), ("small", small_rx, small)] {
+            for i in 0..threads {
+                let rx: Receiver<TransferJob> = rx.clone();
+                std::thread::Builder::new()
+                    .name(format!("transfer-{lane}-{i}"))
+                    .spawn(move || transfer(rx))
+                    .expect("spawning a transfer thread");
+            }
         }
         Pipeline { hash_tx }
     }
@@ -158,7 +176,12 @@ impl Pipeline {
     }
 }
 
-fn hasher(jobs: Receiver<HashJob>, transfers: Sender<TransferJob>) {
+struct Lanes {
+    large: Sender<TransferJob>,
+    small: Sender<TransferJob>,
+}
+
+fn hasher(jobs: Receiver<HashJob>, lanes: Lanes) {
     for job in jobs {
         if job.pass.folder.stop.is_cancelled() {
             continue;
@@ -174,7 +197,11 @@ fn hasher(jobs: Receiver<HashJob>, transfers: Sender<TransferJob>) {
                 work,
                 _pending: job._pending,
             };
-            if transfers.send(next).is_err() {
+            let lane = match &next.work {
+                Work::Upload(u) if u.stamp.size >= SMALL_FILE => &lanes.large,
+                _ => &lanes.small,
+            };
+            if lane.send(next).is_err() {
                 tracing::error!(path, "the transfer threads are gone");
             }
         }

@@ -140,17 +140,40 @@ async fn sigterm_stops_cleanly_mid_upload_and_the_next_run_resumes() {
     agent.signal("TERM");
     let exit = agent.wait(Duration::from_secs(20));
     assert!(exit.success(), "{}", agent.log_text());
-    assert!(stopping.elapsed() < Duration::from_secs(10), "stopping took {:?}", stopping.elapsed());
-    assert!(agent.log_text().contains("stopping: letting chunks in flight finish"));
+    assert!(
+        stopping.elapsed() < Duration::from_secs(10),
+        "stopping took {:?}",
+        stopping.elapsed()
+    );
+    assert!(
+        agent
+            .log_text()
+            .contains("stopping: letting chunks in flight finish")
+    );
     let status = client.upload_status(&session).await.unwrap();
-    assert_eq!(status.state, UploadState::Open, "the upload was not interrupted");
-    assert!(agent.status().contains(&format!("video.mp4 (67108864 bytes, session {session})")));
+    assert_eq!(
+        status.state,
+        UploadState::Open,
+        "the upload was not interrupted"
+    );
+    assert!(
+        agent
+            .status()
+            .contains(&format!("video.mp4 (67108864 bytes, session {session})"))
+    );
 
     let log = agent.once_ok(&[]);
     assert!(log.contains("resuming an interrupted upload"), "{log}");
-    assert_eq!(client.upload_status(&session).await.unwrap().state, UploadState::Committed);
     assert_eq!(
-        harness::remote_bytes(&client, "term/video.mp4").await.map(|d| harness::sha256(&d)),
-        local_tree(&agent.dir).get("video.mp4").map(|(_, sha)| sha.clone())
+        client.upload_status(&session).await.unwrap().state,
+        UploadState::Committed
+    );
+    assert_eq!(
+        harness::remote_bytes(&client, "term/video.mp4")
+            .await
+            .map(|d| harness::sha256(&d)),
+        local_tree(&agent.dir)
+            .get("video.mp4")
+            .map(|(_, sha)| sha.clone())
     );
 }

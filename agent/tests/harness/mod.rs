@@ -278,10 +278,11 @@ pub async fn remote_listing(client: &Client, prefix: &str) -> BTreeMap<String, (
 /// Every file under `prefix` with its size and SHA-256 (downloaded).
 pub async fn remote_tree(client: &Client, prefix: &str) -> Tree {
     let mut out = Tree::new();
-    for (name, (size, _)) in remote_listing(client, prefix).await {
-        let data = remote_bytes(client, &join(prefix, &name)).await.unwrap();
-        assert_eq!(data.len() as u64, size, "{name}: listed size");
-        out.insert(name, (size, sha256(&data)));
+    for name in remote_listing(client, prefix).await.into_keys() {
+        // Gone since the listing: the agent is still at work.
+        if let Some(data) = remote_bytes(client, &join(prefix, &name)).await {
+            out.insert(name, (data.len() as u64, sha256(&data)));
+        }
     }
     out
 }

@@ -2,7 +2,7 @@
 //! tree, and the loop that runs them on start-up, on file-system events and
 //! periodically.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -22,7 +22,7 @@ use crate::pipeline::{Outcome, Pass, Pipeline};
 use crate::plan::{Candidate, Move, RemoteFile, plan, under};
 use crate::remote::Remote;
 use crate::scan::scan;
-use crate::settle::now_ns;
+use crate::settle::{QUIET, now_ns};
 use crate::watch::{self, Notice};
 
 /// Past this many separate changed paths, one full pass is cheaper.
@@ -33,6 +33,8 @@ const PARALLEL_DELETES: usize = 8;
 const FALLBACK_RESCAN: Duration = Duration::from_secs(60);
 /// How long `once` waits for a file to stop changing.
 const ONCE_SETTLE_LIMIT: Duration = Duration::from_secs(60);
+/// Longest a deletion waits for a new file that may be the same file.
+const RENAME_HOLD: Duration = Duration::from_secs(30);
 /// Attempts per failing path before `once` gives up.
 const ONCE_ATTEMPTS: u32 = 4;
 
@@ -45,6 +47,8 @@ pub struct Folder {
     pub max_delete: Option<u64>,
     pub rt: Handle,
     pub stop: CancellationToken,
+    /// Vanished paths whose deletion waits for settling new files, and since when.
+    pub held_for_renames: Mutex<HashMap<String, Instant>>,
 }
 
 #[derive(Debug, Clone)]
@@ -56,11 +60,14 @@ pub struct LoopOptions {
 
 impl Folder {
     /// One pass over `scopes` (folder-relative; `""` is everything).
+    /// `others_waiting`: paths outside this pass wait to settle (one of them
+    /// may be a vanished file, renamed).
     pub fn pass(
         self: &Arc<Self>,
         pipeline: &Pipeline,
         scopes: &[String],
         full: bool,
+        others_waiting: bool,
     ) -> Result<Outcome> {
         let started = Instant::now();
         if full {
@@ -135,6 +142,7 @@ impl Folder {
         }
         pending.wait();
         let vanished = std::mem::take(&mut *pass.vanished.lock().unwrap());
+        let vanished = self.hold_for_renames(&pass, vanished, others_waiting);
         if !self.stop.is_cancelled() {
             self.delete(&pass, vanished, full);
         }
@@ -216,6 +224,48 @@ impl Folder {
                 }
             }
         }
+    }
+
+    /// Keeps vanished files from being deleted while new files of the same
+    /// pass are still being written (for at most [`RENAME_HOLD`]): a copy
+    /// followed by a delete is a rename once the copy has settled and its
+    /// content matches. Held paths come back, due with the settling files.
+    fn hold_for_renames(
+        &self,
+        pass: &Pass,
+        vanished: Vec<Record>,
+        others_waiting: bool,
+    ) -> Vec<Record> {
+        let mut held_since = self.held_for_renames.lock().unwrap();
+        let mut outcome = pass.outcome.lock().unwrap();
+        if !(outcome.new_file_settling || others_waiting) || vanished.is_empty() {
+            for record in &vanished {
+                held_since.remove(&record.path);
+            }
+            return vanished;
+        }
+        let now = Instant::now();
+        let (hold, go): (Vec<Record>, Vec<Record>) = vanished.into_iter().partition(|r| {
+            now.duration_since(*held_since.entry(r.path.clone()).or_insert(now)) < RENAME_HOLD
+        });
+        if !hold.is_empty() {
+            let wait = outcome
+                .retry
+                .iter()
+                .filter_map(|(_, w)| *w)
+                .max()
+                .unwrap_or(QUIET);
+            for (_, w) in outcome.retry.iter_mut().filter(|(_, w)| w.is_some()) {
+                *w = Some(wait);
+            }
+            outcome
+                .retry
+                .extend(hold.into_iter().map(|r| (r.path, Some(wait))));
+        }
+        for record in &go {
+            held_since.remove(&record.path);
+        }
+        go
     }
 
     /// Deletes the remote copies of vanished files, unless there are more
@@ -412,7 +462,8 @@ impl Folder {
                 }
             };
             if !scopes.is_empty() {
-                match self.pass(pipeline, &scopes, full) {
+                let others_waiting = !dirty.is_empty();
+                match self.pass(pipeline, &scopes, full, others_waiting) {
                     Ok(outcome) => {
                         pass_failures = 0;
                         deletes_held |= outcome.deletes_held > 0;
@@ -425,10 +476,11 @@ impl Folder {
                             };
                             next_full = Instant::now() + every;
                         }
-                        let retried: Vec<&String> = outcome.retry.iter().map(|(p, _)| p).collect();
+                        let retried: HashSet<String> =
+                            outcome.retry.iter().map(|(p, _)| p.clone()).collect();
                         let outside = |p: &String| !scopes.iter().any(|s| under(p, s));
-                        failures.retain(|p, _| retried.contains(&p) || outside(p));
-                        changing_since.retain(|p, _| retried.contains(&p) || outside(p));
+                        failures.retain(|p, _| retried.contains(p) || outside(p));
+                        changing_since.retain(|p, _| retried.contains(p) || outside(p));
                         for (path, after) in outcome.retry {
                             let delay = match after {
                                 Some(wait) => {
@@ -552,7 +604,12 @@ impl Folder {
                     } else if self.filter.is_ignored(Path::new(&rel), abs.is_dir()) {
                         continue;
                     }
-                    dirty.insert(rel, now);
+                    // A path already waiting to settle keeps its turn; one
+                    // backing off after a failure is tried again soon.
+                    dirty
+                        .entry(rel)
+                        .and_modify(|at| *at = (*at).min(now + QUIET))
+                        .or_insert(now);
                 }
             }
             Notice::Rescan(why) => {

@@ -212,6 +212,7 @@ fn sync(args: &SyncArgs, once: bool) -> Result<bool> {
             max_delete: spec.max_delete,
             rt: rt.handle().clone(),
             stop: stop.clone(),
+            held_for_renames: Default::default(),
         }));
     }
     let options = LoopOptions {

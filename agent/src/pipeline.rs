@@ -52,6 +52,9 @@ pub struct Outcome {
     pub unchanged: usize,
     pub failed: usize,
     pub deletes_held: usize,
+    /// A new file is still being written: it may be a vanished one, copied
+    /// or moved in, so deletions wait for it.
+    pub new_file_settling: bool,
     /// Paths to look at again: after a delay (still changing), or with
     /// backoff after a failure (`None`).
     pub retry: Vec<(String, Option<Duration>)>,
@@ -217,6 +220,9 @@ fn hash_and_decide(job: &HashJob) -> Option<Work> {
     if let Settle::Wait(wait) = settle(c.stamp, job.seen_at_ns, current, now_ns(), QUIET) {
         tracing::debug!(path = c.path, ?wait, "still being written; waiting");
         pass.retry(&c.path, Some(wait));
+        if c.record.is_none() {
+            pass.outcome.lock().unwrap().new_file_settling = true;
+        }
         return None;
     }
     let known = folder

@@ -5,11 +5,11 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::Arc;
 
-use ferry::Result;
 use ferry::client::Client;
 use ferry::client::throttle::Throttle;
 use ferry::client::upload::{SessionFn, Transport, UploadOptions, UploadReport, upload_file};
 use ferry::protocol::{EntryKind, ErrorCode, FileMeta, MoveRequest, PathError, RemotePath};
+use ferry::{Error, Result};
 use tokio_util::sync::CancellationToken;
 
 use crate::plan::RemoteFile;
@@ -64,8 +64,21 @@ impl Remote {
         }
     }
 
+    /// Runs a read-only request, giving up as soon as the agent is stopping
+    /// (it may be retrying against a server that is down).
+    async fn until_stopped<T>(&self, request: impl Future<Output = Result<T>>) -> Result<T> {
+        tokio::select! {
+            result = request => result,
+            _ = self.stop.cancelled() => Err(Error::Cancelled),
+        }
+    }
+
     /// Remote files at or below `scope` (folder-relative, `""` for all).
     pub async fn index(&self, scope: &str) -> Result<BTreeMap<String, RemoteFile>> {
+        self.until_stopped(self.list_scope(scope)).await
+    }
+
+    async fn list_scope(&self, scope: &str) -> Result<BTreeMap<String, RemoteFile>> {
         let path = self.path(scope)?;
         let mut out = BTreeMap::new();
         if !path.is_root() {
@@ -103,7 +116,8 @@ impl Remote {
     }
 
     pub async fn stat(&self, rel: &str) -> Result<Option<FileMeta>> {
-        match self.client.stat(&self.path(rel)?).await {
+        let path = self.path(rel)?;
+        match self.until_stopped(self.client.stat(&path)).await {
             Ok(meta) => Ok(Some(meta)),
             Err(e) if e.code() == ErrorCode::NotFound => Ok(None),
             Err(e) => Err(e),

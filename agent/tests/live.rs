@@ -146,6 +146,26 @@ async fn create_modify_append_delete_and_renames_are_followed() {
         "photo 123".repeat(50).as_bytes()
     );
 
+    // A copy then a delete (a new inode) is found by content: a rename too.
+    std::fs::copy(agent.path("notes-renamed.txt"), agent.path("copied.txt")).unwrap();
+    std::fs::remove_file(agent.path("notes-renamed.txt")).unwrap();
+    assert!(
+        has(
+            "live/copied.txt",
+            Some(b"second version of the notes".to_vec())
+        )
+        .await,
+        "copy and delete:\n{}",
+        agent.log_text()
+    );
+    assert!(has("live/notes-renamed.txt", None).await);
+    assert_eq!(
+        server.session_count(),
+        sessions,
+        "the copied file was uploaded"
+    );
+    assert_eq!(server.stored_inode("live/copied.txt"), inode);
+
     agent.signal("TERM");
     assert!(
         agent.wait(Duration::from_secs(20)).success(),

@@ -385,7 +385,8 @@ fn run_transfer(pass: &Pass, work: Work) {
 fn upload(pass: &Pass, mut u: Upload) {
     let folder = &pass.folder;
     let abs = folder.root.join(&u.path);
-    loop {
+    // At most: the upload, a retry after a 412 over a deleted file, the conflict copy.
+    for _ in 0..3 {
         let Some(target) = target_of(pass, &u) else {
             return;
         };
@@ -466,10 +467,12 @@ fn upload(pass: &Pass, mut u: Upload) {
             }
             Err(e) if is_conflict(&e) && u.conflict_with.is_none() => {
                 match folder.rt.block_on(folder.remote.stat(&u.path)) {
-                    Ok(meta) => {
+                    // Deleted meanwhile: nothing to conflict with.
+                    Ok(None) => u.if_match = None,
+                    Ok(Some(meta)) => {
                         u.if_match = None;
-                        u.conflict_with =
-                            Some(meta.and_then(|m| m.etag).unwrap_or_else(|| "-".to_owned()));
+                        // No etag: a directory took the name.
+                        u.conflict_with = Some(meta.etag.unwrap_or_else(|| "-".to_owned()));
                     }
                     Err(e) => return failed(pass, &u.path, &e.to_string()),
                 }
@@ -491,6 +494,7 @@ fn upload(pass: &Pass, mut u: Upload) {
             Err(e) => return failed(pass, &u.path, &e.to_string()),
         }
     }
+    failed(pass, &u.path, "the remote path keeps refusing the file");
 }
 
 /// Where an upload commits: the path, or a conflict name beside it (the one

@@ -90,6 +90,12 @@ pub fn plan(
                     plan.changed_elsewhere.push(path.clone());
                     continue;
                 }
+                // Replaced by a directory elsewhere (its conflict copy was made).
+                None if remote.keys().any(|k| strictly_under(k, path)) => {
+                    plan.unchanged += 1;
+                    plan.changed_elsewhere.push(path.clone());
+                    continue;
+                }
                 // Deleted elsewhere: pushed again.
                 None => {}
             }
@@ -311,6 +317,24 @@ mod tests {
         let local = recs.iter().map(|r| (r.path.clone(), r.stamp)).collect();
         let mut remote = remote_of(&recs);
         remote.get_mut("a").unwrap().etag = "other".into();
+        let p = plan(&everything(), &local, &index(&recs), &remote, &|_| false);
+        assert_eq!(p.changed_elsewhere, ["a"]);
+        assert!(p.candidates.is_empty());
+    }
+
+    #[test]
+    fn a_file_replaced_by_a_directory_elsewhere_is_left_alone() {
+        let recs = [record("a", 1)];
+        let local = recs.iter().map(|r| (r.path.clone(), r.stamp)).collect();
+        let remote: BTreeMap<String, RemoteFile> = [(
+            "a/inner".to_string(),
+            RemoteFile {
+                size: 1,
+                etag: "x".into(),
+                mtime: None,
+            },
+        )]
+        .into();
         let p = plan(&everything(), &local, &index(&recs), &remote, &|_| false);
         assert_eq!(p.changed_elsewhere, ["a"]);
         assert!(p.candidates.is_empty());

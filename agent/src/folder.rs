@@ -403,6 +403,7 @@ impl Folder {
         shutdown: &Receiver<()>,
     ) -> Result<bool> {
         let mut fallback = false;
+        let fallback_every = options.rescan_interval.min(FALLBACK_RESCAN);
         let watch = if options.once || self.dry_run {
             None
         } else {
@@ -413,7 +414,7 @@ impl Folder {
                         folder = %self.root.display(),
                         "{}; until then the folder is rescanned every {} s",
                         watch::watch_limit_message(),
-                        FALLBACK_RESCAN.as_secs()
+                        fallback_every.as_secs()
                     );
                     fallback = true;
                     None
@@ -470,7 +471,7 @@ impl Folder {
                         if full {
                             full_done = true;
                             let every = if fallback {
-                                options.rescan_interval.min(FALLBACK_RESCAN)
+                                fallback_every
                             } else {
                                 options.rescan_interval
                             };
@@ -570,7 +571,7 @@ impl Folder {
                         notices.extend(watch::interpret(more));
                     }
                     for notice in notices {
-                        self.notice(notice, &mut dirty, &mut next_full, &mut fallback);
+                        self.notice(notice, &mut dirty, &mut next_full, &mut fallback, fallback_every);
                     }
                 }
                 default(timeout) => {}
@@ -584,6 +585,7 @@ impl Folder {
         dirty: &mut HashMap<String, Instant>,
         next_full: &mut Instant,
         fallback: &mut bool,
+        fallback_every: Duration,
     ) {
         let now = Instant::now();
         match notice {
@@ -620,10 +622,10 @@ impl Folder {
                 tracing::error!(
                     folder = %self.root.display(),
                     "{why}; until then the folder is rescanned every {} s",
-                    FALLBACK_RESCAN.as_secs()
+                    fallback_every.as_secs()
                 );
                 *fallback = true;
-                *next_full = (*next_full).min(now + FALLBACK_RESCAN);
+                *next_full = (*next_full).min(now + fallback_every);
             }
         }
     }

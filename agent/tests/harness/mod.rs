@@ -128,7 +128,21 @@ impl Agent {
     }
 
     fn command(&self, sub: &str, extra: &[&str]) -> Command {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_ferry-agent"));
+        self.wrapped_command(&[], sub, extra)
+    }
+
+    /// The agent run through `wrapper` (a program and its arguments, the
+    /// agent's command line appended).
+    fn wrapped_command(&self, wrapper: &[&str], sub: &str, extra: &[&str]) -> Command {
+        let agent = env!("CARGO_BIN_EXE_ferry-agent");
+        let mut cmd = match wrapper.split_first() {
+            Some((program, args)) => {
+                let mut cmd = Command::new(program);
+                cmd.args(args).arg(agent);
+                cmd
+            }
+            None => Command::new(agent),
+        };
         cmd.arg(sub)
             .args(["--dir", self.dir.to_str().unwrap()])
             .args(["--server", &self.server, "--prefix", &self.prefix])
@@ -154,13 +168,18 @@ impl Agent {
 
     /// `ferry-agent run` in the background, logging to `self.log`.
     pub fn start(&mut self, extra: &[&str]) {
+        self.start_wrapped(&[], extra);
+    }
+
+    /// `ferry-agent run` in the background, through `wrapper`.
+    pub fn start_wrapped(&mut self, wrapper: &[&str], extra: &[&str]) {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(&self.log)
             .unwrap();
         let child = self
-            .command("run", extra)
+            .wrapped_command(wrapper, "run", extra)
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()

@@ -285,3 +285,79 @@ async fn status_reports_the_folder_and_bad_arguments_get_clear_errors() {
     assert_eq!(code, Some(2));
     assert!(err.contains("prefix"), "{err}");
 }
+
+#[tokio::test]
+async fn bwlimit_paces_the_uploads() {
+    let tmp = tempfile::tempdir().unwrap();
+    let server = Server::start(&tmp.path().join("store"));
+    let agent = Agent::new(&tmp.path().join("folder"), &server, "bw");
+    // 16 MiB in two files at 4 MiB/s: about 4 s (unlimited, well under 1 s).
+    for name in ["a.bin", "b.bin"] {
+        write(&agent.dir, name, &harness::random_bytes(8 << 20));
+        age(&agent.path(name));
+    }
+    let started = std::time::Instant::now();
+    agent.once_ok(&["--bwlimit", "4M"]);
+    let took = started.elapsed();
+    assert!(
+        took >= std::time::Duration::from_secs(3),
+        "16 MiB at 4 MiB/s took {took:?}"
+    );
+    assert_eq!(remote_listing(&server.client(), "bw").await.len(), 2);
+}
+
+#[tokio::test]
+async fn a_config_file_syncs_several_folders() {
+    let tmp = tempfile::tempdir().unwrap();
+    let server = Server::start(&tmp.path().join("store"));
+    for (dir, name) in [("docs", "letter.txt"), ("photos", "cat.jpg")] {
+        write(&tmp.path().join(dir), name, dir.as_bytes());
+        age(&tmp.path().join(dir).join(name));
+    }
+    let config = tmp.path().join("agent.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "server = \"{}\"\ntransfers = 2\n\n[[folder]]\ndir = \"docs\"\nprefix = \"laptop/docs\"\n\n\
+             [[folder]]\ndir = \"photos\"\nprefix = \"laptop/photos\"\nstate = \"{}\"\n",
+            server.url,
+            tmp.path().join("photos-state").display()
+        ),
+    )
+    .unwrap();
+    let run = |sub: &str| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_ferry-agent"))
+            .args([sub, "--config", config.to_str().unwrap()])
+            .output()
+            .unwrap()
+    };
+    let out = run("once");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let client = server.client();
+    assert_eq!(
+        remote_bytes(&client, "laptop/docs/letter.txt")
+            .await
+            .unwrap(),
+        b"docs"
+    );
+    assert_eq!(
+        remote_bytes(&client, "laptop/photos/cat.jpg")
+            .await
+            .unwrap(),
+        b"photos"
+    );
+    assert!(tmp.path().join("photos-state/state.db").exists());
+    assert!(!tmp.path().join("photos/.ferry-agent").exists());
+
+    let status = String::from_utf8(run("status").stdout).unwrap();
+    assert_eq!(
+        status.matches("synced:          1 files").count(),
+        2,
+        "{status}"
+    );
+    assert!(status.contains("laptop/photos"), "{status}");
+}

@@ -84,11 +84,12 @@ impl Filter {
             .filter(|a| !a.as_os_str().is_empty() && *a != rel)
             .collect();
         ancestors.reverse();
-        ancestors.iter().any(|dir| self.matches(dir, true)) || self.matches(rel, is_dir)
+        ancestors.iter().any(|dir| self.excludes(dir, true)) || self.excludes(rel, is_dir)
     }
 
-    /// The decision for `rel` itself, ignoring its parents' fate.
-    fn matches(&self, rel: &Path, is_dir: bool) -> bool {
+    /// The decision for `rel` itself, its parents taken as not ignored (as
+    /// while walking down the tree).
+    pub fn excludes(&self, rel: &Path, is_dir: bool) -> bool {
         if self.state_dir.as_deref() == Some(rel) {
             return true;
         }

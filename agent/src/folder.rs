@@ -438,9 +438,12 @@ impl Folder {
         // `once`: files that never settle (a log being appended) are given up on.
         let mut changing_since: HashMap<String, Instant> = HashMap::new();
         let mut gave_up = false;
+        // Stopped by a signal: a clean end for `run`; for `once`, not
+        // everything was pushed.
+        let stopped = !options.once;
         loop {
             if self.stop.is_cancelled() {
-                return Ok(true);
+                return Ok(stopped);
             }
             let now = Instant::now();
             let (scopes, full) = if now >= next_full {
@@ -563,7 +566,7 @@ impl Folder {
                 .min(next_full);
             let timeout = wake.saturating_duration_since(Instant::now());
             crossbeam_channel::select! {
-                recv(shutdown) -> _ => return Ok(true),
+                recv(shutdown) -> _ => return Ok(stopped),
                 recv(events) -> delivery => {
                     let Ok(delivery) = delivery else { continue };
                     let mut notices = watch::interpret(delivery);

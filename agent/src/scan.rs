@@ -92,7 +92,7 @@ fn walk(
             continue;
         };
         let kind = meta.file_type();
-        if filter.is_ignored(Path::new(&rel), kind.is_dir()) {
+        if filter.excludes(Path::new(&rel), kind.is_dir()) {
             continue;
         }
         if kind.is_dir() {

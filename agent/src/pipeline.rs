@@ -390,13 +390,19 @@ fn upload(pass: &Pass, mut u: Upload) {
         let Some(target) = target_of(pass, &u) else {
             return;
         };
-        let resume_id = folder
-            .journal
-            .pending(&u.path)
-            .ok()
-            .flatten()
-            .filter(|p| p.target == target.as_str() && p.stamp == u.stamp && p.sha256 == u.sha256)
-            .map(|p| p.session_id);
+        let resume_id = match folder.journal.pending(&u.path).ok().flatten() {
+            Some(p)
+                if p.target == target.as_str() && p.stamp == u.stamp && p.sha256 == u.sha256 =>
+            {
+                Some(p.session_id)
+            }
+            // A session for an older version: free what it staged.
+            Some(p) => {
+                folder.rt.block_on(folder.remote.abort(&p.session_id));
+                None
+            }
+            None => None,
+        };
         if let Some(id) = &resume_id {
             tracing::info!(
                 path = u.path,

@@ -593,6 +593,7 @@ impl Folder {
         let now = Instant::now();
         match notice {
             Notice::Changed(paths) => {
+                tracing::trace!(?paths, "changed");
                 for abs in paths {
                     let Some(rel) = abs.strip_prefix(&self.root).ok().and_then(|p| p.to_str())
                     else {

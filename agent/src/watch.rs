@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use crossbeam_channel::Receiver;
 use notify::RecursiveMode;
+use notify::event::{AccessKind, AccessMode, EventKind, MetadataKind, ModifyKind};
 use notify_debouncer_full::{DebounceEventResult, Debouncer, RecommendedCache, new_debouncer};
 
 /// How long events for a path are gathered before they are delivered.
@@ -51,7 +52,10 @@ pub fn interpret(result: DebounceEventResult) -> Vec<Notice> {
                 if event.need_rescan() {
                     notices.push(Notice::Rescan(overflow_message()));
                 }
-                paths.extend(event.event.paths.iter().cloned());
+                tracing::trace!(kind = ?event.kind, paths = ?event.paths, "event");
+                if changes_content(&event.kind) {
+                    paths.extend(event.event.paths.iter().cloned());
+                }
             }
             if !paths.is_empty() {
                 notices.push(Notice::Changed(paths));
@@ -59,6 +63,18 @@ pub fn interpret(result: DebounceEventResult) -> Vec<Notice> {
             notices
         }
         Err(errors) => errors.iter().map(notice_for_error).collect(),
+    }
+}
+
+/// Whether an event can mean new content or a new name. Opens and reads
+/// cannot (and the agent's own scans cause them), and neither can access
+/// times.
+fn changes_content(kind: &EventKind) -> bool {
+    match kind {
+        EventKind::Access(AccessKind::Close(AccessMode::Write)) => true,
+        EventKind::Access(_) => false,
+        EventKind::Modify(ModifyKind::Metadata(MetadataKind::AccessTime)) => false,
+        _ => true,
     }
 }
 
@@ -91,7 +107,7 @@ fn overflow_message() -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use notify::event::{Event, EventKind, Flag};
+    use notify::event::{Event, Flag};
     use notify_debouncer_full::DebouncedEvent;
 
     #[test]
@@ -114,6 +130,31 @@ mod tests {
             [Notice::Rescan(text)] => assert!(text.contains("fs.inotify.max_queued_events")),
             other => panic!("{other:?}"),
         }
+    }
+
+    #[test]
+    fn opens_reads_and_access_times_are_not_changes() {
+        let at = std::time::Instant::now();
+        let quiet = [
+            EventKind::Access(AccessKind::Open(AccessMode::Any)),
+            EventKind::Access(AccessKind::Read),
+            EventKind::Access(AccessKind::Close(AccessMode::Read)),
+            EventKind::Modify(ModifyKind::Metadata(MetadataKind::AccessTime)),
+        ];
+        for kind in quiet {
+            let event = Event::new(kind).add_path("/a".into());
+            assert_eq!(
+                interpret(Ok(vec![DebouncedEvent::new(event, at)])),
+                [],
+                "{kind:?}"
+            );
+        }
+        let written = Event::new(EventKind::Access(AccessKind::Close(AccessMode::Write)))
+            .add_path("/a".into());
+        assert_eq!(
+            interpret(Ok(vec![DebouncedEvent::new(written, at)])),
+            [Notice::Changed(vec!["/a".into()])]
+        );
     }
 
     #[test]

@@ -234,3 +234,42 @@ async fn a_file_written_slowly_is_committed_once_and_whole() {
     }
     assert_eq!(commits, 1, "{}", agent.log_text());
 }
+
+/// Regression: the agent's own directory reads (open events on the watched
+/// directories) used to trigger a pass, whose reads triggered the next one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_agent_does_not_react_to_its_own_scans() {
+    let tmp = tempfile::tempdir().unwrap();
+    let server = Server::start(&tmp.path().join("store"));
+    let mut agent = Agent::new(&tmp.path().join("folder"), &server, "idle");
+    for i in 0..20 {
+        let rel = format!("d{}/f{i}", i % 4);
+        write(&agent.dir, &rel, b"x");
+        age(&agent.path(&rel));
+    }
+    agent.start(&[]);
+    let client = server.client();
+    assert!(
+        eventually(Duration::from_secs(30), || async {
+            remote_listing(&client, "idle").await.len() == 20
+        })
+        .await
+    );
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let before = agent.log_text().matches("partial pass").count();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let log = agent.log_text();
+    assert_eq!(
+        log.matches("partial pass").count(),
+        before,
+        "passes while idle:\n{log}"
+    );
+    // It still reacts to real changes.
+    write(&agent.dir, "d1/new", b"new");
+    assert!(
+        eventually(FOLLOW, || async {
+            remote_bytes(&client, "idle/d1/new").await.as_deref() == Some(&b"new"[..])
+        })
+        .await
+    );
+}

@@ -426,7 +426,7 @@ impl Folder {
         let events = watch.as_ref().map_or(&never, |w| &w.events);
         let backoff = RetryPolicy {
             base_delay: Duration::from_secs(1),
-            max_delay: Duration::from_secs(300),
+            max_delay: Duration::from_secs(60),
             give_up_after: Duration::MAX,
         };
         let mut dirty: HashMap<String, Instant> = HashMap::new();
@@ -504,6 +504,7 @@ impl Folder {
                                 .or_insert(at);
                         }
                     }
+                    Err(_) if self.stop.is_cancelled() => return Ok(stopped),
                     Err(e) => {
                         pass_failures += 1;
                         let delay = backoff

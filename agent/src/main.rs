@@ -27,8 +27,9 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand};
-use ferry::client::Client;
+use ferry::client::retry::RetryPolicy;
 use ferry::client::throttle::Throttle;
+use ferry::client::{Client, ClientConfig};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{FolderSpec, Overrides, Settings};
@@ -40,6 +41,9 @@ use crate::remote::Remote;
 
 /// Hashing threads (reading files is the limit, not the CPU).
 const HASHERS: usize = 2;
+/// How long one request is retried before the failure is reported (and the
+/// pass or upload is tried again later, with its own backoff).
+const REQUEST_RETRY_FOR: Duration = Duration::from_secs(30);
 /// How long a stopping agent lets transfers in flight finish.
 const STOP_GRACE: Duration = Duration::from_secs(30);
 
@@ -180,7 +184,14 @@ fn sync(args: &SyncArgs, once: bool) -> Result<bool> {
     let mut folders = Vec::new();
     let mut locks = Vec::new();
     for spec in &settings.folders {
-        let client = Client::new(&spec.server)
+        let config = ClientConfig {
+            retry: RetryPolicy {
+                give_up_after: REQUEST_RETRY_FOR,
+                ..RetryPolicy::default()
+            },
+            ..ClientConfig::default()
+        };
+        let client = Client::with_config(&spec.server, config)
             .with_context(|| format!("server for {}", spec.dir.display()))?
             .with_cancel(hard_stop.clone());
         let remote = Remote::new(client, spec.prefix.clone(), throttle.clone(), stop.clone());

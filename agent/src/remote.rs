@@ -50,6 +50,9 @@ impl Remote {
     }
 
     pub fn describe(&self) -> String {
+        if self.prefix.is_root() {
+            return self.client.base_url().to_owned();
+        }
         format!("{}/{}", self.client.base_url(), self.prefix)
     }
 

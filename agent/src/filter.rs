@@ -44,6 +44,8 @@ pub const DEFAULT_PATTERNS: &[&str] = &[
     ".*.sw?",
     // ferry get partial downloads
     "*.ferry-part",
+    // an agent journal, also when this folder's journal is kept elsewhere
+    ".ferry-agent/",
 ];
 
 pub struct Filter {
@@ -163,6 +165,8 @@ mod tests {
         ] {
             assert!(ignored(&f, p), "{p} should be ignored");
         }
+        assert!(f.is_ignored(Path::new("sub/.ferry-agent"), true));
+        assert!(ignored(&f, "sub/.ferry-agent/state.db"));
         for p in ["notes.txt", "a/4913x", "swp", "temp/file", ".ferry-agentx"] {
             assert!(!ignored(&f, p), "{p} should be synced");
         }

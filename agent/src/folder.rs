@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
-use crossbeam_channel::Receiver;
+use crossbeam_channel::{Receiver, Sender};
 use crossbeam_utils::sync::WaitGroup;
 use ferry::client::retry::RetryPolicy;
 use ferry::protocol::ErrorCode;
@@ -21,7 +21,7 @@ use crate::journal::{Journal, Record, now_text};
 use crate::pipeline::{Outcome, Pass, Pipeline};
 use crate::plan::{Candidate, Move, RemoteFile, plan, under};
 use crate::remote::Remote;
-use crate::scan::scan;
+use crate::scan::{scan, stat_file};
 use crate::settle::{QUIET, now_ns};
 use crate::watch::{self, Notice};
 
@@ -35,6 +35,15 @@ const FALLBACK_RESCAN: Duration = Duration::from_secs(60);
 const ONCE_SETTLE_LIMIT: Duration = Duration::from_secs(60);
 /// Longest a deletion waits for a new file that may be the same file.
 const RENAME_HOLD: Duration = Duration::from_secs(30);
+/// Waits between attempts at a failing path or pass: 1 s doubling up to a
+/// minute, with jitter.
+const BACKOFF: RetryPolicy = RetryPolicy {
+    base_delay: Duration::from_secs(1),
+    max_delay: Duration::from_secs(60),
+    give_up_after: Duration::MAX,
+};
+/// When a path still being pushed is looked at again.
+const BUSY_RETRY: Duration = Duration::from_secs(1);
 /// Attempts per failing path before `once` gives up.
 const ONCE_ATTEMPTS: u32 = 4;
 
@@ -48,7 +57,43 @@ pub struct Folder {
     pub rt: Handle,
     pub stop: CancellationToken,
     /// Vanished paths whose deletion waits for settling new files, and since when.
-    pub held_for_renames: Mutex<HashMap<String, Instant>>,
+    held_for_renames: Mutex<HashMap<String, Instant>>,
+    /// Paths with work queued or running; a pass leaves them alone.
+    busy: Mutex<HashSet<String>>,
+    notes: (Sender<Note>, Receiver<Note>),
+}
+
+/// What the transfer threads tell the folder's loop.
+enum Note {
+    /// Look at this path again: after a delay, or with backoff (`None`).
+    Retry(String, Option<Duration>),
+    /// Work on a path ended.
+    Done,
+}
+
+/// A path marked busy; unmarked when dropped (its work ended).
+pub struct Busy {
+    folder: Arc<Folder>,
+    path: String,
+}
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        self.folder.busy.lock().unwrap().remove(&self.path);
+        let _ = self.folder.notes.0.send(Note::Done);
+    }
+}
+
+/// What a folder is made of, besides its run-time state.
+pub struct FolderParts {
+    pub root: PathBuf,
+    pub journal: Journal,
+    pub remote: Remote,
+    pub filter: Filter,
+    pub dry_run: bool,
+    pub max_delete: Option<u64>,
+    pub rt: Handle,
+    pub stop: CancellationToken,
 }
 
 #[derive(Debug, Clone)]
@@ -59,6 +104,48 @@ pub struct LoopOptions {
 }
 
 impl Folder {
+    pub fn new(parts: FolderParts) -> Arc<Folder> {
+        Arc::new(Folder {
+            root: parts.root,
+            journal: parts.journal,
+            remote: parts.remote,
+            filter: parts.filter,
+            dry_run: parts.dry_run,
+            max_delete: parts.max_delete,
+            rt: parts.rt,
+            stop: parts.stop,
+            held_for_renames: Mutex::default(),
+            busy: Mutex::default(),
+            notes: crossbeam_channel::unbounded(),
+        })
+    }
+
+    /// Marks `path` busy, unless it already is.
+    fn claim(self: &Arc<Self>, path: &str) -> Option<Busy> {
+        self.busy
+            .lock()
+            .unwrap()
+            .insert(path.to_owned())
+            .then(|| Busy {
+                folder: self.clone(),
+                path: path.to_owned(),
+            })
+    }
+
+    fn is_busy(&self, path: &str) -> bool {
+        self.busy.lock().unwrap().contains(path)
+    }
+
+    /// Whether no work is queued or running.
+    pub fn idle(&self) -> bool {
+        self.busy.lock().unwrap().is_empty()
+    }
+
+    /// Asks the loop to look at `path` again (after `after`, or with backoff).
+    pub fn note_retry(&self, path: &str, after: Option<Duration>) {
+        let _ = self.notes.0.send(Note::Retry(path.to_owned(), after));
+    }
+
     /// One pass over `scopes` (folder-relative; `""` is everything).
     /// `others_waiting`: paths outside this pass wait to settle (one of them
     /// may be a vanished file, renamed).
@@ -97,6 +184,7 @@ impl Folder {
         }
         let kept = |path: &str| {
             unreadable.iter().any(|dir| under(path, dir))
+                || self.is_busy(path)
                 || self.filter.is_ignored(Path::new(path), false)
         };
         let seen_at = now_ns();
@@ -138,7 +226,16 @@ impl Folder {
             if self.stop.is_cancelled() {
                 break;
             }
-            pipeline.submit(&pass, candidate, seen_at, &pending);
+            match self.claim(&candidate.path) {
+                Some(busy) => pipeline.submit(&pass, candidate, seen_at, busy, &pending),
+                // Still being pushed: looked at again once that is done.
+                None => pass
+                    .outcome
+                    .lock()
+                    .unwrap()
+                    .retry
+                    .push((candidate.path, Some(BUSY_RETRY))),
+            }
         }
         pending.wait();
         let vanished = std::mem::take(&mut *pass.vanished.lock().unwrap());
@@ -274,6 +371,22 @@ impl Folder {
         if vanished.is_empty() {
             return;
         }
+        // Only what is still gone here and still recorded as it was (work of
+        // later passes may have run meanwhile).
+        let vanished: Vec<Record> = vanished
+            .into_iter()
+            .filter(|r| {
+                !self.is_busy(&r.path)
+                    && stat_file(&self.root.join(&r.path)).is_none()
+                    && (self.dry_run
+                        || self
+                            .journal
+                            .record(&r.path)
+                            .ok()
+                            .flatten()
+                            .is_some_and(|now| now.etag == r.etag))
+            })
+            .collect();
         let (ours, gone): (Vec<Record>, Vec<Record>) = vanished
             .into_iter()
             .partition(|r| pass.remote.get(&r.path).is_some_and(|f| f.etag == r.etag));
@@ -362,18 +475,17 @@ impl Folder {
 
     fn report(&self, outcome: &Outcome, full: bool, took: Duration) {
         let summary = format!(
-            "{} pass: {} uploaded ({} bytes), {} renamed, {} deleted, {} conflicts, {} unchanged, {} failed, {} waiting",
+            "{} pass: {} unchanged, {} to upload ({} bytes), {} renamed, {} deleted, {} failed, {} waiting",
             if full { "full" } else { "partial" },
-            outcome.uploaded,
-            outcome.uploaded_bytes,
+            outcome.unchanged,
+            outcome.queued,
+            outcome.queued_bytes,
             outcome.renamed,
             outcome.deleted,
-            outcome.conflicts,
-            outcome.unchanged,
             outcome.failed,
             outcome.retry.len(),
         );
-        let busy = outcome.uploaded + outcome.renamed + outcome.deleted + outcome.failed > 0;
+        let busy = outcome.queued + outcome.renamed + outcome.deleted + outcome.failed > 0;
         if full || busy {
             tracing::info!(folder = %self.root.display(), took = ?took, "{summary}");
         } else {
@@ -424,11 +536,6 @@ impl Folder {
         };
         let never = crossbeam_channel::never();
         let events = watch.as_ref().map_or(&never, |w| &w.events);
-        let backoff = RetryPolicy {
-            base_delay: Duration::from_secs(1),
-            max_delay: Duration::from_secs(60),
-            give_up_after: Duration::MAX,
-        };
         let mut dirty: HashMap<String, Instant> = HashMap::new();
         let mut failures: HashMap<String, u32> = HashMap::new();
         let mut pass_failures = 0u32;
@@ -482,32 +589,17 @@ impl Folder {
                         }
                         let retried: HashSet<String> =
                             outcome.retry.iter().map(|(p, _)| p.clone()).collect();
-                        let outside = |p: &String| !scopes.iter().any(|s| under(p, s));
-                        failures.retain(|p, _| retried.contains(p) || outside(p));
-                        changing_since.retain(|p, _| retried.contains(p) || outside(p));
+                        changing_since.retain(|p, _| {
+                            retried.contains(p) || !scopes.iter().any(|s| under(p, s))
+                        });
                         for (path, after) in outcome.retry {
-                            let delay = match after {
-                                Some(wait) => {
-                                    changing_since.entry(path.clone()).or_insert(now);
-                                    wait
-                                }
-                                None => {
-                                    let n = failures.entry(path.clone()).or_insert(0);
-                                    *n += 1;
-                                    backoff.delay(*n, None).max(Duration::from_millis(500))
-                                }
-                            };
-                            let at = Instant::now() + delay;
-                            dirty
-                                .entry(path)
-                                .and_modify(|t| *t = (*t).min(at))
-                                .or_insert(at);
+                            schedule(path, after, &mut dirty, &mut failures, &mut changing_since);
                         }
                     }
                     Err(_) if self.stop.is_cancelled() => return Ok(stopped),
                     Err(e) => {
                         pass_failures += 1;
-                        let delay = backoff
+                        let delay = BACKOFF
                             .delay(pass_failures, None)
                             .max(Duration::from_secs(1));
                         tracing::warn!(folder = %self.root.display(), error = %format!("{e:#}"), retry_in = ?delay, "pass failed");
@@ -534,6 +626,11 @@ impl Folder {
             if self.dry_run {
                 return Ok(true);
             }
+            while let Ok(note) = self.notes.1.try_recv() {
+                if let Note::Retry(path, after) = note {
+                    schedule(path, after, &mut dirty, &mut failures, &mut changing_since);
+                }
+            }
             if options.once && full_done {
                 changing_since.retain(|path, since| {
                     let stuck = since.elapsed() >= ONCE_SETTLE_LIMIT;
@@ -548,7 +645,7 @@ impl Folder {
                     }
                     !stuck
                 });
-                if dirty.is_empty() {
+                if dirty.is_empty() && self.idle() {
                     return Ok(!deletes_held && !gave_up);
                 }
                 if failures.values().any(|n| *n >= ONCE_ATTEMPTS) {
@@ -568,6 +665,11 @@ impl Folder {
             let timeout = wake.saturating_duration_since(Instant::now());
             crossbeam_channel::select! {
                 recv(shutdown) -> _ => return Ok(stopped),
+                recv(self.notes.1) -> note => {
+                    if let Ok(Note::Retry(path, after)) = note {
+                        schedule(path, after, &mut dirty, &mut failures, &mut changing_since);
+                    }
+                }
                 recv(events) -> delivery => {
                     let Ok(delivery) = delivery else { continue };
                     let mut notices = watch::interpret(delivery);
@@ -634,6 +736,34 @@ impl Folder {
             }
         }
     }
+}
+
+/// Puts `path` back on the list: after `after` (it is still changing), or
+/// after a backoff that grows with each failure (`None`).
+fn schedule(
+    path: String,
+    after: Option<Duration>,
+    dirty: &mut HashMap<String, Instant>,
+    failures: &mut HashMap<String, u32>,
+    changing_since: &mut HashMap<String, Instant>,
+) {
+    let now = Instant::now();
+    let delay = match after {
+        Some(wait) => {
+            changing_since.entry(path.clone()).or_insert(now);
+            wait
+        }
+        None => {
+            let n = failures.entry(path.clone()).or_insert(0);
+            *n += 1;
+            BACKOFF.delay(*n, None).max(Duration::from_millis(500))
+        }
+    };
+    let at = now + delay;
+    dirty
+        .entry(path)
+        .and_modify(|t| *t = (*t).min(at))
+        .or_insert(at);
 }
 
 /// Deletes allowed in one pass: `--max-delete`, or half of the files known

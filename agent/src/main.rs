@@ -34,7 +34,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::{FolderSpec, Overrides, Settings};
 use crate::filter::Filter;
-use crate::folder::{Folder, LoopOptions};
+use crate::folder::{Folder, FolderParts, LoopOptions};
 use crate::journal::Journal;
 use crate::pipeline::Pipeline;
 use crate::remote::Remote;
@@ -214,7 +214,7 @@ fn sync(args: &SyncArgs, once: bool) -> Result<bool> {
             state = %spec.state.display(),
             "syncing"
         );
-        folders.push(Arc::new(Folder {
+        folders.push(Folder::new(FolderParts {
             root: spec.dir.clone(),
             journal,
             remote,
@@ -223,7 +223,6 @@ fn sync(args: &SyncArgs, once: bool) -> Result<bool> {
             max_delete: spec.max_delete,
             rt: rt.handle().clone(),
             stop: stop.clone(),
-            held_for_renames: Default::default(),
         }));
     }
     let options = LoopOptions {
@@ -246,6 +245,11 @@ fn sync(args: &SyncArgs, once: bool) -> Result<bool> {
             })
             .collect()
     });
+    // Stopped: transfers in flight finish their chunks (bounded by the hard stop).
+    let drained_by = std::time::Instant::now() + STOP_GRACE + Duration::from_secs(5);
+    while !folders.iter().all(|f| f.idle()) && std::time::Instant::now() < drained_by {
+        std::thread::sleep(Duration::from_millis(20));
+    }
     let mut all_pushed = true;
     for (folder, result) in folders.iter().zip(results) {
         if !args.dry_run {

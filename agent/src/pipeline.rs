@@ -2,7 +2,8 @@
 //! the pass (scanner) sends candidates to hasher threads, which wait for
 //! files to settle, hash them and decide; transfer threads then rename,
 //! upload or record. Several files (and several chunks of each) are in
-//! flight at once.
+//! flight at once. A pass waits for its decisions, not for its uploads: a
+//! long upload does not hold back the next changes.
 //!
 //! Nothing half-written is committed: a file is hashed only once it has
 //! settled, its stamp is checked again after hashing and after the upload,
@@ -20,7 +21,7 @@ use ferry::fs::pending::{conflict_path, is_conflict};
 use ferry::protocol::{ErrorCode, RemotePath};
 use sha2::{Digest, Sha256};
 
-use crate::folder::Folder;
+use crate::folder::{Busy, Folder};
 use crate::journal::{FileStamp, Pending, Record};
 use crate::plan::{Candidate, RemoteFile};
 use crate::remote::Push;
@@ -44,11 +45,11 @@ pub struct Pass {
 
 #[derive(Debug, Default)]
 pub struct Outcome {
-    pub uploaded: usize,
-    pub uploaded_bytes: u64,
+    /// Uploads handed to the transfer threads.
+    pub queued: usize,
+    pub queued_bytes: u64,
     pub renamed: usize,
     pub deleted: usize,
-    pub conflicts: usize,
     pub unchanged: usize,
     pub failed: usize,
     pub deletes_held: usize,
@@ -86,6 +87,7 @@ struct HashJob {
     pass: Arc<Pass>,
     candidate: Candidate,
     seen_at_ns: i64,
+    busy: Busy,
     _pending: WaitGroup,
 }
 
@@ -115,9 +117,9 @@ pub struct Upload {
 }
 
 struct TransferJob {
-    pass: Arc<Pass>,
+    folder: Arc<Folder>,
     work: Work,
-    _pending: WaitGroup,
+    _busy: Busy,
 }
 
 /// The hasher and transfer threads, shared by every folder.
@@ -159,18 +161,21 @@ impl Pipeline {
         Pipeline { hash_tx }
     }
 
-    /// Queues a candidate; `pending` is released once it is fully handled.
+    /// Queues a candidate; `pending` is released once it is decided, `busy`
+    /// once it is fully handled.
     pub fn submit(
         &self,
         pass: &Arc<Pass>,
         candidate: Candidate,
         seen_at_ns: i64,
+        busy: Busy,
         pending: &WaitGroup,
     ) {
         let job = HashJob {
             pass: pass.clone(),
             candidate,
             seen_at_ns,
+            busy,
             _pending: pending.clone(),
         };
         if self.hash_tx.send(job).is_err() {
@@ -190,23 +195,29 @@ fn hasher(jobs: Receiver<HashJob>, lanes: Lanes) {
             continue;
         }
         let path = job.candidate.path.clone();
-        if let Some(work) = hash_and_decide(&job) {
-            if job.pass.folder.dry_run {
-                announce(&work);
-                continue;
-            }
-            let next = TransferJob {
-                pass: job.pass.clone(),
-                work,
-                _pending: job._pending,
-            };
-            let lane = match &next.work {
-                Work::Upload(u) if u.stamp.size >= SMALL_FILE => &lanes.large,
-                _ => &lanes.small,
-            };
-            if lane.send(next).is_err() {
-                tracing::error!(path, "the transfer threads are gone");
-            }
+        let Some(work) = hash_and_decide(&job) else {
+            continue;
+        };
+        if job.pass.folder.dry_run {
+            announce(&work);
+            continue;
+        }
+        if let Work::Upload(u) = &work {
+            let mut outcome = job.pass.outcome.lock().unwrap();
+            outcome.queued += 1;
+            outcome.queued_bytes += u.stamp.size;
+        }
+        let lane = match &work {
+            Work::Upload(u) if u.stamp.size >= SMALL_FILE => &lanes.large,
+            _ => &lanes.small,
+        };
+        let next = TransferJob {
+            folder: job.pass.folder.clone(),
+            work,
+            _busy: job.busy,
+        };
+        if lane.send(next).is_err() {
+            tracing::error!(path, "the transfer threads are gone");
         }
     }
 }
@@ -324,15 +335,14 @@ fn announce(work: &Work) {
 
 fn transfer(jobs: Receiver<TransferJob>) {
     for job in jobs {
-        if job.pass.folder.stop.is_cancelled() {
+        if job.folder.stop.is_cancelled() {
             continue;
         }
-        run_transfer(&job.pass, job.work);
+        run_transfer(&job.folder, job.work);
     }
 }
 
-fn run_transfer(pass: &Pass, work: Work) {
-    let folder = &pass.folder;
+fn run_transfer(folder: &Arc<Folder>, work: Work) {
     match work {
         Work::Record(record) => {
             if let Err(e) = folder.journal.commit(&record) {
@@ -358,37 +368,61 @@ fn run_transfer(pass: &Pass, work: Work) {
                     if let Err(e) = saved {
                         tracing::error!(path = to, error = %e, "writing the journal failed");
                     }
-                    tracing::info!(from = from.path, to, "renamed");
-                    pass.outcome.lock().unwrap().renamed += 1;
+                    tracing::info!(from = from.path, to, "renamed on the server (same content)");
                 }
                 Err(e) => {
                     tracing::warn!(from = from.path, to, error = %e, "server-side rename failed; uploading instead");
-                    let sha256 = from.sha256.clone();
-                    pass.vanished.lock().unwrap().push(from);
-                    upload(
-                        pass,
+                    let pushed = upload(
+                        folder,
                         Upload {
                             path: to,
                             stamp,
-                            sha256,
+                            sha256: from.sha256.clone(),
                             if_match: None,
                             conflict_with: None,
                         },
                     );
+                    if pushed {
+                        delete_replaced(folder, &from);
+                    }
                 }
             }
         }
-        Work::Upload(u) => upload(pass, u),
+        Work::Upload(u) => {
+            upload(folder, u);
+        }
     }
 }
 
-fn upload(pass: &Pass, mut u: Upload) {
-    let folder = &pass.folder;
+/// Deletes the remote copy of a file that was renamed locally, after its new
+/// name was uploaded instead (only while it is still the recorded version).
+fn delete_replaced(folder: &Folder, from: &Record) {
+    match folder
+        .rt
+        .block_on(folder.remote.delete(&from.path, &from.etag))
+    {
+        Ok(()) => tracing::info!(path = from.path, "deleted"),
+        Err(e)
+            if matches!(
+                e.code(),
+                ErrorCode::NotFound | ErrorCode::PreconditionFailed
+            ) => {}
+        Err(e) => {
+            tracing::warn!(path = from.path, error = %e, "delete failed; will retry");
+            folder.note_retry(&from.path, None);
+            return;
+        }
+    }
+    let _ = folder.journal.forget(&from.path);
+}
+
+/// Uploads and records; returns whether the file was committed.
+fn upload(folder: &Arc<Folder>, mut u: Upload) -> bool {
     let abs = folder.root.join(&u.path);
     // At most: the upload, a retry after a 412 over a deleted file, the conflict copy.
     for _ in 0..3 {
-        let Some(target) = target_of(pass, &u) else {
-            return;
+        let Some(target) = target_of(folder, &u) else {
+            return false;
         };
         let resume_id = match folder.journal.pending(&u.path).ok().flatten() {
             Some(p)
@@ -411,7 +445,7 @@ fn upload(pass: &Pass, mut u: Upload) {
             );
         }
         let on_session: SessionFn = {
-            let (folder, pending) = (pass.folder.clone(), pending_of(&u, &target));
+            let (folder, pending) = (folder.clone(), pending_of(&u, &target));
             Arc::new(move |id: &str| {
                 let pending = Pending {
                     session_id: id.to_owned(),
@@ -445,11 +479,7 @@ fn upload(pass: &Pass, mut u: Upload) {
                 if let Err(e) = folder.journal.commit(&record) {
                     tracing::error!(path = u.path, error = %e, "writing the journal failed");
                 }
-                let mut outcome = pass.outcome.lock().unwrap();
-                outcome.uploaded += 1;
-                outcome.uploaded_bytes += u.stamp.size;
                 if u.conflict_with.is_some() {
-                    outcome.conflicts += 1;
                     let message = format!(
                         "changed on the server since the last sync; the local version was uploaded as {target}"
                     );
@@ -463,13 +493,12 @@ fn upload(pass: &Pass, mut u: Upload) {
                         "uploaded"
                     );
                 }
-                drop(outcome);
                 if stat_file(&abs) != Some(u.stamp) {
                     // What the server has is whole and recorded as such;
                     // the newer local version goes in a later pass.
-                    pass.retry(&u.path, Some(QUIET));
+                    folder.note_retry(&u.path, Some(QUIET));
                 }
-                return;
+                return true;
             }
             Err(e) if is_conflict(&e) && u.conflict_with.is_none() => {
                 match folder.rt.block_on(folder.remote.stat(&u.path)) {
@@ -480,10 +509,10 @@ fn upload(pass: &Pass, mut u: Upload) {
                         // No etag: a directory took the name.
                         u.conflict_with = Some(meta.etag.unwrap_or_else(|| "-".to_owned()));
                     }
-                    Err(e) => return failed(pass, &u.path, &e.to_string()),
+                    Err(e) => return failed(folder, &u.path, &e.to_string()),
                 }
             }
-            Err(ferry::Error::Cancelled) => return,
+            Err(ferry::Error::Cancelled) => return false,
             Err(e)
                 if e.code() == ErrorCode::ChecksumMismatch
                     || matches!(e, ferry::Error::Io { .. }) =>
@@ -494,23 +523,22 @@ fn upload(pass: &Pass, mut u: Upload) {
                     folder.rt.block_on(folder.remote.abort(&p.session_id));
                 }
                 let _ = folder.journal.clear_pending(&u.path);
-                pass.retry(&u.path, Some(QUIET));
-                return;
+                folder.note_retry(&u.path, Some(QUIET));
+                return false;
             }
-            Err(e) => return failed(pass, &u.path, &e.to_string()),
+            Err(e) => return failed(folder, &u.path, &e.to_string()),
         }
     }
-    failed(pass, &u.path, "the remote path keeps refusing the file");
+    failed(folder, &u.path, "the remote path keeps refusing the file")
 }
 
 /// Where an upload commits: the path, or a conflict name beside it (the one
 /// an interrupted run already chose, when resuming).
-fn target_of(pass: &Pass, u: &Upload) -> Option<RemotePath> {
-    let folder = &pass.folder;
+fn target_of(folder: &Folder, u: &Upload) -> Option<RemotePath> {
     let path = match folder.remote.path(&u.path) {
         Ok(path) => path,
         Err(e) => {
-            failed(pass, &u.path, &format!("not a valid remote path: {e}"));
+            failed(folder, &u.path, &format!("not a valid remote path: {e}"));
             return None;
         }
     };
@@ -537,11 +565,12 @@ fn pending_of(u: &Upload, target: &RemotePath) -> Pending {
     }
 }
 
-fn failed(pass: &Pass, path: &str, message: &str) {
+/// Logs and records a failed push, to be retried with backoff; false.
+fn failed(folder: &Folder, path: &str, message: &str) -> bool {
     tracing::warn!(path, error = message, "push failed; will retry");
-    let _ = pass.folder.journal.add_error(path, message);
-    pass.outcome.lock().unwrap().failed += 1;
-    pass.retry(path, None);
+    let _ = folder.journal.add_error(path, message);
+    folder.note_retry(path, None);
+    false
 }
 
 /// Hex SHA-256 of a file's content.

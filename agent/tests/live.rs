@@ -7,7 +7,10 @@ use std::time::Duration;
 
 use ferry::client::watch::{WatchEvent, Watcher};
 use ferry::protocol::RemotePath;
-use harness::{Agent, Server, age, eventually, remote_bytes, remote_listing, write};
+use harness::{
+    Agent, Server, age, eventually, pending_session, random_bytes, remote_bytes, remote_listing,
+    write,
+};
 
 /// How long the remote may lag behind a change.
 const FOLLOW: Duration = Duration::from_secs(10);
@@ -271,5 +274,43 @@ async fn an_idle_agent_does_not_react_to_its_own_scans() {
             remote_bytes(&client, "idle/d1/new").await.as_deref() == Some(&b"new"[..])
         })
         .await
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_small_change_is_pushed_while_a_big_upload_runs() {
+    let tmp = tempfile::tempdir().unwrap();
+    let server = Server::start(&tmp.path().join("store"));
+    let mut agent = Agent::new(&tmp.path().join("folder"), &server, "busy");
+    write(&agent.dir, "video.mkv", &random_bytes(96 << 20));
+    age(&agent.path("video.mkv"));
+    // About 12 s for the video.
+    agent.start(&["--bwlimit", "8M"]);
+    let mut session = None;
+    assert!(
+        eventually(Duration::from_secs(30), || {
+            session = pending_session(&agent, "video.mkv");
+            std::future::ready(session.is_some())
+        })
+        .await,
+        "{}",
+        agent.log_text()
+    );
+    let client = server.client();
+    write(&agent.dir, "notes.txt", b"written during the upload");
+    assert!(
+        eventually(FOLLOW, || async {
+            remote_bytes(&client, "busy/notes.txt").await.as_deref()
+                == Some(&b"written during the upload"[..])
+        })
+        .await,
+        "{}",
+        agent.log_text()
+    );
+    let status = client.upload_status(&session.unwrap()).await.unwrap();
+    assert_eq!(
+        status.state,
+        ferry::protocol::upload::UploadState::Open,
+        "the small file waited for the big upload"
     );
 }

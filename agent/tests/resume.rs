@@ -6,23 +6,12 @@ use std::io::Write;
 use std::time::Duration;
 
 use ferry::protocol::upload::UploadState;
-use harness::{Agent, Server, age, diff, eventually, local_tree, random_bytes, remote_tree, write};
+use harness::{
+    Agent, Server, age, diff, eventually, local_tree, pending_session, random_bytes, remote_tree,
+    write,
+};
 
 const BIG: usize = 500 << 20;
-
-fn pending_session(agent: &Agent, path: &str) -> Option<String> {
-    let db = rusqlite::Connection::open_with_flags(
-        agent.state_db(),
-        rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
-    )
-    .ok()?;
-    db.query_row(
-        "SELECT session_id FROM pending WHERE path = ?1",
-        [path],
-        |row| row.get(0),
-    )
-    .ok()
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_halfway_then_restart_resumes_the_big_file_from_its_session() {

@@ -249,6 +249,21 @@ impl Drop for Agent {
     }
 }
 
+/// The upload session the agent journaled for `path`, if any.
+pub fn pending_session(agent: &Agent, path: &str) -> Option<String> {
+    let db = rusqlite::Connection::open_with_flags(
+        agent.state_db(),
+        rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
+    )
+    .ok()?;
+    db.query_row(
+        "SELECT session_id FROM pending WHERE path = ?1",
+        [path],
+        |row| row.get(0),
+    )
+    .ok()
+}
+
 /// Size and SHA-256 of each file.
 pub type Tree = BTreeMap<String, (u64, String)>;
 

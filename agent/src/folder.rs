@@ -121,7 +121,7 @@ impl Folder {
     }
 
     /// Marks `path` busy, unless it already is.
-    fn claim(self: &Arc<Self>, path: &str) -> Option<Busy> {
+    pub fn claim(self: &Arc<Self>, path: &str) -> Option<Busy> {
         self.busy
             .lock()
             .unwrap()

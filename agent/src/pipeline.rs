@@ -120,6 +120,8 @@ struct TransferJob {
     folder: Arc<Folder>,
     work: Work,
     _busy: Busy,
+    /// A rename's old path, kept from other passes meanwhile.
+    _from: Option<Busy>,
 }
 
 /// The hasher and transfer threads, shared by every folder.
@@ -195,9 +197,24 @@ fn hasher(jobs: Receiver<HashJob>, lanes: Lanes) {
             continue;
         }
         let path = job.candidate.path.clone();
-        let Some(work) = hash_and_decide(&job) else {
+        let Some(mut work) = hash_and_decide(&job) else {
             continue;
         };
+        let mut from_busy = None;
+        if let Work::Rename { from, to, stamp } = &work {
+            from_busy = job.pass.folder.claim(&from.path);
+            if from_busy.is_none() {
+                // The old path is being worked on: upload instead; a later
+                // pass deletes the old path.
+                work = Work::Upload(Upload {
+                    path: to.clone(),
+                    stamp: *stamp,
+                    sha256: from.sha256.clone(),
+                    if_match: None,
+                    conflict_with: None,
+                });
+            }
+        }
         if job.pass.folder.dry_run {
             announce(&work);
             continue;
@@ -215,6 +232,7 @@ fn hasher(jobs: Receiver<HashJob>, lanes: Lanes) {
             folder: job.pass.folder.clone(),
             work,
             _busy: job.busy,
+            _from: from_busy,
         };
         if lane.send(next).is_err() {
             tracing::error!(path, "the transfer threads are gone");

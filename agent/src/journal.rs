@@ -137,11 +137,14 @@ impl Journal {
     /// Records at `scope` or below it (`""` is everything).
     pub fn records_under(&self, scope: &str) -> Result<BTreeMap<String, Record>> {
         let conn = self.conn();
+        // A key range ('0' follows '/'), so that the index serves it.
         let mut stmt = conn.prepare_cached(
             "SELECT path, size, mtime_ns, inode, sha256, etag FROM files
-             WHERE ?1 = '' OR path = ?1 OR substr(path, 1, length(?1) + 1) = ?1 || '/'",
+             WHERE path = ?1 OR (path >= ?2 AND path < ?3)",
         )?;
-        let rows = stmt.query_map([scope], |row| {
+        let mut stmt_all =
+            conn.prepare_cached("SELECT path, size, mtime_ns, inode, sha256, etag FROM files")?;
+        let from_row = |row: &rusqlite::Row<'_>| {
             Ok(Record {
                 path: row.get(0)?,
                 stamp: FileStamp {
@@ -152,7 +155,15 @@ impl Journal {
                 sha256: row.get(4)?,
                 etag: row.get(5)?,
             })
-        })?;
+        };
+        let rows = if scope.is_empty() {
+            stmt_all.query_map([], from_row)?
+        } else {
+            stmt.query_map(
+                params![scope, format!("{scope}/"), format!("{scope}0")],
+                from_row,
+            )?
+        };
         let mut out = BTreeMap::new();
         for row in rows {
             let record = row?;

@@ -13,7 +13,7 @@ use harness::{
 };
 
 /// How long the remote may lag behind a change.
-const FOLLOW: Duration = Duration::from_secs(10);
+const FOLLOW: Duration = Duration::from_secs(15);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn create_modify_append_delete_and_renames_are_followed() {

@@ -369,12 +369,25 @@ mod tests {
     #[test]
     fn directory_rename_moves_only_that_subtree() {
         let j = Journal::in_memory().unwrap();
-        for (p, i) in [("a/x", 1), ("a/b/y", 2), ("ab/z", 3), ("a", 4)] {
+        for (p, i) in [
+            ("a/x", 1),
+            ("a/b/y", 2),
+            ("ab/z", 3),
+            ("a", 4),
+            ("a-x", 5),
+            ("a.b", 6),
+            ("a0", 7),
+        ] {
             j.commit(&record(p, i)).unwrap();
         }
+        let under_a: Vec<String> = j.records_under("a").unwrap().into_keys().collect();
+        assert_eq!(under_a, ["a", "a/b/y", "a/x"]);
         j.rename("a", "c/d").unwrap();
         let paths: Vec<String> = j.records_under("").unwrap().into_keys().collect();
-        assert_eq!(paths, ["ab/z", "c/d", "c/d/b/y", "c/d/x"]);
+        assert_eq!(
+            paths,
+            ["a-x", "a.b", "a0", "ab/z", "c/d", "c/d/b/y", "c/d/x"]
+        );
         let under: Vec<String> = j.records_under("c/d").unwrap().into_keys().collect();
         assert_eq!(under, ["c/d", "c/d/b/y", "c/d/x"]);
     }

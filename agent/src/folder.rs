@@ -226,15 +226,26 @@ impl Folder {
             if self.stop.is_cancelled() {
                 break;
             }
-            match self.claim(&candidate.path) {
-                Some(busy) => pipeline.submit(&pass, candidate, seen_at, busy, &pending),
+            let Some(busy) = self.claim(&candidate.path) else {
                 // Still being pushed: looked at again once that is done.
-                None => pass
-                    .outcome
+                pass.outcome
                     .lock()
                     .unwrap()
                     .retry
-                    .push((candidate.path, Some(BUSY_RETRY))),
+                    .push((candidate.path, Some(BUSY_RETRY)));
+                continue;
+            };
+            match self.confirm(candidate) {
+                Some(candidate) => pipeline.submit(&pass, candidate, seen_at, busy, &pending),
+                None => {
+                    let path = busy.path.clone();
+                    drop(busy);
+                    pass.outcome
+                        .lock()
+                        .unwrap()
+                        .retry
+                        .push((path, Some(BUSY_RETRY)));
+                }
             }
         }
         pending.wait();
@@ -246,6 +257,34 @@ impl Folder {
         let outcome = std::mem::take(&mut *pass.outcome.lock().unwrap());
         self.report(&outcome, full, started.elapsed());
         Ok(outcome)
+    }
+
+    /// Checks a candidate against the present, now that its path is busy
+    /// (nothing else commits it meanwhile): `None` if work of an earlier pass
+    /// committed it since this pass read the journal. An apparent change on
+    /// the remote is confirmed with a fresh look, as the listing may predate
+    /// the agent's own last upload.
+    fn confirm(&self, mut candidate: Candidate) -> Option<Candidate> {
+        let record = self.journal.record(&candidate.path).ok()?;
+        if record != candidate.record {
+            return None;
+        }
+        let moved_on = match (&candidate.record, &candidate.remote) {
+            (Some(rec), Some(remote)) => remote.etag != rec.etag,
+            (None, Some(_)) => true,
+            _ => false,
+        };
+        if moved_on && !self.dry_run {
+            let fresh = self.rt.block_on(self.remote.stat(&candidate.path)).ok()?;
+            candidate.remote = fresh.and_then(|meta| {
+                Some(RemoteFile {
+                    size: meta.size,
+                    etag: meta.etag?,
+                    mtime: meta.mtime,
+                })
+            });
+        }
+        Some(candidate)
     }
 
     /// Server-side renames; a rename the server refuses becomes an upload of
@@ -346,6 +385,7 @@ impl Folder {
             now.duration_since(*held_since.entry(r.path.clone()).or_insert(now)) < RENAME_HOLD
         });
         if !hold.is_empty() {
+            tracing::debug!(paths = ?hold.iter().map(|r| &r.path).collect::<Vec<_>>(), "deletions wait for settling files");
             let wait = outcome
                 .retry
                 .iter()
@@ -373,9 +413,8 @@ impl Folder {
         }
         // Only what is still gone here and still recorded as it was (work of
         // later passes may have run meanwhile).
-        let vanished: Vec<Record> = vanished
-            .into_iter()
-            .filter(|r| {
+        let (vanished, moved_on): (Vec<Record>, Vec<Record>) =
+            vanished.into_iter().partition(|r| {
                 !self.is_busy(&r.path)
                     && stat_file(&self.root.join(&r.path)).is_none()
                     && (self.dry_run
@@ -385,8 +424,13 @@ impl Folder {
                             .ok()
                             .flatten()
                             .is_some_and(|now| now.etag == r.etag))
-            })
-            .collect();
+            });
+        // Looked at again once that work is done.
+        pass.outcome
+            .lock()
+            .unwrap()
+            .retry
+            .extend(moved_on.into_iter().map(|r| (r.path, Some(BUSY_RETRY))));
         let (ours, gone): (Vec<Record>, Vec<Record>) = vanished
             .into_iter()
             .partition(|r| pass.remote.get(&r.path).is_some_and(|f| f.etag == r.etag));
@@ -719,6 +763,19 @@ impl Folder {
                         .entry(rel)
                         .and_modify(|at| *at = (*at).min(now + QUIET))
                         .or_insert(now);
+                }
+            }
+            Notice::Recheck(dirs) => {
+                for abs in dirs {
+                    let Some(rel) = abs.strip_prefix(&self.root).ok().and_then(|p| p.to_str())
+                    else {
+                        continue;
+                    };
+                    let at = now + QUIET;
+                    dirty
+                        .entry(rel.to_owned())
+                        .and_modify(|t| *t = (*t).min(at))
+                        .or_insert(at);
                 }
             }
             Notice::Rescan(why) => {

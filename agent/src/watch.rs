@@ -9,7 +9,9 @@ use std::time::Duration;
 
 use crossbeam_channel::Receiver;
 use notify::RecursiveMode;
-use notify::event::{AccessKind, AccessMode, EventKind, MetadataKind, ModifyKind};
+use notify::event::{
+    AccessKind, AccessMode, EventKind, MetadataKind, ModifyKind, RemoveKind, RenameMode,
+};
 use notify_debouncer_full::{DebounceEventResult, Debouncer, RecommendedCache, new_debouncer};
 
 /// How long events for a path are gathered before they are delivered.
@@ -20,6 +22,11 @@ const DEBOUNCE: Duration = Duration::from_millis(300);
 pub enum Notice {
     /// These paths (absolute) may have changed.
     Changed(Vec<PathBuf>),
+    /// A directory was moved or removed: look over these directories (its
+    /// parents) a little later. Debouncing can drop one side of a rename
+    /// (a directory renamed, then removed at once, shows only the removal
+    /// of its new name), and this catches what was dropped.
+    Recheck(Vec<PathBuf>),
     /// Events were lost: rescan everything. The text says why.
     Rescan(String),
     /// New directories can no longer be watched: rescan periodically.
@@ -48,6 +55,7 @@ pub fn interpret(result: DebounceEventResult) -> Vec<Notice> {
         Ok(events) => {
             let mut notices = Vec::new();
             let mut paths = Vec::new();
+            let mut parents = Vec::new();
             for event in events {
                 if event.need_rescan() {
                     notices.push(Notice::Rescan(overflow_message()));
@@ -56,9 +64,23 @@ pub fn interpret(result: DebounceEventResult) -> Vec<Notice> {
                 if changes_content(&event.kind) {
                     paths.extend(event.event.paths.iter().cloned());
                 }
+                if moves_a_directory(&event.kind, &event.paths) {
+                    parents.extend(
+                        event
+                            .paths
+                            .iter()
+                            .filter_map(|p| p.parent())
+                            .map(Path::to_owned),
+                    );
+                }
             }
             if !paths.is_empty() {
                 notices.push(Notice::Changed(paths));
+            }
+            if !parents.is_empty() {
+                parents.sort();
+                parents.dedup();
+                notices.push(Notice::Recheck(parents));
             }
             notices
         }
@@ -75,6 +97,17 @@ fn changes_content(kind: &EventKind) -> bool {
         EventKind::Access(_) => false,
         EventKind::Modify(ModifyKind::Metadata(MetadataKind::AccessTime)) => false,
         _ => true,
+    }
+}
+
+/// A directory removed, or a rename that may concern one (its new name is a
+/// directory, or only one side of it was seen).
+fn moves_a_directory(kind: &EventKind, paths: &[PathBuf]) -> bool {
+    match kind {
+        EventKind::Remove(RemoveKind::Folder) => true,
+        EventKind::Modify(ModifyKind::Name(RenameMode::Both)) => paths.iter().any(|p| p.is_dir()),
+        EventKind::Modify(ModifyKind::Name(_)) => true,
+        _ => false,
     }
 }
 
@@ -154,6 +187,24 @@ mod tests {
         assert_eq!(
             interpret(Ok(vec![DebouncedEvent::new(written, at)])),
             [Notice::Changed(vec!["/a".into()])]
+        );
+    }
+
+    #[test]
+    fn a_removed_directory_gets_its_parent_looked_over() {
+        let at = std::time::Instant::now();
+        let event = Event::new(EventKind::Remove(RemoveKind::Folder)).add_path("/a/b/gone".into());
+        assert_eq!(
+            interpret(Ok(vec![DebouncedEvent::new(event, at)])),
+            [
+                Notice::Changed(vec!["/a/b/gone".into()]),
+                Notice::Recheck(vec!["/a/b".into()])
+            ]
+        );
+        let file = Event::new(EventKind::Remove(RemoveKind::File)).add_path("/a/b/f".into());
+        assert_eq!(
+            interpret(Ok(vec![DebouncedEvent::new(file, at)])),
+            [Notice::Changed(vec!["/a/b/f".into()])]
         );
     }
 

@@ -147,7 +147,10 @@ impl Agent {
             .args(["--dir", self.dir.to_str().unwrap()])
             .args(["--server", &self.server, "--prefix", &self.prefix])
             .args(extra)
-            .env("FERRY_LOG", "ferry_agent=debug,info");
+            .env(
+                "FERRY_LOG",
+                std::env::var("AGENT_TEST_LOG").unwrap_or_else(|_| "ferry_agent=debug,info".into()),
+            );
         cmd
     }
 

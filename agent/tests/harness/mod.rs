@@ -147,6 +147,7 @@ impl Agent {
             .args(["--dir", self.dir.to_str().unwrap()])
             .args(["--server", &self.server, "--prefix", &self.prefix])
             .args(extra)
+            // AGENT_TEST_LOG=ferry_agent=trace,… shows every file-system event.
             .env(
                 "FERRY_LOG",
                 std::env::var("AGENT_TEST_LOG").unwrap_or_else(|_| "ferry_agent=debug,info".into()),

@@ -42,6 +42,9 @@ const BACKOFF: RetryPolicy = RetryPolicy {
     max_delay: Duration::from_secs(60),
     give_up_after: Duration::MAX,
 };
+/// After the last directory move of a burst, when the whole folder is
+/// compared again: events of quick sequences of moves can be lost.
+const VERIFY_AFTER: Duration = Duration::from_secs(10);
 /// When a path still being pushed is looked at again.
 const BUSY_RETRY: Duration = Duration::from_secs(1);
 /// Attempts per failing path before `once` gives up.
@@ -584,6 +587,8 @@ impl Folder {
         let mut failures: HashMap<String, u32> = HashMap::new();
         let mut pass_failures = 0u32;
         let mut next_full = Instant::now();
+        // A full pass once things are quiet after directory moves.
+        let mut verify_at: Option<Instant> = None;
         let mut full_done = false;
         let mut deletes_held = false;
         // `once`: files that never settle (a log being appended) are given up on.
@@ -597,6 +602,10 @@ impl Folder {
                 return Ok(stopped);
             }
             let now = Instant::now();
+            if verify_at.is_some_and(|at| at <= now) {
+                verify_at = None;
+                next_full = now;
+            }
             let (scopes, full) = if now >= next_full {
                 dirty.clear();
                 (vec![String::new()], true)
@@ -703,6 +712,7 @@ impl Folder {
             let wake = dirty
                 .values()
                 .copied()
+                .chain(verify_at)
                 .min()
                 .unwrap_or(next_full)
                 .min(next_full);
@@ -721,6 +731,9 @@ impl Folder {
                         notices.extend(watch::interpret(more));
                     }
                     for notice in notices {
+                        if matches!(notice, Notice::Recheck(_)) {
+                            verify_at = Some(Instant::now() + VERIFY_AFTER);
+                        }
                         self.notice(notice, &mut dirty, &mut next_full, &mut fallback, fallback_every);
                     }
                 }

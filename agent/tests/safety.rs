@@ -361,3 +361,25 @@ async fn a_config_file_syncs_several_folders() {
     );
     assert!(status.contains("laptop/photos"), "{status}");
 }
+
+#[tokio::test]
+async fn a_second_agent_on_the_same_folder_is_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let server = Server::start(&tmp.path().join("store"));
+    let mut agent = Agent::new(&tmp.path().join("folder"), &server, "two");
+    agent.start(&[]);
+    assert!(
+        harness::eventually(std::time::Duration::from_secs(10), || async {
+            agent.log_text().contains("full pass")
+        })
+        .await
+    );
+    let out = agent.once(&[]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("another ferry-agent is already syncing"),
+        "{err}"
+    );
+    assert!(agent.status().contains("agent:           running (pid"));
+}

@@ -311,6 +311,9 @@ fn decide(
         // Touched, not changed.
         (Some(rec), Some(_)) if rec.sha256 == sha256 => record(&rec.etag),
         (Some(_), None) => upload(None, None),
+        // This very version, committed by a run that stopped before it
+        // could record it.
+        (Some(_), Some(remote)) if same_file(remote, stamp) => record(&remote.etag),
         (Some(rec), Some(remote)) if remote.etag != rec.etag => {
             upload(None, Some(remote.etag.clone()))
         }
@@ -676,6 +679,13 @@ mod tests {
             upload_of(decision(&c, "h2")).conflict_with.as_deref(),
             Some("e7")
         );
+    }
+
+    #[test]
+    fn a_version_committed_but_not_recorded_is_recorded() {
+        // Size and mtime as the local file: the agent's own upload.
+        let c = candidate(Some(record("e1", "h1")), Some(remote("e2", 9, Some(5))));
+        assert!(matches!(decision(&c, "h2"), Work::Record(r) if r.etag == "e2"));
     }
 
     #[test]

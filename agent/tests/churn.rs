@@ -54,6 +54,16 @@ fn entries(root: &Path, dirs: bool) -> Vec<PathBuf> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn random_changes_while_running_converge() {
+    churn(0x5eed_f00d_1234_5678, false).await;
+}
+
+/// The agent is killed (SIGKILL) twice along the way and started again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn random_changes_with_the_agent_killed_twice_converge() {
+    churn(0x0dd_ba11_cafe_f00d, true).await;
+}
+
+async fn churn(default_seed: u64, kills: bool) {
     let tmp = tempfile::tempdir().unwrap();
     let server = Server::start(&tmp.path().join("store"));
     let mut agent = Agent::new(&tmp.path().join("folder"), &server, "churn");
@@ -72,10 +82,15 @@ async fn random_changes_while_running_converge() {
     let seed = std::env::var("CHURN_SEED")
         .ok()
         .and_then(|s| s.parse().ok())
-        .unwrap_or(0x5eed_f00d_1234_5678);
+        .unwrap_or(default_seed);
     let mut rng = Rng(seed);
     let mut counter = 0;
-    for _ in 0..300 {
+    for op in 0..300 {
+        if kills && (op == 100 || op == 200) {
+            agent.signal("KILL");
+            agent.wait(Duration::from_secs(10));
+            agent.start(&["--max-delete", "1000000"]);
+        }
         counter += 1;
         let files = entries(&root, false);
         let dirs = entries(&root, true);

@@ -8,6 +8,8 @@ mod token;
 mod transfer;
 mod watch;
 
+pub use remote::parse_bytes;
+
 use clap::{Parser, Subcommand};
 
 #[derive(Debug, Parser)]

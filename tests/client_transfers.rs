@@ -414,3 +414,62 @@ async fn retries_5xx_and_429_honouring_retry_after() {
         "Retry-After was not honoured"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopped_upload_finishes_its_chunks_in_flight_and_resumes_later() {
+    use ferry::client::upload::Transport;
+    use ferry::protocol::upload::UploadState;
+    let tmp = tempfile::tempdir().unwrap();
+    let server = Server::start();
+    let (local, data) = write_random(tmp.path(), "video.bin", 32 * MIB);
+    let client = Client::new(&server.url).unwrap();
+    let stop = tokio_util::sync::CancellationToken::new();
+    let session = Arc::new(std::sync::Mutex::new(None::<String>));
+    let options = UploadOptions {
+        chunk_size: Some(MIB as u64),
+        throttle: Some(Arc::new(ferry::client::throttle::Throttle::new(
+            8 * MIB as u64,
+        ))),
+        on_session: Some({
+            let session = session.clone();
+            Arc::new(move |id: &str| *session.lock().unwrap() = Some(id.to_owned()))
+        }),
+        stop: Some(stop.clone()),
+        transport: Transport::Http,
+        ..Default::default()
+    };
+    let stopper = {
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            stop.cancel();
+        })
+    };
+    let err = upload_file(&client, &local, &remote("video.bin"), options)
+        .await
+        .unwrap_err();
+    stopper.await.unwrap();
+    assert!(matches!(err, ferry::Error::Cancelled), "{err}");
+    let id = session
+        .lock()
+        .unwrap()
+        .clone()
+        .expect("a session was created");
+    let status = client.upload_status(&id).await.unwrap();
+    assert_eq!(status.state, UploadState::Open);
+    // Chunks that had started were completed, none was cut short.
+    assert!(status.bytes_received > 0 && status.bytes_received < data.len() as u64);
+    assert_eq!(status.bytes_received % MIB as u64, 0);
+
+    let resumed = UploadOptions {
+        resume_id: Some(id.clone()),
+        transport: Transport::Http,
+        ..Default::default()
+    };
+    let report = upload_file(&client, &local, &remote("video.bin"), resumed)
+        .await
+        .unwrap();
+    assert_eq!(report.session_id, id);
+    assert_eq!(report.resumed_bytes, status.bytes_received);
+    assert_eq!(server.get_bytes("video.bin").await.1, data);
+}

@@ -101,6 +101,7 @@ pub async fn put(args: PutArgs) -> anyhow::Result<()> {
         ws: None,
         if_match: None,
         chunk_size: None,
+        stop: None,
     };
     let report = upload_file(&client, &args.local, &remote, options)
         .await

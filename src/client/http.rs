@@ -248,8 +248,21 @@ impl Client {
     }
 
     pub async fn delete(&self, path: &RemotePath) -> Result<()> {
+        self.delete_if_match(path, None).await
+    }
+
+    /// Deletes a file only while it is still the version `etag` (when given):
+    /// a file changed since fails with `precondition_failed`.
+    pub async fn delete_if_match(&self, path: &RemotePath, etag: Option<&str>) -> Result<()> {
         let url = self.url("files", path);
-        self.send(|| self.request(Method::DELETE, &url)).await?;
+        self.send(|| {
+            let req = self.request(Method::DELETE, &url);
+            match etag {
+                Some(tag) => req.header(header::IF_MATCH, format!("\"{tag}\"")),
+                None => req,
+            }
+        })
+        .await?;
         Ok(())
     }
 

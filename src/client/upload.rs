@@ -16,6 +16,7 @@ use chrono::{DateTime, Utc};
 use futures::future::{BoxFuture, Shared};
 use futures::{FutureExt, StreamExt, TryStreamExt};
 use sha2::{Digest, Sha256};
+use tokio_util::sync::CancellationToken;
 
 use super::throttle::Throttle;
 use super::ws::WsConnection;
@@ -65,6 +66,10 @@ pub struct UploadOptions {
     pub transport: Transport,
     /// A WebSocket connection to share with other transfers.
     pub ws: Option<Arc<WsConnection>>,
+    /// Once cancelled, no further chunk is started: chunks already on their
+    /// way finish, the session is left open and the upload returns
+    /// [`Error::Cancelled`], to be resumed later with `resume_id`.
+    pub stop: Option<CancellationToken>,
 }
 
 #[derive(Debug, Clone)]
@@ -107,6 +112,9 @@ pub async fn upload_file(
 
     let mut resume = options.resume_id.clone();
     for _ in 0..=SESSION_RECREATES {
+        if options.stop.as_ref().is_some_and(|s| s.is_cancelled()) {
+            return Err(Error::Cancelled);
+        }
         let id = match resume.take() {
             Some(id) => id,
             None => {
@@ -222,7 +230,11 @@ async fn upload_over_ws(
     };
     let read_chunk = |start: u64, len: u64| -> BoxFuture<'static, Result<Bytes>> {
         let (file, throttle) = (file.clone(), options.throttle.clone());
+        let stopped = options.stop.as_ref().is_some_and(|s| s.is_cancelled());
         async move {
+            if stopped {
+                return Err(Error::Cancelled);
+            }
             let data = read_at(file, start, len).await?;
             if let Some(throttle) = throttle {
                 throttle.acquire(len).await;
@@ -251,7 +263,9 @@ async fn send_chunks(
     done: &Arc<AtomicU64>,
 ) -> Result<()> {
     let parallel = options.parallel.unwrap_or(DEFAULT_PARALLEL).max(1);
+    let stopped = || options.stop.as_ref().is_some_and(|s| s.is_cancelled());
     futures::stream::iter(chunks.iter().copied())
+        .take_while(|_| std::future::ready(!stopped()))
         .map(|index| async move {
             let (start, end) = layout.chunk_range(index).expect("index within the layout");
             let data = read_at(file.clone(), start, end - start).await?;
@@ -270,7 +284,11 @@ async fn send_chunks(
         })
         .buffer_unordered(parallel)
         .try_collect::<()>()
-        .await
+        .await?;
+    if stopped() {
+        return Err(Error::Cancelled);
+    }
+    Ok(())
 }
 
 /// A file's SHA-256 being computed in the background; clones share it.

@@ -261,7 +261,7 @@ impl Drop for Reservation {
 }
 
 /// The remote version moved on (412), or the path can no longer hold a file.
-fn is_conflict(e: &Error) -> bool {
+pub fn is_conflict(e: &Error) -> bool {
     matches!(
         e.code(),
         ErrorCode::PreconditionFailed | ErrorCode::IsADirectory | ErrorCode::NotADirectory

@@ -1,0 +1,877 @@
+//! One synced folder: passes that bring the remote in line with the local
+//! tree, and the loop that runs them on start-up, on file-system events and
+//! periodically.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use crossbeam_channel::{Receiver, Sender};
+use crossbeam_utils::sync::WaitGroup;
+use ferry::client::retry::RetryPolicy;
+use ferry::protocol::ErrorCode;
+use futures::StreamExt;
+use tokio::runtime::Handle;
+use tokio_util::sync::CancellationToken;
+
+use crate::filter::{Filter, IGNORE_FILE};
+use crate::journal::{Journal, Record, now_text};
+use crate::pipeline::{Outcome, Pass, Pipeline};
+use crate::plan::{Candidate, Move, RemoteFile, plan, under};
+use crate::remote::Remote;
+use crate::scan::{scan, stat_file};
+use crate::settle::{QUIET, now_ns};
+use crate::watch::{self, Notice};
+
+/// Past this many separate changed paths, one full pass is cheaper.
+const MAX_SCOPES: usize = 256;
+/// Deletes sent at once.
+const PARALLEL_DELETES: usize = 8;
+/// Rescan interval while file watching is unavailable.
+const FALLBACK_RESCAN: Duration = Duration::from_secs(60);
+/// How long `once` waits for a file to stop changing.
+const ONCE_SETTLE_LIMIT: Duration = Duration::from_secs(60);
+/// Longest a deletion waits for a new file that may be the same file.
+const RENAME_HOLD: Duration = Duration::from_secs(30);
+/// Waits between attempts at a failing path or pass: 1 s doubling up to a
+/// minute, with jitter.
+const BACKOFF: RetryPolicy = RetryPolicy {
+    base_delay: Duration::from_secs(1),
+    max_delay: Duration::from_secs(60),
+    give_up_after: Duration::MAX,
+};
+/// After the last directory move of a burst, when the whole folder is
+/// compared again: events of quick sequences of moves can be lost.
+const VERIFY_AFTER: Duration = Duration::from_secs(10);
+/// When a path still being pushed is looked at again.
+const BUSY_RETRY: Duration = Duration::from_secs(1);
+/// Attempts per failing path before `once` gives up.
+const ONCE_ATTEMPTS: u32 = 4;
+
+pub struct Folder {
+    pub root: PathBuf,
+    pub journal: Journal,
+    pub remote: Remote,
+    pub filter: Filter,
+    pub dry_run: bool,
+    pub max_delete: Option<u64>,
+    pub rt: Handle,
+    pub stop: CancellationToken,
+    /// Vanished paths whose deletion waits for settling new files, and since when.
+    held_for_renames: Mutex<HashMap<String, Instant>>,
+    /// Paths with work queued or running; a pass leaves them alone.
+    busy: Mutex<HashSet<String>>,
+    notes: (Sender<Note>, Receiver<Note>),
+}
+
+/// What the transfer threads tell the folder's loop.
+enum Note {
+    /// Look at this path again: after a delay, or with backoff (`None`).
+    Retry(String, Option<Duration>),
+    /// Work on a path ended.
+    Done,
+}
+
+/// A path marked busy; unmarked when dropped (its work ended).
+pub struct Busy {
+    folder: Arc<Folder>,
+    path: String,
+}
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        self.folder.busy.lock().unwrap().remove(&self.path);
+        let _ = self.folder.notes.0.send(Note::Done);
+    }
+}
+
+/// What a folder is made of, besides its run-time state.
+pub struct FolderParts {
+    pub root: PathBuf,
+    pub journal: Journal,
+    pub remote: Remote,
+    pub filter: Filter,
+    pub dry_run: bool,
+    pub max_delete: Option<u64>,
+    pub rt: Handle,
+    pub stop: CancellationToken,
+}
+
+#[derive(Debug, Clone)]
+pub struct LoopOptions {
+    /// One full pass (and whatever it had to wait for), then return.
+    pub once: bool,
+    pub rescan_interval: Duration,
+}
+
+impl Folder {
+    pub fn new(parts: FolderParts) -> Arc<Folder> {
+        Arc::new(Folder {
+            root: parts.root,
+            journal: parts.journal,
+            remote: parts.remote,
+            filter: parts.filter,
+            dry_run: parts.dry_run,
+            max_delete: parts.max_delete,
+            rt: parts.rt,
+            stop: parts.stop,
+            held_for_renames: Mutex::default(),
+            busy: Mutex::default(),
+            notes: crossbeam_channel::unbounded(),
+        })
+    }
+
+    /// Marks `path` busy, unless it already is.
+    pub fn claim(self: &Arc<Self>, path: &str) -> Option<Busy> {
+        self.busy
+            .lock()
+            .unwrap()
+            .insert(path.to_owned())
+            .then(|| Busy {
+                folder: self.clone(),
+                path: path.to_owned(),
+            })
+    }
+
+    fn is_busy(&self, path: &str) -> bool {
+        self.busy.lock().unwrap().contains(path)
+    }
+
+    /// Whether no work is queued or running.
+    pub fn idle(&self) -> bool {
+        self.busy.lock().unwrap().is_empty()
+    }
+
+    /// Asks the loop to look at `path` again (after `after`, or with backoff).
+    pub fn note_retry(&self, path: &str, after: Option<Duration>) {
+        let _ = self.notes.0.send(Note::Retry(path.to_owned(), after));
+    }
+
+    /// One pass over `scopes` (folder-relative; `""` is everything).
+    /// `others_waiting`: paths outside this pass wait to settle (one of them
+    /// may be a vanished file, renamed).
+    pub fn pass(
+        self: &Arc<Self>,
+        pipeline: &Pipeline,
+        scopes: &[String],
+        full: bool,
+        others_waiting: bool,
+    ) -> Result<Outcome> {
+        let started = Instant::now();
+        if full {
+            self.filter.reload();
+        }
+        let accept = |rel: &str| match self.remote.path(rel) {
+            Ok(_) => true,
+            Err(e) => {
+                tracing::warn!(path = rel, error = %e, "cannot be a remote path; not synced");
+                false
+            }
+        };
+        let mut local = BTreeMap::new();
+        let mut unreadable = Vec::new();
+        let mut records = BTreeMap::new();
+        let mut remote = BTreeMap::new();
+        for scope in scopes {
+            let tree = scan(&self.root, scope, &self.filter, &accept);
+            local.extend(tree.files);
+            unreadable.extend(tree.unreadable);
+            records.extend(self.journal.records_under(scope)?);
+            let listed = self
+                .rt
+                .block_on(self.remote.index(scope))
+                .with_context(|| format!("listing {}", self.remote.describe()))?;
+            remote.extend(listed);
+        }
+        let kept = |path: &str| {
+            unreadable.iter().any(|dir| under(path, dir))
+                || self.is_busy(path)
+                || self.filter.is_ignored(Path::new(path), false)
+        };
+        let seen_at = now_ns();
+        let plan = plan(scopes, &local, &records, &remote, &kept);
+        for path in &plan.changed_elsewhere {
+            tracing::debug!(path, "changed on the server, unchanged here; left as it is");
+        }
+        let mut outcome = Outcome {
+            unchanged: plan.unchanged,
+            ..Outcome::default()
+        };
+        let mut candidates = plan.candidates;
+        let mut vanished = plan.vanished;
+        if self.dry_run {
+            for m in &plan.moves {
+                let slash = if m.dir { "/" } else { "" };
+                println!("rename {}{slash} -> {}{slash}", m.from, m.to);
+            }
+        } else {
+            self.apply_moves(
+                &plan.moves,
+                &records,
+                &local,
+                &remote,
+                &mut candidates,
+                &mut vanished,
+                &mut outcome,
+            );
+        }
+
+        let pass = Arc::new(Pass {
+            folder: self.clone(),
+            remote,
+            vanished: Mutex::new(vanished),
+            outcome: Mutex::new(outcome),
+        });
+        let pending = WaitGroup::new();
+        for candidate in candidates {
+            if self.stop.is_cancelled() {
+                break;
+            }
+            let Some(busy) = self.claim(&candidate.path) else {
+                // Still being pushed: looked at again once that is done.
+                pass.outcome
+                    .lock()
+                    .unwrap()
+                    .retry
+                    .push((candidate.path, Some(BUSY_RETRY)));
+                continue;
+            };
+            match self.confirm(candidate) {
+                Some(candidate) => pipeline.submit(&pass, candidate, seen_at, busy, &pending),
+                None => {
+                    let path = busy.path.clone();
+                    drop(busy);
+                    pass.outcome
+                        .lock()
+                        .unwrap()
+                        .retry
+                        .push((path, Some(BUSY_RETRY)));
+                }
+            }
+        }
+        pending.wait();
+        let vanished = std::mem::take(&mut *pass.vanished.lock().unwrap());
+        let vanished = self.hold_for_renames(&pass, vanished, others_waiting);
+        if !self.stop.is_cancelled() {
+            self.delete(&pass, vanished, full);
+        }
+        let outcome = std::mem::take(&mut *pass.outcome.lock().unwrap());
+        self.report(&outcome, full, started.elapsed());
+        Ok(outcome)
+    }
+
+    /// Checks a candidate against the present, now that its path is busy
+    /// (nothing else commits it meanwhile): `None` if work of an earlier pass
+    /// committed it since this pass read the journal. An apparent change on
+    /// the remote is confirmed with a fresh look, as the listing may predate
+    /// the agent's own last upload.
+    fn confirm(&self, mut candidate: Candidate) -> Option<Candidate> {
+        let record = self.journal.record(&candidate.path).ok()?;
+        if record != candidate.record {
+            return None;
+        }
+        let moved_on = match (&candidate.record, &candidate.remote) {
+            (Some(rec), Some(remote)) => remote.etag != rec.etag,
+            (None, Some(_)) => true,
+            _ => false,
+        };
+        if moved_on && !self.dry_run {
+            let fresh = self.rt.block_on(self.remote.stat(&candidate.path)).ok()?;
+            candidate.remote = fresh.and_then(|meta| {
+                Some(RemoteFile {
+                    size: meta.size,
+                    etag: meta.etag?,
+                    mtime: meta.mtime,
+                })
+            });
+        }
+        Some(candidate)
+    }
+
+    /// Server-side renames; a rename the server refuses becomes an upload of
+    /// the new path and a delete of the old one.
+    #[allow(clippy::too_many_arguments)]
+    fn apply_moves(
+        &self,
+        moves: &[Move],
+        records: &BTreeMap<String, Record>,
+        local: &BTreeMap<String, crate::journal::FileStamp>,
+        remote: &BTreeMap<String, RemoteFile>,
+        candidates: &mut Vec<Candidate>,
+        vanished: &mut Vec<Record>,
+        outcome: &mut Outcome,
+    ) {
+        for m in moves {
+            if self.stop.is_cancelled() {
+                return;
+            }
+            let moved: Vec<&Record> = records
+                .values()
+                .filter(|r| under(&r.path, &m.from))
+                .collect();
+            let renamed = self.rt.block_on(self.remote.rename(&m.from, &m.to, m.dir));
+            let result = renamed.map_err(anyhow::Error::from).and_then(|meta| {
+                self.journal.rename(&m.from, &m.to)?;
+                if m.dir {
+                    // Etags survive a rename on some stores and not on others.
+                    let listed = self.rt.block_on(self.remote.index(&m.to))?;
+                    for (path, file) in listed {
+                        self.journal.set_etag(&path, &file.etag)?;
+                    }
+                } else if let Some(etag) = meta.etag {
+                    self.journal.set_etag(&m.to, &etag)?;
+                }
+                Ok(())
+            });
+            match result {
+                Ok(()) => {
+                    tracing::info!(
+                        from = m.from,
+                        to = m.to,
+                        files = moved.len(),
+                        "renamed on the server"
+                    );
+                    outcome.renamed += moved.len();
+                    for c in candidates.iter_mut().filter(|c| under(&c.path, &m.to)) {
+                        if let Ok(Some(record)) = self.journal.record(&c.path) {
+                            c.remote = Some(RemoteFile {
+                                size: record.stamp.size,
+                                etag: record.etag.clone(),
+                                mtime: None,
+                            });
+                            c.record = Some(record);
+                        }
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(from = m.from, to = m.to, error = %e, "server-side rename failed; uploading instead");
+                    for record in moved {
+                        let to = format!("{}{}", m.to, &record.path[m.from.len()..]);
+                        vanished.push(record.clone());
+                        candidates.retain(|c| c.path != to);
+                        if let Some(stamp) = local.get(&to) {
+                            candidates.push(Candidate {
+                                path: to.clone(),
+                                stamp: *stamp,
+                                record: None,
+                                remote: remote.get(&to).cloned(),
+                            });
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Keeps vanished files from being deleted while new files of the same
+    /// pass are still being written (for at most [`RENAME_HOLD`]): a copy
+    /// followed by a delete is a rename once the copy has settled and its
+    /// content matches. Held paths come back, due with the settling files.
+    fn hold_for_renames(
+        &self,
+        pass: &Pass,
+        vanished: Vec<Record>,
+        others_waiting: bool,
+    ) -> Vec<Record> {
+        let mut held_since = self.held_for_renames.lock().unwrap();
+        let mut outcome = pass.outcome.lock().unwrap();
+        if !(outcome.new_file_settling || others_waiting) || vanished.is_empty() {
+            for record in &vanished {
+                held_since.remove(&record.path);
+            }
+            return vanished;
+        }
+        let now = Instant::now();
+        let (hold, go): (Vec<Record>, Vec<Record>) = vanished.into_iter().partition(|r| {
+            now.duration_since(*held_since.entry(r.path.clone()).or_insert(now)) < RENAME_HOLD
+        });
+        if !hold.is_empty() {
+            tracing::debug!(paths = ?hold.iter().map(|r| &r.path).collect::<Vec<_>>(), "deletions wait for settling files");
+            let wait = outcome
+                .retry
+                .iter()
+                .filter_map(|(_, w)| *w)
+                .max()
+                .unwrap_or(QUIET);
+            for (_, w) in outcome.retry.iter_mut().filter(|(_, w)| w.is_some()) {
+                *w = Some(wait);
+            }
+            outcome
+                .retry
+                .extend(hold.into_iter().map(|r| (r.path, Some(wait))));
+        }
+        for record in &go {
+            held_since.remove(&record.path);
+        }
+        go
+    }
+
+    /// Deletes the remote copies of vanished files, unless there are more
+    /// than the safeguard allows.
+    fn delete(&self, pass: &Pass, vanished: Vec<Record>, full: bool) {
+        if vanished.is_empty() {
+            return;
+        }
+        // Only what is still gone here and still recorded as it was (work of
+        // later passes may have run meanwhile).
+        let (vanished, moved_on): (Vec<Record>, Vec<Record>) =
+            vanished.into_iter().partition(|r| {
+                !self.is_busy(&r.path)
+                    && stat_file(&self.root.join(&r.path)).is_none()
+                    && (self.dry_run
+                        || self
+                            .journal
+                            .record(&r.path)
+                            .ok()
+                            .flatten()
+                            .is_some_and(|now| now.etag == r.etag))
+            });
+        // Looked at again once that work is done.
+        pass.outcome
+            .lock()
+            .unwrap()
+            .retry
+            .extend(moved_on.into_iter().map(|r| (r.path, Some(BUSY_RETRY))));
+        let (ours, gone): (Vec<Record>, Vec<Record>) = vanished
+            .into_iter()
+            .partition(|r| pass.remote.get(&r.path).is_some_and(|f| f.etag == r.etag));
+        if !self.dry_run {
+            for record in &gone {
+                // Deleted or replaced on the server already: nothing to delete.
+                tracing::info!(
+                    path = record.path,
+                    "gone here and changed or gone on the server; left as it is there"
+                );
+                let _ = self.journal.forget(&record.path);
+            }
+        }
+        if ours.is_empty() {
+            return;
+        }
+        let tracked = self.journal.count_records().map(|(n, _)| n).unwrap_or(0);
+        let remote_files = if full { pass.remote.len() as u64 } else { 0 };
+        let limit = delete_limit(self.max_delete, tracked, remote_files);
+        if ours.len() as u64 > limit {
+            let why = match self.max_delete {
+                Some(n) => format!("--max-delete {n}"),
+                None => format!("half of the {} remote files", tracked.max(remote_files)),
+            };
+            let message = format!(
+                "refusing to delete {} remote files in one pass (more than {why}); nothing was deleted. \
+                 If the deletions are intended, run with --max-delete {}",
+                ours.len(),
+                ours.len()
+            );
+            tracing::error!("{message}");
+            if self.dry_run {
+                println!("refuse {message}");
+            } else {
+                let _ = self.journal.add_error("", &message);
+                let _ = self
+                    .journal
+                    .set_meta("held_deletes", &ours.len().to_string());
+            }
+            pass.outcome.lock().unwrap().deletes_held = ours.len();
+            return;
+        }
+        if self.dry_run {
+            for record in &ours {
+                println!("delete {}", record.path);
+            }
+            return;
+        }
+        let _ = self.journal.set_meta("held_deletes", "0");
+        let results: Vec<(Record, ferry::Result<()>)> = self.rt.block_on(
+            futures::stream::iter(ours)
+                .map(|record| async move {
+                    let result = self.remote.delete(&record.path, &record.etag).await;
+                    (record, result)
+                })
+                .buffer_unordered(PARALLEL_DELETES)
+                .collect(),
+        );
+        let mut outcome = pass.outcome.lock().unwrap();
+        for (record, result) in results {
+            match result {
+                Ok(()) => {
+                    tracing::info!(path = record.path, "deleted");
+                    outcome.deleted += 1;
+                    let _ = self.journal.forget(&record.path);
+                }
+                Err(e) if e.code() == ErrorCode::NotFound => {
+                    let _ = self.journal.forget(&record.path);
+                }
+                Err(e) if e.code() == ErrorCode::PreconditionFailed => {
+                    tracing::warn!(
+                        path = record.path,
+                        "changed on the server since the last sync; not deleted there"
+                    );
+                    let _ = self.journal.forget(&record.path);
+                }
+                Err(e) => {
+                    tracing::warn!(path = record.path, error = %e, "delete failed; will retry");
+                    let _ = self.journal.add_error(&record.path, &e.to_string());
+                    outcome.failed += 1;
+                    outcome.retry.push((record.path.clone(), None));
+                }
+            }
+        }
+    }
+
+    fn report(&self, outcome: &Outcome, full: bool, took: Duration) {
+        let summary = format!(
+            "{} pass: {} unchanged, {} to upload ({} bytes), {} renamed, {} deleted, {} failed, {} waiting",
+            if full { "full" } else { "partial" },
+            outcome.unchanged,
+            outcome.queued,
+            outcome.queued_bytes,
+            outcome.renamed,
+            outcome.deleted,
+            outcome.failed,
+            outcome.retry.len(),
+        );
+        let busy = outcome.queued + outcome.renamed + outcome.deleted + outcome.failed > 0;
+        if full || busy {
+            tracing::info!(folder = %self.root.display(), took = ?took, "{summary}");
+        } else {
+            tracing::debug!(folder = %self.root.display(), took = ?took, "{summary}");
+        }
+        if self.dry_run {
+            for (path, _) in &outcome.retry {
+                println!("wait {path} (still being written)");
+            }
+            return;
+        }
+        let now = now_text();
+        let _ = self.journal.set_meta("last_pass_at", &now);
+        let _ = self.journal.set_meta("last_pass", &summary);
+        if full && outcome.failed == 0 {
+            let _ = self.journal.set_meta("last_full_sync_at", &now);
+        }
+    }
+
+    /// Runs passes until stopped (or, with `once`, until one full pass and
+    /// what it waited for are done). Returns whether everything was pushed
+    /// (deletes held back by the safeguard count as not pushed).
+    pub fn run(
+        self: &Arc<Self>,
+        pipeline: &Pipeline,
+        options: &LoopOptions,
+        shutdown: &Receiver<()>,
+    ) -> Result<bool> {
+        let mut fallback = false;
+        let fallback_every = options.rescan_interval.min(FALLBACK_RESCAN);
+        let watch = if options.once || self.dry_run {
+            None
+        } else {
+            match watch::start(&self.root) {
+                Ok(w) => Some(w),
+                Err(e) if watch::is_watch_limit(&e) => {
+                    tracing::error!(
+                        folder = %self.root.display(),
+                        "{}; until then the folder is rescanned every {} s",
+                        watch::watch_limit_message(),
+                        fallback_every.as_secs()
+                    );
+                    fallback = true;
+                    None
+                }
+                Err(e) => anyhow::bail!("cannot watch {}: {e}", self.root.display()),
+            }
+        };
+        let never = crossbeam_channel::never();
+        let events = watch.as_ref().map_or(&never, |w| &w.events);
+        let mut dirty: HashMap<String, Instant> = HashMap::new();
+        let mut failures: HashMap<String, u32> = HashMap::new();
+        let mut pass_failures = 0u32;
+        let mut next_full = Instant::now();
+        // A full pass once things are quiet after directory moves.
+        let mut verify_at: Option<Instant> = None;
+        let mut full_done = false;
+        let mut deletes_held = false;
+        // `once`: files that never settle (a log being appended) are given up on.
+        let mut changing_since: HashMap<String, Instant> = HashMap::new();
+        let mut gave_up = false;
+        // Stopped by a signal: a clean end for `run`; for `once`, not
+        // everything was pushed.
+        let stopped = !options.once;
+        loop {
+            if self.stop.is_cancelled() {
+                return Ok(stopped);
+            }
+            let now = Instant::now();
+            if verify_at.is_some_and(|at| at <= now) {
+                verify_at = None;
+                next_full = now;
+            }
+            let (scopes, full) = if now >= next_full {
+                dirty.clear();
+                (vec![String::new()], true)
+            } else {
+                let due: Vec<String> = dirty
+                    .iter()
+                    .filter(|(_, at)| **at <= now)
+                    .map(|(p, _)| p.clone())
+                    .collect();
+                for path in &due {
+                    dirty.remove(path);
+                }
+                let scopes = collapse(due);
+                if scopes.len() > MAX_SCOPES {
+                    (vec![String::new()], true)
+                } else {
+                    (scopes, false)
+                }
+            };
+            if !scopes.is_empty() {
+                let others_waiting = !dirty.is_empty();
+                match self.pass(pipeline, &scopes, full, others_waiting) {
+                    Ok(outcome) => {
+                        pass_failures = 0;
+                        deletes_held |= outcome.deletes_held > 0;
+                        if full {
+                            full_done = true;
+                            let every = if fallback {
+                                fallback_every
+                            } else {
+                                options.rescan_interval
+                            };
+                            next_full = Instant::now() + every;
+                        }
+                        let retried: HashSet<String> =
+                            outcome.retry.iter().map(|(p, _)| p.clone()).collect();
+                        changing_since.retain(|p, _| {
+                            retried.contains(p) || !scopes.iter().any(|s| under(p, s))
+                        });
+                        for (path, after) in outcome.retry {
+                            schedule(path, after, &mut dirty, &mut failures, &mut changing_since);
+                        }
+                    }
+                    Err(_) if self.stop.is_cancelled() => return Ok(stopped),
+                    Err(e) => {
+                        pass_failures += 1;
+                        let delay = BACKOFF
+                            .delay(pass_failures, None)
+                            .max(Duration::from_secs(1));
+                        tracing::warn!(folder = %self.root.display(), error = %format!("{e:#}"), retry_in = ?delay, "pass failed");
+                        if !self.dry_run {
+                            let _ = self.journal.add_error("", &format!("{e:#}"));
+                        }
+                        if self.dry_run || (options.once && pass_failures >= ONCE_ATTEMPTS) {
+                            return Err(e);
+                        }
+                        let at = Instant::now() + delay;
+                        if full {
+                            next_full = at;
+                        } else {
+                            for scope in scopes {
+                                dirty.insert(scope, at);
+                            }
+                        }
+                    }
+                }
+                if !self.dry_run {
+                    let _ = self.journal.set_meta("waiting", &dirty.len().to_string());
+                }
+            }
+            if self.dry_run {
+                return Ok(true);
+            }
+            while let Ok(note) = self.notes.1.try_recv() {
+                if let Note::Retry(path, after) = note {
+                    schedule(path, after, &mut dirty, &mut failures, &mut changing_since);
+                }
+            }
+            if options.once && full_done {
+                changing_since.retain(|path, since| {
+                    let stuck = since.elapsed() >= ONCE_SETTLE_LIMIT;
+                    if stuck {
+                        tracing::warn!(
+                            path,
+                            "still changing after {} s; not pushed this time",
+                            ONCE_SETTLE_LIMIT.as_secs()
+                        );
+                        dirty.remove(path);
+                        gave_up = true;
+                    }
+                    !stuck
+                });
+                if dirty.is_empty() && self.idle() {
+                    return Ok(!deletes_held && !gave_up);
+                }
+                if failures.values().any(|n| *n >= ONCE_ATTEMPTS) {
+                    tracing::error!(
+                        paths = failures.len(),
+                        "giving up on files that keep failing"
+                    );
+                    return Ok(false);
+                }
+            }
+            let wake = dirty
+                .values()
+                .copied()
+                .chain(verify_at)
+                .min()
+                .unwrap_or(next_full)
+                .min(next_full);
+            let timeout = wake.saturating_duration_since(Instant::now());
+            crossbeam_channel::select! {
+                recv(shutdown) -> _ => return Ok(stopped),
+                recv(self.notes.1) -> note => {
+                    if let Ok(Note::Retry(path, after)) = note {
+                        schedule(path, after, &mut dirty, &mut failures, &mut changing_since);
+                    }
+                }
+                recv(events) -> delivery => {
+                    let Ok(delivery) = delivery else { continue };
+                    let mut notices = watch::interpret(delivery);
+                    while let Ok(more) = events.try_recv() {
+                        notices.extend(watch::interpret(more));
+                    }
+                    for notice in notices {
+                        if matches!(notice, Notice::Recheck(_)) {
+                            verify_at = Some(Instant::now() + VERIFY_AFTER);
+                        }
+                        self.notice(notice, &mut dirty, &mut next_full, &mut fallback, fallback_every);
+                    }
+                }
+                default(timeout) => {}
+            }
+        }
+    }
+
+    fn notice(
+        &self,
+        notice: Notice,
+        dirty: &mut HashMap<String, Instant>,
+        next_full: &mut Instant,
+        fallback: &mut bool,
+        fallback_every: Duration,
+    ) {
+        let now = Instant::now();
+        match notice {
+            Notice::Changed(paths) => {
+                tracing::trace!(?paths, "changed");
+                for abs in paths {
+                    let Some(rel) = abs.strip_prefix(&self.root).ok().and_then(|p| p.to_str())
+                    else {
+                        continue;
+                    };
+                    let mut rel = rel.to_owned();
+                    if abs.file_name().is_some_and(|n| n == IGNORE_FILE) {
+                        self.filter.reload();
+                        rel = Path::new(&rel)
+                            .parent()
+                            .and_then(|p| p.to_str())
+                            .unwrap_or("")
+                            .to_owned();
+                    } else if self.filter.is_ignored(Path::new(&rel), abs.is_dir()) {
+                        continue;
+                    }
+                    // A path already waiting to settle keeps its turn; one
+                    // backing off after a failure is tried again soon.
+                    dirty
+                        .entry(rel)
+                        .and_modify(|at| *at = (*at).min(now + QUIET))
+                        .or_insert(now);
+                }
+            }
+            Notice::Recheck(dirs) => {
+                for abs in dirs {
+                    let Some(rel) = abs.strip_prefix(&self.root).ok().and_then(|p| p.to_str())
+                    else {
+                        continue;
+                    };
+                    let at = now + QUIET;
+                    dirty
+                        .entry(rel.to_owned())
+                        .and_modify(|t| *t = (*t).min(at))
+                        .or_insert(at);
+                }
+            }
+            Notice::Rescan(why) => {
+                tracing::warn!(folder = %self.root.display(), "{why}");
+                *next_full = now;
+            }
+            Notice::WatchLimit(why) => {
+                tracing::error!(
+                    folder = %self.root.display(),
+                    "{why}; until then the folder is rescanned every {} s",
+                    fallback_every.as_secs()
+                );
+                *fallback = true;
+                *next_full = (*next_full).min(now + fallback_every);
+            }
+        }
+    }
+}
+
+/// Puts `path` back on the list: after `after` (it is still changing), or
+/// after a backoff that grows with each failure (`None`).
+fn schedule(
+    path: String,
+    after: Option<Duration>,
+    dirty: &mut HashMap<String, Instant>,
+    failures: &mut HashMap<String, u32>,
+    changing_since: &mut HashMap<String, Instant>,
+) {
+    let now = Instant::now();
+    let delay = match after {
+        Some(wait) => {
+            changing_since.entry(path.clone()).or_insert(now);
+            wait
+        }
+        None => {
+            let n = failures.entry(path.clone()).or_insert(0);
+            *n += 1;
+            BACKOFF.delay(*n, None).max(Duration::from_millis(500))
+        }
+    };
+    let at = now + delay;
+    dirty
+        .entry(path)
+        .and_modify(|t| *t = (*t).min(at))
+        .or_insert(at);
+}
+
+/// Deletes allowed in one pass: `--max-delete`, or half of the files known
+/// on the remote.
+pub fn delete_limit(max_delete: Option<u64>, tracked: u64, remote_files: u64) -> u64 {
+    max_delete.unwrap_or(tracked.max(remote_files) / 2)
+}
+
+/// The paths, minus those inside another one.
+fn collapse(mut paths: Vec<String>) -> Vec<String> {
+    paths.sort();
+    let mut out: Vec<String> = Vec::new();
+    for path in paths {
+        if !out.last().is_some_and(|last| under(&path, last)) {
+            out.push(path);
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_default_delete_limit_is_half_the_remote_files() {
+        assert_eq!(delete_limit(None, 10, 0), 5);
+        assert_eq!(delete_limit(None, 10, 30), 15);
+        assert_eq!(delete_limit(None, 1, 0), 0);
+        assert_eq!(delete_limit(Some(3), 1000, 1000), 3);
+    }
+
+    #[test]
+    fn collapse_keeps_the_outermost_paths() {
+        let paths = ["a/b", "a", "ab", "c/d/e", "c/d"]
+            .map(String::from)
+            .to_vec();
+        assert_eq!(collapse(paths), ["a", "ab", "c/d"]);
+        assert_eq!(collapse(vec!["x".into(), String::new()]), [""]);
+    }
+}

@@ -1,0 +1,316 @@
+//! A running agent follows changes as they happen.
+
+mod harness;
+
+use std::io::Write;
+use std::time::Duration;
+
+use ferry::client::watch::{WatchEvent, Watcher};
+use ferry::protocol::RemotePath;
+use harness::{
+    Agent, Server, age, eventually, pending_session, random_bytes, remote_bytes, remote_listing,
+    write,
+};
+
+/// How long the remote may lag behind a change.
+const FOLLOW: Duration = Duration::from_secs(15);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn create_modify_append_delete_and_renames_are_followed() {
+    let tmp = tempfile::tempdir().unwrap();
+    let server = Server::start(&tmp.path().join("store"));
+    let mut agent = Agent::new(&tmp.path().join("folder"), &server, "live");
+    for i in 0..500 {
+        let rel = format!("album/{i:04}.jpg");
+        write(&agent.dir, &rel, format!("photo {i}").repeat(50).as_bytes());
+        age(&agent.path(&rel));
+    }
+    write(&agent.dir, "notes.txt", b"first notes");
+    write(&agent.dir, "log.txt", b"line 1\n");
+    age(&agent.path("notes.txt"));
+    age(&agent.path("log.txt"));
+    agent.start(&[]);
+    let client = server.client();
+    assert!(
+        eventually(Duration::from_secs(60), || async {
+            remote_listing(&client, "live").await.len() == 502
+        })
+        .await,
+        "initial sync did not finish:\n{}",
+        agent.log_text()
+    );
+
+    let has = |path: &'static str, want: Option<Vec<u8>>| {
+        let client = client.clone();
+        async move {
+            eventually(FOLLOW, || {
+                let (client, want) = (client.clone(), want.clone());
+                async move { remote_bytes(&client, path).await == want }
+            })
+            .await
+        }
+    };
+
+    write(&agent.dir, "new.txt", b"created");
+    assert!(
+        has("live/new.txt", Some(b"created".to_vec())).await,
+        "create:\n{}",
+        agent.log_text()
+    );
+
+    write(&agent.dir, "notes.txt", b"second version of the notes");
+    assert!(
+        has(
+            "live/notes.txt",
+            Some(b"second version of the notes".to_vec())
+        )
+        .await,
+        "modify:\n{}",
+        agent.log_text()
+    );
+
+    let mut log = std::fs::OpenOptions::new()
+        .append(true)
+        .open(agent.path("log.txt"))
+        .unwrap();
+    log.write_all(b"line 2\n").unwrap();
+    drop(log);
+    assert!(
+        has("live/log.txt", Some(b"line 1\nline 2\n".to_vec())).await,
+        "append:\n{}",
+        agent.log_text()
+    );
+
+    std::fs::remove_file(agent.path("new.txt")).unwrap();
+    assert!(
+        has("live/new.txt", None).await,
+        "delete:\n{}",
+        agent.log_text()
+    );
+
+    // A file rename is a server-side rename: no upload session, same stored object.
+    let sessions = server.session_count();
+    let inode = server.stored_inode("live/notes.txt");
+    std::fs::rename(agent.path("notes.txt"), agent.path("notes-renamed.txt")).unwrap();
+    assert!(
+        has(
+            "live/notes-renamed.txt",
+            Some(b"second version of the notes".to_vec())
+        )
+        .await,
+        "rename:\n{}",
+        agent.log_text()
+    );
+    assert!(has("live/notes.txt", None).await);
+    assert_eq!(
+        server.session_count(),
+        sessions,
+        "the rename uploaded the file again"
+    );
+    assert_eq!(server.stored_inode("live/notes-renamed.txt"), inode);
+
+    // A directory rename moves 500 files without sending their contents.
+    let inodes: Vec<u64> = (0..500)
+        .step_by(50)
+        .map(|i| server.stored_inode(&format!("live/album/{i:04}.jpg")))
+        .collect();
+    std::fs::rename(agent.path("album"), agent.path("album-2024")).unwrap();
+    assert!(
+        eventually(FOLLOW, || async {
+            let listing = remote_listing(&client, "live").await;
+            listing
+                .keys()
+                .filter(|k| k.starts_with("album-2024/"))
+                .count()
+                == 500
+                && !listing.keys().any(|k| k.starts_with("album/"))
+        })
+        .await,
+        "directory rename:\n{}",
+        agent.log_text()
+    );
+    assert_eq!(
+        server.session_count(),
+        sessions,
+        "the directory rename uploaded files"
+    );
+    let moved: Vec<u64> = (0..500)
+        .step_by(50)
+        .map(|i| server.stored_inode(&format!("live/album-2024/{i:04}.jpg")))
+        .collect();
+    assert_eq!(
+        moved, inodes,
+        "the stored objects were rewritten, not renamed"
+    );
+    assert_eq!(
+        remote_bytes(&client, "live/album-2024/0123.jpg")
+            .await
+            .unwrap(),
+        "photo 123".repeat(50).as_bytes()
+    );
+
+    // A copy then a delete (a new inode) is found by content: a rename too.
+    std::fs::copy(agent.path("notes-renamed.txt"), agent.path("copied.txt")).unwrap();
+    std::fs::remove_file(agent.path("notes-renamed.txt")).unwrap();
+    assert!(
+        has(
+            "live/copied.txt",
+            Some(b"second version of the notes".to_vec())
+        )
+        .await,
+        "copy and delete:\n{}",
+        agent.log_text()
+    );
+    assert!(has("live/notes-renamed.txt", None).await);
+    assert_eq!(
+        server.session_count(),
+        sessions,
+        "the copied file was uploaded"
+    );
+    assert_eq!(server.stored_inode("live/copied.txt"), inode);
+
+    agent.signal("TERM");
+    assert!(
+        agent.wait(Duration::from_secs(20)).success(),
+        "{}",
+        agent.log_text()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_file_written_slowly_is_committed_once_and_whole() {
+    let tmp = tempfile::tempdir().unwrap();
+    let server = Server::start(&tmp.path().join("store"));
+    let mut agent = Agent::new(&tmp.path().join("folder"), &server, "slow");
+    let client = server.client();
+
+    // Every commit under the prefix shows up on the change feed.
+    let mut feed = Watcher::start(&client, &RemotePath::parse("slow").unwrap());
+    client
+        .put_bytes(&RemotePath::parse("slow/probe").unwrap(), "p".into())
+        .await
+        .unwrap();
+    loop {
+        match tokio::time::timeout(Duration::from_secs(10), feed.next()).await {
+            Ok(Some(WatchEvent::Change(c))) if c.path.as_str() == "slow/probe" => break,
+            Ok(Some(_)) => {}
+            other => panic!("the change feed did not start: {other:?}"),
+        }
+    }
+
+    agent.start(&[]);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let mut expected = Vec::new();
+    let mut file = std::fs::File::create(agent.path("recording.wav")).unwrap();
+    for i in 0..20u8 {
+        let piece = vec![i; 64 << 10];
+        file.write_all(&piece).unwrap();
+        file.flush().unwrap();
+        expected.extend_from_slice(&piece);
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    drop(file);
+
+    assert!(
+        eventually(FOLLOW, || async {
+            remote_bytes(&client, "slow/recording.wav").await.as_deref() == Some(&expected[..])
+        })
+        .await,
+        "the finished file was not pushed:\n{}",
+        agent.log_text()
+    );
+    // Give a second commit the time to happen, if there were one.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let mut commits = 0;
+    while let Ok(Some(event)) = tokio::time::timeout(Duration::from_millis(200), feed.next()).await
+    {
+        if let WatchEvent::Change(c) = event {
+            if c.path.as_str() == "slow/recording.wav" {
+                commits += 1;
+                assert_eq!(
+                    c.size,
+                    Some(expected.len() as u64),
+                    "a partial version was committed"
+                );
+            }
+        }
+    }
+    assert_eq!(commits, 1, "{}", agent.log_text());
+}
+
+/// Regression: the agent's own directory reads (open events on the watched
+/// directories) used to trigger a pass, whose reads triggered the next one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_agent_does_not_react_to_its_own_scans() {
+    let tmp = tempfile::tempdir().unwrap();
+    let server = Server::start(&tmp.path().join("store"));
+    let mut agent = Agent::new(&tmp.path().join("folder"), &server, "idle");
+    for i in 0..20 {
+        let rel = format!("d{}/f{i}", i % 4);
+        write(&agent.dir, &rel, b"x");
+        age(&agent.path(&rel));
+    }
+    agent.start(&[]);
+    let client = server.client();
+    assert!(
+        eventually(Duration::from_secs(30), || async {
+            remote_listing(&client, "idle").await.len() == 20
+        })
+        .await
+    );
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let before = agent.log_text().matches("partial pass").count();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let log = agent.log_text();
+    assert_eq!(
+        log.matches("partial pass").count(),
+        before,
+        "passes while idle:\n{log}"
+    );
+    // It still reacts to real changes.
+    write(&agent.dir, "d1/new", b"new");
+    assert!(
+        eventually(FOLLOW, || async {
+            remote_bytes(&client, "idle/d1/new").await.as_deref() == Some(&b"new"[..])
+        })
+        .await
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_small_change_is_pushed_while_a_big_upload_runs() {
+    let tmp = tempfile::tempdir().unwrap();
+    let server = Server::start(&tmp.path().join("store"));
+    let mut agent = Agent::new(&tmp.path().join("folder"), &server, "busy");
+    write(&agent.dir, "video.mkv", &random_bytes(96 << 20));
+    age(&agent.path("video.mkv"));
+    // About 12 s for the video.
+    agent.start(&["--bwlimit", "8M"]);
+    let mut session = None;
+    assert!(
+        eventually(Duration::from_secs(30), || {
+            session = pending_session(&agent, "video.mkv");
+            std::future::ready(session.is_some())
+        })
+        .await,
+        "{}",
+        agent.log_text()
+    );
+    let client = server.client();
+    write(&agent.dir, "notes.txt", b"written during the upload");
+    assert!(
+        eventually(FOLLOW, || async {
+            remote_bytes(&client, "busy/notes.txt").await.as_deref()
+                == Some(&b"written during the upload"[..])
+        })
+        .await,
+        "{}",
+        agent.log_text()
+    );
+    let status = client.upload_status(&session.unwrap()).await.unwrap();
+    assert_eq!(
+        status.state,
+        ferry::protocol::upload::UploadState::Open,
+        "the small file waited for the big upload"
+    );
+}

@@ -1,0 +1,168 @@
+//! A killed agent resumes its uploads where they stood.
+
+mod harness;
+
+use std::io::Write;
+use std::time::Duration;
+
+use ferry::protocol::upload::UploadState;
+use harness::{
+    Agent, Server, age, diff, eventually, local_tree, pending_session, random_bytes, remote_tree,
+    write,
+};
+
+const BIG: usize = 500 << 20;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_halfway_then_restart_resumes_the_big_file_from_its_session() {
+    let tmp = tempfile::tempdir().unwrap();
+    let server = Server::start(&tmp.path().join("store"));
+    let mut agent = Agent::new(&tmp.path().join("folder"), &server, "resume");
+    for i in 0..1000 {
+        let rel = format!("small/{}/{i}.txt", i % 10);
+        write(&agent.dir, &rel, &random_bytes(1024 + i));
+        age(&agent.path(&rel));
+    }
+    let block = random_bytes(1 << 20);
+    let mut big = std::fs::File::create(agent.path("big.bin")).unwrap();
+    for i in 0..(BIG >> 20) {
+        big.write_all(&(i as u64).to_be_bytes()).unwrap();
+        big.write_all(&block[8..]).unwrap();
+    }
+    drop(big);
+    age(&agent.path("big.bin"));
+
+    // Slowed down, so that it can be caught halfway through both.
+    agent.start(&["--bwlimit", "40M", "--transfers", "1"]);
+    let client = server.client();
+    let mut session = None;
+    assert!(
+        eventually(Duration::from_secs(60), || {
+            session = pending_session(&agent, "big.bin");
+            std::future::ready(session.is_some())
+        })
+        .await,
+        "no session for big.bin was journaled:\n{}",
+        agent.log_text()
+    );
+    let session = session.unwrap();
+    let mut received = 0;
+    assert!(
+        eventually(Duration::from_secs(60), || {
+            let (client, session) = (client.clone(), session.clone());
+            async move { client.upload_status(&session).await.unwrap().bytes_received >= 64 << 20 }
+        })
+        .await
+    );
+    agent.signal("KILL");
+    agent.wait(Duration::from_secs(10));
+    let status = client.upload_status(&session).await.unwrap();
+    assert_eq!(status.state, UploadState::Open);
+    assert!(
+        status.bytes_received < BIG as u64,
+        "the upload finished before the kill"
+    );
+    received = received.max(status.bytes_received);
+    let remote_small = harness::remote_listing(&client, "resume/small").await.len();
+    assert!(
+        remote_small < 1000,
+        "all small files were done before the kill"
+    );
+
+    let log = agent.once_ok(&[]);
+    assert!(
+        log.contains(&format!(
+            "resuming an interrupted upload path=\"big.bin\" session=\"{session}\""
+        )),
+        "{log}"
+    );
+    let status = client.upload_status(&session).await.unwrap();
+    assert_eq!(
+        status.state,
+        UploadState::Committed,
+        "big.bin was sent in another session"
+    );
+    let resumed: u64 = log
+        .lines()
+        .find(|l| l.contains("uploaded path=\"big.bin\""))
+        .and_then(|l| l.split("resumed_bytes=").nth(1))
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no upload line for big.bin:\n{log}"));
+    assert!(
+        resumed >= received,
+        "resumed from {resumed}, but {received} bytes were on the server"
+    );
+
+    let local = local_tree(&agent.dir);
+    let remote = remote_tree(&client, "resume").await;
+    assert!(remote == local, "{}", diff(&local, &remote));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_stops_cleanly_mid_upload_and_the_next_run_resumes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let server = Server::start(&tmp.path().join("store"));
+    let mut agent = Agent::new(&tmp.path().join("folder"), &server, "term");
+    write(&agent.dir, "video.mp4", &random_bytes(64 << 20));
+    age(&agent.path("video.mp4"));
+    agent.start(&["--bwlimit", "8M"]);
+    let client = server.client();
+    let mut session = None;
+    assert!(
+        eventually(Duration::from_secs(30), || {
+            session = pending_session(&agent, "video.mp4");
+            std::future::ready(session.is_some())
+        })
+        .await,
+        "{}",
+        agent.log_text()
+    );
+    let session = session.unwrap();
+    assert!(
+        eventually(Duration::from_secs(30), || {
+            let (client, session) = (client.clone(), session.clone());
+            async move { client.upload_status(&session).await.unwrap().bytes_received >= 8 << 20 }
+        })
+        .await
+    );
+    let stopping = std::time::Instant::now();
+    agent.signal("TERM");
+    let exit = agent.wait(Duration::from_secs(20));
+    assert!(exit.success(), "{}", agent.log_text());
+    assert!(
+        stopping.elapsed() < Duration::from_secs(10),
+        "stopping took {:?}",
+        stopping.elapsed()
+    );
+    assert!(
+        agent
+            .log_text()
+            .contains("stopping: letting chunks in flight finish")
+    );
+    let status = client.upload_status(&session).await.unwrap();
+    assert_eq!(
+        status.state,
+        UploadState::Open,
+        "the upload was not interrupted"
+    );
+    assert!(
+        agent
+            .status()
+            .contains(&format!("video.mp4 (67108864 bytes, session {session})"))
+    );
+
+    let log = agent.once_ok(&[]);
+    assert!(log.contains("resuming an interrupted upload"), "{log}");
+    assert_eq!(
+        client.upload_status(&session).await.unwrap().state,
+        UploadState::Committed
+    );
+    assert_eq!(
+        harness::remote_bytes(&client, "term/video.mp4")
+            .await
+            .map(|d| harness::sha256(&d)),
+        local_tree(&agent.dir)
+            .get("video.mp4")
+            .map(|(_, sha)| sha.clone())
+    );
+}

@@ -1,0 +1,385 @@
+//! What keeps the agent from doing harm: the delete limit, ignore rules,
+//! conflict copies, dry runs; and `status`.
+
+mod harness;
+
+use std::collections::BTreeSet;
+
+use ferry::protocol::RemotePath;
+use harness::{Agent, Server, age, remote_bytes, remote_listing, write};
+
+fn names(listing: &std::collections::BTreeMap<String, (u64, String)>) -> BTreeSet<String> {
+    listing.keys().cloned().collect()
+}
+
+#[tokio::test]
+async fn max_delete_stops_a_mass_delete_until_allowed() {
+    let tmp = tempfile::tempdir().unwrap();
+    let server = Server::start(&tmp.path().join("store"));
+    let agent = Agent::new(&tmp.path().join("folder"), &server, "md");
+    for i in 0..10 {
+        write(&agent.dir, &format!("f{i}"), b"data");
+        age(&agent.path(&format!("f{i}")));
+    }
+    agent.once_ok(&[]);
+    let client = server.client();
+    assert_eq!(remote_listing(&client, "md").await.len(), 10);
+
+    // Deleting 2 of 10 is fine by default.
+    for i in 0..2 {
+        std::fs::remove_file(agent.path(&format!("f{i}"))).unwrap();
+    }
+    agent.once_ok(&[]);
+    assert_eq!(remote_listing(&client, "md").await.len(), 8);
+
+    // 7 of the remaining 8 is more than half: nothing is deleted.
+    for i in 2..9 {
+        std::fs::remove_file(agent.path(&format!("f{i}"))).unwrap();
+    }
+    let out = agent.once(&[]);
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{log}");
+    assert!(log.contains("refusing to delete 7 remote files"), "{log}");
+    assert!(log.contains("--max-delete 7"), "{log}");
+    assert_eq!(remote_listing(&client, "md").await.len(), 8);
+    let status = agent.status();
+    assert!(status.contains("held deletes:    7"), "{status}");
+
+    // An explicit limit below the count still refuses; one at the count allows.
+    assert_eq!(agent.once(&["--max-delete", "6"]).status.code(), Some(1));
+    assert_eq!(remote_listing(&client, "md").await.len(), 8);
+    agent.once_ok(&["--max-delete", "7"]);
+    assert_eq!(
+        names(&remote_listing(&client, "md").await),
+        BTreeSet::from(["f9".to_string()])
+    );
+    assert!(!agent.status().contains("held deletes"));
+}
+
+#[tokio::test]
+async fn ferryignore_and_editor_temporaries_are_not_synced() {
+    let tmp = tempfile::tempdir().unwrap();
+    let server = Server::start(&tmp.path().join("store"));
+    let agent = Agent::new(&tmp.path().join("folder"), &server, "ig");
+    let files = [
+        (".ferryignore", "*.log\nbuild/\n!keep.log\n"),
+        ("sub/.ferryignore", "secret*\n"),
+        ("a.log", "x"),
+        ("keep.log", "x"),
+        ("build/out.o", "x"),
+        ("src/build.rs", "x"),
+        ("src/main.rs", "x"),
+        ("sub/secret.txt", "x"),
+        ("sub/deeper/secret.key", "x"),
+        ("sub/ok.txt", "x"),
+        ("secret.txt", "x"),
+        (".notes.txt.swp", "x"),
+        ("draft.txt~", "x"),
+        (".#draft.txt", "x"),
+        ("4913", "x"),
+        (".goutputstream-QX81Z2", "x"),
+        ("save.tmp", "x"),
+    ];
+    for (rel, data) in files {
+        write(&agent.dir, rel, data.as_bytes());
+        age(&agent.path(rel));
+    }
+    agent.once_ok(&[]);
+    let synced = names(&remote_listing(&server.client(), "ig").await);
+    let expected: BTreeSet<String> = [
+        ".ferryignore",
+        "keep.log",
+        "secret.txt",
+        "src/build.rs",
+        "src/main.rs",
+        "sub/.ferryignore",
+        "sub/ok.txt",
+    ]
+    .map(String::from)
+    .into();
+    assert_eq!(synced, expected);
+    assert!(
+        agent.state_db().exists(),
+        "the journal lives in the folder by default"
+    );
+}
+
+#[tokio::test]
+async fn a_change_on_both_sides_keeps_both_versions() {
+    let tmp = tempfile::tempdir().unwrap();
+    let server = Server::start(&tmp.path().join("store"));
+    let agent = Agent::new(&tmp.path().join("folder"), &server, "cf");
+    write(&agent.dir, "doc.txt", b"version 1");
+    age(&agent.path("doc.txt"));
+    agent.once_ok(&[]);
+    let client = server.client();
+
+    // Someone else changes the remote copy; the local one changes too.
+    client
+        .put_bytes(
+            &RemotePath::parse("cf/doc.txt").unwrap(),
+            "their edit".into(),
+        )
+        .await
+        .unwrap();
+    write(&agent.dir, "doc.txt", b"my local edit");
+    age(&agent.path("doc.txt"));
+    // A new local file where an unknown remote file already is.
+    client
+        .put_bytes(
+            &RemotePath::parse("cf/other.txt").unwrap(),
+            "remote other".into(),
+        )
+        .await
+        .unwrap();
+    write(&agent.dir, "other.txt", b"local other, longer");
+    age(&agent.path("other.txt"));
+    agent.once_ok(&[]);
+
+    assert_eq!(
+        remote_bytes(&client, "cf/doc.txt").await.unwrap(),
+        b"their edit"
+    );
+    assert_eq!(
+        remote_bytes(&client, "cf/other.txt").await.unwrap(),
+        b"remote other"
+    );
+    let listing = remote_listing(&client, "cf").await;
+    for (name, mine) in [
+        ("doc.txt", &b"my local edit"[..]),
+        ("other.txt", b"local other, longer"),
+    ] {
+        let copies: Vec<&String> = listing
+            .keys()
+            .filter(|k| k.starts_with(&format!("{name}.conflict-")))
+            .collect();
+        assert_eq!(copies.len(), 1, "{listing:?}");
+        assert_eq!(
+            remote_bytes(&client, &format!("cf/{}", copies[0]))
+                .await
+                .unwrap(),
+            mine
+        );
+    }
+    let status = agent.status();
+    assert!(
+        status.contains("doc.txt: changed on the server"),
+        "{status}"
+    );
+
+    // Nothing more happens on the next pass: no new conflict copies.
+    agent.once_ok(&[]);
+    assert_eq!(remote_listing(&client, "cf").await.len(), 4);
+}
+
+#[tokio::test]
+async fn dry_run_prints_the_plan_and_changes_nothing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let server = Server::start(&tmp.path().join("store"));
+    let agent = Agent::new(&tmp.path().join("folder"), &server, "dry");
+    for rel in ["a.txt", "b.txt", "c.txt", "d/e.txt"] {
+        write(&agent.dir, rel, rel.as_bytes());
+        age(&agent.path(rel));
+    }
+    let out = agent.once(&["--dry-run"]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for rel in ["a.txt", "b.txt", "c.txt", "d/e.txt"] {
+        assert!(stdout.contains(&format!("upload {rel} ")), "{stdout}");
+    }
+    let client = server.client();
+    assert!(remote_listing(&client, "dry").await.is_empty());
+    assert!(
+        !agent.dir.join(".ferry-agent").exists(),
+        "a dry run created the state directory"
+    );
+
+    agent.once_ok(&[]);
+    let before = remote_listing(&client, "dry").await;
+    let status_before = agent.status();
+    std::fs::remove_file(agent.path("a.txt")).unwrap();
+    std::fs::rename(agent.path("b.txt"), agent.path("b2.txt")).unwrap();
+    write(&agent.dir, "c.txt", b"changed");
+    age(&agent.path("c.txt"));
+    let out = agent.once(&["--dry-run", "--max-delete", "1"]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("delete a.txt"), "{stdout}");
+    assert!(stdout.contains("rename b.txt -> b2.txt"), "{stdout}");
+    assert!(stdout.contains("upload c.txt "), "{stdout}");
+    assert_eq!(remote_listing(&client, "dry").await, before);
+    assert_eq!(agent.status(), status_before);
+}
+
+#[tokio::test]
+async fn status_reports_the_folder_and_bad_arguments_get_clear_errors() {
+    let tmp = tempfile::tempdir().unwrap();
+    let server = Server::start(&tmp.path().join("store"));
+    let agent = Agent::new(&tmp.path().join("folder"), &server, "st");
+    let status = agent.status();
+    assert!(status.contains("never synced"), "{status}");
+    write(&agent.dir, "x.bin", &[7u8; 1000]);
+    age(&agent.path("x.bin"));
+    agent.once_ok(&[]);
+    let status = agent.status();
+    for line in [
+        format!("remote:          {}/st", server.url),
+        "synced:          1 files, 1000 bytes".to_string(),
+        "agent:           not running".to_string(),
+        "pending uploads: 0".to_string(),
+        "errors:          none".to_string(),
+    ] {
+        assert!(status.contains(&line), "missing {line:?} in\n{status}");
+    }
+    assert!(status.contains("last full sync:  20"), "{status}");
+
+    let run = |args: &[&str]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_ferry-agent"))
+            .args(args)
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let missing = tmp.path().join("nope");
+    let (code, err) = run(&[
+        "once",
+        "--dir",
+        missing.to_str().unwrap(),
+        "--server",
+        &server.url,
+    ]);
+    assert_eq!(code, Some(2));
+    assert!(err.contains("cannot be used"), "{err}");
+    let (code, err) = run(&["once", "--dir", agent.dir.to_str().unwrap()]);
+    assert_eq!(code, Some(2));
+    assert!(err.contains("--server"), "{err}");
+    let (code, err) = run(&[
+        "once",
+        "--dir",
+        agent.dir.to_str().unwrap(),
+        "--server",
+        "ftp://x",
+    ]);
+    assert_eq!(code, Some(2));
+    assert!(err.contains("http://"), "{err}");
+    let (code, err) = run(&[
+        "once",
+        "--dir",
+        agent.dir.to_str().unwrap(),
+        "--server",
+        &server.url,
+        "--prefix",
+        "a/../b",
+    ]);
+    assert_eq!(code, Some(2));
+    assert!(err.contains("prefix"), "{err}");
+}
+
+#[tokio::test]
+async fn bwlimit_paces_the_uploads() {
+    let tmp = tempfile::tempdir().unwrap();
+    let server = Server::start(&tmp.path().join("store"));
+    let agent = Agent::new(&tmp.path().join("folder"), &server, "bw");
+    // 16 MiB in two files at 4 MiB/s: about 4 s (unlimited, well under 1 s).
+    for name in ["a.bin", "b.bin"] {
+        write(&agent.dir, name, &harness::random_bytes(8 << 20));
+        age(&agent.path(name));
+    }
+    let started = std::time::Instant::now();
+    agent.once_ok(&["--bwlimit", "4M"]);
+    let took = started.elapsed();
+    assert!(
+        took >= std::time::Duration::from_secs(3),
+        "16 MiB at 4 MiB/s took {took:?}"
+    );
+    assert_eq!(remote_listing(&server.client(), "bw").await.len(), 2);
+}
+
+#[tokio::test]
+async fn a_config_file_syncs_several_folders() {
+    let tmp = tempfile::tempdir().unwrap();
+    let server = Server::start(&tmp.path().join("store"));
+    for (dir, name) in [("docs", "letter.txt"), ("photos", "cat.jpg")] {
+        write(&tmp.path().join(dir), name, dir.as_bytes());
+        age(&tmp.path().join(dir).join(name));
+    }
+    let config = tmp.path().join("agent.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "server = \"{}\"\ntransfers = 2\n\n[[folder]]\ndir = \"docs\"\nprefix = \"laptop/docs\"\n\n\
+             [[folder]]\ndir = \"photos\"\nprefix = \"laptop/photos\"\nstate = \"{}\"\n",
+            server.url,
+            tmp.path().join("photos-state").display()
+        ),
+    )
+    .unwrap();
+    let run = |sub: &str| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_ferry-agent"))
+            .args([sub, "--config", config.to_str().unwrap()])
+            .output()
+            .unwrap()
+    };
+    let out = run("once");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let client = server.client();
+    assert_eq!(
+        remote_bytes(&client, "laptop/docs/letter.txt")
+            .await
+            .unwrap(),
+        b"docs"
+    );
+    assert_eq!(
+        remote_bytes(&client, "laptop/photos/cat.jpg")
+            .await
+            .unwrap(),
+        b"photos"
+    );
+    assert!(tmp.path().join("photos-state/state.db").exists());
+    assert!(!tmp.path().join("photos/.ferry-agent").exists());
+
+    let status = String::from_utf8(run("status").stdout).unwrap();
+    assert_eq!(
+        status.matches("synced:          1 files").count(),
+        2,
+        "{status}"
+    );
+    assert!(status.contains("laptop/photos"), "{status}");
+}
+
+#[tokio::test]
+async fn a_second_agent_on_the_same_folder_is_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let server = Server::start(&tmp.path().join("store"));
+    let mut agent = Agent::new(&tmp.path().join("folder"), &server, "two");
+    agent.start(&[]);
+    assert!(
+        harness::eventually(std::time::Duration::from_secs(10), || async {
+            agent.log_text().contains("full pass")
+        })
+        .await
+    );
+    let out = agent.once(&[]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("another ferry-agent is already syncing"),
+        "{err}"
+    );
+    assert!(agent.status().contains("agent:           running (pid"));
+}

@@ -8,7 +8,7 @@ mod token;
 mod transfer;
 mod watch;
 
-pub use remote::parse_bytes;
+pub use remote::{parse_bytes, read_token};
 
 use clap::{Parser, Subcommand};
 

@@ -15,6 +15,18 @@ fn provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
+/// Makes ring the process's default provider, for code that builds TLS
+/// settings on its own (the HTTP client does, even for `http://` servers).
+/// Needed once several providers are compiled in (the `cloud` feature brings
+/// another), when rustls cannot pick one by itself.
+pub fn install_default_provider() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        // Someone else installing one first is fine too.
+        let _ = rustls::crypto::ring::default_provider().install_default();
+    });
+}
+
 fn tls_error(what: String) -> impl FnOnce(rustls::Error) -> Error {
     move |e| Error::BadRequest(format!("{what}: {e}"))
 }

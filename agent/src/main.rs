@@ -106,6 +106,16 @@ struct SyncArgs {
     /// Print what would be done, change nothing (one pass, then exit).
     #[arg(long)]
     dry_run: bool,
+    /// A file holding the access token (else `FERRY_TOKEN`), for every folder.
+    #[arg(long)]
+    token_file: Option<PathBuf>,
+    /// PEM CA certificates to trust for an https:// server, besides the system's.
+    #[arg(long, env = "FERRY_CA_FILE")]
+    ca_file: Option<PathBuf>,
+    /// Serve the agent's counters (tracked files, pending uploads, bytes
+    /// sent) at http://ADDR/metrics.
+    #[arg(long)]
+    metrics_addr: Option<std::net::SocketAddr>,
 }
 
 fn main() -> ExitCode {
@@ -130,6 +140,34 @@ fn main() -> ExitCode {
             ExitCode::from(2)
         }
     }
+}
+
+/// What `--metrics-addr` exports, over every folder.
+fn metrics(folders: &[Arc<Folder>], clients: &[Client]) -> Vec<ferry::metrics_export::Sample> {
+    use ferry::metrics_export::Sample;
+    let (mut tracked, mut pending) = (0, 0);
+    for folder in folders {
+        tracked += folder.journal.count_records().map_or(0, |(n, _)| n);
+        pending += folder.journal.all_pending().map_or(0, |p| p.len() as u64);
+    }
+    let sent = clients.iter().map(Client::chunk_bytes_sent).sum();
+    vec![
+        Sample::gauge(
+            "ferry_agent_tracked_files",
+            "Files the journal knows are on the server",
+            tracked,
+        ),
+        Sample::gauge(
+            "ferry_agent_pending_uploads",
+            "Uploads with a session not yet committed",
+            pending,
+        ),
+        Sample::counter(
+            "ferry_agent_sent_bytes",
+            "Chunk bytes sent, retries included",
+            sent,
+        ),
+    ]
 }
 
 fn overrides(args: &FolderArgs) -> Overrides {
@@ -181,7 +219,9 @@ fn sync(args: &SyncArgs, once: bool) -> Result<bool> {
 
     let throttle = settings.bwlimit.map(|rate| Arc::new(Throttle::new(rate)));
     let pipeline = Pipeline::start(HASHERS, settings.transfers);
+    let token = ferry::cli::read_token(args.token_file.as_deref())?;
     let mut folders = Vec::new();
+    let mut clients = Vec::new();
     let mut locks = Vec::new();
     for spec in &settings.folders {
         let config = ClientConfig {
@@ -189,11 +229,14 @@ fn sync(args: &SyncArgs, once: bool) -> Result<bool> {
                 give_up_after: REQUEST_RETRY_FOR,
                 ..RetryPolicy::default()
             },
+            token: token.clone(),
+            ca_file: args.ca_file.clone(),
             ..ClientConfig::default()
         };
         let client = Client::with_config(&spec.server, config)
             .with_context(|| format!("server for {}", spec.dir.display()))?
             .with_cancel(hard_stop.clone());
+        clients.push(client.clone());
         let remote = Remote::new(client, spec.prefix.clone(), throttle.clone(), stop.clone());
         let journal = if args.dry_run {
             if spec.state.exists() {
@@ -224,6 +267,15 @@ fn sync(args: &SyncArgs, once: bool) -> Result<bool> {
             rt: rt.handle().clone(),
             stop: stop.clone(),
         }));
+    }
+    if let Some(addr) = args.metrics_addr {
+        let (folders, clients) = (folders.clone(), clients.clone());
+        let bound = rt
+            .block_on(ferry::metrics_export::serve(addr, move || {
+                metrics(&folders, &clients)
+            }))
+            .with_context(|| format!("serving metrics on {addr}"))?;
+        tracing::info!("metrics at http://{bound}/metrics");
     }
     let options = LoopOptions {
         once: once || args.dry_run,

@@ -88,6 +88,7 @@ impl Client {
         if let Some(value) = &authorization {
             headers.insert(reqwest::header::AUTHORIZATION, value.clone());
         }
+        crate::tls::install_default_provider();
         let tls = match url.scheme() {
             "https" => Some(Arc::new(crate::tls::client_config(
                 config.ca_file.as_deref(),

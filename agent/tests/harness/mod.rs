@@ -41,6 +41,11 @@ impl Server {
 
     /// A server on `listen` (e.g. the address of one that was stopped).
     pub fn start_at(store: &Path, listen: &str) -> Server {
+        Self::start_with(store, listen, &[])
+    }
+
+    /// A server on `listen` with more `ferry serve` arguments.
+    pub fn start_with(store: &Path, listen: &str, extra: &[&str]) -> Server {
         let mut child = Command::new(ferry_bin())
             .args([
                 "serve",
@@ -49,6 +54,7 @@ impl Server {
                 "--listen",
                 listen,
             ])
+            .args(extra)
             .env("FERRY_LOG", "warn")
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())

@@ -21,6 +21,9 @@ fi
 cargo nextest run --workspace --all-features --no-fail-fast
 # nextest does not run doctests.
 cargo test --workspace --all-features --doc
+# The unit tests once more as a default build (the quickstart's) is compiled:
+# features change which TLS providers exist.
+cargo nextest run -p ferry --lib
 
 # Each fuzz target briefly (FUZZ_SECONDS, default 30): parsers of what peers send.
 bash scripts/fuzz.sh

@@ -488,3 +488,18 @@ pub(crate) fn describe(e: &reqwest::Error) -> String {
     }
     text
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The HTTP client builds TLS settings even for `http://`; whatever TLS
+    /// providers the build compiled in, that must not panic. (scripts/test.sh
+    /// also runs the unit tests without `--all-features` for this.)
+    #[test]
+    fn clients_build_for_http_and_https() {
+        assert!(Client::new("http://127.0.0.1:1").is_ok());
+        assert!(Client::new("https://127.0.0.1:1").is_ok());
+        assert!(Client::new("ftp://127.0.0.1:1").is_err());
+    }
+}

@@ -73,7 +73,7 @@ command -v python3 >/dev/null || die "python3 is needed"
 
 if [ "${SKIP_BUILD:-0}" != 1 ]; then
   log "building release binaries"
-  (cd "$ROOT" && cargo build --release --bin ferry --bin ferry-agent)
+  (cd "$ROOT" && cargo build --release -p ferry --bin ferry -p ferry-agent --bin ferry-agent)
 fi
 [ -x "$FERRY" ] && [ -x "$AGENT" ] || die "missing $FERRY or $AGENT"
 

@@ -14,8 +14,8 @@ pub mod ws;
 
 pub use error::{ErrorBody, ErrorCode};
 pub use meta::{
-    EntryKind, FileMeta, ListEntry, ListPage, MkdirRequest, MoveRequest, RmdirRequest, SignRequest,
-    SignedUrl,
+    Access, EntryKind, FileMeta, ListEntry, ListPage, MkdirRequest, MoveRequest, RmdirRequest,
+    SignRequest, SignedUrl,
 };
 pub use path::{PathError, RemotePath};
 pub use range::{ByteRange, RangeRequest};

@@ -219,6 +219,15 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/uploads/{id}/chunks/{index}", put(uploads::put_chunk))
         .route("/v1/uploads/{id}/complete", post(uploads::complete))
         .route("/v1/sign", post(sign::sign))
+        .route(
+            "/v1/whoami",
+            get(|auth::Caller(grant): auth::Caller| async move {
+                grant
+                    .access()
+                    .map(axum::Json)
+                    .ok_or_else(|| Error::Forbidden("a signed URL only reads its file".into()))
+            }),
+        )
         .route("/v1/ws", get(ws::upgrade))
         .route("/v1/events", get(events::events))
         .route("/metrics", get(metrics::metrics))

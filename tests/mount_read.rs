@@ -204,6 +204,54 @@ fn the_mount_exports_its_counters() {
     );
 }
 
+#[test]
+fn a_mount_of_a_server_with_tokens_uses_the_token_file() {
+    if !fuse_available() {
+        return;
+    }
+    let (token, writer) = (
+        "ferry_mount_test_token_0001",
+        "ferry_mount_test_writer_0002",
+    );
+    let config = harness::token_entry("mount", token, r#"["read"]"#, "")
+        + &harness::token_entry("writer", writer, r#"["read", "write"]"#, "");
+    let server = Server::start_configured(&config, &[]);
+    let data = random_bytes(3 * MIB);
+    let stored = reqwest_free_put(&server, writer, "secret.bin", &data);
+    assert_eq!(stored, 201);
+    // Without a token the mount is refused before anything is mounted.
+    let dir = tempfile::tempdir().unwrap();
+    let denied = Command::new(env!("CARGO_BIN_EXE_ferry"))
+        .args(["mount", &server.url])
+        .arg(dir.path())
+        .args(["--foreground", "--retry-for", "1"])
+        .env_remove("FERRY_TOKEN")
+        .output()
+        .unwrap();
+    assert!(!denied.status.success());
+    let stderr = String::from_utf8_lossy(&denied.stderr);
+    assert!(stderr.contains("token"), "{stderr}");
+    assert!(!is_mounted(dir.path()));
+    let token_file = dir.path().join("token");
+    std::fs::write(&token_file, token).unwrap();
+    let mount = MountProc::start(&server, &["--token-file", token_file.to_str().unwrap()]);
+    assert!(std::fs::read(mount.at("secret.bin")).unwrap() == data);
+    // A read-only token makes a read-only mount: writes fail at once.
+    let err = std::fs::write(mount.at("new.txt"), b"x").unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(30), "EROFS: {err}");
+}
+
+/// `PUT /v1/files/{path}` with a bearer token over a raw connection.
+fn reqwest_free_put(server: &Server, token: &str, path: &str, data: &[u8]) -> u16 {
+    let mut request = format!(
+        "PUT /v1/files/{path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        data.len()
+    )
+    .into_bytes();
+    request.extend_from_slice(data);
+    server.raw(&request).status
+}
+
 /// Byte offsets of the top-level MP4 boxes named `name`.
 fn box_offset(data: &[u8], name: &[u8; 4]) -> Option<usize> {
     let mut at = 0;

@@ -11,7 +11,6 @@ use super::remote::{parse_bytes, read_token};
 use crate::client::Client;
 use crate::fs::Mount;
 use crate::fs::core::MountOptions;
-use crate::protocol::RemotePath;
 
 #[derive(Debug, Args)]
 pub struct MountArgs {
@@ -95,10 +94,23 @@ pub async fn mount(args: MountArgs) -> anyhow::Result<()> {
     config.token = read_token(args.token_file.as_deref())?;
     config.ca_file = args.ca_file.clone();
     let client = Client::with_config(&args.url, config)?;
-    client
-        .stat(&RemotePath::root())
+    let access = client
+        .whoami()
         .await
-        .with_context(|| format!("cannot reach the ferry server at {}", args.url))?;
+        .with_context(|| format!("cannot use the ferry server at {}", args.url))?;
+    if !access.prefix.is_root() || !access.read {
+        bail!(
+            "the token reaches only {:?} (read: {}); a mount needs to read the whole store",
+            access.prefix.as_str(),
+            access.read
+        );
+    }
+    // A read-only token makes a read-only mount: writes fail at once (EROFS)
+    // rather than after close, when the upload is refused.
+    let read_only = args.read_only || !access.write;
+    if read_only && !args.read_only {
+        eprintln!("ferry: the token cannot write; mounting read-only");
+    }
     if !args.foreground {
         return run_in_background(&mountpoint);
     }
@@ -109,7 +121,7 @@ pub async fn mount(args: MountArgs) -> anyhow::Result<()> {
             .clone()
             .map(|dir| (dir, args.disk_cache_size)),
         state_dir: Some(state),
-        read_only: args.read_only,
+        read_only,
         ..MountOptions::default()
     };
     let mount = Mount::start(client, &mountpoint, options)?;

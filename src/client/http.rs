@@ -207,6 +207,12 @@ impl Client {
         self.http.request(method, url)
     }
 
+    /// What this client's credentials allow on the server.
+    pub async fn whoami(&self) -> Result<crate::protocol::Access> {
+        let url = format!("{}/v1/whoami", self.base);
+        self.json(|| self.request(Method::GET, &url)).await
+    }
+
     pub async fn stat(&self, path: &RemotePath) -> Result<FileMeta> {
         let url = self.url("stat", path);
         self.json(|| self.request(Method::GET, &url)).await

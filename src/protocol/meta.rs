@@ -97,3 +97,15 @@ pub struct SignedUrl {
     pub url: String,
     pub expires_at: DateTime<Utc>,
 }
+
+/// `GET /v1/whoami`: what the caller's credentials allow.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Access {
+    /// The token's name; absent on a server without tokens.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token: Option<String>,
+    pub read: bool,
+    pub write: bool,
+    /// The only part of the store reachable (`""`: all of it).
+    pub prefix: RemotePath,
+}

@@ -114,6 +114,31 @@ impl Grant {
         }
     }
 
+    /// What `GET /v1/whoami` answers.
+    pub fn access(&self) -> Option<crate::protocol::Access> {
+        use crate::protocol::Access;
+        match self {
+            Grant::Anonymous => Some(Access {
+                token: None,
+                read: true,
+                write: true,
+                prefix: RemotePath::root(),
+            }),
+            Grant::Token {
+                name,
+                read,
+                write,
+                prefix,
+            } => Some(Access {
+                token: Some(name.clone()),
+                read: *read,
+                write: *write,
+                prefix: prefix.clone(),
+            }),
+            Grant::Signed { .. } => None,
+        }
+    }
+
     /// Names the owner recorded on upload sessions this caller creates.
     pub fn owner(&self) -> Option<&str> {
         match self {

@@ -13,6 +13,7 @@ mod invalidate;
 pub mod pending;
 pub mod readahead;
 mod staging;
+pub mod staging_space;
 
 use std::path::Path;
 use std::sync::Arc;

@@ -35,6 +35,13 @@ pub struct MountArgs {
     /// Budget of the disk block cache (K, M, G suffixes).
     #[arg(long, default_value = "4G", value_parser = parse_bytes)]
     disk_cache_size: u64,
+    /// Bound on the local space taken by staged writes: files open for
+    /// writing plus closed files whose upload is pending (K, M, G suffixes).
+    /// Past it, writes wait for uploads to drain, or fail with ENOSPC when
+    /// they cannot. Default: no bound but the free space of the cache
+    /// directory's disk (less 1 MiB kept for the upload journal).
+    #[arg(long, value_parser = parse_bytes)]
+    max_staging: Option<u64>,
     /// Refuse every change through the mount.
     #[arg(long)]
     read_only: bool,
@@ -97,6 +104,7 @@ pub async fn mount(args: MountArgs) -> anyhow::Result<()> {
             .clone()
             .map(|dir| (dir, args.disk_cache_size)),
         state_dir: Some(state),
+        max_staging: args.max_staging,
         read_only: args.read_only,
         ..MountOptions::default()
     };

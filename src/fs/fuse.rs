@@ -260,12 +260,15 @@ impl Filesystem for FerryFs {
         &self,
         _req: &Request,
         _ino: INodeNo,
-        _fh: FileHandle,
+        fh: FileHandle,
         _lock_owner: LockOwner,
         reply: ReplyEmpty,
     ) {
-        // Uploads happen at the last close; fsync waits for the commit.
-        reply.ok();
+        // What close(2) returns: the file's last close journals its upload.
+        let core = self.core.clone();
+        self.spawn(async move { core.flush(fh.0).await }, move |r| {
+            empty(reply, r)
+        });
     }
 
     fn fsync(

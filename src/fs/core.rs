@@ -37,6 +37,17 @@ pub mod errno {
     pub const ENAMETOOLONG: i32 = 36;
     pub const ENOTSUP: i32 = 95;
     pub const ESTALE: i32 = 116;
+    pub const EDQUOT: i32 = 122;
+
+    /// The errno of a local I/O error; a quota met on the cache directory's
+    /// disk is a full disk to the writer.
+    pub fn of_io(e: &std::io::Error) -> i32 {
+        match e.raw_os_error() {
+            Some(EDQUOT) => ENOSPC,
+            Some(code) => code,
+            None => EIO,
+        }
+    }
 }
 
 /// Block fetches in flight at once, prefetch included.

@@ -59,17 +59,13 @@ pub struct StagedState {
     pub unlinked: bool,
 }
 
-fn io_errno(e: std::io::Error) -> i32 {
-    e.raw_os_error().unwrap_or(errno::EIO)
-}
-
 async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> std::io::Result<T> + Send + 'static,
 ) -> FsResult<T> {
     tokio::task::spawn_blocking(f)
         .await
         .map_err(|_| errno::EIO)?
-        .map_err(io_errno)
+        .map_err(|e| errno::of_io(&e))
 }
 
 impl Staged {
@@ -88,13 +84,13 @@ impl Staged {
             .read(true)
             .write(true)
             .open(&local)
-            .map_err(io_errno)?;
+            .map_err(|e| errno::of_io(&e))?;
         let size = if truncate {
             0
         } else {
             base.as_ref().map_or(0, |b| b.size)
         };
-        file.set_len(size).map_err(io_errno)?;
+        file.set_len(size).map_err(|e| errno::of_io(&e))?;
         Ok(Staged {
             local,
             file: Arc::new(file),

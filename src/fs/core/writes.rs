@@ -235,12 +235,12 @@ impl MountCore {
         tokio::task::spawn_blocking(move || std::fs::hard_link(local, link))
             .await
             .map_err(|_| errno::EIO)?
-            .map_err(|e| e.raw_os_error().unwrap_or(errno::EIO))?;
+            .map_err(|e| errno::of_io(&e))?;
         let base = staged.base.as_ref().and_then(|b| b.etag.clone());
         // The open file keeps the space charged.
         queue
             .enqueue(path.clone(), upload, base, Charge::none())
-            .map_err(|e| e.raw_os_error().unwrap_or(errno::EIO))?;
+            .map_err(|e| errno::of_io(&e))?;
         staged.state.lock().unwrap().dirty = false;
         queue.wait(&path).await;
         Ok(())
@@ -273,7 +273,7 @@ impl MountCore {
         let base = staged.base.as_ref().and_then(|b| b.etag.clone());
         let entry = queue
             .journal(&staged.path(), staged.local.clone(), base)
-            .map_err(|e| e.raw_os_error().unwrap_or(errno::EIO))?;
+            .map_err(|e| errno::of_io(&e))?;
         staged.state.lock().unwrap().journaled = true;
         Ok(entry)
     }

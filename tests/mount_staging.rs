@@ -221,27 +221,37 @@ async fn a_full_disk_fails_the_write_with_enospc_and_keeps_what_landed() {
     assert_eq!(std::fs::read(mount.at("big.bin")).unwrap().len(), landed);
 }
 
-/// Opens `path` for writing (no truncation), overwrites its first byte and
-/// closes it; the errno of the write and of the close (0 when they worked).
-fn overwrite_first_byte(path: &Path) -> (i32, i32) {
+/// Opens `path` for reading and writing (no truncation), overwrites its
+/// first byte, reads the whole file back and closes it. Returns the errno of
+/// the write and of the close (0 when they worked), and whether the read saw
+/// `original` with that byte changed.
+fn overwrite_first_byte(path: &Path, original: &Path) -> (i32, bool, i32) {
     let script = r#"
 import os, sys
-fd = os.open(sys.argv[1], os.O_WRONLY)
+fd = os.open(sys.argv[1], os.O_RDWR)
 try:
     os.pwrite(fd, b"X", 0)
     w = 0
 except OSError as e:
     w = e.errno
+want = b"X" + open(sys.argv[2], "rb").read()[1:]
+got = b""
+while True:
+    chunk = os.pread(fd, 1 << 20, len(got))
+    if not chunk:
+        break
+    got += chunk
 try:
     os.close(fd)
     c = 0
 except OSError as e:
     c = e.errno
-print(w, c)
+print(w, int(got == want), c)
 "#;
     let out = Command::new("python3")
         .args(["-c", script])
         .arg(path)
+        .arg(original)
         .output()
         .expect("python3 runs");
     assert!(
@@ -250,8 +260,11 @@ print(w, c)
         String::from_utf8_lossy(&out.stderr)
     );
     let text = String::from_utf8_lossy(&out.stdout);
-    let mut codes = text.split_whitespace().map(|c| c.parse().unwrap());
-    (codes.next().unwrap(), codes.next().unwrap())
+    let codes: Vec<i32> = text
+        .split_whitespace()
+        .map(|c| c.parse().unwrap())
+        .collect();
+    (codes[0], codes[1] == 1, codes[2])
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -265,9 +278,15 @@ async fn a_close_that_cannot_fetch_the_rest_onto_a_full_disk_fails_and_keeps_the
     store_file(&server, "video.bin", &original);
     let mount = mount_with_cache_dir(&server, &disk.path);
     let target: PathBuf = mount.at("video.bin");
-    // The write needs one block; the close needs all six staged on a 4 MiB disk.
-    let (write, close) = overwrite_first_byte(&target);
+    // The write needs one block; the close needs all six staged on a 4 MiB
+    // disk. Reading the file meanwhile takes no staging space.
+    let stored = server.store_dir.as_ref().unwrap().join("video.bin");
+    let (write, read_back, close) = overwrite_first_byte(&target, &stored);
     assert_eq!(write, 0, "one block fits");
+    assert!(
+        read_back,
+        "the open file reads as the original with the write"
+    );
     assert_eq!(
         close, ENOSPC,
         "close reports that the file could not be completed"

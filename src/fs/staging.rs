@@ -1,6 +1,6 @@
 //! A file opened for writing is staged in a sparse local file. Blocks of the
-//! remote version are copied in only when a partial write or a read needs them
-//! (and, at upload time, those still missing), never the whole file up front.
+//! remote version are copied in only when a partial write needs them (and,
+//! at upload time, those still missing), never the whole file up front.
 //! Every byte that gains content is charged to the [`StagingSpace`] first.
 
 mod extents;
@@ -219,22 +219,45 @@ impl Staged {
         Ok(())
     }
 
+    /// Bytes the staging file lacks come from the remote version (through
+    /// the block cache) without being copied in: reading takes no staging
+    /// space.
     pub async fn read(&self, remote: &dyn RemoteBlocks, offset: u64, len: u32) -> FsResult<Bytes> {
         let size = self.size();
         if offset >= size || len == 0 {
             return Ok(Bytes::new());
         }
         let end = (offset + len as u64).min(size);
-        for block in offset / BLOCK_SIZE..=(end - 1) / BLOCK_SIZE {
-            self.fill(remote, block).await?;
-        }
+        // Decided before the staging file is read: a block filled meanwhile
+        // reads as its remote version, as if this read had come first.
+        let missing: Vec<(u64, u64, u64)> = (offset / BLOCK_SIZE..=(end - 1) / BLOCK_SIZE)
+            .filter_map(|block| self.unfilled(block).map(|(from, to)| (block, from, to)))
+            .collect();
         let file = self.file.clone();
-        blocking(move || {
+        let mut buf = blocking(move || {
             let mut buf = vec![0u8; (end - offset) as usize];
             file.read_exact_at(&mut buf, offset)?;
-            Ok(Bytes::from(buf))
+            Ok(buf)
         })
-        .await
+        .await?;
+        for (block, start, stop) in missing {
+            let base = self
+                .base
+                .as_ref()
+                .expect("only a file with a base has remote blocks");
+            let data = remote.fetch(base, block).await.map_err(|e| e.errno)?;
+            let (from, to) = (start.max(offset), stop.min(end));
+            if from >= to {
+                continue;
+            }
+            let Some(remote_bytes) = data.get((from - start) as usize..(to - start) as usize)
+            else {
+                // The server sent less than the size promised.
+                return Err(errno::EIO);
+            };
+            buf[(from - offset) as usize..(to - offset) as usize].copy_from_slice(remote_bytes);
+        }
+        Ok(Bytes::from(buf))
     }
 
     /// Fills every block still missing and makes the file durable locally:

@@ -96,6 +96,22 @@ async fn writers_wait_at_max_staging_until_uploads_drain() {
     }
 }
 
+#[test]
+fn a_max_staging_below_one_write_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_ferry"))
+        .args(["mount", "http://127.0.0.1:9", "--max-staging", "512K"])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("--max-staging must be at least 1M"),
+        "{stderr}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_file_larger_than_max_staging_gets_enospc_at_once() {
     if !fuse_available() {

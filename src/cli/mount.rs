@@ -9,8 +9,8 @@ use clap::Args;
 
 use super::remote::parse_bytes;
 use crate::client::Client;
-use crate::fs::Mount;
 use crate::fs::core::MountOptions;
+use crate::fs::{MAX_WRITE, Mount};
 use crate::protocol::RemotePath;
 
 #[derive(Debug, Args)]
@@ -62,6 +62,11 @@ pub async fn mount(args: MountArgs) -> anyhow::Result<()> {
     };
     if args.status {
         return print_status(&state);
+    }
+    if let Some(bound) = args.max_staging
+        && bound < u64::from(MAX_WRITE)
+    {
+        bail!("--max-staging must be at least 1M: a single write can carry 1 MiB");
     }
     let requested = args
         .mountpoint

@@ -34,7 +34,8 @@ pub struct Staged {
     /// The remote version the file started from; `None` for a new file.
     pub base: Option<FileMeta>,
     pub state: Mutex<StagedState>,
-    /// Held shared by writes, exclusively by an upload of the current content.
+    /// Held shared by writes; exclusively while the current content is
+    /// completed and journaled (a close) or uploaded (fsync).
     pub gate: tokio::sync::RwLock<()>,
     space: Arc<StagingSpace>,
     /// The staging space this file's content takes, until it is discarded

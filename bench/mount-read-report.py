@@ -10,7 +10,9 @@ RAW.tsv lines: round, client, metric, value (tab separated).
 import os
 import statistics
 import sys
-import tempfile
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from results_md import splice as splice_section  # noqa: E402
 
 HEADER = "## mount-read (ferry mount vs rclone mount, httpdirfs, local disk)"
 
@@ -313,27 +315,7 @@ def report(raw_path, meta_path, problems_path, notes_path):
 
 
 def splice(results_path, section_path):
-    section = open(section_path).read().rstrip("\n") + "\n"
-    # Re-read right before writing: others edit other sections of this file.
-    text = open(results_path).read() if os.path.exists(results_path) else "# Benchmark results\n"
-    lines = text.splitlines(keepends=True)
-    start = next((i for i, l in enumerate(lines) if l.rstrip("\n") == HEADER), None)
-    if start is None:
-        body = text.rstrip("\n") + "\n\n" + section
-    else:
-        end = next((j for j in range(start + 1, len(lines)) if lines[j].startswith("## ")), len(lines))
-        # A "### Notes" subsection written by hand is kept across runs.
-        notes_at = next((j for j in range(start + 1, end) if lines[j].startswith("### Notes")), None)
-        if notes_at is not None:
-            section += "\n" + "".join(lines[notes_at:end]).rstrip("\n") + "\n"
-        after = "".join(lines[end:])
-        body = "".join(lines[:start]) + section + ("\n" + after if after else "")
-    d = os.path.dirname(os.path.abspath(results_path))
-    fd, tmp = tempfile.mkstemp(dir=d, prefix=".mount-read-", suffix=".md")
-    with os.fdopen(fd, "w") as f:
-        f.write(body)
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, results_path)
+    splice_section(results_path, open(section_path).read(), HEADER)
 
 
 if __name__ == "__main__":

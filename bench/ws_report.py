@@ -13,6 +13,9 @@ import os
 import statistics
 import sys
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from results_md import splice as splice_section  # noqa: E402
+
 HEADING = "## ws (WebSocket vs HTTP chunks, change-feed latency)"
 STORES = ("disk", "tmpfs")
 LABELS = {"disk": "disk", "tmpfs": "tmpfs"}
@@ -42,23 +45,7 @@ def runs_list(values, nd=0):
 
 
 def splice(results_md, section_md):
-    section = open(section_md).read().rstrip("\n") + "\n"
-    try:
-        lines = open(results_md).read().splitlines(keepends=True)
-    except FileNotFoundError:
-        lines = ["# Benchmark results\n"]
-    start = next((i for i, l in enumerate(lines) if l.rstrip("\n") == HEADING), None)
-    if start is None:
-        text = "".join(lines).rstrip("\n") + "\n\n" + section
-    else:
-        end = next((j for j in range(start + 1, len(lines)) if lines[j].startswith("## ")),
-                   len(lines))
-        after = "".join(lines[end:])
-        text = "".join(lines[:start]) + section + ("\n" + after if after else "")
-    tmp = results_md + ".ws-tmp"
-    with open(tmp, "w") as out:
-        out.write(text)
-    os.replace(tmp, results_md)
+    splice_section(results_md, open(section_md).read(), HEADING)
 
 
 def report(results_path, problems_path):

@@ -13,6 +13,7 @@ mod invalidate;
 pub mod pending;
 pub mod readahead;
 mod staging;
+pub mod staging_space;
 
 use std::path::Path;
 use std::sync::Arc;
@@ -20,6 +21,7 @@ use std::sync::Arc;
 use fuser::{Config, MountOption};
 
 use self::core::{MountCore, MountOptions};
+pub use self::fuse::MAX_WRITE;
 use crate::client::Client;
 use crate::client::watch::Watcher;
 use crate::error::{Error, Result};

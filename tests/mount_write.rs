@@ -14,18 +14,6 @@ use harness::{Server, eventually, random_bytes};
 
 const MIB: usize = 1 << 20;
 
-/// Waits until the server holds exactly `expected` at `path`.
-async fn server_has(server: &Server, path: &str, expected: &[u8]) -> bool {
-    for _ in 0..300 {
-        let (status, body) = server.get_bytes(path).await;
-        if status == 200 && body == expected {
-            return true;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    false
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cp_of_a_1_gib_file_is_committed_by_fsync() {
     if !fuse_available() {
@@ -122,7 +110,7 @@ async fn random_writes_truncates_and_reads_match_a_model() {
     file.sync_all().unwrap();
     drop(file);
     assert!(
-        server_has(&server, "fsx.bin", &model).await,
+        server.eventually_has("fsx.bin", &model).await,
         "the committed file differs from the model"
     );
 }
@@ -160,12 +148,9 @@ async fn an_editor_save_replaces_the_file_atomically() {
         b"new contents, saved by an editor"
     );
     assert!(
-        server_has(
-            &server,
-            "notes/todo.txt",
-            b"new contents, saved by an editor"
-        )
-        .await
+        server
+            .eventually_has("notes/todo.txt", b"new contents, saved by an editor")
+            .await
     );
     assert_eq!(server.get_bytes("notes/.todo.txt.swp").await.0, 404);
 }
@@ -215,7 +200,7 @@ async fn tar_extracts_a_thousand_files() {
     for i in (0..1000).step_by(37) {
         let rel = format!("tree/d{:02}/f{i:04}.txt", i % 20);
         let want = format!("file {i}\n").repeat(i % 7 + 1);
-        assert!(server_has(&server, &rel, want.as_bytes()).await, "{rel}");
+        assert!(server.eventually_has(&rel, want.as_bytes()).await, "{rel}");
     }
     let mut files = 0;
     for _ in 0..300 {
@@ -360,7 +345,7 @@ async fn ffmpeg_writes_an_mp4_that_ffprobe_reads_back() {
         .unwrap();
     assert!((duration - 20.0).abs() < 1.0, "{duration}");
     let local = std::fs::read(&target).unwrap();
-    assert!(server_has(&server, "made.mp4", &local).await);
+    assert!(server.eventually_has("made.mp4", &local).await);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -438,7 +423,9 @@ async fn files_closed_before_a_sigkill_are_committed_by_the_next_mount() {
         MountProc::start_with_state(&url, tempfile::tempdir().unwrap(), state.clone(), &[]);
     for (i, data) in contents.iter().enumerate() {
         assert!(
-            server_has(&server, &format!("pending{i}.bin"), data).await,
+            server
+                .eventually_has(&format!("pending{i}.bin"), data)
+                .await,
             "pending{i}.bin"
         );
     }

@@ -9,8 +9,8 @@ use clap::Args;
 
 use super::remote::{parse_bytes, read_token};
 use crate::client::Client;
-use crate::fs::Mount;
 use crate::fs::core::MountOptions;
+use crate::fs::{MAX_WRITE, Mount};
 
 #[derive(Debug, Args)]
 pub struct MountArgs {
@@ -34,6 +34,13 @@ pub struct MountArgs {
     /// Budget of the disk block cache (K, M, G suffixes).
     #[arg(long, default_value = "4G", value_parser = parse_bytes)]
     disk_cache_size: u64,
+    /// Bound on the local space taken by staged writes: files open for
+    /// writing plus closed files whose upload is pending (K, M, G suffixes).
+    /// Past it, writes wait for uploads to drain, or fail with ENOSPC when
+    /// they cannot. Default: no bound but the free space of the cache
+    /// directory's disk (less 1 MiB kept for the upload journal).
+    #[arg(long, value_parser = parse_bytes)]
+    max_staging: Option<u64>,
     /// Refuse every change through the mount.
     #[arg(long)]
     read_only: bool,
@@ -64,6 +71,11 @@ pub async fn mount(args: MountArgs) -> anyhow::Result<()> {
     };
     if args.status {
         return print_status(&state);
+    }
+    if let Some(bound) = args.max_staging
+        && bound < u64::from(MAX_WRITE)
+    {
+        bail!("--max-staging must be at least 1M: a single write can carry 1 MiB");
     }
     let requested = args
         .mountpoint
@@ -121,6 +133,7 @@ pub async fn mount(args: MountArgs) -> anyhow::Result<()> {
             .clone()
             .map(|dir| (dir, args.disk_cache_size)),
         state_dir: Some(state),
+        max_staging: args.max_staging,
         read_only,
         ..MountOptions::default()
     };

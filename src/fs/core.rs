@@ -32,10 +32,22 @@ pub mod errno {
     pub const EIO: i32 = 5;
     pub const EBADF: i32 = 9;
     pub const EINVAL: i32 = 22;
+    pub const ENOSPC: i32 = 28;
     pub const EROFS: i32 = 30;
     pub const ENAMETOOLONG: i32 = 36;
     pub const ENOTSUP: i32 = 95;
     pub const ESTALE: i32 = 116;
+    pub const EDQUOT: i32 = 122;
+
+    /// The errno of a local I/O error; a quota met on the cache directory's
+    /// disk is a full disk to the writer.
+    pub fn of_io(e: &std::io::Error) -> i32 {
+        match e.raw_os_error() {
+            Some(EDQUOT) => ENOSPC,
+            Some(code) => code,
+            None => EIO,
+        }
+    }
 }
 
 /// Block fetches in flight at once, prefetch included.
@@ -49,6 +61,9 @@ pub struct MountOptions {
     /// Where files being written are staged and pending uploads journaled;
     /// without it file contents cannot be written.
     pub state_dir: Option<std::path::PathBuf>,
+    /// Bound on staged bytes (files open for writing and pending uploads);
+    /// `None` leaves the free space of the state directory's disk as the bound.
+    pub max_staging: Option<u64>,
     pub read_only: bool,
     /// How long attributes and names are trusted without asking the server.
     pub attr_ttl: Duration,
@@ -60,6 +75,7 @@ impl Default for MountOptions {
             cache_bytes: 256 << 20,
             disk_cache: None,
             state_dir: None,
+            max_staging: None,
             read_only: false,
             attr_ttl: Duration::from_secs(1),
         }

@@ -108,12 +108,16 @@ fn err(code: i32) -> Errno {
 /// Kernel readahead asked for: large sequential reads mean fewer requests.
 const KERNEL_READAHEAD: u32 = 1 << 20;
 
+/// The largest write asked of the kernel: large sequential writes mean
+/// fewer requests.
+pub const MAX_WRITE: u32 = 1 << 20;
+
 impl Filesystem for FerryFs {
     fn init(&mut self, _req: &Request, config: &mut fuser::KernelConfig) -> std::io::Result<()> {
         if let Err(nearest) = config.set_max_readahead(KERNEL_READAHEAD) {
             let _ = config.set_max_readahead(nearest);
         }
-        if let Err(nearest) = config.set_max_write(KERNEL_READAHEAD) {
+        if let Err(nearest) = config.set_max_write(MAX_WRITE) {
             let _ = config.set_max_write(nearest);
         }
         Ok(())
@@ -260,12 +264,15 @@ impl Filesystem for FerryFs {
         &self,
         _req: &Request,
         _ino: INodeNo,
-        _fh: FileHandle,
+        fh: FileHandle,
         _lock_owner: LockOwner,
         reply: ReplyEmpty,
     ) {
-        // Uploads happen at the last close; fsync waits for the commit.
-        reply.ok();
+        // What close(2) returns: the file's last close journals its upload.
+        let core = self.core.clone();
+        self.spawn(async move { core.flush(fh.0).await }, move |r| {
+            empty(reply, r)
+        });
     }
 
     fn fsync(

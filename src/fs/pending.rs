@@ -13,6 +13,7 @@ use futures::FutureExt;
 use futures::future::{BoxFuture, Shared};
 use serde::{Deserialize, Serialize};
 
+use super::staging_space::{Charge, StagingSpace};
 use crate::client::Client;
 use crate::client::upload::{Transport, UploadOptions, upload_file};
 use crate::error::Error;
@@ -29,6 +30,19 @@ pub struct JournalEntry {
     pub queued_at: DateTime<Utc>,
 }
 
+impl JournalEntry {
+    /// A new upload of `local` to `path`.
+    pub fn new(path: RemotePath, local: PathBuf, base_etag: Option<String>) -> JournalEntry {
+        JournalEntry {
+            path,
+            local,
+            base_etag,
+            session_id: None,
+            queued_at: Utc::now(),
+        }
+    }
+}
+
 type Done = Shared<BoxFuture<'static, ()>>;
 
 pub struct UploadQueue {
@@ -36,15 +50,20 @@ pub struct UploadQueue {
     journal: PathBuf,
     staging: PathBuf,
     running: Mutex<HashMap<RemotePath, Done>>,
+    /// Told how uploads go, so that writers waiting for room know whether
+    /// to keep waiting.
+    space: Arc<StagingSpace>,
     /// Called with each path once its upload is committed (or given up).
     on_settled: Box<dyn Fn(&RemotePath) + Send + Sync>,
 }
 
 impl UploadQueue {
     /// Opens (creating) `state/journal` and `state/staging`.
+    /// Staged bytes are bounded by `max_staging` (and the disk).
     pub fn open(
         client: Client,
         state: &Path,
+        max_staging: Option<u64>,
         on_settled: Box<dyn Fn(&RemotePath) + Send + Sync>,
     ) -> std::io::Result<Arc<UploadQueue>> {
         let (journal, staging) = (state.join("journal"), state.join("staging"));
@@ -53,10 +72,16 @@ impl UploadQueue {
         Ok(Arc::new(UploadQueue {
             client,
             journal,
+            space: StagingSpace::new(staging.clone(), max_staging),
             staging,
             running: Mutex::default(),
             on_settled,
         }))
+    }
+
+    /// The space staged files take, bounded.
+    pub fn space(&self) -> &Arc<StagingSpace> {
+        &self.space
     }
 
     /// A fresh staging file path.
@@ -81,14 +106,39 @@ impl UploadQueue {
         }
     }
 
-    /// Journals the upload of `local` to `path`, then starts it.
+    /// Journals the upload of `local` to `path`, then starts it. `charge`
+    /// (the space `local` takes) is released once the upload is over.
     pub fn enqueue(
         self: &Arc<Self>,
         path: RemotePath,
         local: PathBuf,
         base_etag: Option<String>,
+        charge: Charge,
     ) -> std::io::Result<()> {
-        self.reserve(&path).enqueue(local, base_etag)
+        self.reserve(&path).enqueue(local, base_etag, charge)
+    }
+
+    /// Journals the upload of `local` to `path` without starting it: from
+    /// now on a crash leaves it for the next mount to commit.
+    pub fn journal(
+        &self,
+        path: &RemotePath,
+        local: PathBuf,
+        base_etag: Option<String>,
+    ) -> std::io::Result<JournalEntry> {
+        let entry = JournalEntry::new(path.clone(), local, base_etag);
+        write_record(&self.record_of(&entry.local), &entry)?;
+        Ok(entry)
+    }
+
+    /// Drops the record [`UploadQueue::journal`] wrote for `local`, whose
+    /// content is no longer to be uploaded.
+    pub fn unjournal(&self, local: &Path) {
+        let _ = std::fs::remove_file(self.record_of(local));
+    }
+
+    fn record_of(&self, local: &Path) -> PathBuf {
+        self.journal.join(format!("{}.json", file_name(local)))
     }
 
     /// Restarts every journaled upload (after a crash). Returns how many.
@@ -116,7 +166,8 @@ impl UploadQueue {
             {
                 Some(entry) if entry.local.exists() => {
                     tracing::info!(path = %entry.path, "resuming an upload left by an earlier mount");
-                    self.start(path, entry);
+                    let charge = self.space.draining(allocated(&entry.local));
+                    self.reserve(&entry.path).start(path, entry, charge);
                     count += 1;
                 }
                 _ => {
@@ -145,11 +196,6 @@ impl UploadQueue {
         self.running.lock().unwrap().contains_key(path)
     }
 
-    fn start(self: &Arc<Self>, record: PathBuf, entry: JournalEntry) {
-        let reservation = self.reserve(&entry.path);
-        reservation.start(record, entry);
-    }
-
     async fn run(self: &Arc<Self>, record: &Path, mut entry: JournalEntry) {
         let mut attempt = 0u32;
         let mut target = entry.path.clone();
@@ -165,15 +211,20 @@ impl UploadQueue {
                     }
                 })
             };
+            let space = self.space.clone();
             let options = UploadOptions {
                 if_match: entry.base_etag.clone().filter(|_| target == entry.path),
                 resume_id: entry.session_id.take(),
                 on_session: Some(session),
+                progress: Some(Arc::new(move |_| space.upload_progressed())),
                 transport: Transport::Http,
                 ..Default::default()
             };
             match upload_file(&self.client, &entry.local, &target, options).await {
-                Ok(_) => break,
+                Ok(_) => {
+                    self.space.upload_progressed();
+                    break;
+                }
                 Err(e) if is_conflict(&e) && target == entry.path => {
                     target = conflict_path(&entry.path);
                     tracing::warn!(path = %entry.path, kept_as = %target, error = %e,
@@ -184,6 +235,7 @@ impl UploadQueue {
                     break;
                 }
                 Err(e) => {
+                    self.space.upload_failed();
                     attempt += 1;
                     let delay = self
                         .client
@@ -220,29 +272,32 @@ pub struct Reservation {
 }
 
 impl Reservation {
-    /// Journals the upload of `local`, then starts it.
-    pub fn enqueue(self, local: PathBuf, base_etag: Option<String>) -> std::io::Result<()> {
-        let entry = JournalEntry {
-            path: self.path.clone(),
-            local,
-            base_etag,
-            session_id: None,
-            queued_at: Utc::now(),
-        };
-        let record = self
-            .queue
-            .journal
-            .join(format!("{}.json", file_name(&entry.local)));
-        write_record(&record, &entry)?;
-        self.start(record, entry);
+    /// Journals the upload of `local`, then starts it; `charge` is released
+    /// once the upload is over.
+    pub fn enqueue(
+        self,
+        local: PathBuf,
+        base_etag: Option<String>,
+        charge: Charge,
+    ) -> std::io::Result<()> {
+        let entry = self.queue.journal(&self.path, local, base_etag)?;
+        self.start_journaled(entry, charge);
         Ok(())
     }
 
-    fn start(mut self, record: PathBuf, entry: JournalEntry) {
+    /// Starts an upload [`UploadQueue::journal`] recorded.
+    pub fn start_journaled(self, entry: JournalEntry, charge: Charge) {
+        let record = self.queue.record_of(&entry.local);
+        self.start(record, entry, charge);
+    }
+
+    fn start(mut self, record: PathBuf, entry: JournalEntry, charge: Charge) {
         let settled = self.settled.take();
         let (queue, path) = (self.queue.clone(), self.path.clone());
         tokio::spawn(async move {
             queue.run(&record, entry).await;
+            // The staged file is gone: its space is free.
+            drop(charge);
             queue.running.lock().unwrap().remove(&path);
             if let Some(tx) = settled {
                 let _ = tx.send(());
@@ -274,6 +329,14 @@ pub fn conflict_path(path: &RemotePath) -> RemotePath {
     let name = format!("{}.conflict-{stamp}", path.name().unwrap_or("file"));
     let parent = path.parent().unwrap_or_default();
     parent.join(&name).unwrap_or_else(|_| path.clone())
+}
+
+/// Bytes a file takes on disk (holes excluded).
+fn allocated(path: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(path)
+        .map(|m| (m.blocks() * 512).min(m.len()))
+        .unwrap_or(0)
 }
 
 fn file_name(path: &Path) -> String {

@@ -1,8 +1,10 @@
 //! A file opened for writing is staged in a sparse local file. Blocks of the
-//! remote version are copied in only when a partial write or a read needs them
-//! (and, at upload time, those still missing), never the whole file up front.
+//! remote version are copied in only when a partial write needs them (and,
+//! at upload time, those still missing), never the whole file up front.
+//! Every byte that gains content is charged to the [`StagingSpace`] first.
 
-use std::collections::HashSet;
+mod extents;
+
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
@@ -11,8 +13,10 @@ use std::time::SystemTime;
 
 use bytes::Bytes;
 
+use self::extents::Extents;
 use super::block_cache::{BLOCK_SIZE, FetchError};
 use super::core::{FsResult, errno};
+use super::staging_space::{Charge, StagingSpace};
 use crate::protocol::{FileMeta, RemotePath};
 
 /// Where the remote blocks come from.
@@ -30,25 +34,30 @@ pub struct Staged {
     /// The remote version the file started from; `None` for a new file.
     pub base: Option<FileMeta>,
     pub state: Mutex<StagedState>,
-    /// Held shared by writes, exclusively by an upload of the current content.
+    /// Held shared by writes; exclusively while the current content is
+    /// completed and journaled (a close) or uploaded (fsync).
     pub gate: tokio::sync::RwLock<()>,
+    space: Arc<StagingSpace>,
+    /// The staging space this file's content takes, until it is discarded
+    /// or handed to its upload.
+    charge: Mutex<Charge>,
 }
 
 pub struct StagedState {
     pub path: RemotePath,
     pub size: u64,
-    /// Bytes below this may still be the remote's, unless their block is filled.
+    /// Bytes below this are the remote's where `content` does not cover them.
     remote_size: u64,
-    filled: HashSet<u64>,
+    /// What the staging file holds: written bytes and remote bytes copied in.
+    content: Extents,
     pub dirty: bool,
+    /// The journal has a record of the current content (written at the
+    /// last `flush`), so the last close only has to start its upload.
+    pub journaled: bool,
     pub mtime: SystemTime,
     pub open_handles: u32,
     /// Unlinked while open: discarded at the last close, never uploaded.
     pub unlinked: bool,
-}
-
-fn io_errno(e: std::io::Error) -> i32 {
-    e.raw_os_error().unwrap_or(errno::EIO)
 }
 
 async fn blocking<T: Send + 'static>(
@@ -57,7 +66,7 @@ async fn blocking<T: Send + 'static>(
     tokio::task::spawn_blocking(f)
         .await
         .map_err(|_| errno::EIO)?
-        .map_err(io_errno)
+        .map_err(|e| errno::of_io(&e))
 }
 
 impl Staged {
@@ -68,6 +77,7 @@ impl Staged {
         path: RemotePath,
         base: Option<FileMeta>,
         truncate: bool,
+        space: &Arc<StagingSpace>,
     ) -> FsResult<Staged> {
         let file = OpenOptions::new()
             .create(true)
@@ -75,13 +85,13 @@ impl Staged {
             .read(true)
             .write(true)
             .open(&local)
-            .map_err(io_errno)?;
+            .map_err(|e| errno::of_io(&e))?;
         let size = if truncate {
             0
         } else {
             base.as_ref().map_or(0, |b| b.size)
         };
-        file.set_len(size).map_err(io_errno)?;
+        file.set_len(size).map_err(|e| errno::of_io(&e))?;
         Ok(Staged {
             local,
             file: Arc::new(file),
@@ -90,13 +100,16 @@ impl Staged {
                 path,
                 size,
                 remote_size: size,
-                filled: HashSet::new(),
+                content: Extents::default(),
                 dirty: truncate,
+                journaled: false,
                 mtime: SystemTime::now(),
                 open_handles: 0,
                 unlinked: false,
             }),
             gate: tokio::sync::RwLock::new(()),
+            space: space.clone(),
+            charge: Mutex::new(space.empty()),
         })
     }
 
@@ -104,29 +117,57 @@ impl Staged {
         self.state.lock().unwrap().size
     }
 
-    fn needs_fill(&self, block: u64) -> bool {
+    /// The part of remote block `block` the staging file still lacks, if any.
+    fn unfilled(&self, block: u64) -> Option<(u64, u64)> {
         let state = self.state.lock().unwrap();
-        block * BLOCK_SIZE < state.remote_size && !state.filled.contains(&block)
+        let start = block * BLOCK_SIZE;
+        let end = (start + BLOCK_SIZE).min(state.remote_size);
+        (start < end && !state.content.covers(start, end)).then_some((start, end))
     }
 
     /// Copies remote block `block` into the staging file if it is still missing.
     async fn fill(&self, remote: &dyn RemoteBlocks, block: u64) -> FsResult<()> {
-        if !self.needs_fill(block) {
+        let Some((start, end)) = self.unfilled(block) else {
             return Ok(());
-        }
+        };
         let base = self
             .base
             .as_ref()
             .expect("only a file with a base has remote blocks");
         let data = remote.fetch(base, block).await.map_err(|e| e.errno)?;
-        let remote_size = self.state.lock().unwrap().remote_size;
-        let start = block * BLOCK_SIZE;
+        if (data.len() as u64) < end - start {
+            // The server sent less than the size promised.
+            return Err(errno::EIO);
+        }
         // Only the part still within the remote region (a truncate may have cut it).
-        let keep = (remote_size.saturating_sub(start) as usize).min(data.len());
+        let end = end.min(self.state.lock().unwrap().remote_size);
+        if start >= end {
+            return Ok(());
+        }
+        self.store(start, data.slice(..(end - start) as usize))
+            .await
+    }
+
+    /// Writes `data` at `offset` in the staging file, charging the bytes that
+    /// gain content first.
+    async fn store(&self, offset: u64, data: Bytes) -> FsResult<()> {
+        let end = offset + data.len() as u64;
+        let growth = self.state.lock().unwrap().content.missing(offset, end);
+        let reserved = self.space.reserve(growth).await?;
         let file = self.file.clone();
-        let data = data.slice(..keep);
-        blocking(move || file.write_all_at(&data, start)).await?;
-        self.state.lock().unwrap().filled.insert(block);
+        if let Err(e) = blocking(move || file.write_all_at(&data, offset)).await {
+            // A failed write leaves the size as it was, as on a local disk.
+            let size = self.state.lock().unwrap().size;
+            if end > size {
+                let _ = self.file.set_len(size);
+            }
+            return Err(e);
+        }
+        let added = self.state.lock().unwrap().content.insert(offset, end);
+        let mut charge = self.charge.lock().unwrap();
+        charge.merge(reserved);
+        // Concurrent stores of one range each reserved it; one kept it.
+        charge.release(growth - added);
         Ok(())
     }
 
@@ -147,13 +188,12 @@ impl Staged {
                     self.fill(remote, block).await?;
                 }
             }
-            let file = self.file.clone();
             let len = data.len() as u32;
-            blocking(move || file.write_all_at(&data, offset)).await?;
+            self.store(offset, data).await?;
             let mut state = self.state.lock().unwrap();
-            state.filled.extend(first..=last);
             state.size = state.size.max(end);
             state.dirty = true;
+            state.journaled = false;
             state.mtime = SystemTime::now();
             return Ok(len);
         }
@@ -167,30 +207,58 @@ impl Staged {
         }
         let file = self.file.clone();
         blocking(move || file.set_len(new_size)).await?;
-        let mut state = self.state.lock().unwrap();
-        state.remote_size = state.remote_size.min(new_size);
-        state.size = new_size;
-        state.dirty = true;
-        state.mtime = SystemTime::now();
+        let released = {
+            let mut state = self.state.lock().unwrap();
+            state.remote_size = state.remote_size.min(new_size);
+            state.size = new_size;
+            state.dirty = true;
+            state.journaled = false;
+            state.mtime = SystemTime::now();
+            state.content.truncate(new_size)
+        };
+        self.charge.lock().unwrap().release(released);
         Ok(())
     }
 
+    /// Bytes the staging file lacks come from the remote version (through
+    /// the block cache) without being copied in: reading takes no staging
+    /// space.
     pub async fn read(&self, remote: &dyn RemoteBlocks, offset: u64, len: u32) -> FsResult<Bytes> {
         let size = self.size();
         if offset >= size || len == 0 {
             return Ok(Bytes::new());
         }
         let end = (offset + len as u64).min(size);
-        for block in offset / BLOCK_SIZE..=(end - 1) / BLOCK_SIZE {
-            self.fill(remote, block).await?;
-        }
+        // Decided before the staging file is read: a block filled meanwhile
+        // reads as its remote version, as if this read had come first.
+        let missing: Vec<(u64, u64, u64)> = (offset / BLOCK_SIZE..=(end - 1) / BLOCK_SIZE)
+            .filter_map(|block| self.unfilled(block).map(|(from, to)| (block, from, to)))
+            .collect();
         let file = self.file.clone();
-        blocking(move || {
+        let mut buf = blocking(move || {
             let mut buf = vec![0u8; (end - offset) as usize];
             file.read_exact_at(&mut buf, offset)?;
-            Ok(Bytes::from(buf))
+            Ok(buf)
         })
-        .await
+        .await?;
+        for (block, start, stop) in missing {
+            let base = self
+                .base
+                .as_ref()
+                .expect("only a file with a base has remote blocks");
+            let data = remote.fetch(base, block).await.map_err(|e| e.errno)?;
+            let (from, to) = (start.max(offset), stop.min(end));
+            if from >= to {
+                continue;
+            }
+            let Some(remote_bytes) = data.get((from - start) as usize..(to - start) as usize)
+            else {
+                // The server sent less than the size promised.
+                return Err(errno::EIO);
+            };
+            buf[(from - offset) as usize..(to - offset) as usize].copy_from_slice(remote_bytes);
+        }
+        Ok(Bytes::from(buf))
     }
 
     /// Fills every block still missing and makes the file durable locally:
@@ -210,6 +278,12 @@ impl Staged {
 
     pub fn path(&self) -> RemotePath {
         self.state.lock().unwrap().path.clone()
+    }
+
+    /// Hands the space this file takes to its upload, which frees it once
+    /// the server has the file.
+    pub fn charge_for_upload(&self) -> Charge {
+        self.charge.lock().unwrap().take().into_draining()
     }
 }
 

@@ -120,6 +120,18 @@ impl Server {
         (resp.status().as_u16(), resp.bytes().await.unwrap().to_vec())
     }
 
+    /// Waits (up to 15 s) until the server holds exactly `expected` at `path`.
+    pub async fn eventually_has(&self, path: &str, expected: &[u8]) -> bool {
+        for _ in 0..300 {
+            let (status, body) = self.get_bytes(path).await;
+            if status == 200 && body == expected {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        false
+    }
+
     pub async fn op(&self, op: &str, body: serde_json::Value) -> (u16, serde_json::Value) {
         let resp = self
             .client()
@@ -159,6 +171,23 @@ impl Server {
         walk(root, root, &mut out);
         out.sort();
         out
+    }
+
+    /// Stops the server process (SIGSTOP): it neither answers nor refuses.
+    /// Sent without spawning `kill`, which stalled here while a thread of
+    /// the test was blocked in a FUSE write.
+    pub fn pause(&self) {
+        self.send(rustix::process::Signal::STOP);
+    }
+
+    /// Lets a paused server go on (SIGCONT).
+    pub fn resume(&self) {
+        self.send(rustix::process::Signal::CONT);
+    }
+
+    fn send(&self, signal: rustix::process::Signal) {
+        let pid = rustix::process::Pid::from_raw(self.child.id() as i32).expect("a child's pid");
+        rustix::process::kill_process(pid, signal).expect("signalling the server");
     }
 
     pub fn signal(&self, signal: &str) {

@@ -1,5 +1,5 @@
 //! The write path of [`MountCore`]: create, open for writing, write,
-//! truncate, fsync and the last close, over [`Staged`] files and the
+//! truncate, fsync, flush and the last close, over [`Staged`] files and the
 //! [`UploadQueue`].
 
 use std::sync::{Arc, Weak};
@@ -7,8 +7,9 @@ use std::sync::{Arc, Weak};
 use bytes::Bytes;
 
 use super::{FsResult, MountCore, errno};
-use crate::fs::pending::UploadQueue;
+use crate::fs::pending::{JournalEntry, UploadQueue};
 use crate::fs::staging::{Staged, discard};
+use crate::fs::staging_space::Charge;
 use crate::protocol::{EntryKind, FileMeta, RemotePath};
 
 /// Metadata of a staged file as the mount shows it.
@@ -34,6 +35,7 @@ impl MountCore {
         let queue = UploadQueue::open(
             self.client.clone(),
             &dir,
+            self.options.max_staging,
             Box::new(move |path| {
                 if let Some(core) = weak.upgrade() {
                     core.settled(path);
@@ -88,7 +90,10 @@ impl MountCore {
         let mut map = self.staged.lock().unwrap();
         map.remove(from);
         map.insert(to.clone(), staged.clone());
-        staged.state.lock().unwrap().path = to.clone();
+        let mut state = staged.state.lock().unwrap();
+        state.path = to.clone();
+        // A journal record names the old path.
+        state.journaled = false;
     }
 
     /// An upload finished: the server now has the file.
@@ -105,6 +110,23 @@ impl MountCore {
         self.inodes.invalidate(path);
     }
 
+    /// Forgets a staged file whose changes cannot be uploaded: the mount
+    /// shows the server's version again.
+    fn unstage(&self, staged: &Arc<Staged>) {
+        let path = staged.path();
+        let mut map = self.staged.lock().unwrap();
+        if map.get(&path).is_some_and(|s| Arc::ptr_eq(s, staged)) {
+            map.remove(&path);
+        }
+        drop(map);
+        discard(&staged.local);
+        if let Some(ino) = self.inodes.known(&path) {
+            // Pages the kernel cached hold the dropped writes.
+            self.opened_versions.lock().unwrap().remove(&ino);
+        }
+        self.inodes.invalidate(&path);
+    }
+
     /// Creates (or truncates) `name` in `parent` and opens it for writing.
     pub async fn create(&self, parent: u64, name: &str) -> FsResult<(u64, FileMeta, u64)> {
         let queue = self.queue()?.clone();
@@ -119,6 +141,7 @@ impl MountCore {
             path.clone(),
             None,
             true,
+            queue.space(),
         )?);
         self.staged
             .lock()
@@ -154,6 +177,10 @@ impl MountCore {
             // Closed and uploading: let that version land first.
             queue.wait(&path).await;
             self.staged.lock().unwrap().remove(&path);
+            // Gone with its upload, unless that never started (the last
+            // close failed): the remote version is the truth now.
+            queue.unjournal(&staged.local);
+            discard(&staged.local);
         }
         let base = self.client.stat(&path).await.map_err(|e| e.errno())?;
         if base.kind == EntryKind::Dir {
@@ -164,6 +191,7 @@ impl MountCore {
             path.clone(),
             Some(base),
             truncate,
+            queue.space(),
         )?);
         self.staged.lock().unwrap().insert(path, staged.clone());
         Ok(staged)
@@ -200,21 +228,54 @@ impl MountCore {
         }
         staged.complete(self).await?;
         let path = staged.path();
-        // Upload a snapshot, so writes can go on in the staging file meanwhile.
-        let snapshot = queue.new_staging_path();
-        let local = staged.local.clone();
-        let copy = snapshot.clone();
-        tokio::task::spawn_blocking(move || std::fs::copy(local, copy))
+        // Writes wait for the commit (the gate is held), so the upload reads
+        // the staging file itself, through a second name the upload removes.
+        let upload = queue.new_staging_path();
+        let (local, link) = (staged.local.clone(), upload.clone());
+        tokio::task::spawn_blocking(move || std::fs::hard_link(local, link))
             .await
             .map_err(|_| errno::EIO)?
-            .map_err(|e| e.raw_os_error().unwrap_or(errno::EIO))?;
+            .map_err(|e| errno::of_io(&e))?;
         let base = staged.base.as_ref().and_then(|b| b.etag.clone());
+        // The open file keeps the space charged.
         queue
-            .enqueue(path.clone(), snapshot, base)
-            .map_err(|e| e.raw_os_error().unwrap_or(errno::EIO))?;
+            .enqueue(path.clone(), upload, base, Charge::none())
+            .map_err(|e| errno::of_io(&e))?;
         staged.state.lock().unwrap().dirty = false;
         queue.wait(&path).await;
         Ok(())
+    }
+
+    /// `close(2)` of a descriptor. At the file's last, its content is
+    /// completed and journaled here, so that what can fail (no space for the
+    /// blocks still to fetch, the server unreachable for them, a full disk
+    /// for the record) is what `close` returns.
+    pub async fn flush(&self, fh: u64) -> FsResult<()> {
+        let handle = self.handle(fh)?;
+        let Some(staged) = handle.staged.clone() else {
+            return Ok(());
+        };
+        let queue = self.queue()?.clone();
+        {
+            let state = staged.state.lock().unwrap();
+            if state.open_handles > 1 || !state.dirty || state.journaled || state.unlinked {
+                return Ok(());
+            }
+        }
+        self.journal(&queue, &staged).await.map(drop)
+    }
+
+    /// Makes the staging file the whole new content, durable locally, and
+    /// records its upload in the journal.
+    async fn journal(&self, queue: &UploadQueue, staged: &Staged) -> FsResult<JournalEntry> {
+        let _exclusive = staged.gate.write().await;
+        staged.complete(self).await?;
+        let base = staged.base.as_ref().and_then(|b| b.etag.clone());
+        let entry = queue
+            .journal(&staged.path(), staged.local.clone(), base)
+            .map_err(|e| errno::of_io(&e))?;
+        staged.state.lock().unwrap().journaled = true;
+        Ok(entry)
     }
 
     pub(super) async fn release_staged(&self, staged: Arc<Staged>) -> FsResult<()> {
@@ -238,6 +299,7 @@ impl MountCore {
             (state.dirty, state.unlinked)
         };
         if unlinked {
+            queue.unjournal(&staged.local);
             discard(&staged.local);
             return Ok(());
         }
@@ -245,18 +307,30 @@ impl MountCore {
             // An upload in progress owns the staging file until it settles.
             if !queue.is_pending(&path) {
                 self.staged.lock().unwrap().remove(&path);
+                queue.unjournal(&staged.local);
                 discard(&staged.local);
             }
             return Ok(());
         }
-        // The staging file becomes the whole new content, durable locally,
-        // and is journaled before close returns.
-        staged.complete(self).await?;
-        let base = staged.base.as_ref().and_then(|b| b.etag.clone());
-        staged.state.lock().unwrap().dirty = false;
         let reservation = reservation.expect("a dirty file's last close reserves its upload");
-        reservation
-            .enqueue(staged.local.clone(), base)
-            .map_err(|e| e.raw_os_error().unwrap_or(errno::EIO))
+        // Journaled at the flush of the last descriptor, unless written since.
+        let journaled = staged.state.lock().unwrap().journaled;
+        let entry = if journaled {
+            let base = staged.base.as_ref().and_then(|b| b.etag.clone());
+            JournalEntry::new(path.clone(), staged.local.clone(), base)
+        } else {
+            match self.journal(&queue, &staged).await {
+                Ok(entry) => entry,
+                Err(e) => {
+                    tracing::error!(%path, errno = e,
+                        "the last close could not complete the file; its changes are dropped and the server's version stays");
+                    self.unstage(&staged);
+                    return Err(e);
+                }
+            }
+        };
+        staged.state.lock().unwrap().dirty = false;
+        reservation.start_journaled(entry, staged.charge_for_upload());
+        Ok(())
     }
 }

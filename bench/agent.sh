@@ -134,7 +134,10 @@ start_ferry() {
   local store=$1
   rm -rf "$store"
   mkdir -p "$store"
-  "$FERRY" serve --store "$store" --listen 127.0.0.1:0 >"$WORK/ferry.out" 2>>"$WORK/ferry.err" &
+  # Emptied here, not by the redirection below: that happens in the child,
+  # possibly after the loop has read the previous server's address.
+  : >"$WORK/ferry.out"
+  "$FERRY" serve --store "$store" --listen 127.0.0.1:0 >>"$WORK/ferry.out" 2>>"$WORK/ferry.err" &
   FERRY_PID=$!
   PIDS+=("$FERRY_PID")
   for _ in $(seq 100); do

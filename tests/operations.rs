@@ -285,7 +285,10 @@ async fn oversized_bodies_and_messages_are_refused_without_memory_growth() {
         after < before + 32 * 1024,
         "server RSS grew from {before} KiB to {after} KiB"
     );
-    assert!(!server.files_on_disk().iter().any(|f| f.contains("huge")));
+    assert!(eventually(Duration::from_secs(5), || !server
+        .files_on_disk()
+        .iter()
+        .any(|f| f.contains("huge"))));
     let (status, _) = server.get_bytes("warm0").await;
     assert_eq!(status, 200, "still serving");
 }

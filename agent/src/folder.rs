@@ -22,7 +22,7 @@ use crate::pipeline::{Outcome, Pass, Pipeline};
 use crate::plan::{Candidate, Move, RemoteFile, plan, under};
 use crate::remote::Remote;
 use crate::scan::{scan, stat_file};
-use crate::settle::{QUIET, now_ns};
+use crate::settle::{Closed, QUIET, now_ns};
 use crate::watch::{self, Notice};
 
 /// Past this many separate changed paths, one full pass is cheaper.
@@ -63,6 +63,8 @@ pub struct Folder {
     held_for_renames: Mutex<HashMap<String, Instant>>,
     /// Paths with work queued or running; a pass leaves them alone.
     busy: Mutex<HashSet<String>>,
+    /// Files whose writer closed them, pushed without waiting to settle.
+    pub closed: Closed,
     notes: (Sender<Note>, Receiver<Note>),
 }
 
@@ -119,6 +121,7 @@ impl Folder {
             stop: parts.stop,
             held_for_renames: Mutex::default(),
             busy: Mutex::default(),
+            closed: Closed::default(),
             notes: crossbeam_channel::unbounded(),
         })
     }
@@ -776,6 +779,21 @@ impl Folder {
                         .entry(rel)
                         .and_modify(|at| *at = (*at).min(now + QUIET))
                         .or_insert(now);
+                }
+            }
+            Notice::Closed(paths) => {
+                let seen_at = now_ns();
+                for abs in paths {
+                    let Some(rel) = abs.strip_prefix(&self.root).ok().and_then(|p| p.to_str())
+                    else {
+                        continue;
+                    };
+                    // Only paths `Changed` put on the list (not ignored):
+                    // a finished file waits no longer.
+                    if let Some(at) = dirty.get_mut(rel) {
+                        *at = now;
+                        self.closed.note(rel.to_owned(), seen_at);
+                    }
                 }
             }
             Notice::Recheck(dirs) => {

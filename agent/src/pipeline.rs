@@ -246,7 +246,8 @@ fn hash_and_decide(job: &HashJob) -> Option<Work> {
     let abs = folder.root.join(&c.path);
     // Gone already: the event that removed it brings it back to a pass.
     let current = stat_file(&abs)?;
-    if let Settle::Wait(wait) = settle(c.stamp, job.seen_at_ns, current, now_ns(), QUIET) {
+    let quiet = folder.closed.quiet_time(&c.path, c.stamp, current);
+    if let Settle::Wait(wait) = settle(c.stamp, job.seen_at_ns, current, now_ns(), quiet) {
         tracing::debug!(path = c.path, ?wait, "still being written; waiting");
         pass.retry(&c.path, Some(wait));
         if c.record.is_none() {
@@ -312,8 +313,11 @@ fn decide(
         (Some(rec), Some(_)) if rec.sha256 == sha256 => record(&rec.etag),
         (Some(_), None) => upload(None, None),
         // This very version, committed by a run that stopped before it
-        // could record it.
-        (Some(_), Some(remote)) if same_file(remote, stamp) => record(&remote.etag),
+        // could record it. (With the remote still as recorded, a file of
+        // the same size edited within the same second is a new version.)
+        (Some(rec), Some(remote)) if remote.etag != rec.etag && same_file(remote, stamp) => {
+            record(&remote.etag)
+        }
         (Some(rec), Some(remote)) if remote.etag != rec.etag => {
             upload(None, Some(remote.etag.clone()))
         }
@@ -686,6 +690,17 @@ mod tests {
         // Size and mtime as the local file: the agent's own upload.
         let c = candidate(Some(record("e1", "h1")), Some(remote("e2", 9, Some(5))));
         assert!(matches!(decision(&c, "h2"), Work::Record(r) if r.etag == "e2"));
+    }
+
+    #[test]
+    fn a_same_size_edit_within_the_second_of_the_last_upload_is_uploaded() {
+        // The remote is still the recorded version, whose size and mtime
+        // the new content happens to share.
+        let c = candidate(Some(record("e1", "h1")), Some(remote("e1", 9, Some(5))));
+        assert_eq!(
+            upload_of(decision(&c, "h2")).if_match.as_deref(),
+            Some("e1")
+        );
     }
 
     #[test]

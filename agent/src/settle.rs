@@ -5,12 +5,45 @@
 //! old, or the first observation is (for files whose mtime lies in the
 //! future or was set by an archiver).
 
+use std::collections::HashMap;
+use std::sync::Mutex;
 use std::time::Duration;
 
 use crate::journal::FileStamp;
 
 /// How long a file must stay unchanged before it is pushed.
 pub const QUIET: Duration = Duration::from_secs(2);
+
+/// Files whose writer has closed them. Closing is the writer saying it is
+/// done, so such a file is pushed as soon as two observations agree,
+/// without the quiet time; unless it was modified after the close was seen.
+#[derive(Default)]
+pub struct Closed(Mutex<HashMap<String, i64>>);
+
+/// A close no pass has used after this long is forgotten.
+const FORGET_CLOSE_NS: i64 = 60_000_000_000;
+
+impl Closed {
+    /// The writer of `path` closed it; seen at `at_ns`.
+    pub fn note(&self, path: String, at_ns: i64) {
+        let mut closed = self.0.lock().unwrap();
+        // Closes of files no pass looked at (ignored, unchanged) pile up.
+        if closed.len() >= 1024 {
+            closed.retain(|_, seen| at_ns - *seen < FORGET_CLOSE_NS);
+        }
+        closed.insert(path, at_ns);
+    }
+
+    /// The quiet time `path` needs, now that it was observed as `seen` and
+    /// then as `current`. Uses up a noted close.
+    pub fn quiet_time(&self, path: &str, seen: FileStamp, current: FileStamp) -> Duration {
+        let closed_at = self.0.lock().unwrap().remove(path);
+        match closed_at {
+            Some(at) if seen == current && current.mtime_ns <= at => Duration::ZERO,
+            _ => QUIET,
+        }
+    }
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Settle {
@@ -96,6 +129,43 @@ mod tests {
             settle(before, 150 * S, replaced, 200 * S, QUIET),
             Settle::Wait(QUIET)
         );
+    }
+
+    #[test]
+    fn a_closed_file_needs_no_quiet_time_unless_written_after_the_close() {
+        let closed = Closed::default();
+        let s = stamp(10, 100);
+        assert_eq!(closed.quiet_time("a", s, s), QUIET, "never closed");
+        closed.note("a".into(), 101 * S);
+        assert_eq!(closed.quiet_time("a", s, s), Duration::ZERO);
+        assert_eq!(closed.quiet_time("a", s, s), QUIET, "a close is used once");
+        closed.note("a".into(), 101 * S);
+        assert_eq!(
+            closed.quiet_time("a", s, stamp(11, 100)),
+            QUIET,
+            "changed between looks"
+        );
+        closed.note("a".into(), 101 * S);
+        let later = stamp(10, 102);
+        assert_eq!(
+            closed.quiet_time("a", later, later),
+            QUIET,
+            "written after the close"
+        );
+        assert_eq!(
+            settle(s, 101 * S, s, 101 * S, Duration::ZERO),
+            Settle::Ready
+        );
+    }
+
+    #[test]
+    fn old_unused_closes_are_forgotten() {
+        let closed = Closed::default();
+        for i in 0..1024 {
+            closed.note(format!("old{i}"), 0);
+        }
+        closed.note("new".into(), 61 * S);
+        assert_eq!(closed.0.lock().unwrap().len(), 1);
     }
 
     #[test]

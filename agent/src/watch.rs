@@ -4,6 +4,7 @@
 //! of watches hits its limit. Both are reported with the setting to raise,
 //! and the folder is then rescanned instead; the agent never goes silent.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -22,6 +23,8 @@ const DEBOUNCE: Duration = Duration::from_millis(300);
 pub enum Notice {
     /// These paths (absolute) may have changed.
     Changed(Vec<PathBuf>),
+    /// These files were closed after writing, with no change since.
+    Closed(Vec<PathBuf>),
     /// A directory was moved or removed: look over these directories (its
     /// parents) a little later. Debouncing can drop one side of a rename
     /// (a directory renamed, then removed at once, shows only the removal
@@ -56,6 +59,8 @@ pub fn interpret(result: DebounceEventResult) -> Vec<Notice> {
             let mut notices = Vec::new();
             let mut paths = Vec::new();
             let mut parents = Vec::new();
+            // Whether each path's last change was its writer closing it.
+            let mut closed = HashMap::new();
             for event in events {
                 if event.need_rescan() {
                     notices.push(Notice::Rescan(overflow_message()));
@@ -63,6 +68,13 @@ pub fn interpret(result: DebounceEventResult) -> Vec<Notice> {
                 tracing::trace!(kind = ?event.kind, paths = ?event.paths, "event");
                 if changes_content(&event.kind) {
                     paths.extend(event.event.paths.iter().cloned());
+                    let close = matches!(
+                        event.kind,
+                        EventKind::Access(AccessKind::Close(AccessMode::Write))
+                    );
+                    for path in &event.paths {
+                        closed.insert(path.clone(), close);
+                    }
                 }
                 if moves_a_directory(&event.kind, &event.paths) {
                     parents.extend(
@@ -76,6 +88,14 @@ pub fn interpret(result: DebounceEventResult) -> Vec<Notice> {
             }
             if !paths.is_empty() {
                 notices.push(Notice::Changed(paths));
+            }
+            let mut closed: Vec<PathBuf> = closed
+                .into_iter()
+                .filter_map(|(path, close)| close.then_some(path))
+                .collect();
+            if !closed.is_empty() {
+                closed.sort();
+                notices.push(Notice::Closed(closed));
             }
             if !parents.is_empty() {
                 parents.sort();
@@ -186,8 +206,31 @@ mod tests {
             .add_path("/a".into());
         assert_eq!(
             interpret(Ok(vec![DebouncedEvent::new(written, at)])),
-            [Notice::Changed(vec!["/a".into()])]
+            [
+                Notice::Changed(vec!["/a".into()]),
+                Notice::Closed(vec!["/a".into()])
+            ]
         );
+    }
+
+    #[test]
+    fn a_close_followed_by_a_write_is_not_a_finished_file() {
+        let at = std::time::Instant::now();
+        let close = || {
+            Event::new(EventKind::Access(AccessKind::Close(AccessMode::Write)))
+                .add_path("/a".into())
+        };
+        let write = || Event::new(EventKind::Modify(ModifyKind::Any)).add_path("/a".into());
+        let reopened = interpret(Ok(vec![
+            DebouncedEvent::new(close(), at),
+            DebouncedEvent::new(write(), at),
+        ]));
+        assert_eq!(reopened, [Notice::Changed(vec!["/a".into(), "/a".into()])]);
+        let finished = interpret(Ok(vec![
+            DebouncedEvent::new(write(), at),
+            DebouncedEvent::new(close(), at),
+        ]));
+        assert_eq!(finished[1], Notice::Closed(vec!["/a".into()]));
     }
 
     #[test]

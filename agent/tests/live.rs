@@ -238,6 +238,40 @@ async fn a_file_written_slowly_is_committed_once_and_whole() {
     assert_eq!(commits, 1, "{}", agent.log_text());
 }
 
+/// A writer closing a file is taken as its being done: the file is pushed
+/// at once, without waiting for it to stay unchanged for the settle time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_closed_file_is_pushed_without_waiting_to_settle() {
+    let tmp = tempfile::tempdir().unwrap();
+    let server = Server::start(&tmp.path().join("store"));
+    let mut agent = Agent::new(&tmp.path().join("folder"), &server, "closed");
+    agent.start(&[]);
+    let client = server.client();
+    assert!(
+        eventually(FOLLOW, || async { agent.log_text().contains("full pass:") }).await,
+        "{}",
+        agent.log_text()
+    );
+    for round in 0..3 {
+        let body = format!("edit {round}");
+        write(&agent.dir, "notes.txt", body.as_bytes());
+        assert!(
+            eventually(FOLLOW, || async {
+                remote_bytes(&client, "closed/notes.txt").await.as_deref() == Some(body.as_bytes())
+            })
+            .await,
+            "{}",
+            agent.log_text()
+        );
+    }
+    let log = agent.log_text();
+    assert!(
+        !log.lines()
+            .any(|l| l.contains("still being written") && l.contains("notes.txt")),
+        "a closed file waited to settle:\n{log}"
+    );
+}
+
 /// Regression: the agent's own directory reads (open events on the watched
 /// directories) used to trigger a pass, whose reads triggered the next one.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -18,6 +18,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::filter::{Filter, IGNORE_FILE};
 use crate::journal::{Journal, Record, now_text};
+use crate::memory;
 use crate::pipeline::{Outcome, Pass, Pipeline};
 use crate::plan::{Candidate, Move, RemoteFile, plan, under};
 use crate::remote::Remote;
@@ -597,6 +598,8 @@ impl Folder {
         // `once`: files that never settle (a log being appended) are given up on.
         let mut changing_since: HashMap<String, Instant> = HashMap::new();
         let mut gave_up = false;
+        // A full pass held maps of every path; its work is done once idle.
+        let mut trim_due = false;
         // Stopped by a signal: a clean end for `run`; for `once`, not
         // everything was pushed.
         let stopped = !options.once;
@@ -636,6 +639,7 @@ impl Folder {
                         deletes_held |= outcome.deletes_held > 0;
                         if full {
                             full_done = true;
+                            trim_due = true;
                             let every = if fallback {
                                 fallback_every
                             } else {
@@ -681,6 +685,10 @@ impl Folder {
             }
             if self.dry_run {
                 return Ok(true);
+            }
+            if trim_due && self.idle() {
+                trim_due = false;
+                memory::release_freed();
             }
             while let Ok(note) = self.notes.1.try_recv() {
                 if let Note::Retry(path, after) = note {

@@ -10,6 +10,7 @@ mod config;
 mod filter;
 mod folder;
 mod journal;
+mod memory;
 mod pipeline;
 mod plan;
 mod remote;

@@ -10,8 +10,9 @@
 #   2. Change-to-commit latency of single-file edits (EDITS edits of 4 KiB
 #      files) under `ferry-agent run`: from the write to the commit seen on
 #      the server's change feed (`ferry watch`). p50 and p99. This includes
-#      the agent's settle time (a file is pushed once it has not changed for
-#      2 s), which is on purpose: it is what a user waits.
+#      the agent's settle time (a file is pushed once its writer closed it,
+#      or once it has not changed for 2 s), which is on purpose: it is what
+#      a user waits.
 #   3. Idle CPU of `ferry-agent run` over IDLE_SECS seconds, watching the
 #      synced MANY-file folder.
 #   4. RSS of `ferry-agent run` tracking TRACKED files (64-byte files in 1000
@@ -354,7 +355,7 @@ SECTION=$WORK/section.md
   echo
   echo "| ferry-agent run | value |"
   echo "|---|---|"
-  echo "| change-to-commit latency, single 4 KiB edits (p50 / p99, $EDITS edits; includes the 2 s settle time) | ${LAT_P50} s / ${LAT_P99} s |"
+  echo "| change-to-commit latency, single 4 KiB edits (p50 / p99, $EDITS edits; each written and closed; includes the settle time) | ${LAT_P50} s / ${LAT_P99} s |"
   echo "| idle CPU watching $MANY files, over $IDLE_SECS s | ${IDLE_CPU} % of one core (RSS $(mib "$IDLE_RSS") MiB) |"
   echo "| RSS tracking $TRACKED files, after the initial sync (peak) | $(mib "$TRACK_RSS") MiB ($(mib "$TRACK_HWM") MiB) |"
   echo "| initial sync of those $TRACKED 64-byte files | ${TRACK_SECS} s |"

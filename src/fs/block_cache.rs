@@ -45,6 +45,9 @@ type Fetch = Shared<BoxFuture<'static, Result<Bytes, FetchError>>>;
 pub struct BlockCache {
     blocks: Mutex<Lru>,
     in_flight: Mutex<HashMap<BlockKey, Fetch>>,
+    /// The most one fetch brings in: what each fetch in flight takes from
+    /// the budget, so that cached and arriving blocks together stay within it.
+    fetch_bytes: usize,
     hits: AtomicU64,
     misses: AtomicU64,
 }
@@ -67,8 +70,9 @@ pub struct CacheStats {
 }
 
 impl BlockCache {
-    pub fn new(capacity_bytes: usize) -> Self {
+    pub fn new(capacity_bytes: usize, fetch_bytes: usize) -> Self {
         Self {
+            fetch_bytes,
             blocks: Mutex::new(Lru {
                 map: LruCache::unbounded(),
                 bytes: 0,
@@ -88,6 +92,10 @@ impl BlockCache {
             hits: self.hits.load(Ordering::Relaxed),
             misses: self.misses.load(Ordering::Relaxed),
         }
+    }
+
+    pub fn capacity(&self) -> usize {
+        self.blocks.lock().unwrap().capacity
     }
 
     pub fn contains(&self, key: &BlockKey) -> bool {
@@ -134,13 +142,15 @@ impl BlockCache {
     }
 
     fn insert(&self, key: BlockKey, data: Bytes) {
+        let arriving = self.in_flight.lock().unwrap().len() * self.fetch_bytes;
         let mut lru = self.blocks.lock().unwrap();
-        if lru.map.contains(&key) || data.len() > lru.capacity {
+        let budget = lru.capacity.saturating_sub(arriving);
+        if lru.map.contains(&key) || data.len() > budget {
             return;
         }
         lru.bytes += data.len();
         lru.map.put(key, data);
-        while lru.bytes > lru.capacity {
+        while lru.bytes > budget {
             match lru.map.pop_lru() {
                 Some((_, evicted)) => lru.bytes -= evicted.len(),
                 None => break,
@@ -175,7 +185,7 @@ mod tests {
 
     #[tokio::test]
     async fn concurrent_misses_fetch_once() {
-        let cache = Arc::new(BlockCache::new(10 << 20));
+        let cache = Arc::new(BlockCache::new(10 << 20, 1 << 20));
         let calls = Arc::new(AtomicUsize::new(0));
         let mut waiters = Vec::new();
         for _ in 0..8 {
@@ -198,7 +208,7 @@ mod tests {
 
     #[tokio::test]
     async fn stays_within_its_byte_budget() {
-        let cache = BlockCache::new(3000);
+        let cache = BlockCache::new(3000, 1000);
         for b in 0..10 {
             cache
                 .get_or_fetch(key(b), || async { Ok(Bytes::from(vec![0u8; 1000])) })
@@ -231,5 +241,36 @@ mod tests {
             .unwrap_err();
         assert_eq!(err.errno, 5);
         assert!(!cache.contains(&key(20)), "failures are not cached");
+    }
+
+    #[tokio::test]
+    async fn fetches_in_flight_count_against_the_budget() {
+        let cache = Arc::new(BlockCache::new(4000, 1000));
+        let (release, wait) = tokio::sync::oneshot::channel::<()>();
+        let slow = {
+            let cache = cache.clone();
+            tokio::spawn(async move {
+                cache
+                    .get_or_fetch(key(100), || async move {
+                        let _ = wait.await;
+                        Ok(Bytes::from(vec![1u8; 1000]))
+                    })
+                    .await
+            })
+        };
+        while !cache.has_or_fetching(&key(100)) {
+            tokio::task::yield_now().await;
+        }
+        for b in 0..10 {
+            cache
+                .get_or_fetch(key(b), || async { Ok(Bytes::from(vec![0u8; 1000])) })
+                .await
+                .unwrap();
+        }
+        assert_eq!(cache.stats().cached_bytes, 3000, "room kept for the fetch");
+        release.send(()).unwrap();
+        slow.await.unwrap().unwrap();
+        assert_eq!(cache.stats().cached_bytes, 4000);
+        assert!(cache.contains(&key(100)));
     }
 }

@@ -127,7 +127,7 @@ impl MountCore {
             staged: Mutex::default(),
             client,
             inodes: Inodes::new(options.attr_ttl),
-            cache: Arc::new(BlockCache::new(options.cache_bytes)),
+            cache: Arc::new(BlockCache::new(options.cache_bytes, BLOCK_SIZE as usize)),
             handles: Mutex::default(),
             next_handle: AtomicU64::new(1),
             opened_versions: Mutex::default(),
@@ -286,6 +286,8 @@ impl MountCore {
         let first = offset / BLOCK_SIZE;
         let last = (end - 1) / BLOCK_SIZE;
         if window > 0 {
+            // Prefetched blocks must not push out those about to be read.
+            let window = window.min(self.cache.capacity() as u64 / 4);
             let prefetch_end = end.saturating_add(window).min(file_size);
             for block in last + 1..=(prefetch_end.saturating_sub(1)) / BLOCK_SIZE {
                 self.prefetch(&handle.meta, block);

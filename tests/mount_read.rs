@@ -9,7 +9,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use harness::mount::{MountProc, fuse_available, is_mounted, store_file};
+use harness::mount::{MountProc, fuse_available, is_mounted, probe_duration, store_file};
 use harness::{Server, eventually, random_bytes};
 use sha2::{Digest, Sha256};
 
@@ -312,27 +312,7 @@ fn ffprobe_and_a_seek_decode_work_on_an_mp4_with_moov_at_the_end() {
     store_file(&server, "videos/clip.mp4", &bytes);
     let mount = MountProc::start(&server, &[]);
     let target = mount.at("videos/clip.mp4");
-    let probe = Command::new("ffprobe")
-        .args([
-            "-v",
-            "error",
-            "-show_entries",
-            "format=duration",
-            "-of",
-            "csv=p=0",
-        ])
-        .arg(&target)
-        .output()
-        .unwrap();
-    assert!(
-        probe.status.success(),
-        "{}",
-        String::from_utf8_lossy(&probe.stderr)
-    );
-    let duration: f64 = String::from_utf8_lossy(&probe.stdout)
-        .trim()
-        .parse()
-        .unwrap();
+    let duration = probe_duration(&target);
     assert!((duration - 120.0).abs() < 1.0, "{duration}");
     let frame = tmp.path().join("frame.png");
     let decode = Command::new("ffmpeg")

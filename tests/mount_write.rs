@@ -9,7 +9,7 @@ use std::os::unix::fs::FileExt;
 use std::process::Command;
 use std::time::Duration;
 
-use harness::mount::{MountProc, fuse_available, is_mounted, store_file};
+use harness::mount::{MountProc, fuse_available, is_mounted, probe_duration, store_file};
 use harness::{Server, eventually, random_bytes};
 
 const MIB: usize = 1 << 20;
@@ -322,27 +322,7 @@ async fn ffmpeg_writes_an_mp4_that_ffprobe_reads_back() {
         "{}",
         String::from_utf8_lossy(&made.stderr)
     );
-    let probe = Command::new("ffprobe")
-        .args([
-            "-v",
-            "error",
-            "-show_entries",
-            "format=duration",
-            "-of",
-            "csv=p=0",
-        ])
-        .arg(&target)
-        .output()
-        .unwrap();
-    assert!(
-        probe.status.success(),
-        "{}",
-        String::from_utf8_lossy(&probe.stderr)
-    );
-    let duration: f64 = String::from_utf8_lossy(&probe.stdout)
-        .trim()
-        .parse()
-        .unwrap();
+    let duration = probe_duration(&target);
     assert!((duration - 20.0).abs() < 1.0, "{duration}");
     let local = std::fs::read(&target).unwrap();
     assert!(server.eventually_has("made.mp4", &local).await);

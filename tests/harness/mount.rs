@@ -152,3 +152,28 @@ pub fn staged_bytes(state: &Path) -> u64 {
     walk(state, false, &mut total);
     total
 }
+
+/// The duration in seconds `ffprobe` reads from a media file's container.
+pub fn probe_duration(path: &Path) -> f64 {
+    let probe = Command::new("ffprobe")
+        .args([
+            "-v",
+            "error",
+            "-show_entries",
+            "format=duration",
+            "-of",
+            "csv=p=0",
+        ])
+        .arg(path)
+        .output()
+        .unwrap();
+    assert!(
+        probe.status.success(),
+        "{}",
+        String::from_utf8_lossy(&probe.stderr)
+    );
+    String::from_utf8_lossy(&probe.stdout)
+        .trim()
+        .parse()
+        .unwrap()
+}

@@ -565,18 +565,8 @@ fn without_tokens_only_loopback_is_served() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cli_tokens_from_token_new_work_through_env_and_file() {
     let tmp = tempfile::tempdir().unwrap();
-    let made = std::process::Command::new(env!("CARGO_BIN_EXE_ferry"))
-        .args(["token", "new", "--name", "ci", "--prefix", "ci/"])
-        .output()
-        .unwrap();
-    assert!(made.status.success());
-    let text = String::from_utf8(made.stdout).unwrap();
-    let token = text
-        .lines()
-        .find_map(|l| l.strip_prefix("token: "))
-        .unwrap()
-        .to_owned();
-    let entry = &text[text.find("[[token]]").unwrap()..];
+    let (token, entry) =
+        harness::token_new::token_new(Path::new(env!("CARGO_BIN_EXE_ferry")), "ci", "ci/");
     let config = tmp.path().join("ferry.toml");
     std::fs::write(&config, entry).unwrap();
     let server = Server::start_on(

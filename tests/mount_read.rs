@@ -149,10 +149,7 @@ fn random_reads_fetch_only_what_they_need() {
 
 /// One sample from a `/metrics` text, 0 when absent.
 fn metric(text: &str, name: &str) -> f64 {
-    text.lines()
-        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or(0.0)
+    harness::metrics_text::sample(text, name).unwrap_or(0.0)
 }
 
 #[test]

@@ -29,12 +29,7 @@ fn http() -> reqwest::Client {
 
 /// The value of one sample line of `/metrics`, 0 when absent.
 fn sample(metrics: &str, name_and_labels: &str) -> f64 {
-    metrics
-        .lines()
-        .find(|l| l.starts_with(name_and_labels) && l[name_and_labels.len()..].starts_with(' '))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0.0)
+    harness::metrics_text::sample(metrics, name_and_labels).unwrap_or(0.0)
 }
 
 async fn metrics(server: &Server) -> String {

@@ -3,26 +3,15 @@
 
 mod harness;
 
-use std::process::Command;
 use std::time::Duration;
 
 use harness::{Agent, Server, age, eventually, ferry_bin, remote_listing, write};
 
 /// A token for `prefix` from `ferry token new`, and a server that admits it.
 fn server_with_token(dir: &std::path::Path, prefix: &str) -> (Server, String) {
-    let made = Command::new(ferry_bin())
-        .args(["token", "new", "--name", "agent", "--prefix", prefix])
-        .output()
-        .unwrap();
-    assert!(made.status.success());
-    let text = String::from_utf8(made.stdout).unwrap();
-    let token = text
-        .lines()
-        .find_map(|l| l.strip_prefix("token: "))
-        .unwrap()
-        .to_owned();
+    let (token, entry) = harness::token_new::token_new(&ferry_bin(), "agent", prefix);
     let config = dir.join("ferry.toml");
-    std::fs::write(&config, &text[text.find("[[token]]").unwrap()..]).unwrap();
+    std::fs::write(&config, entry).unwrap();
     let server = Server::start_with(
         &dir.join("store"),
         "127.0.0.1:0",
@@ -42,11 +31,9 @@ fn scrape(addr: &str) -> String {
     text
 }
 
+/// One sample, -1 when absent (so that a missing gauge never reads as 0).
 fn sample(text: &str, name: &str) -> f64 {
-    text.lines()
-        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or(-1.0)
+    harness::metrics_text::sample(text, name).unwrap_or(-1.0)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

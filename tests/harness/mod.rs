@@ -2,7 +2,9 @@
 //! client, and a raw HTTP/1.1 client for requests no URL library would send.
 #![allow(dead_code)]
 
+pub mod metrics_text;
 pub mod mount;
+pub mod token_new;
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};

@@ -2,6 +2,11 @@
 //! binary on a real folder, and ways to compare the two sides.
 #![allow(dead_code)]
 
+#[path = "../../../tests/harness/metrics_text.rs"]
+pub mod metrics_text;
+#[path = "../../../tests/harness/token_new.rs"]
+pub mod token_new;
+
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Read};
 use std::os::unix::fs::MetadataExt;

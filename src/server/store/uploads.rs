@@ -15,7 +15,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
-use chrono::Utc;
+use chrono::{DateTime, Utc};
 use futures::TryStreamExt;
 use futures::stream::BoxStream;
 use object_store::{ObjectMeta, ObjectStoreExt};
@@ -70,13 +70,19 @@ pub struct UploadSessions {
     manifests: Mutex<HashMap<String, Arc<Manifest>>>,
     /// Serialises `complete` of one session within this node.
     completing: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
-    /// Open sessions and their owners: those created here, plus those found
-    /// by the last sweep of the backend (other nodes' included).
-    open: Mutex<HashMap<String, Option<String>>>,
+    /// Open sessions: those created here, plus those found by the last
+    /// sweep of the backend (other nodes' included).
+    open: Mutex<HashMap<String, OpenSession>>,
     /// Most open sessions one token may have (`None`: no limit).
     max_per_owner: Option<usize>,
     /// SHA-256 computed as chunks arrive, for local sessions created here.
     digests: Mutex<HashMap<String, Arc<RunningDigest>>>,
+}
+
+/// What the per-token limit needs to know of an open session.
+struct OpenSession {
+    owner: Option<String>,
+    created_at: DateTime<Utc>,
 }
 
 impl UploadSessions {
@@ -106,7 +112,7 @@ impl UploadSessions {
         let open = self.open.lock().unwrap();
         let count = open
             .values()
-            .filter(|o| o.as_deref() == Some(owner))
+            .filter(|s| s.owner.as_deref() == Some(owner))
             .count();
         if count >= max {
             return Err(Error::LimitReached(format!(
@@ -199,10 +205,13 @@ impl UploadSessions {
             owner: owner.map(str::to_owned),
         };
         manifest::write(&self.store, &manifest).await?;
-        self.open
-            .lock()
-            .unwrap()
-            .insert(id.clone(), owner.map(str::to_owned));
+        self.open.lock().unwrap().insert(
+            id.clone(),
+            OpenSession {
+                owner: manifest.owner.clone(),
+                created_at: manifest.created_at,
+            },
+        );
         if let Some(local) = self.local_staging(&id) {
             local.create(layout).await?;
             if verify {
@@ -475,7 +484,11 @@ impl UploadSessions {
                     }
                 }
                 Ok(Some(m)) if m.state == UploadState::Open => {
-                    open.insert(m.id, m.owner);
+                    let session = OpenSession {
+                        owner: m.owner,
+                        created_at: m.created_at,
+                    };
+                    open.insert(m.id, session);
                 }
                 Ok(_) => {}
                 Err(e) => {
@@ -485,16 +498,7 @@ impl UploadSessions {
         }
         // Sessions created while the sweep ran stay counted.
         let mut known = self.open.lock().unwrap();
-        let sweep_started = now;
-        known.retain(|id, _| {
-            open.contains_key(id)
-                || self
-                    .manifests
-                    .lock()
-                    .unwrap()
-                    .get(id)
-                    .is_some_and(|m| m.created_at >= sweep_started)
-        });
+        known.retain(|id, session| open.contains_key(id) || session.created_at >= now);
         known.extend(open);
         Ok(collected)
     }

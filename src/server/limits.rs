@@ -138,14 +138,18 @@ pub async fn limit_transfers(
     }
     match limiter.start(name) {
         Ok(permit) => {
-            let permit = TransferSlot(Arc::new(permit));
+            let slot = TransferSlot {
+                _permit: Arc::new(permit),
+            };
             // A WebSocket keeps it for the connection's life.
             let mut request = request;
-            request.extensions_mut().insert(permit.clone());
+            request.extensions_mut().insert(slot.clone());
             let response = next.run(request).await;
+            // The body's closure owns the last clone: the slot frees when
+            // the body is done.
             response.map(|body| {
                 Body::new(ObservedBody::new(body, move |_| {
-                    let _held = &permit;
+                    let _held = &slot;
                 }))
             })
         }
@@ -153,9 +157,12 @@ pub async fn limit_transfers(
     }
 }
 
-/// A transfer slot held by a request (see [`limit_transfers`]).
+/// A transfer slot held by a request (see [`limit_transfers`]); freed when
+/// the last clone is dropped.
 #[derive(Clone)]
-pub struct TransferSlot(#[allow(dead_code)] Arc<OwnedSemaphorePermit>);
+pub struct TransferSlot {
+    _permit: Arc<OwnedSemaphorePermit>,
+}
 
 fn is_transfer(method: &Method, path: &str) -> bool {
     let files = path.starts_with("/v1/files/");

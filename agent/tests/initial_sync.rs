@@ -3,7 +3,8 @@
 mod harness;
 
 use harness::{
-    Agent, Server, age, diff, local_tree, random_bytes, remote_listing, remote_tree, write,
+    Agent, Server, age, diff, journal_tree, local_tree, random_bytes, remote_listing, remote_tree,
+    write,
 };
 
 /// Names with spaces, accents, CJK and emoji.
@@ -45,6 +46,9 @@ async fn initial_sync_of_2000_files_gives_an_identical_remote_tree_and_a_second_
     let client = server.client();
     let remote = remote_tree(&client, "backup/laptop").await;
     assert!(remote == local, "{}", diff(&local, &remote));
+    // The journal records what was sent: each file's size and digest.
+    let journal = journal_tree(&agent);
+    assert!(journal == local, "{}", diff(&local, &journal));
 
     let sessions = server.session_count();
     let etags = remote_listing(&client, "backup/laptop").await;

@@ -279,6 +279,23 @@ pub fn pending_session(agent: &Agent, path: &str) -> Option<String> {
     .ok()
 }
 
+/// Size and SHA-256 of each file as the agent's journal records them.
+pub fn journal_tree(agent: &Agent) -> Tree {
+    let db = rusqlite::Connection::open_with_flags(
+        agent.state_db(),
+        rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
+    )
+    .unwrap();
+    let mut rows = db.prepare("SELECT path, size, sha256 FROM files").unwrap();
+    rows.query_map([], |row| {
+        let size: i64 = row.get(1)?;
+        Ok((row.get(0)?, (size as u64, row.get(2)?)))
+    })
+    .unwrap()
+    .map(Result::unwrap)
+    .collect()
+}
+
 /// Size and SHA-256 of each file.
 pub type Tree = BTreeMap<String, (u64, String)>;
 

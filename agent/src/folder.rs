@@ -12,6 +12,7 @@ use crossbeam_channel::{Receiver, Sender};
 use crossbeam_utils::sync::WaitGroup;
 use ferry::client::retry::RetryPolicy;
 use ferry::protocol::ErrorCode;
+use ferry::protocol::upload::UploadState;
 use futures::StreamExt;
 use tokio::runtime::Handle;
 use tokio_util::sync::CancellationToken;
@@ -264,6 +265,47 @@ impl Folder {
         let outcome = std::mem::take(&mut *pass.outcome.lock().unwrap());
         self.report(&outcome, full, started.elapsed());
         Ok(outcome)
+    }
+
+    /// Records the sessions a stopped or killed run saw committed on the
+    /// server but could not record: otherwise their versions would look like
+    /// changes made elsewhere, and later local deletes and renames of those
+    /// files would not be passed on.
+    fn record_committed_sessions(&self) {
+        let Ok(pending) = self.journal.all_pending() else {
+            return;
+        };
+        for p in pending {
+            // A conflict copy commits under another name: not this path's.
+            let to_path = self
+                .remote
+                .path(&p.path)
+                .is_ok_and(|path| path.as_str() == p.target);
+            if !to_path || p.session_id.is_empty() {
+                continue;
+            }
+            let Ok(status) = self.rt.block_on(self.remote.upload_status(&p.session_id)) else {
+                continue;
+            };
+            let (UploadState::Committed, Some(etag)) =
+                (status.state, status.meta.and_then(|m| m.etag))
+            else {
+                continue;
+            };
+            let record = Record {
+                path: p.path.clone(),
+                stamp: p.stamp,
+                sha256: p.sha256,
+                etag,
+            };
+            match self.journal.commit(&record) {
+                Ok(()) => tracing::info!(
+                    path = p.path,
+                    "recorded an upload committed before the last stop"
+                ),
+                Err(e) => tracing::warn!(path = p.path, error = %e, "writing the journal failed"),
+            }
+        }
     }
 
     /// Checks a candidate against the present, now that its path is busy
@@ -585,6 +627,9 @@ impl Folder {
                 Err(e) => anyhow::bail!("cannot watch {}: {e}", self.root.display()),
             }
         };
+        if !self.dry_run {
+            self.record_committed_sessions();
+        }
         let never = crossbeam_channel::never();
         let events = watch.as_ref().map_or(&never, |w| &w.events);
         let mut dirty: HashMap<String, Instant> = HashMap::new();

@@ -70,6 +70,13 @@ impl Pass {
             .push((path.to_owned(), after));
     }
 
+    /// Whether a vanished record has this size: a new file of that size may
+    /// be it, renamed, and must be hashed to know.
+    fn may_be_renamed(&self, size: u64) -> bool {
+        let vanished = self.vanished.lock().unwrap();
+        vanished.iter().any(|r| r.stamp.size == size)
+    }
+
     /// Takes a vanished record with this content, if one is still on the
     /// remote as recorded.
     fn claim(&self, sha256: &str, size: u64) -> Option<Record> {
@@ -109,11 +116,20 @@ pub enum Work {
 pub struct Upload {
     pub path: String,
     pub stamp: FileStamp,
-    pub sha256: String,
+    /// `None`: a new file, hashed while it is sent.
+    pub sha256: Option<String>,
     pub if_match: Option<String>,
     /// The remote file at `path` changed elsewhere (this is its etag): the
     /// local version goes beside it under a conflict name.
     pub conflict_with: Option<String>,
+}
+
+impl Upload {
+    /// The digest as the journal keeps it for a pending session (empty:
+    /// computed while sending).
+    fn pending_sha256(&self) -> &str {
+        self.sha256.as_deref().unwrap_or("")
+    }
 }
 
 struct TransferJob {
@@ -209,7 +225,7 @@ fn hasher(jobs: Receiver<HashJob>, lanes: Lanes) {
                 work = Work::Upload(Upload {
                     path: to.clone(),
                     stamp: *stamp,
-                    sha256: from.sha256.clone(),
+                    sha256: Some(from.sha256.clone()),
                     if_match: None,
                     conflict_with: None,
                 });
@@ -255,12 +271,24 @@ fn hash_and_decide(job: &HashJob) -> Option<Work> {
         }
         return None;
     }
+    if c.record.is_none() && c.remote.is_none() && !pass.may_be_renamed(current.size) {
+        // New here and on the server: the digest is computed while the file
+        // is sent, instead of reading it twice. The upload checks the stamp
+        // again and the server the digest, so a change meanwhile is caught.
+        return Some(Work::Upload(Upload {
+            path: c.path.clone(),
+            stamp: current,
+            sha256: None,
+            if_match: None,
+            conflict_with: None,
+        }));
+    }
     let known = folder
         .journal
         .pending(&c.path)
         .ok()
         .flatten()
-        .filter(|p| p.stamp == current)
+        .filter(|p| p.stamp == current && !p.sha256.is_empty())
         .map(|p| p.sha256);
     let sha256 = match known {
         Some(sha) => sha,
@@ -295,7 +323,7 @@ fn decide(
         Work::Upload(Upload {
             path: c.path.clone(),
             stamp,
-            sha256: sha256.clone(),
+            sha256: Some(sha256.clone()),
             if_match,
             conflict_with,
         })
@@ -402,7 +430,7 @@ fn run_transfer(folder: &Arc<Folder>, work: Work) {
                         Upload {
                             path: to,
                             stamp,
-                            sha256: from.sha256.clone(),
+                            sha256: Some(from.sha256.clone()),
                             if_match: None,
                             conflict_with: None,
                         },
@@ -451,7 +479,9 @@ fn upload(folder: &Arc<Folder>, mut u: Upload) -> bool {
         };
         let resume_id = match folder.journal.pending(&u.path).ok().flatten() {
             Some(p)
-                if p.target == target.as_str() && p.stamp == u.stamp && p.sha256 == u.sha256 =>
+                if p.target == target.as_str()
+                    && p.stamp == u.stamp
+                    && p.sha256 == u.pending_sha256() =>
             {
                 Some(p.session_id)
             }
@@ -484,7 +514,7 @@ fn upload(folder: &Arc<Folder>, mut u: Upload) -> bool {
         let pushed = folder.rt.block_on(folder.remote.upload(Push {
             local: &abs,
             target: &target,
-            sha256: &u.sha256,
+            sha256: u.sha256.as_deref(),
             if_match: u.if_match.clone(),
             resume_id,
             on_session,
@@ -498,7 +528,7 @@ fn upload(folder: &Arc<Folder>, mut u: Upload) -> bool {
                 let record = Record {
                     path: u.path.clone(),
                     stamp: u.stamp,
-                    sha256: u.sha256.clone(),
+                    sha256: u.sha256.clone().or(report.sha256).unwrap_or_default(),
                     etag,
                 };
                 if let Err(e) = folder.journal.commit(&record) {
@@ -575,7 +605,9 @@ fn target_of(folder: &Folder, u: &Upload) -> Option<RemotePath> {
         .pending(&u.path)
         .ok()
         .flatten()
-        .filter(|p| p.target != path.as_str() && p.stamp == u.stamp && p.sha256 == u.sha256)
+        .filter(|p| {
+            p.target != path.as_str() && p.stamp == u.stamp && p.sha256 == u.pending_sha256()
+        })
         .and_then(|p| RemotePath::parse(&p.target).ok());
     Some(earlier.unwrap_or_else(|| conflict_path(&path)))
 }
@@ -586,7 +618,7 @@ fn pending_of(u: &Upload, target: &RemotePath) -> Pending {
         target: target.as_str().to_owned(),
         session_id: String::new(),
         stamp: u.stamp,
-        sha256: u.sha256.clone(),
+        sha256: u.pending_sha256().to_owned(),
     }
 }
 

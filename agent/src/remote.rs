@@ -8,6 +8,7 @@ use std::sync::Arc;
 use ferry::client::Client;
 use ferry::client::throttle::Throttle;
 use ferry::client::upload::{SessionFn, Transport, UploadOptions, UploadReport, upload_file};
+use ferry::protocol::upload::UploadStatus;
 use ferry::protocol::{EntryKind, ErrorCode, FileMeta, MoveRequest, PathError, RemotePath};
 use ferry::{Error, Result};
 use tokio_util::sync::CancellationToken;
@@ -28,7 +29,8 @@ pub struct Remote {
 pub struct Push<'a> {
     pub local: &'a Path,
     pub target: &'a RemotePath,
-    pub sha256: &'a str,
+    /// `None`: computed while the file is sent.
+    pub sha256: Option<&'a str>,
     pub if_match: Option<String>,
     pub resume_id: Option<String>,
     pub on_session: SessionFn,
@@ -127,6 +129,11 @@ impl Remote {
         }
     }
 
+    pub async fn upload_status(&self, session_id: &str) -> Result<UploadStatus> {
+        self.until_stopped(self.client.upload_status(session_id))
+            .await
+    }
+
     /// Server-side rename of a file, or of a directory with everything in it.
     pub async fn rename(&self, from: &str, to: &str, dir: bool) -> Result<FileMeta> {
         self.client
@@ -159,7 +166,7 @@ impl Remote {
             parallel: Some(CHUNKS_PER_FILE),
             if_match: push.if_match,
             resume_id: push.resume_id,
-            sha256: Some(push.sha256.to_owned()),
+            sha256: push.sha256.map(str::to_owned),
             on_session: Some(push.on_session),
             throttle: self.throttle.clone(),
             transport: Transport::Http,

@@ -166,3 +166,60 @@ async fn sigterm_stops_cleanly_mid_upload_and_the_next_run_resumes() {
             .map(|(_, sha)| sha.clone())
     );
 }
+
+/// A run killed between the server's commit and its own journal entry
+/// leaves a pending session that did commit. The next run records it as its
+/// own version, so a later local delete still reaches the server instead of
+/// being taken for a change made elsewhere.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_committed_just_before_a_kill_is_recorded_as_ours() {
+    use std::os::unix::fs::MetadataExt;
+
+    let tmp = tempfile::tempdir().unwrap();
+    let server = Server::start(&tmp.path().join("store"));
+    let agent = Agent::new(&tmp.path().join("folder"), &server, "killed");
+    write(&agent.dir, "doc.txt", b"first version");
+    age(&agent.path("doc.txt"));
+    agent.once_ok(&[]);
+
+    // What the killed run did: the second version committed through a
+    // session it had journaled, and nothing recorded after that.
+    write(&agent.dir, "doc.txt", b"second version, committed");
+    let client = server.client();
+    let remote = ferry::protocol::RemotePath::parse("killed/doc.txt").unwrap();
+    let report = ferry::client::upload::upload_file(
+        &client,
+        &agent.path("doc.txt"),
+        &remote,
+        Default::default(),
+    )
+    .await
+    .unwrap();
+    let meta = std::fs::metadata(agent.path("doc.txt")).unwrap();
+    let db = rusqlite::Connection::open(agent.state_db()).unwrap();
+    db.execute(
+        "INSERT INTO pending (path, target, session_id, size, mtime_ns, inode, sha256)
+         VALUES ('doc.txt', 'killed/doc.txt', ?1, ?2, ?3, ?4, ?5)",
+        rusqlite::params![
+            report.session_id,
+            meta.len() as i64,
+            meta.mtime() * 1_000_000_000 + meta.mtime_nsec(),
+            meta.ino() as i64,
+            harness::sha256(b"second version, committed"),
+        ],
+    )
+    .unwrap();
+    drop(db);
+
+    std::fs::remove_file(agent.path("doc.txt")).unwrap();
+    let log = agent.once_ok(&["--max-delete", "1"]);
+    assert!(
+        log.contains("recorded an upload committed before the last stop"),
+        "{log}"
+    );
+    assert_eq!(
+        client.stat(&remote).await.err().map(|e| e.code()),
+        Some(ferry::protocol::ErrorCode::NotFound),
+        "the delete was not passed on:\n{log}"
+    );
+}

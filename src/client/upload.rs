@@ -78,6 +78,9 @@ pub struct UploadReport {
     pub session_id: String,
     /// Bytes the server already had when this run started.
     pub resumed_bytes: u64,
+    /// The SHA-256 the commit was checked against: the one given, or the one
+    /// computed while the chunks travelled.
+    pub sha256: Option<String>,
 }
 
 /// Uploads `local` to `remote` and commits it.
@@ -132,7 +135,14 @@ pub async fn upload_file(
                     "the server no longer has the session; starting a new one"
                 );
             }
-            other => return other,
+            Ok(report) => {
+                let sha256 = match &options.sha256 {
+                    Some(known) => Some(known.clone()),
+                    None => resolve_digest(digest.as_ref()).await?,
+                };
+                return Ok(UploadReport { sha256, ..report });
+            }
+            Err(e) => return Err(e),
         }
     }
     Err(Error::Conflict(format!(
@@ -161,6 +171,7 @@ async fn drive_session(
                     meta,
                     session_id: id.to_owned(),
                     resumed_bytes,
+                    sha256: None,
                 });
             }
             Err(e @ (Error::Network(_) | Error::MissingChunks(_)))
@@ -180,6 +191,7 @@ async fn drive_session(
             meta,
             session_id: id.to_owned(),
             resumed_bytes,
+            sha256: None,
         });
     }
     let layout = ChunkLayout {
@@ -200,6 +212,7 @@ async fn drive_session(
                     meta,
                     session_id: id.to_owned(),
                     resumed_bytes,
+                    sha256: None,
                 });
             }
             // Acknowledged chunks were lost (a node without fsync, say): resend.

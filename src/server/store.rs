@@ -20,10 +20,9 @@ use std::sync::Arc;
 use bytes::Bytes;
 use futures::stream::BoxStream;
 use futures::{StreamExt, TryStreamExt};
+use object_store::local::LocalFileSystem;
 use object_store::multipart::MultipartStore;
-use object_store::{
-    GetOptions, GetRange, GetResultPayload, ObjectMeta, ObjectStore, ObjectStoreExt,
-};
+use object_store::{GetOptions, GetRange, ObjectMeta, ObjectStore, ObjectStoreExt};
 
 use crate::error::{Error, Result};
 use crate::protocol::{ByteRange, EntryKind, FileMeta, RemotePath};
@@ -37,6 +36,9 @@ pub struct Store {
     /// Set when the backend is a local directory: some operations (directory
     /// rename, empty-directory cleanup) are done directly on the filesystem.
     local_root: Option<PathBuf>,
+    /// The same local backend, typed: downloads open its files directly
+    /// ([`local_read`]), through its own key-to-path mapping.
+    local_files: Option<Arc<LocalFileSystem>>,
     /// Set for backends with multipart uploads (memory, S3, GCS, Azure):
     /// upload sessions stage their chunks as parts.
     multipart: Option<Arc<dyn MultipartStore>>,
@@ -90,24 +92,20 @@ impl Store {
     /// through [`OpenedFile::stream`]. A directory there is `is_a_directory`,
     /// nothing there `not_found`.
     ///
-    /// On a local store this is the only metadata round trip: the file is
-    /// opened once, and its bytes are later read from that same descriptor.
+    /// On a local store the file is opened once, with its metadata, and its
+    /// bytes are later read from that same descriptor.
     pub async fn open_read(&self, path: &RemotePath) -> Result<OpenedFile> {
         if path.is_root() {
             return Err(Error::IsADirectory("/".into()));
         }
         let key = keys::object_path(path);
-        let found = if self.local_root.is_some() {
-            // Without a range, the local backend only opens and stats the file.
-            let got = self.objects.get_opts(&key, GetOptions::default()).await;
-            missing_as_none(got)?.map(|got| {
-                let file = match got.payload {
-                    GetResultPayload::File(file, _) => Some(file),
-                    // Not what a local backend returns: read as any other.
-                    GetResultPayload::Stream(_) => None,
-                };
-                (got.meta, file)
-            })
+        let found = if let Some(local) = &self.local_files {
+            match local_read::open(local.path_to_filesystem(&key)?).await? {
+                Some((file, metadata)) => {
+                    Some((local_read::object_meta(&metadata, key.clone())?, Some(file)))
+                }
+                None => None,
+            }
         } else {
             missing_as_none(self.objects.head(&key).await)?.map(|meta| (meta, None))
         };

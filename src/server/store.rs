@@ -20,7 +20,6 @@ use std::sync::Arc;
 use bytes::Bytes;
 use futures::stream::BoxStream;
 use futures::{StreamExt, TryStreamExt};
-use object_store::local::LocalFileSystem;
 use object_store::multipart::MultipartStore;
 use object_store::{GetOptions, GetRange, ObjectMeta, ObjectStore, ObjectStoreExt};
 
@@ -36,9 +35,6 @@ pub struct Store {
     /// Set when the backend is a local directory: some operations (directory
     /// rename, empty-directory cleanup) are done directly on the filesystem.
     local_root: Option<PathBuf>,
-    /// The same local backend, typed: downloads open its files directly
-    /// ([`local_read`]), through its own key-to-path mapping.
-    local_files: Option<Arc<LocalFileSystem>>,
     /// Set for backends with multipart uploads (memory, S3, GCS, Azure):
     /// upload sessions stage their chunks as parts.
     multipart: Option<Arc<dyn MultipartStore>>,
@@ -99,8 +95,8 @@ impl Store {
             return Err(Error::IsADirectory("/".into()));
         }
         let key = keys::object_path(path);
-        let found = if let Some(local) = &self.local_files {
-            match local_read::open(local.path_to_filesystem(&key)?).await? {
+        let found = if let Some(local) = self.local_path(path) {
+            match local_read::open(local).await? {
                 Some((file, metadata)) => {
                     Some((local_read::object_meta(&metadata, key.clone())?, Some(file)))
                 }
@@ -156,15 +152,17 @@ impl Store {
         }
     }
 
-    /// Where the directory `path` lies on disk, for a local backend.
-    fn local_dir(&self, path: &RemotePath) -> Option<PathBuf> {
-        let mut dir = self.local_root.clone()?;
-        dir.extend(
-            keys::object_path(path)
-                .parts()
-                .map(|p| p.as_ref().to_owned()),
-        );
-        Some(dir)
+    /// Where the file or directory `path` lies on disk, for a local backend:
+    /// the root, then each part of its key as it is. This is the local
+    /// backend's own mapping (its `path_to_filesystem`), whose URL round trip
+    /// decodes exactly what it encodes; `#` is escaped in keys, so its rule
+    /// against names ending in `#<digits>` never applies.
+    fn local_path(&self, path: &RemotePath) -> Option<PathBuf> {
+        let mut local = self.local_root.clone()?;
+        for part in keys::object_path(path).parts() {
+            local.push(part.as_ref());
+        }
+        Some(local)
     }
 }
 
@@ -275,7 +273,8 @@ mod tests {
     async fn a_local_read_streams_the_version_it_opened() {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path().to_str().unwrap()).unwrap();
-        let path = RemotePath::parse("a/f.txt").unwrap();
+        // An odd name: the local open must find what the backend wrote.
+        let path = RemotePath::parse("a/odd 50% #1 [ü].txt").unwrap();
         let written = put(&store, &path, b"first version").await;
         let opened = store.open_read(&path).await.unwrap();
         assert_eq!(opened.meta, store.head_file(&path).await.unwrap());

@@ -41,7 +41,6 @@ fn remote<T: ObjectStore + MultipartStore>(store: T, description: String) -> Sto
         objects: store.clone(),
         multipart: Some(store),
         local_root: None,
-        local_files: None,
         description,
         feed: Default::default(),
     }
@@ -56,10 +55,8 @@ fn local(dir: &FsPath) -> Result<Store> {
     let fs = LocalFileSystem::new_with_prefix(&root)?
         .with_automatic_cleanup(true)
         .with_fsync(true);
-    let fs = Arc::new(fs);
     Ok(Store {
-        objects: fs.clone(),
-        local_files: Some(fs),
+        objects: Arc::new(fs),
         multipart: None,
         feed: Default::default(),
         description: root.display().to_string(),

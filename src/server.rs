@@ -197,7 +197,7 @@ pub fn router(state: AppState) -> Router {
         .delete(files::delete_file);
     let list = get(listing::list);
     let stat = get(listing::stat);
-    Router::new()
+    let mut api = Router::new()
         .route("/v1/files", files.clone())
         .route("/v1/files/", files.clone())
         .route("/v1/files/{*path}", files)
@@ -236,25 +236,33 @@ pub fn router(state: AppState) -> Router {
             get(|| async { axum::Json(serde_json::json!({"status": "ok"})) }),
         )
         .fallback(|| async { Error::NotFound("no such route".into()) })
-        .method_not_allowed_fallback(|| async { response::method_not_allowed() })
-        // Layers run from the last added to the first.
-        .layer(from_fn_with_state(state.clone(), limits::limit_transfers))
-        .layer(from_fn_with_state(state.clone(), auth::authenticate))
-        .layer(from_fn_with_state(state.clone(), limits::rate_limit))
+        .method_not_allowed_fallback(|| async { response::method_not_allowed() });
+    // Layers run from the last added to the first. Limits and CORS that are
+    // not configured are not installed: every layer costs every request a
+    // service clone and a boxed future.
+    if state.transfer_limiter().is_some() {
+        api = api.layer(from_fn_with_state(state.clone(), limits::limit_transfers));
+    }
+    api = api.layer(from_fn_with_state(state.clone(), auth::authenticate));
+    if state.rate_limiter().is_some() {
+        api = api.layer(from_fn_with_state(state.clone(), limits::rate_limit));
+    }
+    api = api
         .layer(RequestBodyTimeoutLayer::new(state.config().body_timeout))
-        .layer(from_fn_with_state(state.clone(), metrics::measure))
-        .layer(cors(&state.config().cors_origins))
-        // Bodies are streamed and limited by `max_body_bytes`, not buffered.
-        .layer(DefaultBodyLimit::disable())
-        .with_state(state)
+        .layer(from_fn_with_state(state.clone(), metrics::measure));
+    if let Some(cors) = cors(&state.config().cors_origins) {
+        api = api.layer(cors);
+    }
+    // Bodies are streamed and limited by `max_body_bytes`, not buffered.
+    api.layer(DefaultBodyLimit::disable()).with_state(state)
 }
 
 /// Answers preflights and lets the listed origins read the headers a player
-/// or an uploader needs. No origins: no CORS headers at all.
-fn cors(origins: &[String]) -> CorsLayer {
+/// or an uploader needs. No origins: no CORS at all (no layer).
+fn cors(origins: &[String]) -> Option<CorsLayer> {
     use axum::http::{HeaderName, HeaderValue, Method, header};
     if origins.is_empty() {
-        return CorsLayer::new();
+        return None;
     }
     let allow_origin = if origins.iter().any(|o| o == "*") {
         AllowOrigin::any()
@@ -266,7 +274,7 @@ fn cors(origins: &[String]) -> CorsLayer {
         )
     };
     let crc = HeaderName::from_static(crate::protocol::upload::CRC32C_HEADER);
-    CorsLayer::new()
+    let layer = CorsLayer::new()
         .allow_origin(allow_origin)
         .allow_methods([
             Method::GET,
@@ -296,7 +304,8 @@ fn cors(origins: &[String]) -> CorsLayer {
             header::RETRY_AFTER,
             crc,
         ])
-        .max_age(Duration::from_secs(3600))
+        .max_age(Duration::from_secs(3600));
+    Some(layer)
 }
 
 /// Serves until `shutdown` completes, then lets in-flight requests finish.

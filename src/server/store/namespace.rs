@@ -45,7 +45,7 @@ impl Store {
         if path.is_root() {
             return Ok(true);
         }
-        if let Some(dir) = self.local_dir(path) {
+        if let Some(dir) = self.local_path(path) {
             return Ok(tokio::fs::metadata(&dir).await.is_ok_and(|m| m.is_dir()));
         }
         match self.objects.head(&keys::marker_path(path)).await {
@@ -181,7 +181,7 @@ impl Store {
             }
         }
         self.delete_tree(path).await?;
-        if let Some(dir) = self.local_dir(path) {
+        if let Some(dir) = self.local_path(path) {
             // Left over: empty subdirectories the object store does not see.
             match tokio::fs::remove_dir_all(&dir).await {
                 Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
@@ -288,7 +288,7 @@ impl Store {
 
     async fn transfer_tree(&self, from: &RemotePath, to: &RemotePath, how: Transfer) -> Result<()> {
         if let (Transfer::Move, Some(src), Some(dst)) =
-            (how, self.local_dir(from), self.local_dir(to))
+            (how, self.local_path(from), self.local_path(to))
         {
             // One rename(2): atomic, and no file contents move.
             if let Some(parent) = dst.parent() {
@@ -365,7 +365,7 @@ impl Store {
     /// that a directory vanishes with its last entry as it does on a cloud store.
     pub(super) async fn prune_empty_local_parents(&self, path: &RemotePath) {
         for ancestor in path.ancestors() {
-            let Some(dir) = self.local_dir(&ancestor) else {
+            let Some(dir) = self.local_path(&ancestor) else {
                 return;
             };
             if tokio::fs::remove_dir(&dir).await.is_err() {

@@ -420,7 +420,7 @@ impl UploadSessions {
         }
         let target = self
             .store
-            .local_dir(&manifest.path)
+            .local_path(&manifest.path)
             .expect("a local backend");
         staging.commit(target, manifest.mtime.map(Into::into)).await
     }

@@ -162,8 +162,9 @@ impl MountCore {
         {
             return Ok((ino, meta));
         }
+        let version = self.inodes.version();
         match self.client.stat(path).await {
-            Ok(meta) => Ok((self.inodes.remember(&meta), meta)),
+            Ok(meta) => Ok((self.inodes.remember_unless_changed(&meta, version), meta)),
             Err(e) => {
                 if e.code() == ErrorCode::NotFound {
                     self.inodes.invalidate(path);
@@ -186,6 +187,7 @@ impl MountCore {
     /// Every entry of the directory (paged from the server), with inodes.
     pub async fn readdir(&self, ino: u64) -> FsResult<Vec<(u64, String, EntryKind)>> {
         let dir = self.path(ino)?;
+        let version = self.inodes.version();
         let entries = self
             .client
             .list(&dir, false)
@@ -203,7 +205,8 @@ impl MountCore {
                 mtime: entry.mtime,
                 etag: entry.etag,
             };
-            out.push((self.inodes.remember(&meta), entry.name, entry.kind));
+            let ino = self.inodes.remember_unless_changed(&meta, version);
+            out.push((ino, entry.name, entry.kind));
         }
         Ok(out)
     }
@@ -223,11 +226,12 @@ impl MountCore {
                 false,
             ));
         }
+        let version = self.inodes.version();
         let meta = self.client.stat(&path).await.map_err(|e| errno_of(&e))?;
         if meta.kind == EntryKind::Dir {
             return Err(21); // EISDIR
         }
-        self.inodes.remember(&meta);
+        self.inodes.remember_unless_changed(&meta, version);
         let etag = meta.etag.clone().unwrap_or_default();
         let keep_cache = self
             .opened_versions

@@ -11,6 +11,9 @@ pub const ROOT_INO: u64 = 1;
 
 #[derive(Default)]
 struct Maps {
+    /// Bumped by every rename, removal and invalidation: an answer the
+    /// server gave before a change here must not be cached after it.
+    changes: u64,
     by_path: HashMap<RemotePath, u64>,
     by_ino: HashMap<u64, Node>,
     next: u64,
@@ -80,6 +83,21 @@ impl Inodes {
             .map(|n| n.path.clone())
     }
 
+    /// Where the namespace stands now; see [`Inodes::remember_unless_changed`].
+    pub fn version(&self) -> u64 {
+        self.maps.lock().unwrap().changes
+    }
+
+    /// Like [`Inodes::remember`] for an answer asked for at `version`, but
+    /// caches nothing if the namespace changed meanwhile: a `stat` of a file
+    /// renamed away while it was in flight must not bring the old name back.
+    pub fn remember_unless_changed(&self, meta: &FileMeta, version: u64) -> u64 {
+        if self.version() != version {
+            return self.ino(&meta.path);
+        }
+        self.remember(meta)
+    }
+
     /// Remembers `meta` for its path and returns the path's inode.
     pub fn remember(&self, meta: &FileMeta) -> u64 {
         let ino = self.ino(&meta.path);
@@ -99,6 +117,7 @@ impl Inodes {
     /// Forgets the cached metadata of `path` (it changed or vanished).
     pub fn invalidate(&self, path: &RemotePath) {
         let mut maps = self.maps.lock().unwrap();
+        maps.changes += 1;
         if let Some(ino) = maps.by_path.get(path).copied()
             && let Some(node) = maps.by_ino.get_mut(&ino)
         {
@@ -108,7 +127,9 @@ impl Inodes {
 
     /// Forgets every cached metadata entry.
     pub fn invalidate_all(&self) {
-        for node in self.maps.lock().unwrap().by_ino.values_mut() {
+        let mut maps = self.maps.lock().unwrap();
+        maps.changes += 1;
+        for node in maps.by_ino.values_mut() {
             node.meta = None;
         }
     }
@@ -116,6 +137,7 @@ impl Inodes {
     /// Moves `from` and everything below it to `to`, keeping inode numbers.
     pub fn rename(&self, from: &RemotePath, to: &RemotePath) {
         let mut maps = self.maps.lock().unwrap();
+        maps.changes += 1;
         let moved: Vec<(RemotePath, u64)> = maps
             .by_path
             .iter()
@@ -147,6 +169,7 @@ impl Inodes {
     /// Forgets `path` (deleted); its inode number is not reused.
     pub fn remove(&self, path: &RemotePath) {
         let mut maps = self.maps.lock().unwrap();
+        maps.changes += 1;
         if let Some(ino) = maps.by_path.remove(path) {
             maps.by_ino.remove(&ino);
         }
@@ -159,6 +182,29 @@ mod tests {
 
     fn p(s: &str) -> RemotePath {
         s.parse().unwrap()
+    }
+
+    #[test]
+    fn an_answer_from_before_a_rename_is_not_cached_after_it() {
+        let t = Inodes::new(Duration::from_secs(60));
+        let meta = FileMeta {
+            path: p("d/config.lock"),
+            kind: crate::protocol::EntryKind::File,
+            size: 1,
+            mtime: None,
+            etag: Some("e".into()),
+        };
+        t.remember(&meta);
+        // A getattr asks the server about the lock file; meanwhile it is
+        // renamed over `config`, and only then does the answer arrive.
+        let asked_at = t.version();
+        t.rename(&p("d/config.lock"), &p("d/config"));
+        let ino = t.remember_unless_changed(&meta, asked_at);
+        assert_eq!(t.fresh_meta(ino), None, "the old name came back");
+        // Nothing changed meanwhile: cached as usual.
+        let asked_at = t.version();
+        let ino = t.remember_unless_changed(&meta, asked_at);
+        assert_eq!(t.fresh_meta(ino), Some(meta));
     }
 
     #[test]

@@ -24,6 +24,25 @@ struct Node {
     meta: Option<(FileMeta, Instant)>,
 }
 
+impl Maps {
+    fn ino(&mut self, path: &RemotePath) -> u64 {
+        if let Some(ino) = self.by_path.get(path) {
+            return *ino;
+        }
+        let ino = self.next;
+        self.next += 1;
+        self.by_path.insert(path.clone(), ino);
+        self.by_ino.insert(
+            ino,
+            Node {
+                path: path.clone(),
+                meta: None,
+            },
+        );
+        ino
+    }
+}
+
 /// The inode table of one mount.
 pub struct Inodes {
     maps: Mutex<Maps>,
@@ -52,21 +71,7 @@ impl Inodes {
 
     /// The inode of `path`, assigning one on first sight.
     pub fn ino(&self, path: &RemotePath) -> u64 {
-        let mut maps = self.maps.lock().unwrap();
-        if let Some(ino) = maps.by_path.get(path) {
-            return *ino;
-        }
-        let ino = maps.next;
-        maps.next += 1;
-        maps.by_path.insert(path.clone(), ino);
-        maps.by_ino.insert(
-            ino,
-            Node {
-                path: path.clone(),
-                meta: None,
-            },
-        );
-        ino
+        self.maps.lock().unwrap().ino(path)
     }
 
     /// The inode of `path` if one was assigned.
@@ -92,19 +97,20 @@ impl Inodes {
     /// caches nothing if the namespace changed meanwhile: a `stat` of a file
     /// renamed away while it was in flight must not bring the old name back.
     pub fn remember_unless_changed(&self, meta: &FileMeta, version: u64) -> u64 {
-        if self.version() != version {
-            return self.ino(&meta.path);
+        let mut maps = self.maps.lock().unwrap();
+        let ino = maps.ino(&meta.path);
+        if maps.changes == version
+            && let Some(node) = maps.by_ino.get_mut(&ino)
+        {
+            node.meta = Some((meta.clone(), Instant::now()));
         }
-        self.remember(meta)
+        ino
     }
 
     /// Remembers `meta` for its path and returns the path's inode.
     pub fn remember(&self, meta: &FileMeta) -> u64 {
-        let ino = self.ino(&meta.path);
-        if let Some(node) = self.maps.lock().unwrap().by_ino.get_mut(&ino) {
-            node.meta = Some((meta.clone(), Instant::now()));
-        }
-        ino
+        let version = self.version();
+        self.remember_unless_changed(meta, version)
     }
 
     /// The cached metadata of `ino`, if still fresh.

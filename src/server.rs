@@ -48,6 +48,7 @@ pub use store::Store;
 use store::uploads::UploadSessions;
 use tokio_util::sync::CancellationToken;
 
+use crate::protocol::FileMeta;
 use crate::protocol::upload::MAX_CHUNK_SIZE;
 
 /// Largest body accepted by default: S3's largest object.
@@ -161,6 +162,19 @@ impl AppState {
 
     fn uploads(&self) -> &UploadSessions {
         &self.inner.uploads
+    }
+
+    /// Commits an upload session in a task of its own, so that a client
+    /// dropping the request or its WebSocket cannot cut a commit short.
+    async fn complete_upload(
+        &self,
+        id: &str,
+        sha256: Option<String>,
+    ) -> crate::error::Result<FileMeta> {
+        let (app, id) = (self.clone(), id.to_owned());
+        tokio::spawn(async move { app.uploads().complete(&id, sha256).await })
+            .await
+            .map_err(|e| Error::Storage(format!("commit task failed: {e}")))?
     }
 
     fn store(&self) -> &Store {

@@ -429,6 +429,99 @@ async fn sessions_survive_a_restart_and_are_shared_by_nodes() {
     assert!(third.get_bytes("shared.bin").await.1 == data);
 }
 
+/// A server killed inside `complete`, after the staged file was moved into
+/// place and before the session said so: the next server reports the
+/// session committed, and a repeated `complete` answers as for a commit.
+#[tokio::test]
+async fn a_commit_cut_short_by_a_kill_is_recognised_after_a_restart() {
+    let tmp = tempfile::tempdir().unwrap();
+    let store = tmp.path().join("store");
+    let first = Server::start_on(store.to_str().unwrap(), &[]);
+    let data = random_bytes(2 * MIB);
+    let id = session(&first, "cut.bin", &data, MIB).await;
+    for n in 0..2 {
+        assert_eq!(put_chunk(&first, &id, n, &data, MIB).await, 204);
+    }
+    drop(first);
+    // What the killed server had done: the commit noted, the rename made.
+    let dir = store.join(format!(".ferry/uploads/{id}"));
+    let mut manifest: Value =
+        serde_json::from_slice(&std::fs::read(dir.join("manifest.json")).unwrap()).unwrap();
+    assert_eq!(manifest["state"], "open");
+    manifest["committing"] = json!({"replaces": false});
+    std::fs::write(dir.join("manifest.json"), manifest.to_string()).unwrap();
+    std::fs::rename(dir.join("data"), store.join("cut.bin")).unwrap();
+
+    let second = Server::start_on(store.to_str().unwrap(), &[]);
+    let (code, st) = status(&second, &id).await;
+    assert_eq!(code, 200, "{st}");
+    assert_eq!(st["state"], "committed", "{st}");
+    assert_eq!(st["meta"]["size"], 2 * MIB, "{st}");
+    let (code, meta) = complete(&second, &id).await;
+    assert_eq!(code, 200, "{meta}");
+    assert_eq!(meta["etag"], st["meta"]["etag"]);
+    assert!(second.get_bytes("cut.bin").await.1 == data);
+    assert!(!dir.join("chunks").exists(), "the chunk map is left behind");
+}
+
+/// A session whose staged data vanished (not by a commit) is reported gone,
+/// so a client starts a new session instead of retrying a server error.
+#[tokio::test]
+async fn a_session_without_its_staged_data_is_gone() {
+    let s = Server::start();
+    let data = random_bytes(MIB);
+    let id = session(&s, "lost.bin", &data, MIB).await;
+    assert_eq!(put_chunk(&s, &id, 0, &data, MIB).await, 204);
+    let dir = s
+        .store_dir
+        .as_ref()
+        .unwrap()
+        .join(format!(".ferry/uploads/{id}"));
+    std::fs::remove_file(dir.join("data")).unwrap();
+    std::fs::remove_file(dir.join("chunks")).unwrap();
+    let (code, body) = complete(&s, &id).await;
+    assert_eq!(code, 404, "{body}");
+    assert_eq!(status(&s, &id).await.0, 404);
+    assert_eq!(s.get_bytes("lost.bin").await.0, 404);
+}
+
+/// A client that gives up on `complete` (its request dropped mid-commit)
+/// does not cut the commit short: it finishes and the session says so.
+#[tokio::test]
+async fn a_dropped_complete_request_still_commits_whole() {
+    let tmp = tempfile::tempdir().unwrap();
+    let store = tmp.path().join("store");
+    let first = Server::start_on(store.to_str().unwrap(), &[]);
+    let data = random_bytes(64 * MIB);
+    let id = session(&first, "dropped.bin", &data, 8 * MIB).await;
+    for n in 0..8 {
+        assert_eq!(put_chunk(&first, &id, n, &data, 8 * MIB).await, 204);
+    }
+    // A restarted server hashes the staged file again on complete, which
+    // keeps the commit busy long enough to drop the request during it.
+    drop(first);
+    let s = Server::start_on(store.to_str().unwrap(), &[]);
+    let impatient = reqwest::Client::builder()
+        .timeout(Duration::from_millis(30))
+        .build()
+        .unwrap();
+    let sent = impatient
+        .post(format!("{}/v1/uploads/{id}/complete", s.url))
+        .send()
+        .await;
+    assert!(sent.is_err(), "the commit finished within 30 ms: {sent:?}");
+    let mut last = Value::Null;
+    for _ in 0..200 {
+        last = status(&s, &id).await.1;
+        if last["state"] == "committed" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(last["state"], "committed", "{last}");
+    assert!(s.get_bytes("dropped.bin").await.1 == data);
+}
+
 #[tokio::test]
 async fn expired_sessions_are_collected() {
     let s = Server::start_with(Backend::Local, &["--upload-ttl", "1", "--gc-interval", "1"]);

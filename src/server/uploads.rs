@@ -120,7 +120,7 @@ pub async fn complete(
     ApiJsonOrEmpty(body): ApiJsonOrEmpty<CompleteUpload>,
 ) -> Result<Json<FileMeta>> {
     authorize(&app, &grant, &id).await?;
-    Ok(Json(app.uploads().complete(&id, body.sha256).await?))
+    Ok(Json(app.complete_upload(&id, body.sha256).await?))
 }
 
 pub async fn abort(

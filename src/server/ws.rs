@@ -440,7 +440,7 @@ impl Connection {
             .await
             .expect("never closed");
         drop(all);
-        let reply = match self.app.uploads().complete(&upload.id, sha256).await {
+        let reply = match self.app.complete_upload(&upload.id, sha256).await {
             Ok(meta) => {
                 self.channels.lock().unwrap().remove(&ch);
                 ServerMessage::Done { ch, meta }

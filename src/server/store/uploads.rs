@@ -21,7 +21,7 @@ use futures::stream::BoxStream;
 use object_store::{ObjectMeta, ObjectStoreExt};
 
 use self::local_staging::LocalStaging;
-use self::manifest::{Manifest, StagingRecord, UPLOADS_PREFIX};
+use self::manifest::{Committing, Manifest, StagingRecord, UPLOADS_PREFIX};
 use self::multipart_staging::MultipartStaging;
 use self::running_digest::RunningDigest;
 use super::{Store, keys};
@@ -203,6 +203,7 @@ impl UploadSessions {
             state: UploadState::Open,
             result: None,
             owner: owner.map(str::to_owned),
+            committing: None,
         };
         manifest::write(&self.store, &manifest).await?;
         self.open.lock().unwrap().insert(
@@ -293,7 +294,11 @@ impl UploadSessions {
     }
 
     pub async fn status(&self, id: &str) -> Result<UploadStatus> {
-        let manifest = self.fresh_manifest(id).await?;
+        let mut manifest = self.fresh_manifest(id).await?;
+        if manifest.committing.is_some() && manifest.state == UploadState::Open {
+            let _guard = self.completion_lock(id).await;
+            manifest = self.settle_commit(self.fresh_manifest(id).await?).await?;
+        }
         let layout = manifest.layout();
         let received = match manifest.state {
             UploadState::Committed => (0..layout.chunk_count()).collect(),
@@ -320,15 +325,9 @@ impl UploadSessions {
     /// given at creation.
     pub async fn complete(&self, id: &str, sha256: Option<String>) -> Result<FileMeta> {
         let given = parse_sha256(sha256)?;
-        let lock = self
-            .completing
-            .lock()
-            .unwrap()
-            .entry(id.to_owned())
-            .or_default()
-            .clone();
-        let _guard = lock.lock().await;
-        let mut manifest = (*self.fresh_manifest(id).await?).clone();
+        let _guard = self.completion_lock(id).await;
+        let settled = self.settle_commit(self.fresh_manifest(id).await?).await?;
+        let mut manifest = (*settled).clone();
         if let Some(meta) = &manifest.result {
             return Ok(meta.clone());
         }
@@ -366,6 +365,10 @@ impl UploadSessions {
             self.check_if_match(&manifest.path, expected).await?;
         }
         let existed = self.store.try_head_file(&manifest.path).await?.is_some();
+        if matches!(manifest.staging, StagingRecord::LocalFile) {
+            manifest.committing = Some(Committing { replaces: existed });
+            manifest::write(&self.store, &manifest).await?;
+        }
         let committed = match &manifest.staging {
             StagingRecord::LocalFile => self.commit_local(&manifest).await,
             StagingRecord::Multipart { key, upload_id } => {
@@ -382,21 +385,74 @@ impl UploadSessions {
             Err(e) => return Err(e),
         }
         let meta = self.store.head_file(&manifest.path).await?;
-        self.store.feed.written(&meta, existed);
-        manifest.state = UploadState::Committed;
-        manifest.result = Some(meta.clone());
-        self.open.lock().unwrap().remove(id);
-        manifest::write(&self.store, &manifest).await?;
-        self.manifests
-            .lock()
-            .unwrap()
-            .insert(id.to_owned(), Arc::new(manifest));
+        self.record_committed(manifest, meta.clone(), existed)
+            .await?;
         if self.local_staging(id).is_none() {
             // Part records; the manifest stays so a repeated `complete` answers.
             self.delete_session_objects(id, |key| !key.ends_with("manifest.json"))
                 .await?;
         }
         Ok(meta)
+    }
+
+    /// Marks the session committed as `meta` and announces the change.
+    async fn record_committed(
+        &self,
+        mut manifest: Manifest,
+        meta: FileMeta,
+        existed: bool,
+    ) -> Result<Arc<Manifest>> {
+        self.store.feed.written(&meta, existed);
+        manifest.state = UploadState::Committed;
+        manifest.result = Some(meta);
+        manifest.committing = None;
+        self.open.lock().unwrap().remove(&manifest.id);
+        manifest::write(&self.store, &manifest).await?;
+        let manifest = Arc::new(manifest);
+        self.manifests
+            .lock()
+            .unwrap()
+            .insert(manifest.id.clone(), manifest.clone());
+        Ok(manifest)
+    }
+
+    /// Serialises the commit of one session within this node.
+    async fn completion_lock(&self, id: &str) -> tokio::sync::OwnedMutexGuard<()> {
+        let lock = self
+            .completing
+            .lock()
+            .unwrap()
+            .entry(id.to_owned())
+            .or_default()
+            .clone();
+        lock.lock_owned().await
+    }
+
+    /// Finishes the record of a commit cut short (the server killed) after
+    /// the staged file was moved into place and before the manifest said
+    /// so. The move is one rename, so a session marked committing whose
+    /// staged data is gone was committed. Call with the completion lock.
+    async fn settle_commit(&self, manifest: Arc<Manifest>) -> Result<Arc<Manifest>> {
+        let (Some(committing), UploadState::Open, Some(staging)) = (
+            &manifest.committing,
+            manifest.state,
+            self.local_staging(&manifest.id),
+        ) else {
+            return Ok(manifest);
+        };
+        if staging.has_data().await? {
+            return Ok(manifest);
+        }
+        let Some(meta) = self.store.try_head_file(&manifest.path).await? else {
+            return Ok(manifest);
+        };
+        tracing::info!(upload = manifest.id, path = %manifest.path, "recorded a commit that was cut short");
+        let replaces = committing.replaces;
+        let settled = self
+            .record_committed((*manifest).clone(), meta, replaces)
+            .await?;
+        let _ = staging.remove_map().await;
+        Ok(settled)
     }
 
     async fn commit_local(&self, manifest: &Manifest) -> Result<()> {
@@ -573,7 +629,10 @@ impl UploadSessions {
             Ok(m) if m.state == UploadState::Committed => {
                 Error::Conflict(format!("upload {id} is already committed"))
             }
-            Ok(_) => Error::Storage(format!("staged data of upload {id} is missing")),
+            // Nothing can complete it: the client starts a new session.
+            Ok(_) => Error::NotFound(format!(
+                "upload {id} (its staged data is missing; start a new session)"
+            )),
             Err(e) => e,
         }
     }

@@ -33,6 +33,17 @@ impl LocalStaging {
         self.dir.join("data")
     }
 
+    /// Whether the staged data is still here (not yet moved into place).
+    pub async fn has_data(&self) -> Result<bool> {
+        let data = self.data();
+        blocking(move || match std::fs::symlink_metadata(&data) {
+            Ok(_) => Ok(true),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
+            Err(e) => Err(Error::io("looking for staged data")(e)),
+        })
+        .await
+    }
+
     fn map(&self) -> PathBuf {
         self.dir.join("chunks")
     }
@@ -174,6 +185,18 @@ impl LocalStaging {
             sync_dir(parent)?;
             let _ = std::fs::remove_file(&map);
             Ok(())
+        })
+        .await
+    }
+
+    /// Drops the chunk map left by a commit cut short.
+    pub async fn remove_map(&self) -> Result<()> {
+        let map = self.map();
+        blocking(move || match std::fs::remove_file(&map) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                Err(Error::io("removing the chunk map")(e))
+            }
+            _ => Ok(()),
         })
         .await
     }

@@ -35,6 +35,17 @@ pub struct Manifest {
     /// The token that created the session; only it may use the session.
     #[serde(default)]
     pub owner: Option<String>,
+    /// Written just before the staged file is moved into place, so that a
+    /// commit cut short after the move is recognised (see `settle_commit`).
+    #[serde(default)]
+    pub committing: Option<Committing>,
+}
+
+/// A commit under way.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Committing {
+    /// Whether the target existed before (for the change feed).
+    pub replaces: bool,
 }
 
 /// How the chunks of a session are staged.

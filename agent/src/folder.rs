@@ -11,14 +11,14 @@ use anyhow::{Context, Result};
 use crossbeam_channel::{Receiver, Sender};
 use crossbeam_utils::sync::WaitGroup;
 use ferry::client::retry::RetryPolicy;
-use ferry::protocol::ErrorCode;
 use ferry::protocol::upload::UploadState;
+use ferry::protocol::{ErrorCode, FileMeta};
 use futures::StreamExt;
 use tokio::runtime::Handle;
 use tokio_util::sync::CancellationToken;
 
 use crate::filter::{Filter, IGNORE_FILE};
-use crate::journal::{Journal, Record, now_text};
+use crate::journal::{Journal, PendingMove, Record, now_text};
 use crate::memory;
 use crate::pipeline::{Outcome, Pass, Pipeline};
 use crate::plan::{Candidate, Move, RemoteFile, plan, under};
@@ -284,7 +284,9 @@ impl Folder {
             if !to_path || p.session_id.is_empty() {
                 continue;
             }
-            let Ok(status) = self.rt.block_on(self.remote.upload_status(&p.session_id)) else {
+            let status = self.rt.block_on(self.remote.upload_status(&p.session_id));
+            tracing::debug!(path = p.path, session = p.session_id, status = ?status.as_ref().map(|s| s.state), "upload left by the last run");
+            let Ok(status) = status else {
                 continue;
             };
             let (UploadState::Committed, Some(etag)) =
@@ -306,6 +308,70 @@ impl Folder {
                 Err(e) => tracing::warn!(path = p.path, error = %e, "writing the journal failed"),
             }
         }
+    }
+
+    /// A server-side rename, noted in the journal first: a run killed before
+    /// it records the result leaves the note for the next start to settle.
+    /// The caller moves the journal's records on success, which clears it.
+    pub fn rename_on_server(&self, from: &str, to: &str, dir: bool) -> Result<FileMeta> {
+        self.journal.begin_move(&PendingMove {
+            from: from.to_owned(),
+            to: to.to_owned(),
+            dir,
+        })?;
+        let renamed = self.rt.block_on(self.remote.rename(from, to, dir));
+        if renamed.is_err() {
+            self.journal.clear_move(from)?;
+        }
+        Ok(renamed?)
+    }
+
+    /// Settles the renames a stopped or killed run sent and could not
+    /// record. The server made one if its source is gone and its target is
+    /// there; the journal then follows, so later local changes of those files
+    /// are passed on. Otherwise it was never made and is forgotten.
+    fn record_made_renames(&self) {
+        let Ok(moves) = self.journal.pending_moves() else {
+            return;
+        };
+        for m in moves {
+            let (Ok(source), Ok(target)) = (
+                self.rt.block_on(self.remote.index(&m.from)),
+                self.rt.block_on(self.remote.index(&m.to)),
+            ) else {
+                continue;
+            };
+            let made = source.is_empty() && !target.is_empty();
+            let result = if made {
+                self.journal
+                    .rename(&m.from, &m.to)
+                    .and_then(|()| self.set_etags(&target))
+            } else {
+                self.journal.clear_move(&m.from)
+            };
+            match result {
+                Ok(()) if made => tracing::info!(
+                    from = m.from,
+                    to = m.to,
+                    "recorded a rename made before the last stop"
+                ),
+                Ok(()) => {}
+                Err(e) => tracing::warn!(path = m.from, error = %e, "writing the journal failed"),
+            }
+        }
+    }
+
+    /// Takes the etags of the files at or below `scope` from the server.
+    fn refresh_etags(&self, scope: &str) -> Result<()> {
+        let listed = self.rt.block_on(self.remote.index(scope))?;
+        self.set_etags(&listed)
+    }
+
+    fn set_etags(&self, files: &BTreeMap<String, RemoteFile>) -> Result<()> {
+        for (path, file) in files {
+            self.journal.set_etag(path, &file.etag)?;
+        }
+        Ok(())
     }
 
     /// Checks a candidate against the present, now that its path is busy
@@ -357,20 +423,20 @@ impl Folder {
                 .values()
                 .filter(|r| under(&r.path, &m.from))
                 .collect();
-            let renamed = self.rt.block_on(self.remote.rename(&m.from, &m.to, m.dir));
-            let result = renamed.map_err(anyhow::Error::from).and_then(|meta| {
-                self.journal.rename(&m.from, &m.to)?;
-                if m.dir {
-                    // Etags survive a rename on some stores and not on others.
-                    let listed = self.rt.block_on(self.remote.index(&m.to))?;
-                    for (path, file) in listed {
-                        self.journal.set_etag(&path, &file.etag)?;
+            let result = self
+                .rename_on_server(&m.from, &m.to, m.dir)
+                .and_then(|meta| {
+                    self.journal.rename(&m.from, &m.to)?;
+                    if m.dir {
+                        self.refresh_etags(&m.to)
+                    } else {
+                        // Etags survive a rename on some stores and not on others.
+                        if let Some(etag) = meta.etag {
+                            self.journal.set_etag(&m.to, &etag)?;
+                        }
+                        Ok(())
                     }
-                } else if let Some(etag) = meta.etag {
-                    self.journal.set_etag(&m.to, &etag)?;
-                }
-                Ok(())
-            });
+                });
             match result {
                 Ok(()) => {
                     tracing::info!(
@@ -629,6 +695,7 @@ impl Folder {
         };
         if !self.dry_run {
             self.record_committed_sessions();
+            self.record_made_renames();
         }
         let never = crossbeam_channel::never();
         let events = watch.as_ref().map_or(&never, |w| &w.events);

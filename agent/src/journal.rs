@@ -48,6 +48,15 @@ pub struct Pending {
     pub sha256: String,
 }
 
+/// A server-side rename that was sent and not yet recorded: a run killed
+/// between the two leaves it here for the next start to settle.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PendingMove {
+    pub from: String,
+    pub to: String,
+    pub dir: bool,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ErrorEntry {
     pub at: String,
@@ -76,6 +85,11 @@ CREATE TABLE IF NOT EXISTS pending (
     mtime_ns INTEGER NOT NULL,
     inode INTEGER NOT NULL,
     sha256 TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS moves (
+    from_path TEXT PRIMARY KEY,
+    to_path TEXT NOT NULL,
+    dir INTEGER NOT NULL
 );
 CREATE TABLE IF NOT EXISTS errors (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -227,8 +241,39 @@ impl Journal {
                 params![from, to],
             )?;
         }
+        tx.execute("DELETE FROM moves WHERE from_path = ?1", [from])?;
         tx.commit()?;
         Ok(())
+    }
+
+    /// Notes a rename about to be sent to the server.
+    pub fn begin_move(&self, m: &PendingMove) -> Result<()> {
+        self.conn().execute(
+            "INSERT OR REPLACE INTO moves (from_path, to_path, dir) VALUES (?1, ?2, ?3)",
+            params![m.from, m.to, m.dir],
+        )?;
+        Ok(())
+    }
+
+    /// Forgets a rename the server did not make.
+    pub fn clear_move(&self, from: &str) -> Result<()> {
+        self.conn()
+            .execute("DELETE FROM moves WHERE from_path = ?1", [from])?;
+        Ok(())
+    }
+
+    /// Renames sent and not recorded, oldest first.
+    pub fn pending_moves(&self) -> Result<Vec<PendingMove>> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare("SELECT from_path, to_path, dir FROM moves ORDER BY rowid")?;
+        let rows = stmt.query_map([], |row| {
+            Ok(PendingMove {
+                from: row.get(0)?,
+                to: row.get(1)?,
+                dir: row.get(2)?,
+            })
+        })?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
     }
 
     pub fn set_etag(&self, path: &str, etag: &str) -> Result<()> {
@@ -390,6 +435,27 @@ mod tests {
         );
         let under: Vec<String> = j.records_under("c/d").unwrap().into_keys().collect();
         assert_eq!(under, ["c/d", "c/d/b/y", "c/d/x"]);
+    }
+
+    #[test]
+    fn a_recorded_rename_settles_its_intent() {
+        let j = Journal::in_memory().unwrap();
+        j.commit(&record("a", 1)).unwrap();
+        for (from, to) in [("a", "b"), ("c", "d")] {
+            j.begin_move(&PendingMove {
+                from: from.into(),
+                to: to.into(),
+                dir: false,
+            })
+            .unwrap();
+        }
+        j.rename("a", "b").unwrap();
+        let left = j.pending_moves().unwrap();
+        assert_eq!(left.len(), 1);
+        assert_eq!((left[0].from.as_str(), left[0].to.as_str()), ("c", "d"));
+        j.clear_move("c").unwrap();
+        assert!(j.pending_moves().unwrap().is_empty());
+        assert!(j.record("b").unwrap().is_some());
     }
 
     #[test]

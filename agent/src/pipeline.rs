@@ -402,45 +402,40 @@ fn run_transfer(folder: &Arc<Folder>, work: Work) {
                 tracing::error!(path = record.path, error = %e, "writing the journal failed");
             }
         }
-        Work::Rename { from, to, stamp } => {
-            match folder
-                .rt
-                .block_on(folder.remote.rename(&from.path, &to, false))
-            {
-                Ok(meta) => {
-                    let moved = Record {
-                        path: to.clone(),
-                        stamp,
-                        etag: meta.etag.unwrap_or_else(|| from.etag.clone()),
-                        sha256: from.sha256.clone(),
-                    };
-                    let saved = folder
-                        .journal
-                        .forget(&from.path)
-                        .and_then(|()| folder.journal.commit(&moved));
-                    if let Err(e) = saved {
-                        tracing::error!(path = to, error = %e, "writing the journal failed");
-                    }
-                    tracing::info!(from = from.path, to, "renamed on the server (same content)");
+        Work::Rename { from, to, stamp } => match folder.rename_on_server(&from.path, &to, false) {
+            Ok(meta) => {
+                let moved = Record {
+                    path: to.clone(),
+                    stamp,
+                    etag: meta.etag.unwrap_or_else(|| from.etag.clone()),
+                    sha256: from.sha256.clone(),
+                };
+                let saved = folder
+                    .journal
+                    .rename(&from.path, &to)
+                    .and_then(|()| folder.journal.commit(&moved));
+                if let Err(e) = saved {
+                    tracing::error!(path = to, error = %e, "writing the journal failed");
                 }
-                Err(e) => {
-                    tracing::warn!(from = from.path, to, error = %e, "server-side rename failed; uploading instead");
-                    let pushed = upload(
-                        folder,
-                        Upload {
-                            path: to,
-                            stamp,
-                            sha256: Some(from.sha256.clone()),
-                            if_match: None,
-                            conflict_with: None,
-                        },
-                    );
-                    if pushed {
-                        delete_replaced(folder, &from);
-                    }
+                tracing::info!(from = from.path, to, "renamed on the server (same content)");
+            }
+            Err(e) => {
+                tracing::warn!(from = from.path, to, error = %e, "server-side rename failed; uploading instead");
+                let pushed = upload(
+                    folder,
+                    Upload {
+                        path: to,
+                        stamp,
+                        sha256: Some(from.sha256.clone()),
+                        if_match: None,
+                        conflict_with: None,
+                    },
+                );
+                if pushed {
+                    delete_replaced(folder, &from);
                 }
             }
-        }
+        },
         Work::Upload(u) => {
             upload(folder, u);
         }

@@ -223,3 +223,56 @@ async fn a_session_committed_just_before_a_kill_is_recorded_as_ours() {
         "the delete was not passed on:\n{log}"
     );
 }
+
+/// A run killed after the server renamed a file or a directory and before
+/// the journal followed: the next start sees the rename made and records it,
+/// so a later local delete of the renamed files reaches the server.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rename_made_just_before_a_kill_is_recorded_as_ours() {
+    let tmp = tempfile::tempdir().unwrap();
+    let server = Server::start(&tmp.path().join("store"));
+    let agent = Agent::new(&tmp.path().join("folder"), &server, "killed");
+    write(&agent.dir, "doc.txt", b"a file");
+    write(&agent.dir, "dir/inner.txt", b"a file in a directory");
+    age(&agent.path("doc.txt"));
+    age(&agent.path("dir/inner.txt"));
+    agent.once_ok(&[]);
+
+    // What the killed run did: both renames noted, sent and made, and
+    // nothing recorded after that.
+    let client = server.client();
+    let db = rusqlite::Connection::open(agent.state_db()).unwrap();
+    for (from, to, dir) in [("doc.txt", "moved.txt", false), ("dir", "moved-dir", true)] {
+        std::fs::rename(agent.path(from), agent.path(to)).unwrap();
+        client
+            .rename(&ferry::protocol::MoveRequest {
+                from: ferry::protocol::RemotePath::parse(&format!("killed/{from}")).unwrap(),
+                to: ferry::protocol::RemotePath::parse(&format!("killed/{to}")).unwrap(),
+                overwrite: false,
+                recursive: dir,
+            })
+            .await
+            .unwrap();
+        db.execute(
+            "INSERT INTO moves (from_path, to_path, dir) VALUES (?1, ?2, ?3)",
+            rusqlite::params![from, to, dir],
+        )
+        .unwrap();
+    }
+    drop(db);
+
+    std::fs::remove_file(agent.path("moved.txt")).unwrap();
+    std::fs::remove_dir_all(agent.path("moved-dir")).unwrap();
+    let log = agent.once_ok(&["--max-delete", "2"]);
+    assert_eq!(
+        log.matches("recorded a rename made before the last stop")
+            .count(),
+        2,
+        "{log}"
+    );
+    let left = harness::remote_listing(&client, "killed").await;
+    assert!(
+        left.is_empty(),
+        "the deletes were not passed on: {left:?}\n{log}"
+    );
+}

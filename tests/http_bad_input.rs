@@ -345,3 +345,19 @@ async fn a_client_dropping_a_download_midway_does_not_kill_the_server() {
     );
     assert_eq!(server.get_bytes("big.bin").await.1.len(), 8 << 20);
 }
+
+/// A request head larger than the server buffers (64 KiB) is refused with
+/// 431 and the server keeps serving; one just under it is answered.
+#[tokio::test]
+async fn an_oversized_request_head_is_431() {
+    let server = Server::start();
+    server.put("f.txt", "x").await;
+    let request = |filler: usize| {
+        format!(
+            "GET /v1/files/f.txt HTTP/1.1\r\nHost: t\r\nX-Filler: {}\r\nConnection: close\r\n\r\n",
+            "a".repeat(filler)
+        )
+    };
+    assert_eq!(server.raw(request(70 * 1024).as_bytes()).status, 431);
+    assert_eq!(server.raw(request(32 * 1024).as_bytes()).status, 200);
+}

@@ -21,6 +21,14 @@ use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 use tower::ServiceExt;
 
+/// Bytes of response body hyper may queue per HTTP/1 connection before it
+/// waits for the socket (its default is about 400 KiB). A file body arrives
+/// in 192 KiB reads that are usually ready at once, so the default let every
+/// slow download hold two or three of them: 200 concurrent streams peaked
+/// near 125 MiB, against about 60 MiB with this bound. Also the largest
+/// request head accepted (431 beyond it).
+const HTTP1_MAX_BUF: usize = 64 * 1024;
+
 /// How connections are accepted.
 #[derive(Clone)]
 pub struct Listening {
@@ -61,7 +69,8 @@ pub async fn serve(
     builder
         .http1()
         .timer(TokioTimer::new())
-        .header_read_timeout(listening.header_timeout);
+        .header_read_timeout(listening.header_timeout)
+        .max_buf_size(HTTP1_MAX_BUF);
     builder
         .http2()
         .timer(TokioTimer::new())

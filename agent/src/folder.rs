@@ -320,8 +320,11 @@ impl Folder {
             dir,
         })?;
         let renamed = self.rt.block_on(self.remote.rename(from, to, dir));
-        if renamed.is_err() {
-            self.journal.clear_move(from)?;
+        if renamed.is_err()
+            && let Err(e) = self.journal.clear_move(from)
+        {
+            // The note stays; the next start finds the source still there.
+            tracing::warn!(path = from, error = %e, "writing the journal failed");
         }
         Ok(renamed?)
     }

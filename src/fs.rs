@@ -10,6 +10,7 @@ mod disk_cache;
 mod fuse;
 pub mod inodes;
 mod invalidate;
+mod kernel_readahead;
 pub mod pending;
 pub mod readahead;
 mod staging;
@@ -62,6 +63,7 @@ impl Mount {
         config.n_threads = Some(2);
         let session = fuser::spawn_mount(filesystem, mountpoint, &config)
             .map_err(Error::io(format!("mounting at {}", mountpoint.display())))?;
+        kernel_readahead::raise(mountpoint);
         let watcher = Watcher::start(&client, &RemotePath::root());
         let invalidator = tokio::spawn(invalidate::run(core.clone(), session.notifier(), watcher));
         Ok(Mount {

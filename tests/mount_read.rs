@@ -44,6 +44,39 @@ fn a_1_gib_file_reads_back_identically() {
     assert_eq!(sha_of_reader(file), expected);
 }
 
+/// The kernel offers FUSE only 128 KiB of readahead; the mount raises its
+/// device's to a whole block, so sequential reads arrive in 1 MiB requests.
+#[test]
+fn the_mount_raises_the_kernels_readahead_to_a_block() {
+    use std::os::unix::fs::MetadataExt;
+    if !fuse_available() || !harness::mount::is_root() {
+        return;
+    }
+    let server = Server::start();
+    store_file(&server, "seq.bin", &random_bytes(4 * MIB));
+    let mount = MountProc::start(&server, &[]);
+    let dev = std::fs::metadata(mount.at("")).unwrap().dev();
+    let (major, minor) = (
+        ((dev >> 8) & 0xfff) | ((dev >> 32) & !0xfff),
+        (dev & 0xff) | ((dev >> 12) & !0xff),
+    );
+    let setting = format!("/sys/class/bdi/{major}:{minor}/read_ahead_kb");
+    let raised = eventually(Duration::from_secs(5), || {
+        std::fs::read_to_string(&setting).is_ok_and(|kb| kb.trim() == "1024")
+    });
+    assert!(
+        raised,
+        "{setting} is {:?}",
+        std::fs::read_to_string(&setting)
+    );
+    let mut data = Vec::new();
+    std::fs::File::open(mount.at("seq.bin"))
+        .unwrap()
+        .read_to_end(&mut data)
+        .unwrap();
+    assert_eq!(data.len(), 4 * MIB);
+}
+
 #[test]
 fn concurrent_readers_of_one_file_and_of_fifty_files() {
     if !fuse_available() {

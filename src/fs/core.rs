@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use futures::FutureExt;
 use tokio::sync::Semaphore;
 
@@ -321,7 +321,7 @@ impl MountCore {
             }
             return Ok(data);
         }
-        let mut out = BytesMut::with_capacity((end - offset) as usize);
+        let mut pieces = Vec::with_capacity((last - first + 1) as usize);
         for block in first..=last {
             let data = self.block(&handle.meta, block).await.map_err(|e| {
                 tracing::warn!(path = %handle.meta.path, block, error = %e.message, "read failed");
@@ -334,9 +334,14 @@ impl MountCore {
                 // The server sent less than the size promised.
                 return Err(errno::EIO);
             }
-            out.extend_from_slice(&data[from as usize..to as usize]);
+            pieces.push(data.slice(from as usize..to as usize));
         }
-        Ok(out.freeze())
+        // A read inside one block (most are) is a view of the cached block,
+        // not a copy.
+        Ok(match <[Bytes; 1]>::try_from(pieces) {
+            Ok([one]) => one,
+            Err(pieces) => pieces.concat().into(),
+        })
     }
 
     fn block_key(meta: &FileMeta, block: u64) -> BlockKey {

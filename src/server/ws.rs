@@ -81,7 +81,24 @@ enum Binding {
 struct UploadChannel {
     id: String,
     layout: ChunkLayout,
-    received: Mutex<HashSet<u64>>,
+    received: Mutex<Received>,
+}
+
+/// The chunks of an upload acknowledged so far, and their bytes (kept as a
+/// running sum: a progress message per chunk must not cost a pass over all
+/// of them).
+#[derive(Default)]
+struct Received {
+    chunks: HashSet<u64>,
+    bytes: u64,
+}
+
+impl Received {
+    fn add(&mut self, index: u64, layout: &ChunkLayout) {
+        if self.chunks.insert(index) {
+            self.bytes += layout.chunk_len(index).unwrap_or(0);
+        }
+    }
 }
 
 type Channels = Arc<Mutex<HashMap<Channel, Binding>>>;
@@ -315,13 +332,18 @@ impl Connection {
             Ok(s) => s,
             Err(e) => return send(&self.out, api_error(Some(ch), &e, None)).await,
         };
+        let layout = ChunkLayout {
+            size: status.size,
+            chunk_size: status.chunk_size,
+        };
+        let mut received = Received::default();
+        for index in expand_runs(&status.received) {
+            received.add(index, &layout);
+        }
         let channel = Arc::new(UploadChannel {
             id: status.id.clone(),
-            layout: ChunkLayout {
-                size: status.size,
-                chunk_size: status.chunk_size,
-            },
-            received: Mutex::new(expand_runs(&status.received).collect()),
+            layout,
+            received: Mutex::new(received),
         });
         self.channels
             .lock()
@@ -407,9 +429,8 @@ impl Connection {
                     send(&out, ServerMessage::Ack { ch, index }).await;
                     let (chunks, bytes) = {
                         let mut received = upload.received.lock().unwrap();
-                        received.insert(index);
-                        let bytes: u64 = received.iter().filter_map(|i| layout.chunk_len(*i)).sum();
-                        (received.len() as u64, bytes)
+                        received.add(index, &layout);
+                        (received.chunks.len() as u64, received.bytes)
                     };
                     ServerMessage::Progress {
                         ch,
@@ -572,5 +593,25 @@ fn api_error(ch: Option<Channel>, e: &Error, index: Option<u64>) -> ServerMessag
         message: e.to_string(),
         index,
         missing,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn received_bytes_count_each_chunk_once() {
+        let layout = ChunkLayout {
+            size: 2 * 1024 + 100,
+            chunk_size: 1024,
+        };
+        let mut received = Received::default();
+        for index in [2, 0, 2, 0] {
+            received.add(index, &layout);
+        }
+        assert_eq!((received.chunks.len(), received.bytes), (2, 1124));
+        received.add(1, &layout);
+        assert_eq!(received.bytes, layout.size);
     }
 }

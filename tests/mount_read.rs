@@ -500,6 +500,42 @@ fn sigterm_unmounts_and_bad_mount_points_are_clear_errors() {
 }
 
 /// Total bytes of the regular files under `dir`.
+/// `fusermount3 -u`, the usual way to unmount, ends the mount process
+/// cleanly and without a warning.
+#[test]
+fn fusermount_unmounts_quietly() {
+    if !fuse_available() {
+        return;
+    }
+    let server = Server::start();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("mnt");
+    std::fs::create_dir_all(&path).unwrap();
+    let child = Command::new(env!("CARGO_BIN_EXE_ferry"))
+        .args(["mount", &server.url, path.to_str().unwrap(), "--foreground"])
+        .env("FERRY_LOG", "warn")
+        .env("FERRY_STATE_DIR", dir.path().join("state"))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    assert!(eventually(Duration::from_secs(15), || is_mounted(&path)));
+    let status = Command::new("fusermount3")
+        .arg("-u")
+        .arg(&path)
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{:?}: {stderr}", out.status);
+    assert!(stderr.contains("unmounted"), "{stderr}");
+    assert!(
+        !stderr.contains("WARN") && !stderr.contains("ERROR"),
+        "{stderr}"
+    );
+}
+
 fn bytes_under(dir: &Path) -> u64 {
     std::fs::read_dir(dir)
         .map(|entries| {

@@ -416,6 +416,41 @@ async fn namespace_changes_are_visible_both_ways() {
     );
 }
 
+/// With a long attribute TTL only the change feed can make a remote change
+/// visible at once: the kernel's cached entry, attributes and pages are
+/// dropped as the event arrives.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_change_feed_invalidates_the_kernels_caches() {
+    if !fuse_available() {
+        return;
+    }
+    let server = Server::start();
+    server.put("feed/n.txt", "first").await;
+    server.put("feed/old.txt", "x").await;
+    let mount = MountProc::start(&server, &["--attr-ttl", "600"]);
+    let file = mount.at("feed/n.txt");
+    assert_eq!(std::fs::read(&file).unwrap(), b"first");
+    assert!(mount.at("feed/old.txt").exists());
+    // Same length: only dropped pages can show the new bytes.
+    server.put("feed/n.txt", "later").await;
+    server
+        .op(
+            "rename",
+            serde_json::json!({"from": "feed/old.txt", "to": "feed/new.txt"}),
+        )
+        .await;
+    assert!(
+        eventually(Duration::from_secs(2), || std::fs::read(&file)
+            .is_ok_and(|b| b == b"later")),
+        "the mount still reads {:?}",
+        std::fs::read(&file)
+    );
+    assert!(eventually(Duration::from_secs(2), || !mount
+        .at("feed/old.txt")
+        .exists()
+        && mount.at("feed/new.txt").exists()));
+}
+
 #[test]
 fn unsupported_and_missing_give_honest_errnos() {
     if !fuse_available() {

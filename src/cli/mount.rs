@@ -44,6 +44,12 @@ pub struct MountArgs {
     /// Refuse every change through the mount.
     #[arg(long)]
     read_only: bool,
+    /// Seconds names and attributes are trusted without asking the server.
+    /// Changes made elsewhere reach the mount sooner, through the server's
+    /// change feed; the TTL bounds how stale they can be when the feed is
+    /// down.
+    #[arg(long, default_value_t = 1)]
+    attr_ttl: u64,
     /// Seconds a request keeps retrying an unreachable server before the
     /// filesystem call fails with EIO.
     #[arg(long, default_value_t = 10)]
@@ -135,7 +141,7 @@ pub async fn mount(args: MountArgs) -> anyhow::Result<()> {
         state_dir: Some(state),
         max_staging: args.max_staging,
         read_only,
-        ..MountOptions::default()
+        attr_ttl: Duration::from_secs(args.attr_ttl),
     };
     let mount = Mount::start(client, &mountpoint, options)?;
     if let Some(addr) = args.metrics_addr {

@@ -269,8 +269,8 @@ impl UploadSessions {
                 let staging = self.local_staging(id).expect("a local backend");
                 let digest = self.digests.lock().unwrap().get(id).cloned();
                 let written = staging.write_chunk(layout, index, check, body).await;
-                if let (Some(digest), Ok(())) = (digest, &written) {
-                    digest.written(index);
+                if let (Some(digest), Ok(bytes)) = (digest, &written) {
+                    digest.written(index, bytes);
                     // Off the request's path: the ack does not wait for hashing.
                     let data = staging.data();
                     tokio::task::spawn_blocking(move || {
@@ -279,7 +279,7 @@ impl UploadSessions {
                         }
                     });
                 }
-                written
+                written.map(drop)
             }
             StagingRecord::Multipart { key, upload_id } => {
                 MultipartStaging::new(&self.store, id, key, upload_id)

@@ -2,17 +2,21 @@
 //! rather than by re-reading the whole file at `complete`.
 //!
 //! After each chunk this node writes, the digest advances over every chunk
-//! now contiguous from the start, reading them back from the staged file (the
-//! page cache, usually). At `complete` only the chunks not yet covered are
-//! read. This is sound because local staging never rewrites an acknowledged
-//! chunk: bytes once hashed stay what the file holds.
+//! now contiguous from the start. A chunk's bytes are hashed from the
+//! buffers they arrived in when those are still held (up to
+//! [`HELD_LIMIT`] bytes of chunks waiting for earlier ones), otherwise read
+//! back from the staged file (the page cache, usually). At `complete` only
+//! the chunks not yet covered are read. This is sound because local staging
+//! never rewrites an acknowledged chunk: bytes once hashed stay what the
+//! file holds.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::sync::Mutex;
 
+use bytes::Bytes;
 use sha2::{Digest, Sha256};
 
 use crate::error::{Error, Result};
@@ -20,13 +24,23 @@ use crate::protocol::upload::ChunkLayout;
 
 /// Bytes hashed per read while advancing.
 const READ_PIECE: usize = 1 << 20;
+/// Bytes of written chunks held in memory until their turn to be hashed.
+const HELD_LIMIT: usize = 32 << 20;
 
 pub struct RunningDigest {
     layout: ChunkLayout,
-    /// Chunks durably written (by this node).
-    written: Mutex<BTreeSet<u64>>,
+    written: Mutex<Written>,
     /// Locked only on blocking threads, while hashing.
     hashed: Mutex<Hashed>,
+}
+
+#[derive(Default)]
+struct Written {
+    /// Chunks durably written (by this node).
+    chunks: BTreeSet<u64>,
+    /// The bytes of some of them, as they arrived.
+    held: BTreeMap<u64, Vec<Bytes>>,
+    held_bytes: usize,
 }
 
 struct Hashed {
@@ -47,21 +61,47 @@ impl RunningDigest {
         }
     }
 
-    /// After chunk `index` is durably written.
-    pub fn written(&self, index: u64) {
-        self.written.lock().unwrap().insert(index);
+    /// After chunk `index` is durably written; `bytes` are what was
+    /// written, in order (kept to hash from when they are the whole chunk).
+    pub fn written(&self, index: u64, bytes: &[Bytes]) {
+        let len: usize = bytes.iter().map(Bytes::len).sum();
+        let mut written = self.written.lock().unwrap();
+        if written.chunks.insert(index)
+            && self.layout.chunk_len(index) == Some(len as u64)
+            && written.held_bytes + len <= HELD_LIMIT
+        {
+            written.held_bytes += len;
+            written.held.insert(index, bytes.to_vec());
+        }
+    }
+
+    /// Whether chunk `index` is written, and its bytes if they are held.
+    fn take(&self, index: u64) -> (bool, Option<Vec<Bytes>>) {
+        let mut written = self.written.lock().unwrap();
+        let held = written.held.remove(&index);
+        if let Some(bytes) = &held {
+            written.held_bytes -= bytes.iter().map(Bytes::len).sum::<usize>();
+        }
+        (written.chunks.contains(&index), held)
     }
 
     /// Hashes the chunks now contiguous from the start (blocking I/O).
     pub fn advance(&self, data: &Path) -> Result<()> {
         let mut hashed = self.hashed.lock().unwrap();
-        let file = open(data)?;
+        let mut file = None;
         loop {
             let next = hashed.next;
-            if !self.written.lock().unwrap().contains(&next) {
-                return Ok(());
+            match self.take(next) {
+                (false, _) => return Ok(()),
+                (true, Some(bytes)) => bytes.iter().for_each(|b| hashed.hasher.update(b)),
+                (true, None) => {
+                    let file = match &mut file {
+                        Some(file) => file,
+                        None => file.insert(open(data)?),
+                    };
+                    hash_chunk(file, self.layout, next, &mut hashed.hasher)?;
+                }
             }
-            hash_chunk(&file, self.layout, next, &mut hashed.hasher)?;
             hashed.next += 1;
         }
     }
@@ -73,7 +113,10 @@ impl RunningDigest {
         let file = open(data)?;
         while hashed.next < self.layout.chunk_count() {
             let next = hashed.next;
-            hash_chunk(&file, self.layout, next, &mut hashed.hasher)?;
+            match self.take(next) {
+                (_, Some(bytes)) => bytes.iter().for_each(|b| hashed.hasher.update(b)),
+                _ => hash_chunk(&file, self.layout, next, &mut hashed.hasher)?,
+            }
             hashed.next += 1;
         }
         Ok(hex::encode(hashed.hasher.clone().finalize()))
@@ -127,9 +170,37 @@ mod tests {
         };
         let digest = RunningDigest::new(layout);
         for index in [1, 3, 0, 2] {
-            digest.written(index);
+            digest.written(index, &[]);
             digest.advance(&path).unwrap();
         }
+        let expected = hex::encode(Sha256::digest(&data));
+        assert_eq!(digest.finish(&path).unwrap(), expected);
+    }
+
+    #[test]
+    fn held_bytes_are_hashed_instead_of_the_files() {
+        let data: Vec<u8> = (0..10_000u32).map(|i| (i % 251) as u8).collect();
+        // The staged file differs from what arrived for chunks 0 and 1: the
+        // digest shows which bytes were hashed.
+        let mut on_disk = data.clone();
+        on_disk[10] ^= 1;
+        on_disk[3010] ^= 1;
+        let (_dir, path) = staged(&on_disk);
+        let layout = ChunkLayout {
+            size: data.len() as u64,
+            chunk_size: 3000,
+        };
+        let chunk = |i: usize| {
+            let bytes = Bytes::copy_from_slice(&data[i * 3000..((i + 1) * 3000).min(data.len())]);
+            vec![bytes.slice(..1000), bytes.slice(1000..)]
+        };
+        let digest = RunningDigest::new(layout);
+        digest.written(1, &chunk(1));
+        digest.written(0, &chunk(0));
+        digest.advance(&path).unwrap();
+        // Chunk 2 held, chunk 3 (the file's, unchanged there) not.
+        digest.written(2, &chunk(2));
+        digest.written(3, &[]);
         let expected = hex::encode(Sha256::digest(&data));
         assert_eq!(digest.finish(&path).unwrap(), expected);
     }

@@ -473,3 +473,63 @@ async fn a_stopped_upload_finishes_its_chunks_in_flight_and_resumes_later() {
     assert_eq!(report.resumed_bytes, status.bytes_received);
     assert_eq!(server.get_bytes("video.bin").await.1, data);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_file_changed_during_its_upload_is_not_committed() {
+    use ferry::client::upload::Transport;
+    let tmp = tempfile::tempdir().unwrap();
+    let server = Server::start();
+    let (local, _) = write_random(tmp.path(), "notes.bin", 8 * MIB);
+    let client = Client::new(&server.url).unwrap();
+    for transport in [Transport::Http, Transport::WebSocket] {
+        let options = UploadOptions {
+            chunk_size: Some(MIB as u64),
+            throttle: Some(Arc::new(ferry::client::throttle::Throttle::new(
+                4 * MIB as u64,
+            ))),
+            transport,
+            ..Default::default()
+        };
+        // Rewrites the start of the file once the upload has sent it.
+        let writer = {
+            let local = local.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_millis(700)).await;
+                use std::os::unix::fs::FileExt;
+                let file = std::fs::OpenOptions::new()
+                    .write(true)
+                    .open(&local)
+                    .unwrap();
+                file.write_all_at(b"edited", 0).unwrap();
+            })
+        };
+        let err = upload_file(&client, &local, &remote("notes.bin"), options)
+            .await
+            .unwrap_err();
+        writer.await.unwrap();
+        assert_eq!(
+            err.code(),
+            ErrorCode::ChecksumMismatch,
+            "{transport:?}: {err}"
+        );
+        assert!(
+            err.to_string().contains("changed while it was uploaded"),
+            "{err}"
+        );
+        assert_eq!(server.get_bytes("notes.bin").await.0, 404, "{transport:?}");
+    }
+    // Left alone, the edited file uploads whole.
+    let report = upload_file(
+        &client,
+        &local,
+        &remote("notes.bin"),
+        UploadOptions::default(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(report.meta.size, 8 * MIB as u64);
+    assert_eq!(
+        server.get_bytes("notes.bin").await.1,
+        std::fs::read(&local).unwrap()
+    );
+}

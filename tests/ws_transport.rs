@@ -126,14 +126,16 @@ async fn a_session_started_over_http_finishes_over_the_websocket() {
         .unwrap();
     let conn = WsConnection::connect(&client).await.unwrap();
     let data2 = data.clone();
-    let read =
-        move |start: u64, len: u64| -> futures::future::BoxFuture<'static, ferry::Result<Bytes>> {
-            let chunk = Bytes::copy_from_slice(&data2[start as usize..(start + len) as usize]);
-            Box::pin(async move { Ok(chunk) })
-        };
+    let read = move |ch: u32,
+                     start: u64,
+                     len: u64|
+          -> futures::future::BoxFuture<'static, ferry::Result<Bytes>> {
+        let frame = FrameHeader::frame(ch, start, &data2[start as usize..(start + len) as usize]);
+        Box::pin(async move { Ok(Bytes::from(frame)) })
+    };
     let before = client.chunk_bytes_sent();
     let meta = conn
-        .upload(&created.id, &read, 4, None, None)
+        .upload(&created.id, &read, 4, None, Box::pin(async { Ok(None) }))
         .await
         .unwrap();
     assert_eq!(meta.size, data.len() as u64);

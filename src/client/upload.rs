@@ -7,22 +7,24 @@
 
 use std::fs::File;
 use std::os::unix::fs::FileExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::SystemTime;
 
 use bytes::Bytes;
 use chrono::{DateTime, Utc};
-use futures::future::{BoxFuture, Shared};
+use futures::future::BoxFuture;
 use futures::{FutureExt, StreamExt, TryStreamExt};
-use sha2::{Digest, Sha256};
 use tokio_util::sync::CancellationToken;
 
+use super::digest::UploadDigest;
 use super::throttle::Throttle;
 use super::ws::WsConnection;
 use super::{Client, Progress, ProgressFn};
 use crate::error::{Error, Result};
 use crate::protocol::upload::{ChunkLayout, CreateUpload, UploadState, expand_runs};
+use crate::protocol::ws::{Channel, FRAME_HEADER_LEN, FrameHeader};
 use crate::protocol::{ErrorCode, FileMeta, RemotePath};
 
 /// Chunks in flight at once unless asked otherwise.
@@ -97,18 +99,24 @@ pub async fn upload_file(
         .map_err(Error::io(format!("reading {}", local.display())))?;
     let size = metadata.len();
     let mtime: Option<DateTime<Utc>> = metadata.modified().ok().map(Into::into);
-    // Unless the caller knows the digest, it is computed while the chunks
-    // travel and sent with `complete`.
-    let digest = match &options.sha256 {
-        Some(_) => None,
-        None => Some(start_hashing(file.clone())),
+    // Unless the caller knows the digest, it is computed from the chunks as
+    // they are read and sent with `complete`.
+    let source = Source {
+        digest: match &options.sha256 {
+            Some(_) => None,
+            None => Some(Arc::new(UploadDigest::new(file.clone(), size))),
+        },
+        file,
+        local: local.to_owned(),
+        size,
+        modified: metadata.modified().ok(),
     };
     let request = CreateUpload {
         path: remote.clone(),
         size,
         chunk_size: options.chunk_size,
         sha256: options.sha256.clone(),
-        sha256_at_complete: digest.is_some(),
+        sha256_at_complete: source.digest.is_some(),
         if_match: options.if_match.clone(),
         mtime,
     };
@@ -128,7 +136,7 @@ pub async fn upload_file(
                 created.id
             }
         };
-        match drive_session(client, &id, &file, &request, &options, digest.as_ref()).await {
+        match drive_session(client, &id, &source, &request, &options).await {
             Err(e) if e.code() == ErrorCode::NotFound => {
                 tracing::info!(
                     session = id,
@@ -138,7 +146,11 @@ pub async fn upload_file(
             Ok(report) => {
                 let sha256 = match &options.sha256 {
                     Some(known) => Some(known.clone()),
-                    None => resolve_digest(digest.as_ref()).await?,
+                    // Computed before the commit; this only reads it back.
+                    None => match &source.digest {
+                        Some(digest) => Some(digest.finish().await?),
+                        None => None,
+                    },
                 };
                 return Ok(UploadReport { sha256, ..report });
             }
@@ -154,10 +166,9 @@ pub async fn upload_file(
 async fn drive_session(
     client: &Client,
     id: &str,
-    file: &Arc<File>,
+    source: &Source,
     request: &CreateUpload,
     options: &UploadOptions,
-    digest: Option<&PendingDigest>,
 ) -> Result<UploadReport> {
     let mut status = client.upload_status(id).await?;
     if status.path != request.path || status.size != request.size {
@@ -165,7 +176,7 @@ async fn drive_session(
     }
     let resumed_bytes = status.bytes_received;
     if status.state == UploadState::Open && options.transport != Transport::Http {
-        match upload_over_ws(client, id, file, options, digest).await {
+        match upload_over_ws(client, id, source, options).await {
             Ok(meta) => {
                 return Ok(UploadReport {
                     meta,
@@ -204,8 +215,8 @@ async fn drive_session(
         let missing: Vec<u64> = (0..layout.chunk_count())
             .filter(|i| received.binary_search(i).is_err())
             .collect();
-        send_chunks(client, id, file, layout, &missing, options, &done).await?;
-        let sha256 = resolve_digest(digest).await?;
+        send_chunks(client, id, source, layout, &missing, options, &done).await?;
+        let sha256 = source.sha256().await?;
         match client.complete_upload(id, sha256).await {
             Ok(meta) => {
                 return Ok(UploadReport {
@@ -233,32 +244,37 @@ async fn drive_session(
 async fn upload_over_ws(
     client: &Client,
     id: &str,
-    file: &Arc<File>,
+    source: &Source,
     options: &UploadOptions,
-    digest: Option<&PendingDigest>,
 ) -> Result<FileMeta> {
     let conn = match &options.ws {
         Some(conn) => conn.clone(),
         None => WsConnection::connect(client).await?,
     };
-    let read_chunk = |start: u64, len: u64| -> BoxFuture<'static, Result<Bytes>> {
-        let (file, throttle) = (file.clone(), options.throttle.clone());
+    let read_frame = |ch: Channel, start: u64, len: u64| -> BoxFuture<'static, Result<Bytes>> {
+        let (source, throttle) = (source.clone(), options.throttle.clone());
         let stopped = options.stop.as_ref().is_some_and(|s| s.is_cancelled());
         async move {
             if stopped {
                 return Err(Error::Cancelled);
             }
-            let data = read_at(file, start, len).await?;
+            let frame = source.read(start, len, Some(ch)).await?;
             if let Some(throttle) = throttle {
                 throttle.acquire(len).await;
             }
-            Ok(data)
+            Ok(frame)
         }
         .boxed()
     };
     let parallel = options.parallel.unwrap_or(DEFAULT_PARALLEL);
     let uploaded = conn
-        .upload(id, &read_chunk, parallel, options.progress.as_ref(), digest)
+        .upload(
+            id,
+            &read_frame,
+            parallel,
+            options.progress.as_ref(),
+            source.sha256().boxed(),
+        )
         .await;
     if options.ws.is_none() {
         conn.close();
@@ -269,7 +285,7 @@ async fn upload_over_ws(
 async fn send_chunks(
     client: &Client,
     id: &str,
-    file: &Arc<File>,
+    source: &Source,
     layout: ChunkLayout,
     chunks: &[u64],
     options: &UploadOptions,
@@ -281,7 +297,7 @@ async fn send_chunks(
         .take_while(|_| std::future::ready(!stopped()))
         .map(|index| async move {
             let (start, end) = layout.chunk_range(index).expect("index within the layout");
-            let data = read_at(file.clone(), start, end - start).await?;
+            let data = source.read(start, end - start, None).await?;
             if let Some(throttle) = &options.throttle {
                 throttle.acquire(data.len() as u64).await;
             }
@@ -304,48 +320,67 @@ async fn send_chunks(
     Ok(())
 }
 
-/// A file's SHA-256 being computed in the background; clones share it.
-pub type PendingDigest = Shared<BoxFuture<'static, std::result::Result<String, String>>>;
-
-fn start_hashing(file: Arc<File>) -> PendingDigest {
-    let digest = async move { sha256_file(file).await.map_err(|e| e.to_string()) }
-        .boxed()
-        .shared();
-    // Runs now, alongside the transfer, not when first awaited.
-    tokio::spawn(digest.clone());
-    digest
+/// The file being uploaded, and its digest being computed from the reads.
+#[derive(Clone)]
+struct Source {
+    file: Arc<File>,
+    /// None when the caller gave the digest.
+    digest: Option<Arc<UploadDigest>>,
+    local: PathBuf,
+    /// Size and mtime when the upload started.
+    size: u64,
+    modified: Option<SystemTime>,
 }
 
-/// The digest to send with `complete`, once it is ready.
-pub(crate) async fn resolve_digest(digest: Option<&PendingDigest>) -> Result<Option<String>> {
-    match digest {
-        Some(digest) => digest.clone().await.map(Some).map_err(|e| Error::Io {
-            context: "hashing the local file".into(),
-            source: std::io::Error::other(e),
-        }),
-        None => Ok(None),
+impl Source {
+    /// Reads `len` bytes of the file at `start` and feeds them to the
+    /// digest. With a channel, the bytes come as that channel's binary
+    /// frame, read straight in behind the header.
+    async fn read(&self, start: u64, len: u64, frame_for: Option<Channel>) -> Result<Bytes> {
+        let this = self.clone();
+        tokio::task::spawn_blocking(move || {
+            let head = if frame_for.is_some() {
+                FRAME_HEADER_LEN
+            } else {
+                0
+            };
+            let mut buf = vec![0u8; head + len as usize];
+            this.file
+                .read_exact_at(&mut buf[head..], start)
+                .map_err(Error::io("reading the local file"))?;
+            if let Some(ch) = frame_for {
+                FrameHeader::fill_in(ch, start, &mut buf);
+            }
+            let buf = Bytes::from(buf);
+            if let Some(digest) = &this.digest {
+                digest.feed(start, &buf.slice(head..));
+            }
+            Ok(buf)
+        })
+        .await
+        .map_err(|e| Error::Storage(format!("read task failed: {e}")))?
     }
-}
 
-async fn read_at(file: Arc<File>, start: u64, len: u64) -> Result<Bytes> {
-    tokio::task::spawn_blocking(move || {
-        let mut buf = vec![0u8; len as usize];
-        file.read_exact_at(&mut buf, start)
-            .map_err(Error::io("reading the local file"))?;
-        Ok(Bytes::from(buf))
-    })
-    .await
-    .map_err(|e| Error::Storage(format!("read task failed: {e}")))?
-}
-
-/// Hex SHA-256 of a whole file.
-pub async fn sha256_file(file: Arc<File>) -> Result<String> {
-    tokio::task::spawn_blocking(move || {
-        let mut hasher = Sha256::new();
-        let mut reader = std::io::BufReader::with_capacity(1 << 20, &*file);
-        std::io::copy(&mut reader, &mut hasher).map_err(Error::io("hashing the local file"))?;
-        Ok(hex::encode(hasher.finalize()))
-    })
-    .await
-    .map_err(|e| Error::Storage(format!("hash task failed: {e}")))?
+    /// The digest to send with `complete`, once every chunk was read.
+    ///
+    /// It is the digest of the bytes read, so it cannot tell a file changed
+    /// between two reads: the file's size and mtime are checked instead,
+    /// and a change refuses the commit.
+    async fn sha256(&self) -> Result<Option<String>> {
+        let Some(digest) = &self.digest else {
+            return Ok(None);
+        };
+        let sha256 = digest.finish().await?;
+        let now = self
+            .file
+            .metadata()
+            .map_err(Error::io(format!("reading {}", self.local.display())))?;
+        if now.len() != self.size || now.modified().ok() != self.modified {
+            return Err(Error::ChecksumMismatch(format!(
+                "{} changed while it was uploaded; nothing was committed",
+                self.local.display()
+            )));
+        }
+        Ok(Some(sha256))
+    }
 }

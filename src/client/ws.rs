@@ -13,7 +13,6 @@ use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::http::HeaderValue;
 use tokio_util::sync::CancellationToken;
 
-use super::upload::{PendingDigest, resolve_digest};
 use super::{Client, Progress, ProgressFn};
 use crate::error::{Error, Result};
 use crate::protocol::upload::{ChunkLayout, expand_runs};
@@ -26,6 +25,12 @@ use crate::protocol::{ErrorCode, FileMeta, RemotePath};
 const CHANNEL_QUEUE: usize = 64;
 /// Times one chunk is re-sent after the server refused it (CRC, length).
 const CHUNK_RESENDS: u32 = 3;
+
+/// Reads a binary frame of an upload: `(channel, start, len)`.
+pub type ReadFrame<'a> = dyn Fn(Channel, u64, u64) -> futures::future::BoxFuture<'static, Result<Bytes>>
+    + Send
+    + Sync
+    + 'a;
 
 /// What a channel receives.
 #[derive(Debug)]
@@ -200,15 +205,16 @@ impl WsConnection {
     }
 
     /// Sends the chunks session `id` lacks, several in flight, and commits it.
+    /// `read_frame(ch, start, len)` gives the binary frame carrying the
+    /// file's bytes `start..start + len` on channel `ch`; `sha256`, awaited
+    /// once every chunk is acknowledged, the digest to commit with.
     pub async fn upload(
         &self,
         id: &str,
-        read_chunk: &(
-             dyn Fn(u64, u64) -> futures::future::BoxFuture<'static, Result<Bytes>> + Send + Sync
-         ),
+        read_frame: &ReadFrame<'_>,
         parallel: usize,
         progress: Option<&ProgressFn>,
-        digest: Option<&PendingDigest>,
+        sha256: futures::future::BoxFuture<'_, Result<Option<String>>>,
     ) -> Result<FileMeta> {
         let mut channel = self.open_channel();
         let ch = channel.ch;
@@ -241,10 +247,9 @@ impl WsConnection {
                     break;
                 };
                 let (start, end) = layout.chunk_range(index).expect("index within the layout");
-                let data = read_chunk(start, end - start).await?;
-                self.client.count_chunk_bytes(data.len() as u64);
-                self.send(Message::Binary(FrameHeader::frame(ch, start, &data).into()))
-                    .await?;
+                let frame = read_frame(ch, start, end - start).await?;
+                self.client.count_chunk_bytes(end - start);
+                self.send(Message::Binary(frame)).await?;
                 in_flight.insert(index);
             }
             match channel.next_message().await? {
@@ -276,7 +281,7 @@ impl WsConnection {
                 other => return Err(unexpected(other)),
             }
         }
-        let sha256 = resolve_digest(digest).await?;
+        let sha256 = sha256.await?;
         self.send_json(&ClientMessage::UploadComplete { ch, sha256 })
             .await?;
         loop {

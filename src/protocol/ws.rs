@@ -178,15 +178,23 @@ impl FrameHeader {
 
     /// A whole binary frame: header then payload.
     pub fn frame(ch: Channel, offset: u64, payload: &[u8]) -> Vec<u8> {
+        let mut frame = vec![0u8; FRAME_HEADER_LEN + payload.len()];
+        frame[FRAME_HEADER_LEN..].copy_from_slice(payload);
+        Self::fill_in(ch, offset, &mut frame);
+        frame
+    }
+
+    /// Writes the header into the first [`FRAME_HEADER_LEN`] bytes of
+    /// `frame`, for the payload that follows them: a payload read straight
+    /// into place needs no copy.
+    pub fn fill_in(ch: Channel, offset: u64, frame: &mut [u8]) {
+        let (head, payload) = frame.split_at_mut(FRAME_HEADER_LEN);
         let header = FrameHeader {
             ch,
             offset,
             crc32c: crc32c::crc32c(payload),
         };
-        let mut frame = Vec::with_capacity(FRAME_HEADER_LEN + payload.len());
-        frame.extend_from_slice(&header.encode());
-        frame.extend_from_slice(payload);
-        frame
+        head.copy_from_slice(&header.encode());
     }
 }
 

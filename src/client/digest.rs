@@ -1,0 +1,175 @@
+//! The SHA-256 an upload sends with `complete`, computed from the chunks as
+//! they are read for sending, so the file is read once rather than twice.
+//!
+//! Chunks are fed in whatever order their reads finish. One that arrives
+//! ahead of the next offset to hash waits (a reference to its buffer, up to
+//! [`AHEAD_LIMIT`] bytes); beyond that it is dropped. At the end, whatever
+//! the chunks did not cover is read from the file: the chunks a resumed
+//! upload finds on the server already, or any that were dropped.
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+use sha2::{Digest, Sha256};
+
+use crate::error::{Error, Result};
+
+/// Bytes of chunks kept while they wait for the chunks before them.
+const AHEAD_LIMIT: usize = 64 << 20;
+/// Bytes read per read when hashing from the file.
+const READ_PIECE: usize = 1 << 20;
+
+pub struct UploadDigest {
+    file: Arc<File>,
+    size: u64,
+    state: Mutex<State>,
+}
+
+struct State {
+    hasher: Sha256,
+    /// Everything before this offset is in `hasher`.
+    next: u64,
+    ahead: BTreeMap<u64, Bytes>,
+    ahead_bytes: usize,
+}
+
+impl UploadDigest {
+    pub fn new(file: Arc<File>, size: u64) -> Self {
+        Self {
+            file,
+            size,
+            state: Mutex::new(State {
+                hasher: Sha256::new(),
+                next: 0,
+                ahead: BTreeMap::new(),
+                ahead_bytes: 0,
+            }),
+        }
+    }
+
+    /// Takes the file's bytes at `offset`, just read. Hashes them (and any
+    /// waiting chunks they make contiguous) when they are next in line:
+    /// call it on a blocking thread.
+    pub fn feed(&self, offset: u64, data: &Bytes) {
+        let mut guard = self.state.lock().unwrap();
+        let state = &mut *guard;
+        if offset == state.next {
+            state.hash(data);
+            while let Some(waiting) = state.ahead.remove(&state.next) {
+                state.ahead_bytes -= waiting.len();
+                state.hash(&waiting);
+            }
+        } else if offset > state.next
+            && state.ahead_bytes + data.len() <= AHEAD_LIMIT
+            && !state.ahead.contains_key(&offset)
+        {
+            state.ahead_bytes += data.len();
+            state.ahead.insert(offset, data.clone());
+        }
+    }
+
+    /// The whole file's digest, reading what the chunks did not cover.
+    pub async fn finish(self: &Arc<Self>) -> Result<String> {
+        let this = self.clone();
+        tokio::task::spawn_blocking(move || this.finish_blocking())
+            .await
+            .map_err(|e| Error::Storage(format!("hash task failed: {e}")))?
+    }
+
+    fn finish_blocking(&self) -> Result<String> {
+        let mut guard = self.state.lock().unwrap();
+        let state = &mut *guard;
+        let mut buf = Vec::new();
+        while state.next < self.size {
+            if let Some(waiting) = state.ahead.remove(&state.next) {
+                state.ahead_bytes -= waiting.len();
+                state.hash(&waiting);
+                continue;
+            }
+            // Up to the next waiting chunk, which is not read again.
+            let until = state
+                .ahead
+                .keys()
+                .next()
+                .copied()
+                .unwrap_or(self.size)
+                .min(state.next + READ_PIECE as u64);
+            buf.resize((until - state.next) as usize, 0);
+            self.file
+                .read_exact_at(&mut buf, state.next)
+                .map_err(Error::io("hashing the local file"))?;
+            state.hash(&buf);
+        }
+        Ok(hex::encode(state.hasher.clone().finalize()))
+    }
+}
+
+impl State {
+    fn hash(&mut self, data: &[u8]) {
+        self.hasher.update(data);
+        self.next += data.len() as u64;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn file_of(data: &[u8]) -> (tempfile::TempDir, Arc<File>) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f");
+        std::fs::write(&path, data).unwrap();
+        (dir, Arc::new(File::open(&path).unwrap()))
+    }
+
+    fn data() -> Vec<u8> {
+        (0..10_000u32).map(|i| (i * 7 % 251) as u8).collect()
+    }
+
+    fn digest_of(data: &[u8], fed: &[std::ops::Range<usize>]) -> String {
+        let (_dir, file) = file_of(data);
+        let digest = Arc::new(UploadDigest::new(file, data.len() as u64));
+        for range in fed {
+            digest.feed(
+                range.start as u64,
+                &Bytes::copy_from_slice(&data[range.clone()]),
+            );
+        }
+        tokio::runtime::Runtime::new()
+            .unwrap()
+            .block_on(digest.finish())
+            .unwrap()
+    }
+
+    #[test]
+    fn chunks_in_any_order_or_none_give_the_files_digest() {
+        let data = data();
+        let expected = hex::encode(Sha256::digest(&data));
+        let chunks = |order: &[usize]| -> Vec<std::ops::Range<usize>> {
+            order
+                .iter()
+                .map(|i| i * 3000..((i + 1) * 3000).min(data.len()))
+                .collect()
+        };
+        assert_eq!(digest_of(&data, &chunks(&[0, 1, 2, 3])), expected);
+        assert_eq!(digest_of(&data, &chunks(&[2, 0, 3, 1])), expected);
+        assert_eq!(digest_of(&data, &chunks(&[1, 1, 0, 0, 3])), expected);
+        // A resumed upload: chunk 0 sits on the server and is never fed.
+        assert_eq!(digest_of(&data, &chunks(&[3, 1])), expected);
+        assert_eq!(digest_of(&data, &[]), expected);
+    }
+
+    #[test]
+    fn bytes_fed_again_are_hashed_once() {
+        let data = data();
+        // Bytes fed after the start was hashed are ignored.
+        let expected = hex::encode(Sha256::digest(&data));
+        assert_eq!(
+            digest_of(&data, &[0..4000, 0..3000, 4000..10_000]),
+            expected
+        );
+    }
+}

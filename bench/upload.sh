@@ -16,7 +16,7 @@
 #   * how long an fsync of the stored file takes right after (ferry fsyncs
 #     before it answers; rclone serve does not),
 # then one profiled `ferry put` per transport (phases: until the session
-# exists, chunk transfer with the client hashing alongside, server
+# exists, chunk transfer with the client hashing what it reads, server
 # verify+commit), a `dd conv=fsync` disk reference, and a
 # check of what one write() size costs the kernel on this machine (dd with
 # 4 MiB vs 1 MiB writes after a pause).
@@ -478,7 +478,7 @@ profile() {
   if [ "$p_hash" = n/a ] || [ "$p_data" = n/a ]; then
     PROF_SUMMARY="profile incomplete (see $prof)"
   else
-    PROF_SUMMARY="total $(fmt "$t_end" 2) s = until the session exists $(fmt "$p_hash" 2) s (client CPU $(calc "$p_hash_c / $CLK_TCK" 2) s) + chunk transfer, the client hashing alongside, $(calc "$p_data - $p_hash" 2) s (client CPU $(calc "($p_data_c - $p_hash_c) / $CLK_TCK" 2) s, server CPU $(calc "$p_data_s / $CLK_TCK" 2) s) + server verify and commit $(calc "$t_end - $p_data" 2) s (server CPU $(calc "($s_end - $p_data_s) / $CLK_TCK" 2) s, client CPU $(calc "($c_end - $p_data_c) / $CLK_TCK" 2) s)"
+    PROF_SUMMARY="total $(fmt "$t_end" 2) s = until the session exists $(fmt "$p_hash" 2) s (client CPU $(calc "$p_hash_c / $CLK_TCK" 2) s) + chunk transfer, the client hashing what it reads, $(calc "$p_data - $p_hash" 2) s (client CPU $(calc "($p_data_c - $p_hash_c) / $CLK_TCK" 2) s, server CPU $(calc "$p_data_s / $CLK_TCK" 2) s) + server verify and commit $(calc "$t_end - $p_data" 2) s (server CPU $(calc "($s_end - $p_data_s) / $CLK_TCK" 2) s, client CPU $(calc "($c_end - $p_data_c) / $CLK_TCK" 2) s)"
   fi
   log "profile $tool: $PROF_SUMMARY"
 }
@@ -575,7 +575,7 @@ SECTION=$WORK/section.md
   echo "- Machine: $NPROC cores ($CPU_MODEL), $MEM_GIB GiB RAM, Linux $(uname -r), a VM; disk: $(df -h --output=source,fstype,size "$WORK" | awk 'NR == 2 { print $1 " (" $2 ", " $3 ")" }'), source file and all stores on it. Shared and noisy: during the uploads other processes kept $(fmt "$(median $ALL_OTHER)" 2) cores busy (median; range $OTHER_RANGE; \`/proc/stat\` minus the client's and server's CPU); $WAIT_NOTE."
   echo "- ferry $FERRY_REV (release build; \`ferry serve --store DIR\`, local-directory store); $(rclone version 2>/dev/null | head -n 1); curl $(curl --version | awk 'NR == 1 { print $2 }')."
   echo "- One ${SIZE_MIB} MiB random file (in the page cache) uploaded over loopback; client and server share the $NPROC cores. Every upload goes to a fresh server on a fresh, empty store (the target never exists beforehand); the tools take turns going first. Before each upload the script waits (up to ${QUIET_MAX} s) until other processes use < $QUIET_CORES cores."
-  echo "- \`ferry put SRC $NAME --server URL\` (FERRY_STATE_DIR emptied each run): the client sends $CHUNK_DESC with a CRC32C each, 4 in flight, hashing the file (SHA-256) alongside and sending the digest with \`complete\`; the server stages the chunks in place in one sparse file, fsyncs each chunk and the chunk map, hashes the chunks as they become contiguous, checks the digest on complete (reading only what it had not hashed yet), fsyncs and renames.$TRANSPORT_TXT"
+  echo "- \`ferry put SRC $NAME --server URL\` (FERRY_STATE_DIR emptied each run): the client sends $CHUNK_DESC with a CRC32C each, 4 in flight, computing the file's SHA-256 from the chunks as it reads them (the file is read once) and sending the digest with \`complete\`; the server stages the chunks in place in one sparse file, fsyncs each chunk and the chunk map, hashes the chunks as they become contiguous (from the buffers they arrived in), checks the digest on complete (reading only what it had not hashed yet), fsyncs and renames.$TRANSPORT_TXT"
   echo "- Single PUT: \`curl -T SRC URL/v1/files/$NAME\` to the same ferry server (one streamed request, fsynced, committed by rename)."
   echo "- rclone: \`rclone serve webdav DIR --addr 127.0.0.1:PORT\` with its defaults (\`--vfs-cache-mode off\`: the PUT streams straight into the target file, no fsync; \`writes\` would stage a second copy), and \`rclone copyto SRC bench:$NAME\` with a webdav remote from env vars (\`RCLONE_CONFIG_BENCH_TYPE=webdav\`, \`..._URL\`, \`..._VENDOR=other\`) and default flags; the fresh store means it uploads the whole file every run."
   echo "- Seconds: wall clock of the client command (bash \`time\`), median of $RUNS runs, runs in brackets; MB/s = 10^6 bytes/s from the median. CPU: user+sys of the client (bash \`time\`), utime+stime of the server process (\`/proc/PID/stat\`)."

@@ -270,7 +270,7 @@ impl UploadSessions {
                 let digest = self.digests.lock().unwrap().get(id).cloned();
                 let written = staging.write_chunk(layout, index, check, body).await;
                 if let (Some(digest), Ok(bytes)) = (digest, &written) {
-                    digest.written(index, bytes);
+                    digest.written(index, bytes.as_ref());
                     // Off the request's path: the ack does not wait for hashing.
                     let data = staging.data();
                     tokio::task::spawn_blocking(move || {

@@ -84,14 +84,15 @@ impl LocalStaging {
 
     /// Streams chunk `index` into place. A chunk already received is checked
     /// but not rewritten, so a faulty repeat cannot damage acknowledged data.
-    /// Returns the bytes written, in order (none for such a repeat).
+    /// Returns the chunk's bytes when they arrived as one buffer (a
+    /// WebSocket message) and were written.
     pub async fn write_chunk(
         &self,
         layout: ChunkLayout,
         index: u64,
         check: ChunkCheck,
         body: &mut BoxStream<'static, Result<Bytes>>,
-    ) -> Result<Vec<Bytes>> {
+    ) -> Result<Option<Bytes>> {
         let (start, end) = layout
             .chunk_range(index)
             .expect("index checked by the caller");
@@ -112,7 +113,7 @@ impl LocalStaging {
         };
         let mut crc = 0u32;
         let mut written = 0u64;
-        let mut pieces = Vec::new();
+        let mut whole = None;
         let mut buffer = BytesMut::new();
         while let Some(piece) = body.next().await {
             let piece = piece?;
@@ -122,20 +123,17 @@ impl LocalStaging {
             crc = crc32c::crc32c_append(crc, &piece);
             if buffer.is_empty() && piece.len() >= WRITE_BUFFER {
                 // A whole chunk at once (a WebSocket message): no copy.
-                written += flush(&file, start + written, &piece).await?;
-                pieces.push(piece);
+                let is_whole = written == 0 && piece.len() as u64 == end - start;
+                written += flush(&file, start + written, piece.clone()).await?;
+                whole = is_whole.then_some(piece);
                 continue;
             }
             buffer.extend_from_slice(&piece);
             if buffer.len() >= WRITE_BUFFER {
-                let piece = buffer.split().freeze();
-                written += flush(&file, start + written, &piece).await?;
-                pieces.push(piece);
+                written += flush(&file, start + written, buffer.split().freeze()).await?;
             }
         }
-        let piece = buffer.freeze();
-        written += flush(&file, start + written, &piece).await?;
-        pieces.push(piece);
+        written += flush(&file, start + written, buffer.freeze()).await?;
         check.verify(written, crc)?;
         if let Some(file) = file {
             let map = self.map();
@@ -154,9 +152,9 @@ impl LocalStaging {
                     .map_err(Error::io("syncing the chunk map"))
             })
             .await?;
-            Ok(pieces)
+            Ok(whole)
         } else {
-            Ok(Vec::new())
+            Ok(None)
         }
     }
 
@@ -223,10 +221,10 @@ impl LocalStaging {
     }
 }
 
-async fn flush(file: &Option<Arc<File>>, offset: u64, data: &Bytes) -> Result<u64> {
+async fn flush(file: &Option<Arc<File>>, offset: u64, data: Bytes) -> Result<u64> {
     let len = data.len() as u64;
     if let (Some(file), false) = (file, data.is_empty()) {
-        let (file, data) = (file.clone(), data.clone());
+        let file = file.clone();
         blocking(move || {
             // Never more than WRITE_BUFFER per write(): on some VMs larger
             // writes into fresh page-cache pages cost far more kernel time

@@ -2,9 +2,9 @@
 //! rather than by re-reading the whole file at `complete`.
 //!
 //! After each chunk this node writes, the digest advances over every chunk
-//! now contiguous from the start. A chunk's bytes are hashed from the
-//! buffers they arrived in when those are still held (up to
-//! [`HELD_LIMIT`] bytes of chunks waiting for earlier ones), otherwise read
+//! now contiguous from the start. A chunk that arrived as one buffer (a
+//! WebSocket message) is hashed from that buffer while it is held (up to
+//! [`HELD_LIMIT`] bytes of chunks waiting for earlier ones); others are read
 //! back from the staged file (the page cache, usually). At `complete` only
 //! the chunks not yet covered are read. This is sound because local staging
 //! never rewrites an acknowledged chunk: bytes once hashed stay what the
@@ -39,7 +39,7 @@ struct Written {
     /// Chunks durably written (by this node).
     chunks: BTreeSet<u64>,
     /// The bytes of some of them, as they arrived.
-    held: BTreeMap<u64, Vec<Bytes>>,
+    held: BTreeMap<u64, Bytes>,
     held_bytes: usize,
 }
 
@@ -61,26 +61,25 @@ impl RunningDigest {
         }
     }
 
-    /// After chunk `index` is durably written; `bytes` are what was
-    /// written, in order (kept to hash from when they are the whole chunk).
-    pub fn written(&self, index: u64, bytes: &[Bytes]) {
-        let len: usize = bytes.iter().map(Bytes::len).sum();
+    /// After chunk `index` is durably written; `bytes`, when given, are
+    /// the whole chunk as written.
+    pub fn written(&self, index: u64, bytes: Option<&Bytes>) {
         let mut written = self.written.lock().unwrap();
-        if written.chunks.insert(index)
-            && self.layout.chunk_len(index) == Some(len as u64)
-            && written.held_bytes + len <= HELD_LIMIT
+        if let (true, Some(bytes)) = (written.chunks.insert(index), bytes)
+            && self.layout.chunk_len(index) == Some(bytes.len() as u64)
+            && written.held_bytes + bytes.len() <= HELD_LIMIT
         {
-            written.held_bytes += len;
-            written.held.insert(index, bytes.to_vec());
+            written.held_bytes += bytes.len();
+            written.held.insert(index, bytes.clone());
         }
     }
 
     /// Whether chunk `index` is written, and its bytes if they are held.
-    fn take(&self, index: u64) -> (bool, Option<Vec<Bytes>>) {
+    fn take(&self, index: u64) -> (bool, Option<Bytes>) {
         let mut written = self.written.lock().unwrap();
         let held = written.held.remove(&index);
         if let Some(bytes) = &held {
-            written.held_bytes -= bytes.iter().map(Bytes::len).sum::<usize>();
+            written.held_bytes -= bytes.len();
         }
         (written.chunks.contains(&index), held)
     }
@@ -93,7 +92,7 @@ impl RunningDigest {
             let next = hashed.next;
             match self.take(next) {
                 (false, _) => return Ok(()),
-                (true, Some(bytes)) => bytes.iter().for_each(|b| hashed.hasher.update(b)),
+                (true, Some(bytes)) => hashed.hasher.update(&bytes),
                 (true, None) => {
                     let file = match &mut file {
                         Some(file) => file,
@@ -114,7 +113,7 @@ impl RunningDigest {
         while hashed.next < self.layout.chunk_count() {
             let next = hashed.next;
             match self.take(next) {
-                (_, Some(bytes)) => bytes.iter().for_each(|b| hashed.hasher.update(b)),
+                (_, Some(bytes)) => hashed.hasher.update(&bytes),
                 _ => hash_chunk(&file, self.layout, next, &mut hashed.hasher)?,
             }
             hashed.next += 1;
@@ -170,7 +169,7 @@ mod tests {
         };
         let digest = RunningDigest::new(layout);
         for index in [1, 3, 0, 2] {
-            digest.written(index, &[]);
+            digest.written(index, None);
             digest.advance(&path).unwrap();
         }
         let expected = hex::encode(Sha256::digest(&data));
@@ -190,17 +189,15 @@ mod tests {
             size: data.len() as u64,
             chunk_size: 3000,
         };
-        let chunk = |i: usize| {
-            let bytes = Bytes::copy_from_slice(&data[i * 3000..((i + 1) * 3000).min(data.len())]);
-            vec![bytes.slice(..1000), bytes.slice(1000..)]
-        };
+        let chunk =
+            |i: usize| Bytes::copy_from_slice(&data[i * 3000..((i + 1) * 3000).min(data.len())]);
         let digest = RunningDigest::new(layout);
-        digest.written(1, &chunk(1));
-        digest.written(0, &chunk(0));
+        digest.written(1, Some(&chunk(1)));
+        digest.written(0, Some(&chunk(0)));
         digest.advance(&path).unwrap();
         // Chunk 2 held, chunk 3 (the file's, unchanged there) not.
-        digest.written(2, &chunk(2));
-        digest.written(3, &[]);
+        digest.written(2, Some(&chunk(2)));
+        digest.written(3, None);
         let expected = hex::encode(Sha256::digest(&data));
         assert_eq!(digest.finish(&path).unwrap(), expected);
     }

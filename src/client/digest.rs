@@ -1,6 +1,10 @@
 //! The SHA-256 an upload sends with `complete`, computed from the chunks as
 //! they are read for sending, so the file is read once rather than twice.
 //!
+//! Hashing runs on blocking threads beside the transfer, so a chunk can be
+//! sent while it is hashed; at most [`HASHING_AHEAD`] chunks wait to be
+//! hashed before reading stops.
+//!
 //! Chunks are fed in whatever order their reads finish. One that arrives
 //! ahead of the next offset to hash waits (a reference to its buffer, up to
 //! [`AHEAD_LIMIT`] bytes); beyond that it is dropped. At the end, whatever
@@ -14,6 +18,7 @@ use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
 use sha2::{Digest, Sha256};
+use tokio::sync::Semaphore;
 
 use crate::error::{Error, Result};
 
@@ -21,11 +26,15 @@ use crate::error::{Error, Result};
 const AHEAD_LIMIT: usize = 64 << 20;
 /// Bytes read per read when hashing from the file.
 const READ_PIECE: usize = 1 << 20;
+/// Chunks handed to hashing and not hashed yet.
+const HASHING_AHEAD: usize = 4;
 
 pub struct UploadDigest {
     file: Arc<File>,
     size: u64,
     state: Mutex<State>,
+    /// A permit per chunk being hashed.
+    hashing: Arc<Semaphore>,
 }
 
 struct State {
@@ -47,13 +56,30 @@ impl UploadDigest {
                 ahead: BTreeMap::new(),
                 ahead_bytes: 0,
             }),
+            hashing: Arc::new(Semaphore::new(HASHING_AHEAD)),
         }
     }
 
-    /// Takes the file's bytes at `offset`, just read. Hashes them (and any
-    /// waiting chunks they make contiguous) when they are next in line:
-    /// call it on a blocking thread.
-    pub fn feed(&self, offset: u64, data: &Bytes) {
+    /// Takes the file's bytes at `offset`, just read, and hashes them on a
+    /// blocking thread. Waits only while [`HASHING_AHEAD`] chunks are
+    /// being hashed already.
+    pub async fn feed(self: &Arc<Self>, offset: u64, data: Bytes) {
+        let permit = self
+            .hashing
+            .clone()
+            .acquire_owned()
+            .await
+            .expect("never closed");
+        let this = self.clone();
+        tokio::task::spawn_blocking(move || {
+            this.feed_blocking(offset, &data);
+            drop(permit);
+        });
+    }
+
+    /// Hashes the bytes (and any waiting chunks they make contiguous) when
+    /// they are next in line, or keeps them until they are.
+    fn feed_blocking(&self, offset: u64, data: &Bytes) {
         let mut guard = self.state.lock().unwrap();
         let state = &mut *guard;
         if offset == state.next {
@@ -73,6 +99,13 @@ impl UploadDigest {
 
     /// The whole file's digest, reading what the chunks did not cover.
     pub async fn finish(self: &Arc<Self>) -> Result<String> {
+        // Every chunk fed so far is hashed (or waiting) once all permits are free.
+        drop(
+            self.hashing
+                .acquire_many(HASHING_AHEAD as u32)
+                .await
+                .expect("never closed"),
+        );
         let this = self.clone();
         tokio::task::spawn_blocking(move || this.finish_blocking())
             .await
@@ -132,16 +165,13 @@ mod tests {
     fn digest_of(data: &[u8], fed: &[std::ops::Range<usize>]) -> String {
         let (_dir, file) = file_of(data);
         let digest = Arc::new(UploadDigest::new(file, data.len() as u64));
-        for range in fed {
-            digest.feed(
-                range.start as u64,
-                &Bytes::copy_from_slice(&data[range.clone()]),
-            );
-        }
-        tokio::runtime::Runtime::new()
-            .unwrap()
-            .block_on(digest.finish())
-            .unwrap()
+        tokio::runtime::Runtime::new().unwrap().block_on(async {
+            for range in fed {
+                let bytes = Bytes::copy_from_slice(&data[range.clone()]);
+                digest.feed(range.start as u64, bytes).await;
+            }
+            digest.finish().await.unwrap()
+        })
     }
 
     #[test]

@@ -337,28 +337,27 @@ impl Source {
     /// digest. With a channel, the bytes come as that channel's binary
     /// frame, read straight in behind the header.
     async fn read(&self, start: u64, len: u64, frame_for: Option<Channel>) -> Result<Bytes> {
-        let this = self.clone();
-        tokio::task::spawn_blocking(move || {
-            let head = if frame_for.is_some() {
-                FRAME_HEADER_LEN
-            } else {
-                0
-            };
+        let file = self.file.clone();
+        let head = if frame_for.is_some() {
+            FRAME_HEADER_LEN
+        } else {
+            0
+        };
+        let buf = tokio::task::spawn_blocking(move || {
             let mut buf = vec![0u8; head + len as usize];
-            this.file
-                .read_exact_at(&mut buf[head..], start)
+            file.read_exact_at(&mut buf[head..], start)
                 .map_err(Error::io("reading the local file"))?;
             if let Some(ch) = frame_for {
                 FrameHeader::fill_in(ch, start, &mut buf);
             }
-            let buf = Bytes::from(buf);
-            if let Some(digest) = &this.digest {
-                digest.feed(start, &buf.slice(head..));
-            }
-            Ok(buf)
+            Ok::<_, Error>(Bytes::from(buf))
         })
         .await
-        .map_err(|e| Error::Storage(format!("read task failed: {e}")))?
+        .map_err(|e| Error::Storage(format!("read task failed: {e}")))??;
+        if let Some(digest) = &self.digest {
+            digest.feed(start, buf.slice(head..)).await;
+        }
+        Ok(buf)
     }
 
     /// The digest to send with `complete`, once every chunk was read.

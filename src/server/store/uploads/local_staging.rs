@@ -96,36 +96,38 @@ impl LocalStaging {
         let (start, end) = layout
             .chunk_range(index)
             .expect("index checked by the caller");
-        let already = self.received().await?.contains(&index);
-        let file = if already {
-            None
-        } else {
-            let data = self.data();
-            Some(Arc::new(
-                blocking(move || {
-                    OpenOptions::new()
-                        .write(true)
-                        .open(&data)
-                        .map_err(not_found_as_gone)
-                })
-                .await?,
-            ))
+        let first = match body.next().await {
+            Some(piece) => piece?,
+            None => Bytes::new(),
         };
+        if first.len() as u64 == end - start {
+            return self.write_whole(index, start, check, first, body).await;
+        }
+        let (data, map) = (self.data(), self.map());
+        let file = blocking(move || match chunk_received(&map, index)? {
+            true => Ok(None),
+            false => open_data(&data).map(|f| Some(Arc::new(f))),
+        })
+        .await?;
         let mut crc = 0u32;
         let mut written = 0u64;
-        let mut whole = None;
         let mut buffer = BytesMut::new();
-        while let Some(piece) = body.next().await {
-            let piece = piece?;
+        let mut next = Some(first);
+        loop {
+            let piece = match next.take() {
+                Some(piece) => piece,
+                None => match body.next().await {
+                    Some(piece) => piece?,
+                    None => break,
+                },
+            };
             if written + (buffer.len() + piece.len()) as u64 > end - start {
                 return Err(check.too_long());
             }
             crc = crc32c::crc32c_append(crc, &piece);
             if buffer.is_empty() && piece.len() >= WRITE_BUFFER {
-                // A whole chunk at once (a WebSocket message): no copy.
-                let is_whole = written == 0 && piece.len() as u64 == end - start;
-                written += flush(&file, start + written, piece.clone()).await?;
-                whole = is_whole.then_some(piece);
+                // A large piece is written as it is, without a copy.
+                written += flush(&file, start + written, piece).await?;
                 continue;
             }
             buffer.extend_from_slice(&piece);
@@ -137,25 +139,39 @@ impl LocalStaging {
         check.verify(written, crc)?;
         if let Some(file) = file {
             let map = self.map();
-            blocking(move || {
-                file.sync_data().map_err(Error::io("syncing staged data"))?;
-                // Only after the data is durable does the chunk count as received.
-                let map_file = OpenOptions::new()
-                    .write(true)
-                    .open(&map)
-                    .map_err(not_found_as_gone)?;
-                map_file
-                    .write_all_at(&[1], index)
-                    .map_err(Error::io("updating the chunk map"))?;
-                map_file
-                    .sync_data()
-                    .map_err(Error::io("syncing the chunk map"))
-            })
-            .await?;
-            Ok(whole)
-        } else {
-            Ok(None)
+            blocking(move || record_chunk(&file, &map, index)).await?;
         }
+        Ok(None)
+    }
+
+    /// A chunk that arrived whole: checked, then written, synced and
+    /// recorded in one trip to the blocking pool.
+    async fn write_whole(
+        &self,
+        index: u64,
+        start: u64,
+        check: ChunkCheck,
+        bytes: Bytes,
+        rest: &mut BoxStream<'static, Result<Bytes>>,
+    ) -> Result<Option<Bytes>> {
+        while let Some(more) = rest.next().await {
+            if !more?.is_empty() {
+                return Err(check.too_long());
+            }
+        }
+        check.verify(bytes.len() as u64, crc32c::crc32c(&bytes))?;
+        let (data, map, chunk) = (self.data(), self.map(), bytes.clone());
+        let written = blocking(move || {
+            if chunk_received(&map, index)? {
+                return Ok(false);
+            }
+            let file = open_data(&data)?;
+            write_at(&file, start, &chunk)?;
+            record_chunk(&file, &map, index)?;
+            Ok(true)
+        })
+        .await?;
+        Ok(written.then_some(bytes))
     }
 
     pub async fn sha256(&self) -> Result<String> {
@@ -225,21 +241,55 @@ async fn flush(file: &Option<Arc<File>>, offset: u64, data: Bytes) -> Result<u64
     let len = data.len() as u64;
     if let (Some(file), false) = (file, data.is_empty()) {
         let file = file.clone();
-        blocking(move || {
-            // Never more than WRITE_BUFFER per write(): on some VMs larger
-            // writes into fresh page-cache pages cost far more kernel time
-            // (see bench/RESULTS.md, upload).
-            let mut at = offset;
-            for piece in data.chunks(WRITE_BUFFER) {
-                file.write_all_at(piece, at)
-                    .map_err(Error::io("writing staged data"))?;
-                at += piece.len() as u64;
-            }
-            Ok(())
-        })
-        .await?;
+        blocking(move || write_at(&file, offset, &data)).await?;
     }
     Ok(len)
+}
+
+fn write_at(file: &File, offset: u64, data: &[u8]) -> Result<()> {
+    // Never more than WRITE_BUFFER per write(): on some VMs larger writes
+    // into fresh page-cache pages cost far more kernel time (see
+    // bench/RESULTS.md, upload).
+    let mut at = offset;
+    for piece in data.chunks(WRITE_BUFFER) {
+        file.write_all_at(piece, at)
+            .map_err(Error::io("writing staged data"))?;
+        at += piece.len() as u64;
+    }
+    Ok(())
+}
+
+fn open_data(data: &Path) -> Result<File> {
+    OpenOptions::new()
+        .write(true)
+        .open(data)
+        .map_err(not_found_as_gone)
+}
+
+/// Whether the chunk map marks chunk `index` received.
+fn chunk_received(map: &Path, index: u64) -> Result<bool> {
+    let mut mark = [0u8];
+    File::open(map)
+        .map_err(not_found_as_gone)?
+        .read_exact_at(&mut mark, index)
+        .map_err(Error::io("reading the chunk map"))?;
+    Ok(mark[0] == 1)
+}
+
+/// Makes the chunk's data durable, then marks it received.
+fn record_chunk(file: &File, map: &Path, index: u64) -> Result<()> {
+    file.sync_data().map_err(Error::io("syncing staged data"))?;
+    // Only after the data is durable does the chunk count as received.
+    let map_file = OpenOptions::new()
+        .write(true)
+        .open(map)
+        .map_err(not_found_as_gone)?;
+    map_file
+        .write_all_at(&[1], index)
+        .map_err(Error::io("updating the chunk map"))?;
+    map_file
+        .sync_data()
+        .map_err(Error::io("syncing the chunk map"))
 }
 
 fn sync_dir(dir: &Path) -> Result<()> {

@@ -37,6 +37,8 @@ use crate::protocol::{ErrorCode, RemotePath};
 const OUTGOING_QUEUE: usize = 32;
 /// Chunks written at once per connection.
 const CHUNK_WRITERS: usize = 8;
+/// Least time between two `progress` messages of a channel.
+const PROGRESS_EVERY: std::time::Duration = std::time::Duration::from_millis(100);
 /// How long a closing connection waits for the peer's Close.
 const CLOSE_HANDSHAKE: std::time::Duration = std::time::Duration::from_secs(2);
 
@@ -91,6 +93,8 @@ struct UploadChannel {
 struct Received {
     chunks: HashSet<u64>,
     bytes: u64,
+    /// When the channel was last sent a `progress`.
+    last_progress: Option<Instant>,
 }
 
 impl Received {
@@ -98,6 +102,21 @@ impl Received {
         if self.chunks.insert(index) {
             self.bytes += layout.chunk_len(index).unwrap_or(0);
         }
+    }
+
+    /// Whether a `progress` is due: the first, the one when the last chunk
+    /// lands, and otherwise one per [`PROGRESS_EVERY`]; every chunk is
+    /// acknowledged by its `ack` anyway.
+    fn progress_due(&mut self, layout: &ChunkLayout) -> bool {
+        let now = Instant::now();
+        let due = self.chunks.len() as u64 == layout.chunk_count()
+            || self
+                .last_progress
+                .is_none_or(|last| now.duration_since(last) >= PROGRESS_EVERY);
+        if due {
+            self.last_progress = Some(now);
+        }
+        due
     }
 }
 
@@ -111,16 +130,27 @@ async fn serve(app: AppState, socket: WebSocket, grant: Grant) {
     let writer = tokio::spawn(async move {
         let mut ping = tokio::time::interval(ping_every);
         ping.tick().await;
-        loop {
-            let message = tokio::select! {
+        'write: loop {
+            let mut next = Some(tokio::select! {
                 m = queue.recv() => match m {
                     Some(m) => m,
                     None => break,
                 },
                 _ = ping.tick() => Message::Ping(Bytes::from_static(b"ferry")),
-            };
-            let closing = matches!(message, Message::Close(_));
-            if sink.send(message).await.is_err() {
+            });
+            // What is queued already goes out with it, in one flush.
+            let (mut closing, mut fed) = (false, 0);
+            while let Some(message) = next.take() {
+                closing = matches!(message, Message::Close(_));
+                if sink.feed(message).await.is_err() {
+                    break 'write;
+                }
+                fed += 1;
+                if !closing && fed < OUTGOING_QUEUE {
+                    next = queue.try_recv().ok();
+                }
+            }
+            if sink.flush().await.is_err() {
                 break;
             }
             if closing {
@@ -427,16 +457,16 @@ impl Connection {
             {
                 Ok(()) => {
                     send(&out, ServerMessage::Ack { ch, index }).await;
-                    let (chunks, bytes) = {
-                        let mut received = upload.received.lock().unwrap();
-                        received.add(index, &layout);
-                        (received.chunks.len() as u64, received.bytes)
-                    };
+                    let mut received = upload.received.lock().unwrap();
+                    received.add(index, &layout);
+                    if !received.progress_due(&layout) {
+                        return;
+                    }
                     ServerMessage::Progress {
                         ch,
-                        bytes_received: bytes,
+                        bytes_received: received.bytes,
                         chunk_count: layout.chunk_count(),
-                        chunks_received: chunks,
+                        chunks_received: received.chunks.len() as u64,
                     }
                 }
                 Err(e) => api_error(Some(ch), &e, Some(index)),
@@ -613,5 +643,23 @@ mod tests {
         assert_eq!((received.chunks.len(), received.bytes), (2, 1124));
         received.add(1, &layout);
         assert_eq!(received.bytes, layout.size);
+    }
+
+    #[test]
+    fn progress_is_sent_first_last_and_then_at_most_every_100_ms() {
+        let layout = ChunkLayout {
+            size: 4 * 1024,
+            chunk_size: 1024,
+        };
+        let mut received = Received::default();
+        let mut due = |index| {
+            received.add(index, &layout);
+            received.progress_due(&layout)
+        };
+        assert!(due(0), "the first");
+        assert!(!due(1), "too soon after the first");
+        std::thread::sleep(PROGRESS_EVERY);
+        assert!(due(2), "a while later");
+        assert!(due(3), "the last missing chunk");
     }
 }

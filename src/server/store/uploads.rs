@@ -23,7 +23,7 @@ use object_store::{ObjectMeta, ObjectStoreExt};
 use self::local_staging::LocalStaging;
 use self::manifest::{Committing, Manifest, StagingRecord, UPLOADS_PREFIX};
 use self::multipart_staging::MultipartStaging;
-use self::running_digest::RunningDigest;
+use self::running_digest::{HeldBudget, RunningDigest};
 use super::{Store, keys};
 use crate::error::{Error, Result};
 use crate::protocol::upload::{
@@ -31,6 +31,9 @@ use crate::protocol::upload::{
     MIN_MULTIPART_CHUNK_SIZE, UploadCreated, UploadState, UploadStatus, default_chunk_size, runs,
 };
 use crate::protocol::{FileMeta, RemotePath};
+
+/// Bytes of arrived chunks all sessions together hold for hashing.
+const HELD_BY_ALL_SESSIONS: usize = 256 << 20;
 
 /// What a chunk must be: its length and CRC32C.
 #[derive(Debug, Clone, Copy)]
@@ -77,6 +80,8 @@ pub struct UploadSessions {
     max_per_owner: Option<usize>,
     /// SHA-256 computed as chunks arrive, for local sessions created here.
     digests: Mutex<HashMap<String, Arc<RunningDigest>>>,
+    /// Memory the digests may hold chunks in, across sessions.
+    held: HeldBudget,
 }
 
 /// What the per-token limit needs to know of an open session.
@@ -96,6 +101,7 @@ impl UploadSessions {
             open: Mutex::default(),
             max_per_owner,
             digests: Mutex::default(),
+            held: HeldBudget::new(HELD_BY_ALL_SESSIONS),
         }
     }
 
@@ -216,10 +222,10 @@ impl UploadSessions {
         if let Some(local) = self.local_staging(&id) {
             local.create(layout).await?;
             if verify {
-                self.digests
-                    .lock()
-                    .unwrap()
-                    .insert(id.clone(), Arc::new(RunningDigest::new(layout)));
+                self.digests.lock().unwrap().insert(
+                    id.clone(),
+                    Arc::new(RunningDigest::new(layout, self.held.clone())),
+                );
             }
         }
         let created = UploadCreated {

@@ -4,7 +4,8 @@
 //! After each chunk this node writes, the digest advances over every chunk
 //! now contiguous from the start. A chunk that arrived as one buffer (a
 //! WebSocket message) is hashed from that buffer while it is held (up to
-//! [`HELD_LIMIT`] bytes of chunks waiting for earlier ones); others are read
+//! [`HELD_LIMIT`] bytes of chunks per session waiting for earlier ones, and
+//! what a [`HeldBudget`] shared by a node's sessions allows); others are read
 //! back from the staged file (the page cache, usually). At `complete` only
 //! the chunks not yet covered are read. This is sound because local staging
 //! never rewrites an acknowledged chunk: bytes once hashed stay what the
@@ -14,7 +15,8 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
 use sha2::{Digest, Sha256};
@@ -24,11 +26,48 @@ use crate::protocol::upload::ChunkLayout;
 
 /// Bytes hashed per read while advancing.
 const READ_PIECE: usize = 1 << 20;
-/// Bytes of written chunks held in memory until their turn to be hashed.
+/// Bytes of written chunks a session holds in memory until their turn to
+/// be hashed.
 const HELD_LIMIT: usize = 32 << 20;
+
+/// Bytes of arrived chunks all of a node's sessions may hold for hashing
+/// together, so that many sessions waiting for early chunks cannot pile up
+/// memory.
+#[derive(Clone)]
+pub struct HeldBudget {
+    limit: usize,
+    used: Arc<AtomicUsize>,
+}
+
+impl HeldBudget {
+    pub fn new(limit: usize) -> Self {
+        Self {
+            limit,
+            used: Arc::default(),
+        }
+    }
+
+    fn take(&self, bytes: usize) -> bool {
+        self.used
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |used| {
+                (used + bytes <= self.limit).then_some(used + bytes)
+            })
+            .is_ok()
+    }
+
+    fn give_back(&self, bytes: usize) {
+        self.used.fetch_sub(bytes, Ordering::AcqRel);
+    }
+
+    #[cfg(test)]
+    fn used(&self) -> usize {
+        self.used.load(Ordering::Acquire)
+    }
+}
 
 pub struct RunningDigest {
     layout: ChunkLayout,
+    budget: HeldBudget,
     written: Mutex<Written>,
     /// Locked only on blocking threads, while hashing.
     hashed: Mutex<Hashed>,
@@ -50,9 +89,10 @@ struct Hashed {
 }
 
 impl RunningDigest {
-    pub fn new(layout: ChunkLayout) -> Self {
+    pub fn new(layout: ChunkLayout, budget: HeldBudget) -> Self {
         Self {
             layout,
+            budget,
             written: Mutex::default(),
             hashed: Mutex::new(Hashed {
                 hasher: Sha256::new(),
@@ -68,6 +108,7 @@ impl RunningDigest {
         if let (true, Some(bytes)) = (written.chunks.insert(index), bytes)
             && self.layout.chunk_len(index) == Some(bytes.len() as u64)
             && written.held_bytes + bytes.len() <= HELD_LIMIT
+            && self.budget.take(bytes.len())
         {
             written.held_bytes += bytes.len();
             written.held.insert(index, bytes.clone());
@@ -80,6 +121,7 @@ impl RunningDigest {
         let held = written.held.remove(&index);
         if let Some(bytes) = &held {
             written.held_bytes -= bytes.len();
+            self.budget.give_back(bytes.len());
         }
         (written.chunks.contains(&index), held)
     }
@@ -119,6 +161,13 @@ impl RunningDigest {
             hashed.next += 1;
         }
         Ok(hex::encode(hashed.hasher.clone().finalize()))
+    }
+}
+
+impl Drop for RunningDigest {
+    fn drop(&mut self) {
+        let held = self.written.get_mut().map_or(0, |w| w.held_bytes);
+        self.budget.give_back(held);
     }
 }
 
@@ -167,7 +216,7 @@ mod tests {
             size: data.len() as u64,
             chunk_size: 3000,
         };
-        let digest = RunningDigest::new(layout);
+        let digest = RunningDigest::new(layout, HeldBudget::new(1 << 20));
         for index in [1, 3, 0, 2] {
             digest.written(index, None);
             digest.advance(&path).unwrap();
@@ -191,7 +240,7 @@ mod tests {
         };
         let chunk =
             |i: usize| Bytes::copy_from_slice(&data[i * 3000..((i + 1) * 3000).min(data.len())]);
-        let digest = RunningDigest::new(layout);
+        let digest = RunningDigest::new(layout, HeldBudget::new(1 << 20));
         digest.written(1, Some(&chunk(1)));
         digest.written(0, Some(&chunk(0)));
         digest.advance(&path).unwrap();
@@ -200,5 +249,39 @@ mod tests {
         digest.written(3, None);
         let expected = hex::encode(Sha256::digest(&data));
         assert_eq!(digest.finish(&path).unwrap(), expected);
+    }
+
+    #[test]
+    fn sessions_share_one_budget_for_held_bytes() {
+        let data: Vec<u8> = (0..6000u32).map(|i| (i % 251) as u8).collect();
+        let (_dir, path) = staged(&data);
+        let layout = ChunkLayout {
+            size: data.len() as u64,
+            chunk_size: 3000,
+        };
+        let budget = HeldBudget::new(4000);
+        let (first, second) = (
+            RunningDigest::new(layout, budget.clone()),
+            RunningDigest::new(layout, budget.clone()),
+        );
+        let chunk = Bytes::copy_from_slice(&data[3000..]);
+        // Chunk 1 waits for chunk 0 in both sessions: only one fits.
+        first.written(1, Some(&chunk));
+        second.written(1, Some(&chunk));
+        assert_eq!(budget.used(), 3000);
+        for digest in [&first, &second] {
+            digest.written(0, None);
+            digest.advance(&path).unwrap();
+        }
+        assert_eq!(budget.used(), 0, "hashed chunks give their bytes back");
+        let expected = hex::encode(Sha256::digest(&data));
+        assert_eq!(first.finish(&path).unwrap(), expected);
+        assert_eq!(second.finish(&path).unwrap(), expected);
+        // A session dropped with chunks still held gives them back too.
+        let third = RunningDigest::new(layout, budget.clone());
+        third.written(1, Some(&chunk));
+        assert_eq!(budget.used(), 3000);
+        drop(third);
+        assert_eq!(budget.used(), 0);
     }
 }

@@ -50,7 +50,12 @@ impl Mount {
                 "resuming uploads an earlier mount left unfinished"
             );
         }
-        let filesystem = fuse::FerryFs::new(core.clone(), tokio::runtime::Handle::current());
+        // Resolved before the mount hides the directory: the kernel names
+        // the mount by this path.
+        let resolved = std::fs::canonicalize(mountpoint)
+            .map_err(Error::io(format!("resolving {}", mountpoint.display())))?;
+        let filesystem =
+            fuse::FerryFs::new(core.clone(), tokio::runtime::Handle::current(), resolved);
         let mut config = Config::default();
         config.mount_options = vec![
             MountOption::FSName(format!("ferry:{}", client.base_url())),
@@ -63,7 +68,6 @@ impl Mount {
         config.n_threads = Some(2);
         let session = fuser::spawn_mount(filesystem, mountpoint, &config)
             .map_err(Error::io(format!("mounting at {}", mountpoint.display())))?;
-        kernel_readahead::raise(mountpoint);
         let watcher = Watcher::start(&client, &RemotePath::root());
         let invalidator = tokio::spawn(invalidate::run(core.clone(), session.notifier(), watcher));
         Ok(Mount {

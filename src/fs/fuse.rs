@@ -20,6 +20,9 @@ pub struct FerryFs {
     core: Arc<MountCore>,
     runtime: Handle,
     ids: Ids,
+    mountpoint: std::path::PathBuf,
+    /// Set by the first request after `INIT`.
+    initialized: std::sync::OnceLock<()>,
 }
 
 /// Who owns every file, and the time given to directories without one.
@@ -32,7 +35,8 @@ struct Ids {
 }
 
 impl FerryFs {
-    pub fn new(core: Arc<MountCore>, runtime: Handle) -> Self {
+    /// `mountpoint` as an absolute path without symlinks.
+    pub fn new(core: Arc<MountCore>, runtime: Handle, mountpoint: std::path::PathBuf) -> Self {
         let (uid, gid) = owner_ids();
         let read_only = core.options.read_only;
         Self {
@@ -44,6 +48,8 @@ impl FerryFs {
                 mounted_at: SystemTime::now(),
                 read_only,
             },
+            mountpoint,
+            initialized: std::sync::OnceLock::new(),
         }
     }
 
@@ -53,6 +59,11 @@ impl FerryFs {
         work: impl Future<Output = FsResult<T>> + Send + 'static,
         answer: impl FnOnce(FsResult<T>) + Send + 'static,
     ) {
+        // A request after INIT means the kernel has applied INIT's answer,
+        // which would have undone a raised readahead.
+        if self.initialized.set(()).is_ok() {
+            super::kernel_readahead::raise(&self.mountpoint);
+        }
         self.runtime.spawn(async move { answer(work.await) });
     }
 }

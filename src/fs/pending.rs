@@ -19,6 +19,11 @@ use crate::client::upload::{Transport, UploadOptions, upload_file};
 use crate::error::Error;
 use crate::protocol::{ErrorCode, RemotePath};
 
+/// Uploads of files this large travel over the WebSocket (falling back to
+/// HTTP), which costs less per byte; smaller ones use the pooled HTTP
+/// connections rather than opening a WebSocket each.
+const WEBSOCKET_FROM: u64 = 8 << 20;
+
 /// One journaled upload.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct JournalEntry {
@@ -212,12 +217,17 @@ impl UploadQueue {
                 })
             };
             let space = self.space.clone();
+            let size = std::fs::metadata(&entry.local).map_or(0, |m| m.len());
             let options = UploadOptions {
                 if_match: entry.base_etag.clone().filter(|_| target == entry.path),
                 resume_id: entry.session_id.take(),
                 on_session: Some(session),
                 progress: Some(Arc::new(move |_| space.upload_progressed())),
-                transport: Transport::Http,
+                transport: if size >= WEBSOCKET_FROM {
+                    Transport::Auto
+                } else {
+                    Transport::Http
+                },
                 ..Default::default()
             };
             match upload_file(&self.client, &entry.local, &target, options).await {

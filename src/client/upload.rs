@@ -98,7 +98,7 @@ pub async fn upload_file(
         .metadata()
         .map_err(Error::io(format!("reading {}", local.display())))?;
     let size = metadata.len();
-    let mtime: Option<DateTime<Utc>> = metadata.modified().ok().map(Into::into);
+    let modified = metadata.modified().ok();
     // Unless the caller knows the digest, it is computed from the chunks as
     // they are read and sent with `complete`.
     let source = Source {
@@ -109,7 +109,7 @@ pub async fn upload_file(
         file,
         local: local.to_owned(),
         size,
-        modified: metadata.modified().ok(),
+        modified,
     };
     let request = CreateUpload {
         path: remote.clone(),
@@ -118,7 +118,7 @@ pub async fn upload_file(
         sha256: options.sha256.clone(),
         sha256_at_complete: source.digest.is_some(),
         if_match: options.if_match.clone(),
-        mtime,
+        mtime: modified.map(DateTime::<Utc>::from),
     };
 
     let mut resume = options.resume_id.clone();

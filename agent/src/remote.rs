@@ -162,6 +162,7 @@ impl Remote {
     /// A chunk-session upload; on stop, chunks on the wire finish and the
     /// session stays open for the next run.
     pub async fn upload(&self, push: Push<'_>) -> Result<UploadReport> {
+        let size = std::fs::metadata(push.local).map_or(0, |m| m.len());
         let options = UploadOptions {
             parallel: Some(CHUNKS_PER_FILE),
             if_match: push.if_match,
@@ -169,7 +170,7 @@ impl Remote {
             sha256: push.sha256.map(str::to_owned),
             on_session: Some(push.on_session),
             throttle: self.throttle.clone(),
-            transport: Transport::Http,
+            transport: Transport::for_file_of(size),
             stop: Some(self.stop.clone()),
             ..Default::default()
         };

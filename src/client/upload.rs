@@ -46,6 +46,23 @@ pub enum Transport {
     WebSocket,
 }
 
+impl Transport {
+    /// For a program that uploads files of every size: the WebSocket
+    /// (falling back to HTTP) for files of [`WEBSOCKET_FROM`] bytes and more,
+    /// where it costs less per byte; pooled HTTP connections for smaller
+    /// ones, rather than opening a WebSocket each.
+    pub fn for_file_of(size: u64) -> Transport {
+        if size >= WEBSOCKET_FROM {
+            Transport::Auto
+        } else {
+            Transport::Http
+        }
+    }
+}
+
+/// See [`Transport::for_file_of`].
+pub const WEBSOCKET_FROM: u64 = 8 << 20;
+
 /// Receives a new session's id.
 pub type SessionFn = Arc<dyn Fn(&str) + Send + Sync>;
 

@@ -19,11 +19,6 @@ use crate::client::upload::{Transport, UploadOptions, upload_file};
 use crate::error::Error;
 use crate::protocol::{ErrorCode, RemotePath};
 
-/// Uploads of files this large travel over the WebSocket (falling back to
-/// HTTP), which costs less per byte; smaller ones use the pooled HTTP
-/// connections rather than opening a WebSocket each.
-const WEBSOCKET_FROM: u64 = 8 << 20;
-
 /// One journaled upload.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct JournalEntry {
@@ -223,11 +218,7 @@ impl UploadQueue {
                 resume_id: entry.session_id.take(),
                 on_session: Some(session),
                 progress: Some(Arc::new(move |_| space.upload_progressed())),
-                transport: if size >= WEBSOCKET_FROM {
-                    Transport::Auto
-                } else {
-                    Transport::Http
-                },
+                transport: Transport::for_file_of(size),
                 ..Default::default()
             };
             match upload_file(&self.client, &entry.local, &target, options).await {

@@ -29,9 +29,9 @@ pub struct PutArgs {
     local: PathBuf,
     /// Remote destination; an existing directory or a trailing `/` keeps the file's name.
     remote: String,
-    /// Chunks in flight at once.
-    #[arg(long, default_value_t = 4)]
-    parallel: usize,
+    /// Chunks in flight at once [default: 32 MiB of chunks, 2 to 8 of them].
+    #[arg(long)]
+    parallel: Option<usize>,
     /// How chunks travel: `auto` (WebSocket, falling back to HTTP), `http` or `ws`.
     #[arg(long, default_value = "auto", value_parser = parse_transport)]
     transport: Transport,
@@ -91,7 +91,7 @@ pub async fn put(args: PutArgs) -> anyhow::Result<()> {
         })
     };
     let options = UploadOptions {
-        parallel: Some(args.parallel),
+        parallel: args.parallel,
         resume_id: record.and_then(|r| r.session_id),
         sha256,
         progress: bar.as_ref().map(progress_fn),

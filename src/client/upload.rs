@@ -27,8 +27,13 @@ use crate::protocol::upload::{ChunkLayout, CreateUpload, UploadState, expand_run
 use crate::protocol::ws::{Channel, FRAME_HEADER_LEN, FrameHeader};
 use crate::protocol::{ErrorCode, FileMeta, RemotePath};
 
-/// Chunks in flight at once unless asked otherwise.
-const DEFAULT_PARALLEL: usize = 4;
+/// Chunk bytes in flight at once unless a count is asked for: enough for
+/// both ends to keep hashing and writing while the next chunks travel
+/// (bench/RESULTS.md, upload), without holding many large chunks.
+const IN_FLIGHT_BYTES: u64 = 32 << 20;
+/// Bounds on the chunks in flight that [`IN_FLIGHT_BYTES`] gives.
+const FEWEST_IN_FLIGHT: u64 = 2;
+const MOST_IN_FLIGHT: u64 = 8;
 /// Times a session is recreated when the server lost it (expired, collected).
 const SESSION_RECREATES: usize = 2;
 /// Rounds of "send what is missing, then complete" before giving up.
@@ -68,7 +73,7 @@ pub type SessionFn = Arc<dyn Fn(&str) + Send + Sync>;
 
 #[derive(Clone, Default)]
 pub struct UploadOptions {
-    /// Chunks in flight at once (default 4).
+    /// Chunks in flight at once (default: 32 MiB of chunks, 2 to 8 of them).
     pub parallel: Option<usize>,
     /// Ask for a chunk size instead of the server's choice.
     pub chunk_size: Option<u64>,
@@ -179,6 +184,16 @@ pub async fn upload_file(
     )))
 }
 
+impl UploadOptions {
+    /// Chunks in flight at once for chunks of `chunk_size`.
+    fn chunks_in_flight(&self, chunk_size: u64) -> usize {
+        let fitting = || {
+            (IN_FLIGHT_BYTES / chunk_size.max(1)).clamp(FEWEST_IN_FLIGHT, MOST_IN_FLIGHT) as usize
+        };
+        self.parallel.unwrap_or_else(fitting).max(1)
+    }
+}
+
 /// Sends what the session lacks and completes it.
 async fn drive_session(
     client: &Client,
@@ -193,7 +208,8 @@ async fn drive_session(
     }
     let resumed_bytes = status.bytes_received;
     if status.state == UploadState::Open && options.transport != Transport::Http {
-        match upload_over_ws(client, id, source, options).await {
+        let parallel = options.chunks_in_flight(status.chunk_size);
+        match upload_over_ws(client, id, source, options, parallel).await {
             Ok(meta) => {
                 return Ok(UploadReport {
                     meta,
@@ -263,6 +279,7 @@ async fn upload_over_ws(
     id: &str,
     source: &Source,
     options: &UploadOptions,
+    parallel: usize,
 ) -> Result<FileMeta> {
     let conn = match &options.ws {
         Some(conn) => conn.clone(),
@@ -283,7 +300,6 @@ async fn upload_over_ws(
         }
         .boxed()
     };
-    let parallel = options.parallel.unwrap_or(DEFAULT_PARALLEL);
     let uploaded = conn
         .upload(
             id,
@@ -308,7 +324,7 @@ async fn send_chunks(
     options: &UploadOptions,
     done: &Arc<AtomicU64>,
 ) -> Result<()> {
-    let parallel = options.parallel.unwrap_or(DEFAULT_PARALLEL).max(1);
+    let parallel = options.chunks_in_flight(layout.chunk_size);
     let stopped = || options.stop.as_ref().is_some_and(|s| s.is_cancelled());
     futures::stream::iter(chunks.iter().copied())
         .take_while(|_| std::future::ready(!stopped()))
@@ -398,5 +414,29 @@ impl Source {
             )));
         }
         Ok(Some(sha256))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chunks_in_flight_hold_about_32_mib_unless_a_count_is_asked() {
+        let default = UploadOptions::default();
+        assert_eq!(default.chunks_in_flight(1 << 20), 8);
+        assert_eq!(default.chunks_in_flight(4 << 20), 8);
+        assert_eq!(default.chunks_in_flight(8 << 20), 4);
+        assert_eq!(default.chunks_in_flight(64 << 20), 2);
+        let asked = UploadOptions {
+            parallel: Some(3),
+            ..UploadOptions::default()
+        };
+        assert_eq!(asked.chunks_in_flight(64 << 20), 3);
+        let zero = UploadOptions {
+            parallel: Some(0),
+            ..UploadOptions::default()
+        };
+        assert_eq!(zero.chunks_in_flight(1 << 20), 1);
     }
 }

@@ -207,16 +207,17 @@ async fn drive_session(
         return Err(Error::NotFound(format!("session {id} is for another file")));
     }
     let resumed_bytes = status.bytes_received;
+    let report = |meta| UploadReport {
+        meta,
+        session_id: id.to_owned(),
+        resumed_bytes,
+        sha256: None,
+    };
     if status.state == UploadState::Open && options.transport != Transport::Http {
         let parallel = options.chunks_in_flight(status.chunk_size);
         match upload_over_ws(client, id, source, options, parallel).await {
             Ok(meta) => {
-                return Ok(UploadReport {
-                    meta,
-                    session_id: id.to_owned(),
-                    resumed_bytes,
-                    sha256: None,
-                });
+                return Ok(report(meta));
             }
             Err(e @ (Error::Network(_) | Error::MissingChunks(_)))
                 if options.transport == Transport::Auto =>
@@ -231,12 +232,7 @@ async fn drive_session(
         let meta = status
             .meta
             .ok_or_else(|| Error::Storage("committed session without metadata".into()))?;
-        return Ok(UploadReport {
-            meta,
-            session_id: id.to_owned(),
-            resumed_bytes,
-            sha256: None,
-        });
+        return Ok(report(meta));
     }
     let layout = ChunkLayout {
         size: status.size,
@@ -252,12 +248,7 @@ async fn drive_session(
         let sha256 = source.sha256().await?;
         match client.complete_upload(id, sha256).await {
             Ok(meta) => {
-                return Ok(UploadReport {
-                    meta,
-                    session_id: id.to_owned(),
-                    resumed_bytes,
-                    sha256: None,
-                });
+                return Ok(report(meta));
             }
             // Acknowledged chunks were lost (a node without fsync, say): resend.
             Err(Error::MissingChunks(runs)) => {

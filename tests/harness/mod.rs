@@ -4,12 +4,13 @@
 
 pub mod metrics_text;
 pub mod mount;
+pub mod serve_child;
 pub mod token_new;
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
 pub struct Server {
@@ -69,23 +70,8 @@ impl Server {
 
     /// A node on `store` listening on `listen` (e.g. the address of a killed one).
     pub fn spawn(store: &str, listen: &str, extra: &[&str]) -> Server {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_ferry"))
-            .args(["serve", "--store", store, "--listen", listen])
-            .args(extra)
-            .env("FERRY_LOG", "warn")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("spawning ferry serve");
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().unwrap())
-            .read_line(&mut line)
-            .unwrap();
-        let url = line
-            .split_whitespace()
-            .find(|w| w.starts_with("http://") || w.starts_with("https://"))
-            .unwrap_or_else(|| panic!("no URL in the server's first line: {line:?}"))
-            .to_owned();
+        let bin = Path::new(env!("CARGO_BIN_EXE_ferry"));
+        let (child, url) = serve_child::spawn_serve(bin, store, listen, extra);
         let addr = url.split_once("://").unwrap().1.parse().unwrap();
         Server {
             child,

@@ -4,11 +4,13 @@
 
 #[path = "../../../tests/harness/metrics_text.rs"]
 pub mod metrics_text;
+#[path = "../../../tests/harness/serve_child.rs"]
+pub mod serve_child;
 #[path = "../../../tests/harness/token_new.rs"]
 pub mod token_new;
 
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader, Read};
+use std::io::Read;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
@@ -51,29 +53,8 @@ impl Server {
 
     /// A server on `listen` with more `ferry serve` arguments.
     pub fn start_with(store: &Path, listen: &str, extra: &[&str]) -> Server {
-        let mut child = Command::new(ferry_bin())
-            .args([
-                "serve",
-                "--store",
-                store.to_str().unwrap(),
-                "--listen",
-                listen,
-            ])
-            .args(extra)
-            .env("FERRY_LOG", "warn")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("spawning ferry serve");
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().unwrap())
-            .read_line(&mut line)
-            .unwrap();
-        let url = line
-            .split_whitespace()
-            .find(|w| w.starts_with("http://"))
-            .unwrap_or_else(|| panic!("no URL in the server's first line: {line:?}"))
-            .to_owned();
+        let (child, url) =
+            serve_child::spawn_serve(&ferry_bin(), store.to_str().unwrap(), listen, extra);
         let listen = url.trim_start_matches("http://").to_owned();
         Server {
             child,

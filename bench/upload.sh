@@ -27,7 +27,7 @@
 #   BENCH_DIR    work dir for the source file and the stores [/tmp/ferry-upload-bench]
 #   RUNS         repetitions of every measurement [5]
 #   SIZE_MIB     size of the random source file in MiB [1024]
-#   EXTRA_PARALLEL  also measure `ferry put --parallel N`; empty to skip [8]
+#   EXTRA_PARALLEL  also measure `ferry put --parallel N`; empty to skip [4]
 #   RESULTS      file to update [bench/RESULTS.md]
 #   SKIP_BUILD   set to 1 to use the existing target/release/ferry
 #   WAIT_MAX     seconds to wait for other benchmarks (bench/*.sh, wrk) to
@@ -46,7 +46,7 @@ BENCH=$ROOT/bench
 WORK=${BENCH_DIR:-/tmp/ferry-upload-bench}
 RUNS=${RUNS:-5}
 SIZE_MIB=${SIZE_MIB:-1024}
-EXTRA_PARALLEL=${EXTRA_PARALLEL-8}
+EXTRA_PARALLEL=${EXTRA_PARALLEL-4}
 RESULTS=${RESULTS:-$BENCH/RESULTS.md}
 WAIT_MAX=${WAIT_MAX:-1800}
 QUIET_MAX=${QUIET_MAX:-120}
@@ -376,20 +376,20 @@ measure() {
 }
 
 # `ferry put` variants: put = defaults; puthttp = --transport http (chunk
-# PUTs; only if this binary has the option); put8 = --parallel N.
+# PUTs; only if this binary has the option); putn = --parallel N.
 HAS_TRANSPORT=0
 "$FERRY_BIN" put --help 2>/dev/null | grep -q -- '--transport' && HAS_TRANSPORT=1
 DEFAULT_TRANSPORT=$("$FERRY_BIN" put --help 2>/dev/null | awk '/--transport/ { t = 1 } t && /default:/ { sub(/.*default: */, ""); sub(/\].*/, ""); print; exit }')
 put_args() {
   case $1 in
     puthttp) echo "--transport http" ;;
-    put8) echo "--parallel $EXTRA_PARALLEL" ;;
+    putn) echo "--parallel $EXTRA_PARALLEL" ;;
   esac
 }
 TOOLS=(put)
 ((HAS_TRANSPORT)) && TOOLS+=(puthttp)
 TOOLS+=(single rclone)
-[ -z "$EXTRA_PARALLEL" ] || TOOLS+=(put8)
+[ -z "$EXTRA_PARALLEL" ] || TOOLS+=(putn)
 PUTS=()
 for t in "${TOOLS[@]}"; do [[ $t != put* ]] || PUTS+=("$t"); done
 NT=${#TOOLS[@]}
@@ -542,9 +542,9 @@ mbs() { # median wall -> MB/s
 }
 label() {
   case $1 in
-    put) echo "\`ferry put\` (defaults${DEFAULT_TRANSPORT:+: --transport $DEFAULT_TRANSPORT}, --parallel 4)" ;;
+    put) echo "\`ferry put\` (defaults${DEFAULT_TRANSPORT:+: --transport $DEFAULT_TRANSPORT}; chunks in flight: 32 MiB worth, 8 of the 4 MiB chunks)" ;;
     puthttp) echo "\`ferry put --transport http\`" ;;
-    put8) echo "\`ferry put --parallel $EXTRA_PARALLEL\`" ;;
+    putn) echo "\`ferry put --parallel $EXTRA_PARALLEL\`" ;;
     single) echo "single PUT (\`curl -T\` to \`/v1/files/\`)" ;;
     rclone) echo "\`rclone copyto\` → \`rclone serve webdav\`" ;;
   esac

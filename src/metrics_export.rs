@@ -58,27 +58,22 @@ impl Collector for Samples {
     fn encode(&self, mut encoder: DescriptorEncoder) -> std::fmt::Result {
         for sample in (self.0)() {
             if sample.counter {
-                let metric = ConstCounter::new(sample.value);
-                let e = encoder.encode_descriptor(
-                    sample.name,
-                    sample.help,
-                    None,
-                    metric.metric_type(),
-                )?;
-                metric.encode(e)?;
+                encode_one(&mut encoder, &sample, ConstCounter::new(sample.value))?;
             } else {
-                let metric = ConstGauge::new(sample.value as i64);
-                let e = encoder.encode_descriptor(
-                    sample.name,
-                    sample.help,
-                    None,
-                    metric.metric_type(),
-                )?;
-                metric.encode(e)?;
+                encode_one(&mut encoder, &sample, ConstGauge::new(sample.value as i64))?;
             }
         }
         Ok(())
     }
+}
+
+fn encode_one(
+    encoder: &mut DescriptorEncoder,
+    sample: &Sample,
+    metric: impl EncodeMetric,
+) -> std::fmt::Result {
+    let e = encoder.encode_descriptor(sample.name, sample.help, None, metric.metric_type())?;
+    metric.encode(e)
 }
 
 /// Renders the samples `collect` returns now.

@@ -398,6 +398,20 @@ impl Connection {
         }
     }
 
+    /// The upload open on `ch`; without one, the peer is told so.
+    async fn open_upload(&self, ch: Channel) -> Option<Arc<UploadChannel>> {
+        let upload = self.upload(ch);
+        if upload.is_none() {
+            let message = format!("channel {ch} has no upload open");
+            send(
+                &self.out,
+                protocol_error(Some(ch), ProtocolErrorCode::BadFrame, message),
+            )
+            .await;
+        }
+        upload
+    }
+
     async fn on_binary(&self, data: Bytes) {
         let Some((header, payload)) = FrameHeader::decode(&data) else {
             let message = format!(
@@ -411,13 +425,8 @@ impl Connection {
             .await;
         };
         let ch = header.ch;
-        let Some(upload) = self.upload(ch) else {
-            let message = format!("channel {ch} has no upload open");
-            return send(
-                &self.out,
-                protocol_error(Some(ch), ProtocolErrorCode::BadFrame, message),
-            )
-            .await;
+        let Some(upload) = self.open_upload(ch).await else {
+            return;
         };
         let layout = upload.layout;
         if header.offset % layout.chunk_size != 0
@@ -476,13 +485,8 @@ impl Connection {
     }
 
     async fn complete(&self, ch: Channel, sha256: Option<String>) {
-        let Some(upload) = self.upload(ch) else {
-            let message = format!("channel {ch} has no upload open");
-            return send(
-                &self.out,
-                protocol_error(Some(ch), ProtocolErrorCode::BadFrame, message),
-            )
-            .await;
+        let Some(upload) = self.open_upload(ch).await else {
+            return;
         };
         // Chunks still being written on this connection land first.
         let all = self

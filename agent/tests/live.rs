@@ -264,12 +264,53 @@ async fn a_closed_file_is_pushed_without_waiting_to_settle() {
             agent.log_text()
         );
     }
+    // Its write and its close are separate events: a pass that runs between
+    // them finds the file still being written and schedules a look after the
+    // settle time. The close must push it long before that.
     let log = agent.log_text();
-    assert!(
-        !log.lines()
-            .any(|l| l.contains("still being written") && l.contains("notes.txt")),
-        "a closed file waited to settle:\n{log}"
-    );
+    let lines: Vec<&str> = log.lines().collect();
+    for (i, line) in lines.iter().enumerate() {
+        if !(line.contains("still being written") && line.contains("path=\"notes.txt\"")) {
+            continue;
+        }
+        let wait = log_duration(line, "wait=");
+        let pushed = lines[i..]
+            .iter()
+            .find(|l| l.contains("uploaded path=\"notes.txt\""))
+            .unwrap_or_else(|| panic!("never pushed after waiting:\n{log}"));
+        let took = log_time(pushed) - log_time(line);
+        assert!(
+            took.to_std().unwrap() < wait,
+            "a closed file waited to settle:\n{log}"
+        );
+    }
+}
+
+/// The timestamp that starts a log line.
+fn log_time(line: &str) -> chrono::DateTime<chrono::FixedOffset> {
+    let stamp = line.split_whitespace().next().unwrap();
+    chrono::DateTime::parse_from_rfc3339(stamp).unwrap()
+}
+
+/// A `Duration` field (`Debug` form, e.g. `1.5s` or `250ms`) of a log line.
+fn log_duration(line: &str, field: &str) -> Duration {
+    let value = line
+        .split(field)
+        .nth(1)
+        .unwrap()
+        .split_whitespace()
+        .next()
+        .unwrap();
+    let (number, unit) =
+        value.split_at(value.find(|c: char| c.is_alphabetic() || c == 'µ').unwrap());
+    let number: f64 = number.parse().unwrap();
+    Duration::from_secs_f64(match unit {
+        "s" => number,
+        "ms" => number / 1e3,
+        "µs" => number / 1e6,
+        "ns" => number / 1e9,
+        other => panic!("unit {other} in {line}"),
+    })
 }
 
 /// Regression: the agent's own directory reads (open events on the watched
@@ -347,4 +388,20 @@ async fn a_small_change_is_pushed_while_a_big_upload_runs() {
         ferry::protocol::upload::UploadState::Open,
         "the small file waited for the big upload"
     );
+}
+
+#[test]
+fn log_fields_are_read_as_the_agent_writes_them() {
+    let waiting = "2026-11-22T00:48:26.680051Z DEBUG ferry_agent::pipeline: still being written; waiting path=\"notes.txt\" wait=1.686132505s";
+    let pushed = "2026-11-22T00:48:26.852068Z  INFO ferry_agent::pipeline: uploaded path=\"notes.txt\" bytes=6 resumed_bytes=0";
+    assert_eq!(
+        log_duration(waiting, "wait="),
+        Duration::from_nanos(1_686_132_505)
+    );
+    assert_eq!(
+        log_duration("x wait=250ms", "wait="),
+        Duration::from_millis(250)
+    );
+    let took = log_time(pushed) - log_time(waiting);
+    assert_eq!(took.num_microseconds(), Some(172_017));
 }

@@ -15,6 +15,7 @@ mod conditional;
 mod events;
 mod extract;
 pub mod feed;
+mod file_region;
 mod files;
 pub mod limits;
 pub mod listen;

@@ -67,9 +67,15 @@ pub async fn get_file(
         if method == Method::HEAD {
             return Ok((status, response_headers).into_response());
         }
+        let region = opened.region(range);
         match opened.stream(range).await {
             Ok(stream) => {
-                return Ok((status, response_headers, Body::from_stream(stream)).into_response());
+                let mut response =
+                    (status, response_headers, Body::from_stream(stream)).into_response();
+                if let Some(region) = region {
+                    response.extensions_mut().insert(region);
+                }
+                return Ok(response);
             }
             // Replaced between the two reads: start over with the new version.
             Err(Error::PreconditionFailed(_) | Error::NotFound(_)) if attempt < READ_ATTEMPTS => {

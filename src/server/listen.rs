@@ -18,8 +18,11 @@ use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpListener;
+use tokio::sync::watch;
 use tokio_rustls::TlsAcceptor;
 use tower::ServiceExt;
+
+mod sendfile_conn;
 
 /// Bytes of response body hyper may queue per HTTP/1 connection before it
 /// waits for the socket (its default is about 400 KiB). A file body arrives
@@ -76,6 +79,7 @@ pub async fn serve(
         .timer(TokioTimer::new())
         .enable_connect_protocol();
     let builder = Arc::new(builder);
+    let (stopping_tx, stopping) = watch::channel(false);
     let mut shutdown = std::pin::pin!(shutdown);
     loop {
         let (tcp, peer) = tokio::select! {
@@ -95,6 +99,12 @@ pub async fn serve(
         if let Err(e) = tcp.set_nodelay(true) {
             tracing::debug!(error = %e, "setting TCP_NODELAY failed");
         }
+        let plain = sendfile_conn::Connection {
+            app: app.clone(),
+            peer,
+            header_timeout: listening.header_timeout,
+            stopping: stopping.clone(),
+        };
         let app = app.clone();
         let service = TowerToHyperService::new(app.map_request(move |req: Request<Incoming>| {
             let mut req = req.map(Body::new);
@@ -107,7 +117,14 @@ pub async fn serve(
         let handshake_deadline = listening.header_timeout;
         tokio::spawn(async move {
             match tls {
-                None => serve_connection(&builder, watcher, tcp, service).await,
+                // The watcher is held meanwhile: shutdown waits for this
+                // connection either way.
+                None => match plain.drive(tcp).await {
+                    sendfile_conn::Outcome::HandOver(rest) => {
+                        serve_connection(&builder, watcher, rest, service).await
+                    }
+                    sendfile_conn::Outcome::Closed => {}
+                },
                 Some(acceptor) => {
                     let accepted =
                         tokio::time::timeout(handshake_deadline, acceptor.accept(tcp)).await;
@@ -123,6 +140,7 @@ pub async fn serve(
         });
     }
     drop(listener);
+    let _ = stopping_tx.send(true);
     graceful.shutdown().await;
     Ok(())
 }

@@ -18,6 +18,7 @@ use prometheus_client::registry::Registry;
 use super::AppState;
 use super::auth::{Caller, Grant};
 use super::body::ObservedBody;
+use super::file_region::FileRegion;
 use crate::error::{Error, Result};
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -168,6 +169,10 @@ pub async fn measure(State(app): State<AppState>, request: Request, next: Next) 
         .observe(started.elapsed().as_secs_f64());
     // The body of a WebSocket upgrade is empty; its frames are counted by the
     // connection itself.
+    if let Some(region) = response.extensions().get::<FileRegion>() {
+        let counted_out = metrics.clone();
+        region.observe(move |n| counted_out.sent(n));
+    }
     let guard = metrics.stream();
     response.map(|body| Body::new(ObservedBody::new(body, move |n| guard.0.sent(n))))
 }

@@ -19,6 +19,7 @@ use std::io::IoSliceMut;
 use std::ops::Range;
 use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::UNIX_EPOCH;
 
 use bytes::Bytes;
@@ -106,7 +107,7 @@ const CHUNK: usize = 192 * 1024;
 /// Yields exactly `range.end - range.start` bytes in order, or ends with an
 /// error (e.g. if the file was truncated in place and ends early). Dropping
 /// the stream closes the file.
-pub(super) fn stream(file: File, range: Range<u64>) -> BoxStream<'static, Result<Bytes>> {
+pub(super) fn stream(file: Arc<File>, range: Range<u64>) -> BoxStream<'static, Result<Bytes>> {
     futures::stream::try_unfold((file, range), |(file, range)| async move {
         if range.is_empty() {
             return Ok(None);
@@ -131,6 +132,12 @@ pub(super) fn stream(file: File, range: Range<u64>) -> BoxStream<'static, Result
         Ok(Some((chunk, (file, offset + len as u64..range.end))))
     })
     .boxed()
+}
+
+/// Whether the page cache holds the byte at `offset` (false past the end):
+/// reading it then cannot wait for the disk.
+pub fn byte_is_cached(file: &File, offset: u64) -> bool {
+    read_cached(file, &mut [0; 1], offset) == 1
 }
 
 /// Reads into `buf` from `offset` what the page cache already holds, without
@@ -182,7 +189,7 @@ mod tests {
     }
 
     async fn chunks(file: File, range: Range<u64>) -> Result<Vec<Bytes>> {
-        stream(file, range).try_collect().await
+        stream(Arc::new(file), range).try_collect().await
     }
 
     #[tokio::test]

@@ -1,0 +1,89 @@
+//! A response body that is a byte range of an open local file, so that a
+//! connection able to (plain HTTP/1.1 over TCP, `listen/sendfile_conn.rs`) can
+//! send it with `sendfile` instead of copying it through user space.
+//!
+//! The handler puts a [`FileRegion`] in the response's extensions beside the
+//! usual streamed body. A connection that cannot use it (TLS, HTTP/2, a body
+//! wrapped by a layer that must see the bytes) ignores it and polls the body;
+//! one that can takes the region and drops the body unpolled once the bytes
+//! are sent. Layers that count the body's bytes register an observer here
+//! too, so both ways of sending are counted alike.
+
+use std::fs::File;
+use std::ops::Range;
+use std::sync::{Arc, Mutex, PoisonError};
+
+type Observer = Box<dyn FnMut(usize) + Send>;
+
+/// A file range offered for zero-copy sending. Cloning shares the offer:
+/// whoever [`FileRegion::take`]s it first owns it.
+#[derive(Clone)]
+pub struct FileRegion(Arc<Mutex<Option<Region>>>);
+
+/// A taken [`FileRegion`].
+pub struct Region {
+    pub file: Arc<File>,
+    /// Bytes of `file` to send; `span.end - span.start` is the body's
+    /// `Content-Length`.
+    pub span: Range<u64>,
+    observers: Vec<Observer>,
+}
+
+impl FileRegion {
+    pub fn new(file: Arc<File>, span: Range<u64>) -> Self {
+        Self(Arc::new(Mutex::new(Some(Region {
+            file,
+            span,
+            observers: Vec::new(),
+        }))))
+    }
+
+    /// Calls `on_data` with the size of each piece sent, as a body observer
+    /// would be called with the size of each frame.
+    pub fn observe(&self, on_data: impl FnMut(usize) + Send + 'static) {
+        if let Some(region) = self.lock().as_mut() {
+            region.observers.push(Box::new(on_data));
+        }
+    }
+
+    pub fn take(&self) -> Option<Region> {
+        self.lock().take()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Option<Region>> {
+        self.0.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+impl Region {
+    /// Reports `n` more bytes sent to the observers.
+    pub fn sent(&mut self, n: usize) {
+        for observer in &mut self.observers {
+            observer(n);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use super::*;
+
+    #[test]
+    fn observers_see_what_the_taker_reports_and_only_one_taker_gets_it() {
+        let file = Arc::new(tempfile::tempfile().unwrap());
+        let offer = FileRegion::new(file, 10..20);
+        let seen = Arc::new(AtomicUsize::new(0));
+        let counted = seen.clone();
+        offer.observe(move |n| {
+            counted.fetch_add(n, Ordering::Relaxed);
+        });
+        let mut region = offer.clone().take().expect("first taker");
+        assert!(offer.take().is_none(), "a region is sent once");
+        assert_eq!(region.span, 10..20);
+        region.sent(4);
+        region.sent(6);
+        assert_eq!(seen.load(Ordering::Relaxed), 10);
+    }
+}

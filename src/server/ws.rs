@@ -254,11 +254,9 @@ impl Connection {
                     .and_then(|v| v["ch"].as_u64())
                     .and_then(|c| u32::try_from(c).ok());
                 let message = format!("not a valid message: {e}");
-                return send(
-                    &self.out,
-                    protocol_error(ch, ProtocolErrorCode::BadMessage, message),
-                )
-                .await;
+                return self
+                    .refuse(ch, ProtocolErrorCode::BadMessage, message)
+                    .await;
             }
         };
         match message {
@@ -330,17 +328,20 @@ impl Connection {
         }
     }
 
+    /// Tells the peer that what it sent on `ch` (`None`: on the connection)
+    /// was refused, and why.
+    async fn refuse(&self, ch: Option<Channel>, code: ProtocolErrorCode, message: String) {
+        send(&self.out, protocol_error(ch, code, message)).await;
+    }
+
     /// Reserves `ch` for a new transfer, or says it is taken.
     async fn claim(&self, ch: Channel) -> bool {
         if !self.channels.lock().unwrap().contains_key(&ch) {
             return true;
         }
         let message = format!("channel {ch} is in use; cancel it or pick another");
-        send(
-            &self.out,
-            protocol_error(Some(ch), ProtocolErrorCode::ChannelBusy, message),
-        )
-        .await;
+        self.refuse(Some(ch), ProtocolErrorCode::ChannelBusy, message)
+            .await;
         false
     }
 
@@ -403,11 +404,8 @@ impl Connection {
         let upload = self.upload(ch);
         if upload.is_none() {
             let message = format!("channel {ch} has no upload open");
-            send(
-                &self.out,
-                protocol_error(Some(ch), ProtocolErrorCode::BadFrame, message),
-            )
-            .await;
+            self.refuse(Some(ch), ProtocolErrorCode::BadFrame, message)
+                .await;
         }
         upload
     }
@@ -418,11 +416,9 @@ impl Connection {
                 "a binary frame needs a 16-byte header; got {} bytes",
                 data.len()
             );
-            return send(
-                &self.out,
-                protocol_error(None, ProtocolErrorCode::BadFrame, message),
-            )
-            .await;
+            return self
+                .refuse(None, ProtocolErrorCode::BadFrame, message)
+                .await;
         };
         let ch = header.ch;
         let Some(upload) = self.open_upload(ch).await else {
@@ -438,11 +434,9 @@ impl Connection {
                 "offset {} is not the start of a chunk of this upload",
                 header.offset
             );
-            return send(
-                &self.out,
-                protocol_error(Some(ch), ProtocolErrorCode::BadFrame, message),
-            )
-            .await;
+            return self
+                .refuse(Some(ch), ProtocolErrorCode::BadFrame, message)
+                .await;
         }
         let index = header.offset / layout.chunk_size;
         let payload = data.slice(data.len() - payload.len()..);

@@ -272,3 +272,25 @@ fn an_idle_kept_alive_connection_does_not_hold_up_shutdown() {
     replies.read_to_end(&mut rest).unwrap();
     assert!(rest.is_empty());
 }
+
+/// h2c with prior knowledge starts like no HTTP/1.1 head: the connection is
+/// hyper's from its first byte.
+#[tokio::test]
+async fn http2_without_tls_is_served_by_hyper() {
+    let server = Server::start();
+    let data = random_bytes(100_000);
+    server.put("h2.bin", data.clone()).await;
+    let client = reqwest::Client::builder()
+        .http2_prior_knowledge()
+        .build()
+        .unwrap();
+    let response = client
+        .get(server.file_url("h2.bin"))
+        .header("Range", "bytes=10-19")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.version(), reqwest::Version::HTTP_2);
+    assert_eq!(response.status(), 206);
+    assert_eq!(response.bytes().await.unwrap(), &data[10..20]);
+}

@@ -3,11 +3,13 @@
 //! send it with `sendfile` instead of copying it through user space.
 //!
 //! The handler puts a [`FileRegion`] in the response's extensions beside the
-//! usual streamed body. A connection that cannot use it (TLS, HTTP/2, a body
-//! wrapped by a layer that must see the bytes) ignores it and polls the body;
-//! one that can takes the region and drops the body unpolled once the bytes
-//! are sent. Layers that count the body's bytes register an observer here
-//! too, so both ways of sending are counted alike.
+//! usual streamed body. A connection that cannot use it (TLS, HTTP/2)
+//! ignores it and polls the body; one that can takes the region and drops
+//! the body unpolled once the bytes are sent. So a layer that wraps the body
+//! has to mind the region: one that counts the bytes registers an observer
+//! here too (both ways of sending are then counted alike); what one holds
+//! for the transfer's length can stay in the body; one that would change
+//! the bytes (compression) must remove the region.
 
 use std::fs::File;
 use std::ops::Range;

@@ -8,6 +8,7 @@ mod extents;
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
@@ -41,6 +42,42 @@ pub struct Staged {
     /// The staging space this file's content takes, until it is discarded
     /// or handed to its upload.
     charge: Mutex<Charge>,
+    early_sync: EarlySync,
+}
+
+/// Bytes written to a staging file after which they are synced in the
+/// background, so that the sync `fsync` and `close` wait for finds little
+/// left to write: a 1 GiB write took 0.9 s more in that sync otherwise.
+const EARLY_SYNC_EVERY: u64 = 64 << 20;
+
+/// Syncs a staging file's data in the background as it is written. Only an
+/// I/O hint: what a crash leaves behind still depends on the sync in
+/// [`Staged::complete`] alone.
+#[derive(Default)]
+struct EarlySync {
+    unsynced: AtomicU64,
+    running: Arc<AtomicBool>,
+}
+
+impl EarlySync {
+    fn wrote(&self, local: &Path, bytes: u64) {
+        if self.unsynced.fetch_add(bytes, Ordering::Relaxed) + bytes < EARLY_SYNC_EVERY
+            || self.running.swap(true, Ordering::AcqRel)
+        {
+            return;
+        }
+        self.unsynced.store(0, Ordering::Relaxed);
+        let (local, running) = (local.to_path_buf(), self.running.clone());
+        tokio::task::spawn_blocking(move || {
+            // A descriptor of its own: a write-back error this sync meets is
+            // still reported to the staging file's descriptor, whose sync is
+            // the one that counts.
+            if let Ok(file) = File::open(&local) {
+                let _ = file.sync_data();
+            }
+            running.store(false, Ordering::Release);
+        });
+    }
 }
 
 pub struct StagedState {
@@ -110,6 +147,7 @@ impl Staged {
             gate: tokio::sync::RwLock::new(()),
             space: space.clone(),
             charge: Mutex::new(space.empty()),
+            early_sync: EarlySync::default(),
         })
     }
 
@@ -190,6 +228,7 @@ impl Staged {
             }
             let len = data.len() as u32;
             self.store(offset, data).await?;
+            self.early_sync.wrote(&self.local, u64::from(len));
             let mut state = self.state.lock().unwrap();
             state.size = state.size.max(end);
             state.dirty = true;

@@ -167,12 +167,13 @@ pub async fn measure(State(app): State<AppState>, request: Request, next: Next) 
         .latency
         .get_or_create(&RouteLabels { route })
         .observe(started.elapsed().as_secs_f64());
-    // The body of a WebSocket upgrade is empty; its frames are counted by the
-    // connection itself.
+    // A file sent with `sendfile` never passes through the body below.
     if let Some(region) = response.extensions().get::<FileRegion>() {
         let counted_out = metrics.clone();
         region.observe(move |n| counted_out.sent(n));
     }
+    // The body of a WebSocket upgrade is empty; its frames are counted by the
+    // connection itself.
     let guard = metrics.stream();
     response.map(|body| Body::new(ObservedBody::new(body, move |n| guard.0.sent(n))))
 }

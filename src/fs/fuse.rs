@@ -59,12 +59,16 @@ impl FerryFs {
         work: impl Future<Output = FsResult<T>> + Send + 'static,
         answer: impl FnOnce(FsResult<T>) + Send + 'static,
     ) {
+        self.note_request();
+        self.runtime.spawn(async move { answer(work.await) });
+    }
+
+    fn note_request(&self) {
         // A request after INIT means the kernel has applied INIT's answer,
         // which would have undone a raised readahead.
         if self.initialized.set(()).is_ok() {
             super::kernel_readahead::raise(&self.mountpoint);
         }
-        self.runtime.spawn(async move { answer(work.await) });
     }
 }
 
@@ -260,6 +264,18 @@ impl Filesystem for FerryFs {
         _lock_owner: Option<LockOwner>,
         reply: fuser::ReplyWrite,
     ) {
+        // Inside the runtime: a write may start a background sync.
+        let now = {
+            let _runtime = self.runtime.enter();
+            self.core.write_now(fh.0, offset, data)
+        };
+        if let Some(r) = now {
+            self.note_request();
+            return match r {
+                Ok(n) => reply.written(n),
+                Err(e) => reply.error(err(e)),
+            };
+        }
         let core = self.core.clone();
         let data = bytes::Bytes::copy_from_slice(data);
         self.spawn(

@@ -106,6 +106,16 @@ async fn blocking<T: Send + 'static>(
         .map_err(|e| errno::of_io(&e))
 }
 
+/// The first and last block of `offset..end` (one block twice if it is
+/// one), for those that the write covers only in part.
+fn partly_written(offset: u64, end: u64) -> impl Iterator<Item = u64> {
+    let (first, last) = (offset / BLOCK_SIZE, (end - 1) / BLOCK_SIZE);
+    [first, last].into_iter().filter(move |block| {
+        let (bs, be) = (block * BLOCK_SIZE, (block + 1) * BLOCK_SIZE);
+        offset > bs || end < be
+    })
+}
+
 impl Staged {
     /// A staging file at `local` for `path`; `base` is the remote version to
     /// start from, `truncate` starts empty instead.
@@ -190,10 +200,41 @@ impl Staged {
     /// gain content first.
     async fn store(&self, offset: u64, data: Bytes) -> FsResult<()> {
         let end = offset + data.len() as u64;
-        let growth = self.state.lock().unwrap().content.missing(offset, end);
+        let growth = self.growth(offset, end);
         let reserved = self.space.reserve(growth).await?;
         let file = self.file.clone();
-        if let Err(e) = blocking(move || file.write_all_at(&data, offset)).await {
+        let written = blocking(move || file.write_all_at(&data, offset)).await;
+        self.stored((offset, end), growth, reserved, written)
+    }
+
+    /// [`store`](Self::store) on the calling thread, if the space is there
+    /// without waiting for uploads to drain; `None` otherwise.
+    fn store_now(&self, offset: u64, data: &[u8]) -> Option<FsResult<()>> {
+        let end = offset + data.len() as u64;
+        let growth = self.growth(offset, end);
+        let reserved = self.space.try_reserve(growth)?;
+        let written = self
+            .file
+            .write_all_at(data, offset)
+            .map_err(|e| errno::of_io(&e));
+        Some(self.stored((offset, end), growth, reserved, written))
+    }
+
+    /// Bytes of `offset..end` the staging file holds nothing for yet.
+    fn growth(&self, offset: u64, end: u64) -> u64 {
+        self.state.lock().unwrap().content.missing(offset, end)
+    }
+
+    /// Accounts for the write of `offset..end` that charged `reserved` for
+    /// its `growth`.
+    fn stored(
+        &self,
+        (offset, end): (u64, u64),
+        growth: u64,
+        reserved: Charge,
+        written: FsResult<()>,
+    ) -> FsResult<()> {
+        if let Err(e) = written {
             // A failed write leaves the size as it was, as on a local disk.
             let size = self.state.lock().unwrap().size;
             if end > size {
@@ -216,27 +257,49 @@ impl Staged {
         data: Bytes,
     ) -> FsResult<u32> {
         let _shared = self.gate.read().await;
-        let end = offset + data.len() as u64;
-        if !data.is_empty() {
-            let (first, last) = (offset / BLOCK_SIZE, (end - 1) / BLOCK_SIZE);
-            // Blocks only partly overwritten need their remote bytes first.
-            for block in [first, last] {
-                let (bs, be) = (block * BLOCK_SIZE, (block + 1) * BLOCK_SIZE);
-                if offset > bs || end < be {
-                    self.fill(remote, block).await?;
-                }
-            }
-            let len = data.len() as u32;
-            self.store(offset, data).await?;
-            self.early_sync.wrote(&self.local, u64::from(len));
-            let mut state = self.state.lock().unwrap();
-            state.size = state.size.max(end);
-            state.dirty = true;
-            state.journaled = false;
-            state.mtime = SystemTime::now();
-            return Ok(len);
+        if data.is_empty() {
+            return Ok(0);
         }
-        Ok(0)
+        let end = offset + data.len() as u64;
+        // Blocks only partly overwritten need their remote bytes first.
+        for block in partly_written(offset, end) {
+            self.fill(remote, block).await?;
+        }
+        self.store(offset, data).await?;
+        Ok(self.wrote(offset, end))
+    }
+
+    /// [`write`](Self::write) on the calling thread when it needs no waiting:
+    /// no remote block to fetch first, staging space free, no close or fsync
+    /// holding the file. `None`: it must go through `write`.
+    ///
+    /// A FUSE write done here is answered without handing its data to other
+    /// threads (or copying it), which for large sequential writes is most of
+    /// their cost.
+    pub fn write_now(&self, offset: u64, data: &[u8]) -> Option<FsResult<u32>> {
+        let _shared = self.gate.try_read().ok()?;
+        if data.is_empty() {
+            return Some(Ok(0));
+        }
+        let end = offset + data.len() as u64;
+        if partly_written(offset, end).any(|block| self.unfilled(block).is_some()) {
+            return None;
+        }
+        Some(
+            self.store_now(offset, data)?
+                .map(|()| self.wrote(offset, end)),
+        )
+    }
+
+    /// Records a write of `offset..end`; its length.
+    fn wrote(&self, offset: u64, end: u64) -> u32 {
+        self.early_sync.wrote(&self.local, end - offset);
+        let mut state = self.state.lock().unwrap();
+        state.size = state.size.max(end);
+        state.dirty = true;
+        state.journaled = false;
+        state.mtime = SystemTime::now();
+        (end - offset) as u32
     }
 
     pub async fn truncate(&self, remote: &dyn RemoteBlocks, new_size: u64) -> FsResult<()> {
@@ -329,4 +392,104 @@ impl Staged {
 /// Removes a staging file, ignoring one already gone.
 pub fn discard(local: &Path) {
     let _ = std::fs::remove_file(local);
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::AtomicUsize;
+
+    use super::*;
+    use crate::protocol::EntryKind;
+
+    const MIB: usize = 1 << 20;
+
+    /// A remote version of `blocks` blocks, each byte its block's number.
+    struct Remote {
+        blocks: u64,
+        fetched: AtomicUsize,
+    }
+
+    impl RemoteBlocks for Remote {
+        fn fetch(
+            &self,
+            _meta: &FileMeta,
+            block: u64,
+        ) -> futures::future::BoxFuture<'_, Result<Bytes, FetchError>> {
+            self.fetched.fetch_add(1, Ordering::SeqCst);
+            assert!(block < self.blocks);
+            Box::pin(async move { Ok(Bytes::from(vec![block as u8; MIB])) })
+        }
+    }
+
+    fn staged(dir: &tempfile::TempDir, blocks: u64, limit: Option<u64>) -> (Staged, Remote) {
+        let path = RemotePath::parse("f.bin").unwrap();
+        let base = (blocks > 0).then(|| FileMeta {
+            path: path.clone(),
+            kind: EntryKind::File,
+            size: blocks * BLOCK_SIZE,
+            mtime: None,
+            etag: Some("v1".into()),
+        });
+        let space = StagingSpace::new(dir.path().to_path_buf(), limit);
+        let staged = Staged::create(dir.path().join("staged"), path, base, false, &space).unwrap();
+        let remote = Remote {
+            blocks,
+            fetched: AtomicUsize::new(0),
+        };
+        (staged, remote)
+    }
+
+    #[tokio::test]
+    async fn a_write_needing_nothing_is_done_at_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let (staged, remote) = staged(&dir, 0, None);
+        assert_eq!(staged.write_now(0, &[7; MIB]), Some(Ok(MIB as u32)));
+        assert_eq!(staged.write_now(MIB as u64, &[8; 10]), Some(Ok(10)));
+        assert_eq!(staged.size(), MIB as u64 + 10);
+        assert!(staged.state.lock().unwrap().dirty);
+        let back = staged.read(&remote, MIB as u64 - 2, 12).await.unwrap();
+        assert_eq!(&back[..], &[7, 7, 8, 8, 8, 8, 8, 8, 8, 8, 8, 8]);
+        assert_eq!(staged.charge.lock().unwrap().bytes(), MIB as u64 + 10);
+    }
+
+    #[tokio::test]
+    async fn a_partial_block_of_the_remote_version_waits_for_its_fetch() {
+        let dir = tempfile::tempdir().unwrap();
+        let (staged, remote) = staged(&dir, 2, None);
+        // Part of block 1: its remote bytes must come first.
+        assert_eq!(staged.write_now(MIB as u64 + 5, b"abc"), None);
+        assert_eq!(staged.size(), 2 * BLOCK_SIZE, "nothing written");
+        // A whole block needs nothing from the remote.
+        assert_eq!(staged.write_now(0, &[9; MIB]), Some(Ok(MIB as u32)));
+        assert_eq!(remote.fetched.load(Ordering::SeqCst), 0);
+        // The slow path fetches block 1; after it, that block takes writes
+        // at once.
+        let data = Bytes::from_static(b"abc");
+        assert_eq!(staged.write(&remote, MIB as u64 + 5, data).await, Ok(3));
+        assert_eq!(remote.fetched.load(Ordering::SeqCst), 1);
+        assert_eq!(staged.write_now(MIB as u64 + 100, b"z"), Some(Ok(1)));
+        let back = staged.read(&remote, MIB as u64 + 3, 98).await.unwrap();
+        let mut want = [1u8; 98];
+        want[2..5].copy_from_slice(b"abc");
+        want[97] = b'z';
+        assert_eq!(&back[..], &want[..]);
+        assert_eq!(&staged.read(&remote, 0, 2).await.unwrap()[..], &[9, 9]);
+    }
+
+    #[tokio::test]
+    async fn a_write_that_would_wait_for_space_or_the_gate_is_declined() {
+        let dir = tempfile::tempdir().unwrap();
+        let (staged, remote) = staged(&dir, 0, Some(MIB as u64));
+        assert_eq!(staged.write_now(0, &[1; MIB + 1]), None);
+        assert_eq!(staged.size(), 0);
+        assert_eq!(staged.space.used(), 0, "declined: nothing charged");
+        // The slow path tells why: nothing can drain, so no space.
+        let data = Bytes::from(vec![1; MIB + 1]);
+        assert_eq!(staged.write(&remote, 0, data).await, Err(errno::ENOSPC));
+        // A close or fsync holding the file: writes wait for it.
+        let closing = staged.gate.write().await;
+        assert_eq!(staged.write_now(0, b"x"), None);
+        drop(closing);
+        assert_eq!(staged.write_now(0, b"x"), Some(Ok(1)));
+    }
 }

@@ -90,14 +90,7 @@ impl StagingSpace {
             {
                 let mut usage = self.usage.lock().unwrap();
                 match self.outlook(&usage, bytes, free) {
-                    Outlook::Fits => {
-                        usage.used += bytes;
-                        return Ok(Charge {
-                            space: Some(self.clone()),
-                            bytes,
-                            draining: false,
-                        });
-                    }
+                    Outlook::Fits => return Ok(self.charge(&mut usage, bytes)),
                     Outlook::AfterDrain if !usage.stalled => {}
                     _ => {
                         tracing::warn!(
@@ -118,6 +111,29 @@ impl StagingSpace {
                 waited = true;
             }
             changed.await;
+        }
+    }
+
+    /// Charges `bytes` if they fit now; `None` when [`reserve`] would have
+    /// to wait or refuse.
+    ///
+    /// [`reserve`]: Self::reserve
+    pub fn try_reserve(self: &Arc<Self>, bytes: u64) -> Option<Charge> {
+        if bytes == 0 {
+            return Some(self.empty());
+        }
+        let free = self.disk_free();
+        let mut usage = self.usage.lock().unwrap();
+        matches!(self.outlook(&usage, bytes, free), Outlook::Fits)
+            .then(|| self.charge(&mut usage, bytes))
+    }
+
+    fn charge(self: &Arc<Self>, usage: &mut Usage, bytes: u64) -> Charge {
+        usage.used += bytes;
+        Charge {
+            space: Some(self.clone()),
+            bytes,
+            draining: false,
         }
     }
 
@@ -346,6 +362,23 @@ mod tests {
         space.upload_progressed();
         drop(uploading);
         assert!(space.reserve(50).await.is_ok());
+    }
+
+    #[tokio::test]
+    async fn try_reserve_charges_only_what_fits_at_once() {
+        let space = space(100);
+        let open = space.try_reserve(60).expect("fits");
+        assert_eq!(space.used(), 60);
+        assert!(space.try_reserve(0).is_some(), "nothing always fits");
+        // Nothing to drain: `reserve` would refuse; `try_reserve` declines.
+        assert!(space.try_reserve(50).is_none());
+        let uploading = open.into_draining();
+        // An upload to drain: `reserve` would wait; `try_reserve` declines.
+        assert!(space.try_reserve(50).is_none());
+        assert_eq!(space.used(), 60, "a declined try charges nothing");
+        drop(uploading);
+        assert_eq!(space.try_reserve(100).map(|c| c.bytes()), Some(100));
+        assert_eq!(space.used(), 0);
     }
 
     #[tokio::test]

@@ -203,6 +203,19 @@ impl MountCore {
         staged.write(self, offset, data).await
     }
 
+    /// [`write`](Self::write) on the calling thread, if it needs no waiting
+    /// (see [`Staged::write_now`]); `None`: call `write`.
+    pub fn write_now(&self, fh: u64, offset: u64, data: &[u8]) -> Option<FsResult<u32>> {
+        let staged = match self.handle(fh) {
+            Ok(handle) => handle.staged.clone(),
+            Err(e) => return Some(Err(e)),
+        };
+        match staged {
+            Some(staged) => staged.write_now(offset, data),
+            None => Some(Err(errno::EBADF)),
+        }
+    }
+
     /// `truncate(2)`/`ftruncate(2)`: through the open staged file, or staging
     /// the file just for this change (uploaded at once).
     pub async fn set_size(&self, ino: u64, size: u64) -> FsResult<FileMeta> {

@@ -466,12 +466,54 @@ async fn a_stopped_upload_finishes_its_chunks_in_flight_and_resumes_later() {
         transport: Transport::Http,
         ..Default::default()
     };
+    let asked = status_requests(&server);
     let report = upload_file(&client, &local, &remote("video.bin"), resumed)
         .await
         .unwrap();
     assert_eq!(report.session_id, id);
     assert_eq!(report.resumed_bytes, status.bytes_received);
     assert_eq!(server.get_bytes("video.bin").await.1, data);
+    assert_eq!(
+        status_requests(&server),
+        asked + 1.0,
+        "a resumed session is asked what it holds"
+    );
+}
+
+/// `GET /v1/uploads/{id}` requests the server has answered.
+fn status_requests(server: &Server) -> f64 {
+    let response = harness::raw_get(server.addr, b"/metrics");
+    harness::metrics_text::sample(
+        &String::from_utf8_lossy(&response.body),
+        r#"ferry_http_requests_total{route="/v1/uploads/{id}",method="GET",status="200"}"#,
+    )
+    .unwrap_or(0.0)
+}
+
+#[tokio::test]
+async fn a_new_upload_does_not_ask_for_the_status_of_its_new_session() {
+    use ferry::client::upload::Transport;
+    let tmp = tempfile::tempdir().unwrap();
+    let server = Server::start();
+    let client = Client::new(&server.url).unwrap();
+    for (i, transport) in [Transport::Http, Transport::WebSocket, Transport::Auto]
+        .into_iter()
+        .enumerate()
+    {
+        let (local, data) = write_random(tmp.path(), &format!("new{i}.bin"), 3 * MIB + 7);
+        let options = UploadOptions {
+            chunk_size: Some(MIB as u64),
+            transport,
+            ..Default::default()
+        };
+        let target = format!("new{i}.bin");
+        let report = upload_file(&client, &local, &remote(&target), options)
+            .await
+            .unwrap();
+        assert_eq!(report.resumed_bytes, 0);
+        assert_eq!(server.get_bytes(&target).await.1, data);
+    }
+    assert_eq!(status_requests(&server), 0.0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

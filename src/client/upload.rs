@@ -22,7 +22,7 @@ use super::throttle::Throttle;
 use super::ws::WsConnection;
 use super::{Client, Progress, ProgressFn};
 use crate::error::{Error, Result};
-use crate::protocol::upload::{ChunkLayout, CreateUpload, UploadState, expand_runs};
+use crate::protocol::upload::{ChunkLayout, CreateUpload, UploadState, UploadStatus, expand_runs};
 use crate::protocol::ws::{Channel, FRAME_HEADER_LEN, FrameHeader};
 use crate::protocol::{ErrorCode, FileMeta, RemotePath};
 
@@ -147,17 +147,19 @@ pub async fn upload_file(
         if options.stop.as_ref().is_some_and(|s| s.is_cancelled()) {
             return Err(Error::Cancelled);
         }
-        let id = match resume.take() {
-            Some(id) => id,
+        // A session just created needs no asking what it holds.
+        let (id, known) = match resume.take() {
+            Some(id) => (id, None),
             None => {
                 let created = client.create_upload(&request).await?;
                 if let Some(record) = &options.on_session {
                     record(&created.id);
                 }
-                created.id
+                let status = UploadStatus::of_new_session(&request, &created);
+                (created.id, Some(status))
             }
         };
-        match drive_session(client, &id, &source, &request, &options).await {
+        match drive_session(client, &id, known, &source, &request, &options).await {
             Err(e) if e.code() == ErrorCode::NotFound => {
                 tracing::info!(
                     session = id,
@@ -193,15 +195,20 @@ impl UploadOptions {
     }
 }
 
-/// Sends what the session lacks and completes it.
+/// Sends what the session lacks and completes it. `known`: its status, if
+/// the caller has it; else the server is asked.
 async fn drive_session(
     client: &Client,
     id: &str,
+    known: Option<UploadStatus>,
     source: &Source,
     request: &CreateUpload,
     options: &UploadOptions,
 ) -> Result<UploadReport> {
-    let mut status = client.upload_status(id).await?;
+    let mut status = match known {
+        Some(status) => status,
+        None => client.upload_status(id).await?,
+    };
     if status.path != request.path || status.size != request.size {
         return Err(Error::NotFound(format!("session {id} is for another file")));
     }

@@ -82,6 +82,25 @@ pub struct UploadStatus {
     pub meta: Option<FileMeta>,
 }
 
+impl UploadStatus {
+    /// What `GET /v1/uploads/{id}` would answer right after `request`
+    /// created the session `created`: open, nothing received.
+    pub fn of_new_session(request: &CreateUpload, created: &UploadCreated) -> Self {
+        UploadStatus {
+            id: created.id.clone(),
+            path: request.path.clone(),
+            size: request.size,
+            chunk_size: created.chunk_size,
+            chunk_count: created.chunk_count,
+            received: Vec::new(),
+            bytes_received: 0,
+            expires_at: created.expires_at,
+            state: UploadState::Open,
+            meta: None,
+        }
+    }
+}
+
 /// Chunk geometry of one upload.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ChunkLayout {

@@ -482,12 +482,8 @@ async fn a_stopped_upload_finishes_its_chunks_in_flight_and_resumes_later() {
 
 /// `GET /v1/uploads/{id}` requests the server has answered.
 fn status_requests(server: &Server) -> f64 {
-    let response = harness::raw_get(server.addr, b"/metrics");
-    harness::metrics_text::sample(
-        &String::from_utf8_lossy(&response.body),
-        r#"ferry_http_requests_total{route="/v1/uploads/{id}",method="GET",status="200"}"#,
-    )
-    .unwrap_or(0.0)
+    server
+        .metric(r#"ferry_http_requests_total{route="/v1/uploads/{id}",method="GET",status="200"}"#)
 }
 
 #[tokio::test]

@@ -221,23 +221,14 @@ async fn a_file_truncated_in_place_mid_download_ends_the_connection() {
     assert_eq!(server.get_bytes("shrinks.bin").await.1.len(), 2 << 20);
 }
 
-fn sent_bytes_metric(server: &Server) -> f64 {
-    let response = harness::raw_get(server.addr, b"/metrics");
-    harness::metrics_text::sample(
-        &String::from_utf8_lossy(&response.body),
-        "ferry_sent_bytes_total",
-    )
-    .unwrap_or(0.0)
-}
-
 #[tokio::test]
 async fn bytes_sent_from_the_file_are_counted_in_metrics() {
     let server = Server::start();
     server.put("m.bin", random_bytes(1 << 20)).await;
-    let before = sent_bytes_metric(&server);
+    let before = server.metric("ferry_sent_bytes_total");
     let (status, body) = server.get_bytes("m.bin").await;
     assert_eq!((status, body.len()), (200, 1 << 20));
-    let after = sent_bytes_metric(&server);
+    let after = server.metric("ferry_sent_bytes_total");
     // The first /metrics response is counted too: a few KiB.
     let grew = after - before;
     assert!(

@@ -147,14 +147,6 @@ fn seeks_read_the_right_bytes() {
 }
 
 /// Response body bytes the server has sent so far (its `/metrics`).
-fn server_sent_bytes(server: &Server) -> f64 {
-    let response = harness::raw_get(server.addr, b"/metrics");
-    metric(
-        &String::from_utf8_lossy(&response.body),
-        "ferry_sent_bytes_total",
-    )
-}
-
 #[test]
 fn random_reads_fetch_only_what_they_need() {
     if !fuse_available() {
@@ -165,7 +157,7 @@ fn random_reads_fetch_only_what_they_need() {
     store_file(&server, "random.bin", &data);
     let mount = MountProc::start(&server, &[]);
     let file = std::fs::File::open(mount.at("random.bin")).unwrap();
-    let before = server_sent_bytes(&server);
+    let before = server.metric("ferry_sent_bytes_total");
     // Far apart: no read lands near another's block.
     for i in 0..20u64 {
         let offset = i * 3 * MIB as u64 + 12_345;
@@ -173,7 +165,7 @@ fn random_reads_fetch_only_what_they_need() {
         file.read_exact_at(&mut small, offset).unwrap();
         assert!(small[..] == data[offset as usize..offset as usize + 4096]);
     }
-    let fetched = server_sent_bytes(&server) - before;
+    let fetched = server.metric("ferry_sent_bytes_total") - before;
     assert!(
         fetched < (20 * 256 * 1024) as f64,
         "20 random 4 KiB reads fetched {fetched} bytes"

@@ -108,6 +108,14 @@ impl Server {
         (resp.status().as_u16(), resp.bytes().await.unwrap().to_vec())
     }
 
+    /// One sample of the server's `/metrics` (asked without a token), 0
+    /// when absent.
+    pub fn metric(&self, name_and_labels: &str) -> f64 {
+        let response = raw_get(self.addr, b"/metrics");
+        metrics_text::sample(&String::from_utf8_lossy(&response.body), name_and_labels)
+            .unwrap_or(0.0)
+    }
+
     /// Waits (up to 15 s) until the server holds exactly `expected` at `path`.
     pub async fn eventually_has(&self, path: &str, expected: &[u8]) -> bool {
         for _ in 0..300 {

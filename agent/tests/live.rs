@@ -184,19 +184,27 @@ async fn a_file_written_slowly_is_committed_once_and_whole() {
     let mut agent = Agent::new(&tmp.path().join("folder"), &server, "slow");
     let client = server.client();
 
-    // Every commit under the prefix shows up on the change feed.
+    // Every commit under the prefix shows up on the change feed, once it has
+    // subscribed: probe until a probe's commit arrives.
     let mut feed = Watcher::start(&client, &RemotePath::parse("slow").unwrap());
-    client
-        .put_bytes(&RemotePath::parse("slow/probe").unwrap(), "p".into())
-        .await
-        .unwrap();
-    loop {
-        match tokio::time::timeout(Duration::from_secs(10), feed.next()).await {
-            Ok(Some(WatchEvent::Change(c))) if c.path.as_str() == "slow/probe" => break,
-            Ok(Some(_)) => {}
-            other => panic!("the change feed did not start: {other:?}"),
+    let feed_started = async {
+        loop {
+            client
+                .put_bytes(&RemotePath::parse("slow/probe").unwrap(), "p".into())
+                .await
+                .unwrap();
+            while let Ok(event) = tokio::time::timeout(Duration::from_secs(1), feed.next()).await {
+                match event {
+                    Some(WatchEvent::Change(c)) if c.path.as_str() == "slow/probe" => return,
+                    Some(_) => {}
+                    None => panic!("the watcher stopped"),
+                }
+            }
         }
-    }
+    };
+    tokio::time::timeout(Duration::from_secs(30), feed_started)
+        .await
+        .expect("the change feed did not start");
 
     agent.start(&[]);
     tokio::time::sleep(Duration::from_secs(1)).await;

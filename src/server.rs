@@ -12,6 +12,7 @@
 pub mod auth;
 mod body;
 mod conditional;
+mod direct_read;
 mod events;
 mod extract;
 pub mod feed;
@@ -336,7 +337,8 @@ pub async fn run(
         token.cancel();
     };
     let listening = state.config().listening.clone();
-    let served = listen::serve(listener, router(state), listening, shutdown).await;
+    let direct = direct_read::DirectReads::new(&state);
+    let served = listen::serve(listener, router(state), direct, listening, shutdown).await;
     collector.abort();
     served
 }

@@ -353,16 +353,20 @@ pub async fn authenticate(State(app): State<AppState>, request: Request, next: N
         return next.run(request).await;
     }
     let (mut parts, body) = request.into_parts();
-    match app.auth().grant(&parts) {
+    match admit(&app, &parts) {
         Ok(grant) => {
             parts.extensions.insert(grant);
             next.run(Request::from_parts(parts, body)).await
         }
-        Err(e) => {
-            tracing::info!(method = %parts.method, path = parts.uri.path(), error = %e, "refused");
-            e.into_response()
-        }
+        Err(e) => e.into_response(),
     }
+}
+
+/// The grant of a request, or the refusal to answer it with (logged).
+pub fn admit(app: &AppState, parts: &Parts) -> Result<Grant> {
+    app.auth().grant(parts).inspect_err(|e| {
+        tracing::info!(method = %parts.method, path = parts.uri.path(), error = %e, "refused");
+    })
 }
 
 /// The caller's [`Grant`], as [`authenticate`] left it.

@@ -22,7 +22,8 @@ impl<S: Send + Sync> FromRequestParts<S> for UrlPath {
     }
 }
 
-fn path_after_route(uri: &Uri) -> Result<RemotePath, Error> {
+/// What [`UrlPath`] extracts from `uri`.
+pub fn path_after_route(uri: &Uri) -> Result<RemotePath, Error> {
     // "/v1/<route>" then optionally "/<path>".
     let raw = uri.path();
     let after_version = raw.strip_prefix("/v1/").unwrap_or(raw);
@@ -83,11 +84,14 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequestParts<S> for ApiQuery<T> {
     type Rejection = Error;
 
     async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Error> {
-        let query = parts.uri.query().unwrap_or_default();
-        serde_urlencoded::from_str(query)
-            .map(ApiQuery)
-            .map_err(|e| Error::BadRequest(format!("bad query string: {e}")))
+        query_of(&parts.uri).map(ApiQuery)
     }
+}
+
+/// What [`ApiQuery`] extracts from `uri`.
+pub fn query_of<T: DeserializeOwned>(uri: &Uri) -> Result<T, Error> {
+    serde_urlencoded::from_str(uri.query().unwrap_or_default())
+        .map_err(|e| Error::BadRequest(format!("bad query string: {e}")))
 }
 
 /// `Path<T>` whose rejection is a 400 in ferry's error format.

@@ -11,7 +11,7 @@ use percent_encoding::{NON_ALPHANUMERIC, utf8_percent_encode};
 use serde::Deserialize;
 
 use super::AppState;
-use super::auth::{Caller, Scope};
+use super::auth::{Caller, Grant, Scope};
 use super::conditional::{self, Verdict};
 use super::extract::{ApiQuery, UrlPath};
 use super::store::StoreWriter;
@@ -37,18 +37,30 @@ pub async fn get_file(
     UrlPath(path): UrlPath,
     ApiQuery(query): ApiQuery<DownloadQuery>,
 ) -> Result<Response> {
-    grant.allow(&path, Scope::Read)?;
+    read_file(&app, &grant, &method, &headers, &path, &query).await
+}
+
+/// `GET` or `HEAD` of the file at `path`.
+pub(super) async fn read_file(
+    app: &AppState,
+    grant: &Grant,
+    method: &Method,
+    headers: &HeaderMap,
+    path: &RemotePath,
+    query: &DownloadQuery,
+) -> Result<Response> {
+    grant.allow(path, Scope::Read)?;
     let mut attempt = 0;
     loop {
         attempt += 1;
-        let opened = app.store().open_read(&path).await?;
+        let opened = app.store().open_read(path).await?;
         let meta = &opened.meta;
-        match conditional::evaluate(&headers, Some(meta), true) {
+        match conditional::evaluate(headers, Some(meta), true) {
             Verdict::Proceed => {}
             Verdict::NotModified => return Ok(not_modified(meta)),
             Verdict::Failed(why) => return Err(Error::PreconditionFailed(why.into())),
         }
-        let range = match requested_range(&headers, meta) {
+        let range = match requested_range(headers, meta) {
             RangeRequest::Unsatisfiable => {
                 return Err(Error::RangeNotSatisfiable { size: meta.size });
             }
@@ -57,14 +69,14 @@ pub async fn get_file(
         };
         let mut response_headers = file_headers(meta, range);
         if query.download.as_deref().is_some_and(|v| v != "0") {
-            response_headers.insert(header::CONTENT_DISPOSITION, attachment(&path));
+            response_headers.insert(header::CONTENT_DISPOSITION, attachment(path));
         }
         let status = if range.is_some() {
             StatusCode::PARTIAL_CONTENT
         } else {
             StatusCode::OK
         };
-        if method == Method::HEAD {
+        if *method == Method::HEAD {
             return Ok((status, response_headers).into_response());
         }
         let region = opened.region(range);

@@ -24,6 +24,8 @@ use tower::ServiceExt;
 
 mod sendfile_conn;
 
+use super::direct_read::DirectReads;
+
 /// Bytes of response body hyper may queue per HTTP/1 connection before it
 /// waits for the socket (its default is about 400 KiB). A file body arrives
 /// in 192 KiB reads that are usually ready at once, so the default let every
@@ -60,10 +62,12 @@ impl Default for Listening {
 }
 
 /// Serves `app` on `listener` until `shutdown` completes, then waits for the
-/// requests in flight.
-pub async fn serve(
+/// requests in flight. Plain HTTP/1.1 file reads skip `app` for `direct`
+/// when there is one.
+pub(super) async fn serve(
     listener: TcpListener,
     app: Router,
+    direct: Option<DirectReads>,
     listening: Listening,
     shutdown: impl std::future::Future<Output = ()> + Send,
 ) -> std::io::Result<()> {
@@ -101,6 +105,7 @@ pub async fn serve(
         }
         let plain = sendfile_conn::Connection {
             app: app.clone(),
+            direct: direct.clone(),
             peer,
             header_timeout: listening.header_timeout,
             stopping: stopping.clone(),

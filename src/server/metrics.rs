@@ -5,7 +5,7 @@ use std::time::Instant;
 
 use axum::body::Body;
 use axum::extract::{MatchedPath, Request, State};
-use axum::http::header;
+use axum::http::{Method, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use prometheus_client::encoding::EncodeLabelSet;
@@ -151,31 +151,44 @@ pub async fn measure(State(app): State<AppState>, request: Request, next: Next) 
         .get::<MatchedPath>()
         .map_or("unmatched", |m| m.as_str())
         .to_owned();
-    let method = request.method().to_string();
+    let method = request.method().clone();
     let metrics = app.metrics().clone();
     let counted_in = metrics.clone();
     let request =
         request.map(|body| Body::new(ObservedBody::new(body, move |n| counted_in.received(n))));
     let response = next.run(request).await;
-    let labels = RequestLabels {
-        route: route.clone(),
-        method,
-        status: response.status().as_u16(),
-    };
-    metrics.requests.get_or_create(&labels).inc();
-    metrics
-        .latency
-        .get_or_create(&RouteLabels { route })
-        .observe(started.elapsed().as_secs_f64());
-    // A file sent with `sendfile` never passes through the body below.
-    if let Some(region) = response.extensions().get::<FileRegion>() {
-        let counted_out = metrics.clone();
-        region.observe(move |n| counted_out.sent(n));
+    metrics.answered(route, &method, started, response)
+}
+
+impl Metrics {
+    /// Counts `response` to a request for `route`, made since `started`,
+    /// and counts its body's bytes as sent while they go.
+    pub fn answered(
+        self: &Arc<Self>,
+        route: String,
+        method: &Method,
+        started: Instant,
+        response: Response,
+    ) -> Response {
+        let labels = RequestLabels {
+            route: route.clone(),
+            method: method.to_string(),
+            status: response.status().as_u16(),
+        };
+        self.requests.get_or_create(&labels).inc();
+        self.latency
+            .get_or_create(&RouteLabels { route })
+            .observe(started.elapsed().as_secs_f64());
+        // A file sent with `sendfile` never passes through the body below.
+        if let Some(region) = response.extensions().get::<FileRegion>() {
+            let counted_out = self.clone();
+            region.observe(move |n| counted_out.sent(n));
+        }
+        // The body of a WebSocket upgrade is empty; its frames are counted by
+        // the connection itself.
+        let guard = self.stream();
+        response.map(|body| Body::new(ObservedBody::new(body, move |n| guard.0.sent(n))))
     }
-    // The body of a WebSocket upgrade is empty; its frames are counted by the
-    // connection itself.
-    let guard = metrics.stream();
-    response.map(|body| Body::new(ObservedBody::new(body, move |n| guard.0.sent(n))))
 }
 
 /// `GET /metrics`: needs a token (any) when the server has tokens.

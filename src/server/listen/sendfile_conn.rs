@@ -34,6 +34,7 @@ use tokio::net::TcpStream;
 use tokio::sync::watch;
 use tower::ServiceExt;
 
+use crate::server::direct_read::DirectReads;
 use crate::server::file_region::{FileRegion, Region};
 use crate::server::store::byte_is_cached;
 
@@ -53,6 +54,8 @@ const SENDFILE_STEP: u64 = 512 * 1024;
 /// What a connection needs besides its socket.
 pub(super) struct Connection {
     pub app: Router,
+    /// Answers the file reads in place of `app` when the server allows it.
+    pub direct: Option<DirectReads>,
     pub peer: SocketAddr,
     pub header_timeout: Duration,
     /// Becomes true when the server starts shutting down: an idle connection
@@ -104,9 +107,12 @@ impl Connection {
         request.extensions_mut().insert(ConnectInfo(self.peer));
         let head_only = request.method() == Method::HEAD;
         let mut keep_alive = !has_token(request.headers(), "close");
-        let response = match self.app.clone().oneshot(request).await {
-            Ok(response) => response,
-            Err(never) => match never {},
+        let response = match &self.direct {
+            Some(direct) => direct.respond(request).await,
+            None => match self.app.clone().oneshot(request).await {
+                Ok(response) => response,
+                Err(never) => match never {},
+            },
         };
         let (mut parts, body) = response.into_parts();
         keep_alive &= !has_token(&parts.headers, "close");

@@ -1,13 +1,13 @@
 //! `GET` and `HEAD` of `/v1/files/…` answered without the router.
 //!
-//! On 64 KiB ranges the router, its layers and the extractors cost about a
-//! quarter of the CPU ferry spent per request beyond nginx (bench/RESULTS.md,
-//! serve notes). When none of the layers that exist only by configuration
-//! (rate limit, transfer limit, CORS) is installed, the plain-HTTP connection
-//! driver hands file reads here instead: the same authentication
-//! ([`auth::admit`]), handler ([`files::read_file`]) and metrics
-//! ([`Metrics::answered`]) as the router's path, called in line. A request
-//! these reads carry no body, so the body timeout has nothing to time.
+//! On 64 KiB ranges the router, its layers and the extractors were about
+//! 15 % of ferry's CPU per request (bench/RESULTS.md, serve notes). When none
+//! of the layers that exist only by configuration (rate limit, transfer
+//! limit, CORS) is installed, the plain-HTTP connection driver hands file
+//! reads here instead: the same authentication ([`auth::admit`]), handler
+//! ([`files::read_file`]) and metrics ([`Metrics::answered`]) as the
+//! router's path, called in line. These requests carry no body, so the body
+//! timeout has nothing to time.
 //!
 //! [`Metrics::answered`]: super::metrics::Metrics::answered
 

@@ -3,9 +3,10 @@
 //! beside it. Every chunk lands once, where it belongs; commit is a rename.
 
 use std::fs::{File, OpenOptions};
+use std::hash::{Hash, Hasher};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 
 use bytes::{Bytes, BytesMut};
 use futures::StreamExt;
@@ -104,6 +105,7 @@ impl LocalStaging {
             return self.write_whole(index, start, check, first, body).await;
         }
         let (data, map) = (self.data(), self.map());
+        let lock = write_lock(&data);
         let file = blocking(move || match chunk_received(&map, index)? {
             true => Ok(None),
             false => open_data(&data).map(|f| Some(Arc::new(f))),
@@ -127,15 +129,15 @@ impl LocalStaging {
             crc = crc32c::crc32c_append(crc, &piece);
             if buffer.is_empty() && piece.len() >= WRITE_BUFFER {
                 // A large piece is written as it is, without a copy.
-                written += flush(&file, start + written, piece).await?;
+                written += flush(&file, lock, start + written, piece).await?;
                 continue;
             }
             buffer.extend_from_slice(&piece);
             if buffer.len() >= WRITE_BUFFER {
-                written += flush(&file, start + written, buffer.split().freeze()).await?;
+                written += flush(&file, lock, start + written, buffer.split().freeze()).await?;
             }
         }
-        written += flush(&file, start + written, buffer.freeze()).await?;
+        written += flush(&file, lock, start + written, buffer.freeze()).await?;
         check.verify(written, crc)?;
         if let Some(file) = file {
             let map = self.map();
@@ -166,7 +168,7 @@ impl LocalStaging {
                 return Ok(false);
             }
             let file = open_data(&data)?;
-            write_at(&file, start, &chunk)?;
+            write_at(&file, write_lock(&data), start, &chunk)?;
             record_chunk(&file, &map, index)?;
             Ok(true)
         })
@@ -237,26 +239,49 @@ impl LocalStaging {
     }
 }
 
-async fn flush(file: &Option<Arc<File>>, offset: u64, data: Bytes) -> Result<u64> {
+async fn flush(
+    file: &Option<Arc<File>>,
+    lock: &'static Mutex<()>,
+    offset: u64,
+    data: Bytes,
+) -> Result<u64> {
     let len = data.len() as u64;
     if let (Some(file), false) = (file, data.is_empty()) {
         let file = file.clone();
-        blocking(move || write_at(&file, offset, &data)).await?;
+        blocking(move || write_at(&file, lock, offset, &data)).await?;
     }
     Ok(len)
 }
 
-fn write_at(file: &File, offset: u64, data: &[u8]) -> Result<()> {
+/// Writes `data` at `offset` of a staged file whose writes `lock` orders.
+fn write_at(file: &File, lock: &Mutex<()>, offset: u64, data: &[u8]) -> Result<()> {
     // Never more than WRITE_BUFFER per write(): on some VMs larger writes
     // into fresh page-cache pages cost far more kernel time (see
     // bench/RESULTS.md, upload).
     let mut at = offset;
     for piece in data.chunks(WRITE_BUFFER) {
+        let _turn = lock.lock().unwrap_or_else(PoisonError::into_inner);
         file.write_all_at(piece, at)
             .map_err(Error::io("writing staged data"))?;
         at += piece.len() as u64;
     }
     Ok(())
+}
+
+/// The lock that orders the writes into the staged file `data`.
+///
+/// The filesystem takes the file's inode lock for every buffered write
+/// anyway, and a writer waiting for it spins for as long as the holder
+/// copies (up to [`WRITE_BUFFER`] bytes): with a session's chunks written
+/// in parallel, that spinning was 6-17 % of the server's CPU in an upload
+/// (bench/RESULTS.md, ws notes). A writer waiting here sleeps instead.
+/// Striped by path, so unrelated sessions seldom share a lock.
+fn write_lock(data: &Path) -> &'static Mutex<()> {
+    const STRIPES: usize = 256;
+    static LOCKS: [Mutex<()>; STRIPES] = [const { Mutex::new(()) }; STRIPES];
+    let mut hasher = std::hash::DefaultHasher::new();
+    data.hash(&mut hasher);
+    &LOCKS[(hasher.finish() % STRIPES as u64) as usize]
 }
 
 fn open_data(data: &Path) -> Result<File> {

@@ -8,11 +8,13 @@
 //!
 //! This driver reads each request head itself. A `GET` or `HEAD` of
 //! `/v1/files/...` without a body goes through the same router, layers and
-//! handler as any request; when the response offers a [`FileRegion`], the
-//! head is written here and the bytes go with `sendfile`, otherwise the
-//! response is written here as hyper would. Anything else (another route, a
-//! body, an upgrade, HTTP/1.0 or HTTP/2, a head hyper should refuse) hands the
-//! connection, with the bytes already read, to hyper for the rest of its life.
+//! handler as any request, or through [`DirectReads`], the same steps in
+//! line, when the server has no layer that path skips. When the response
+//! offers a [`FileRegion`], the head is written here and the bytes go with
+//! `sendfile`; otherwise the response is written here as hyper would.
+//! Anything else (another route, a body, an upgrade, HTTP/1.0 or HTTP/2, a
+//! head hyper should refuse) hands the connection, with the bytes already
+//! read, to hyper for the rest of its life.
 
 use std::fs::File;
 use std::io;

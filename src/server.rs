@@ -273,6 +273,15 @@ pub fn router(state: AppState) -> Router {
     api.layer(DefaultBodyLimit::disable()).with_state(state)
 }
 
+/// Whether [`router`] installs a layer that exists only by configuration.
+/// File reads skip the router only when it does not
+/// ([`direct_read::DirectReads`]): keep the two in step.
+fn has_optional_layers(state: &AppState) -> bool {
+    state.transfer_limiter().is_some()
+        || state.rate_limiter().is_some()
+        || !state.config().cors_origins.is_empty()
+}
+
 /// Answers preflights and lets the listed origins read the headers a player
 /// or an uploader needs. No origins: no CORS at all (no layer).
 fn cors(origins: &[String]) -> Option<CorsLayer> {

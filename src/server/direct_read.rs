@@ -31,10 +31,7 @@ pub struct DirectReads(AppState);
 impl DirectReads {
     /// `None` when the server has a layer this path would skip.
     pub fn new(state: &AppState) -> Option<Self> {
-        let layered = state.rate_limiter().is_some()
-            || state.transfer_limiter().is_some()
-            || !state.config().cors_origins.is_empty();
-        (!layered).then(|| Self(state.clone()))
+        (!super::has_optional_layers(state)).then(|| Self(state.clone()))
     }
 
     /// Answers a bodiless `GET` or `HEAD` of a path under `/v1/files/`.

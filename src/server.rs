@@ -230,7 +230,9 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/uploads", post(uploads::create))
         .route(
             "/v1/uploads/{id}",
-            get(uploads::status).delete(uploads::abort),
+            get(uploads::status)
+                .patch(uploads::declare_size)
+                .delete(uploads::abort),
         )
         .route("/v1/uploads/{id}/chunks/{index}", put(uploads::put_chunk))
         .route("/v1/uploads/{id}/complete", post(uploads::complete))

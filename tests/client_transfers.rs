@@ -129,7 +129,7 @@ async fn ferry_put_killed_halfway_resumes_when_run_again() {
     let mut half = false;
     for _ in 0..600 {
         let status = client.upload_status(&id).await.unwrap();
-        if status.bytes_received * 2 >= status.size {
+        if status.bytes_received * 2 >= status.size.unwrap() {
             half = true;
             break;
         }
@@ -570,4 +570,73 @@ async fn a_file_changed_during_its_upload_is_not_committed() {
         server.get_bytes("notes.bin").await.1,
         std::fs::read(&local).unwrap()
     );
+}
+
+/// A session a writer opened without a size while the file grew (as the
+/// mount does) is finished by `upload_file`: the size is declared, only the
+/// chunks the server lacks are sent, and the file commits whole. A session
+/// that cannot take the file's size is replaced by a new one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_open_ended_session_is_sized_and_finished_by_the_upload() {
+    use ferry::protocol::upload::CreateUpload;
+    let tmp = tempfile::tempdir().unwrap();
+    let server = Server::start_on(tmp.path().join("store").to_str().unwrap(), &[]);
+    let client = Client::new(&server.url).unwrap();
+    let (local, data) = write_random(tmp.path(), "grown.bin", 3 * MIB + 1234);
+    let open = |path: &str| CreateUpload {
+        path: remote(path),
+        size: None,
+        chunk_size: Some(MIB as u64),
+        sha256: None,
+        sha256_at_complete: true,
+        if_match: None,
+        mtime: None,
+    };
+    let chunk = |i: usize| bytes::Bytes::copy_from_slice(&data[i * MIB..(i + 1) * MIB]);
+
+    let created = client.create_upload(&open("grown.bin")).await.unwrap();
+    assert_eq!(created.chunk_count, None);
+    for i in [0, 1] {
+        client
+            .put_chunk(&created.id, i as u64, chunk(i))
+            .await
+            .unwrap();
+    }
+    let options = UploadOptions {
+        resume_id: Some(created.id.clone()),
+        ..UploadOptions::default()
+    };
+    let report = upload_file(&client, &local, &remote("grown.bin"), options)
+        .await
+        .unwrap();
+    assert_eq!(report.session_id, created.id);
+    assert_eq!(report.resumed_bytes, 2 * MIB as u64);
+    assert_eq!(report.meta.size, data.len() as u64);
+    assert!(server.get_bytes("grown.bin").await.1 == data);
+    let mtime = std::fs::metadata(&local).unwrap().modified().unwrap();
+    assert_eq!(
+        report.meta.mtime.map(|m| m.timestamp()),
+        Some(chrono::DateTime::<chrono::Utc>::from(mtime).timestamp()),
+        "the local file's mtime, declared with the size"
+    );
+
+    // Chunk 3 reaches past a file of 3 MiB + 1234 bytes only if whole; a
+    // shorter file makes the session unusable.
+    let (short, short_data) = write_random(tmp.path(), "short.bin", 2 * MIB + 10);
+    let created = client.create_upload(&open("short.bin")).await.unwrap();
+    for i in [0, 1, 2] {
+        client
+            .put_chunk(&created.id, i as u64, chunk(i))
+            .await
+            .unwrap();
+    }
+    let options = UploadOptions {
+        resume_id: Some(created.id.clone()),
+        ..UploadOptions::default()
+    };
+    let report = upload_file(&client, &short, &remote("short.bin"), options)
+        .await
+        .unwrap();
+    assert_ne!(report.session_id, created.id, "a new session");
+    assert!(server.get_bytes("short.bin").await.1 == short_data);
 }

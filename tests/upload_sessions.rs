@@ -77,6 +77,30 @@ async fn complete(s: &Server, id: &str) -> (u16, Value) {
     (status, resp.json().await.unwrap_or(Value::Null))
 }
 
+async fn declare(s: &Server, id: &str, body: Value) -> (u16, Value) {
+    let resp = s
+        .client()
+        .patch(format!("{}/v1/uploads/{id}", s.url))
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    let status = resp.status().as_u16();
+    (status, resp.json().await.unwrap_or(Value::Null))
+}
+
+async fn complete_with(s: &Server, id: &str, body: Value) -> (u16, Value) {
+    let resp = s
+        .client()
+        .post(format!("{}/v1/uploads/{id}/complete", s.url))
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    let status = resp.status().as_u16();
+    (status, resp.json().await.unwrap_or(Value::Null))
+}
+
 /// 5 MiB chunks suit every backend (S3-family parts must be at least 5 MiB).
 const CS: usize = 5 * MIB;
 
@@ -346,6 +370,112 @@ async fn abort_frees_the_session(backend: Backend) {
     }
 }
 
+/// A session created without a size (a writer still writing the file) takes
+/// whole chunks; its size, declared later, fixes the last chunk.
+async fn an_open_ended_session_takes_whole_chunks_then_its_size(backend: Backend) {
+    let s = Server::start_with(backend, &[]);
+    let data = random_bytes(2 * CS + 777);
+    let (code, created) = create(
+        &s,
+        json!({"path": "growing.bin", "chunk_size": CS, "sha256_at_complete": true}),
+    )
+    .await;
+    assert_eq!(code, 201, "{created}");
+    assert_eq!(created["chunk_size"], CS);
+    assert!(created.get("chunk_count").is_none(), "{created}");
+    let id = created["id"].as_str().unwrap().to_owned();
+    let (_, st) = status(&s, &id).await;
+    assert!(
+        st.get("size").is_none() && st.get("chunk_count").is_none(),
+        "{st}"
+    );
+    assert_eq!(st["received"], json!([]));
+    assert_eq!(put_chunk(&s, &id, 1, &data, CS).await, 204);
+    assert_eq!(put_chunk(&s, &id, 0, &data, CS).await, 204);
+    // Before the size is known every chunk is whole.
+    let (code, err) = put_chunk_raw(&s, &id, 2, data[2 * CS..].to_vec(), &data[2 * CS..]).await;
+    assert_eq!(
+        (code, err["error"]["code"].as_str()),
+        (400, Some("bad_request")),
+        "{err}"
+    );
+    let (code, err) = complete_with(&s, &id, json!({"sha256": sha(&data)})).await;
+    assert_eq!(code, 400, "no commit before the size: {err}");
+    assert!(
+        err["error"]["message"].as_str().unwrap().contains("size"),
+        "{err}"
+    );
+    let (_, st) = status(&s, &id).await;
+    assert_eq!(
+        (st["received"].clone(), st["bytes_received"].clone()),
+        (json!([[0, 1]]), json!(2 * CS))
+    );
+
+    let mtime = "2024-05-06T07:08:09Z";
+    let (code, st) = declare(&s, &id, json!({"size": data.len(), "mtime": mtime})).await;
+    assert_eq!(code, 200, "{st}");
+    assert_eq!(
+        (st["size"].as_u64(), st["chunk_count"].as_u64()),
+        (Some(data.len() as u64), Some(3))
+    );
+    assert_eq!(st["received"], json!([[0, 1]]));
+    let (code, _) = declare(&s, &id, json!({"size": data.len()})).await;
+    assert_eq!(code, 200, "declaring the same size again changes nothing");
+    let (code, err) = declare(&s, &id, json!({"size": data.len() + 1})).await;
+    assert_eq!(
+        (code, err["error"]["code"].as_str()),
+        (409, Some("conflict")),
+        "{err}"
+    );
+    assert_eq!(
+        put_chunk(&s, &id, 2, &data, CS).await,
+        204,
+        "the short last chunk"
+    );
+    let (code, err) = put_chunk_raw(&s, &id, 3, data[..CS].to_vec(), &data[..CS]).await;
+    assert_eq!(code, 400, "past the declared end: {err}");
+    let (code, meta) = complete_with(&s, &id, json!({"sha256": sha(&data)})).await;
+    assert_eq!(code, 200, "{meta}");
+    assert_eq!(meta["size"], data.len());
+    assert!(s.get_bytes("growing.bin").await.1 == data);
+    if matches!(backend, Backend::Local) {
+        assert_eq!(meta["mtime"], mtime, "the declared mtime");
+    }
+    let (code, _) = declare(&s, &id, json!({"size": 5})).await;
+    assert_eq!(code, 409, "a committed session takes no size");
+}
+
+/// A declared size must hold every chunk received whole; bad requests to
+/// declare one change nothing.
+async fn a_size_that_cuts_a_received_chunk_is_refused(backend: Backend) {
+    let s = Server::start_with(backend, &[]);
+    let data = random_bytes(2 * CS);
+    let (code, created) = create(&s, json!({"path": "cut.bin", "chunk_size": CS})).await;
+    assert_eq!(code, 201, "{created}");
+    let id = created["id"].as_str().unwrap().to_owned();
+    assert_eq!(put_chunk(&s, &id, 0, &data, CS).await, 204);
+    assert_eq!(put_chunk(&s, &id, 1, &data, CS).await, 204);
+    for (body, code) in [
+        (json!({"size": CS + 10}), 409),
+        (json!({}), 400),
+        (json!({"size": -1}), 400),
+        (json!({"size": "big"}), 400),
+        (json!({"size": 1u64 << 62}), 413),
+    ] {
+        let (got, err) = declare(&s, &id, body.clone()).await;
+        assert_eq!(got, code, "{body}: {err}");
+        assert!(err["error"]["message"].is_string(), "{err}");
+    }
+    let (_, st) = status(&s, &id).await;
+    assert!(st.get("size").is_none(), "still open-ended: {st}");
+    let (code, _) = declare(&s, "0123456789abcdef0123456789abcdef", json!({"size": 1})).await;
+    assert_eq!(code, 404);
+    assert_eq!(declare(&s, &id, json!({"size": 2 * CS})).await.0, 200);
+    let (code, meta) = complete(&s, &id).await;
+    assert_eq!(code, 200, "{meta}");
+    assert!(s.get_bytes("cut.bin").await.1 == data);
+}
+
 macro_rules! conformance {
     ($($name:ident),* $(,)?) => {
         mod local {
@@ -366,7 +496,36 @@ conformance!(
     create_validates_its_request,
     server_picks_a_chunk_size,
     abort_frees_the_session,
+    an_open_ended_session_takes_whole_chunks_then_its_size,
+    a_size_that_cuts_a_received_chunk_is_refused,
 );
+
+#[tokio::test]
+async fn an_open_ended_session_can_be_sized_by_another_node() {
+    let tmp = tempfile::tempdir().unwrap();
+    let store = tmp.path().join("store");
+    let first = Server::start_on(store.to_str().unwrap(), &[]);
+    let second = Server::start_on(store.to_str().unwrap(), &[]);
+    let data = random_bytes(2 * MIB + 5);
+    let (code, created) = create(
+        &first,
+        json!({"path": "nodes.bin", "chunk_size": MIB, "sha256_at_complete": true}),
+    )
+    .await;
+    assert_eq!(code, 201, "{created}");
+    let id = created["id"].as_str().unwrap().to_owned();
+    assert_eq!(put_chunk(&first, &id, 0, &data, MIB).await, 204);
+    assert_eq!(put_chunk(&second, &id, 1, &data, MIB).await, 204);
+    assert_eq!(
+        declare(&second, &id, json!({"size": data.len()})).await.0,
+        200
+    );
+    // The first node knew the session open-ended; it takes the short chunk.
+    assert_eq!(put_chunk(&first, &id, 2, &data, MIB).await, 204);
+    let (code, meta) = complete_with(&first, &id, json!({"sha256": sha(&data)})).await;
+    assert_eq!(code, 200, "{meta}");
+    assert!(second.get_bytes("nodes.bin").await.1 == data);
+}
 
 #[tokio::test]
 async fn staging_is_one_sparse_file_written_in_place() {

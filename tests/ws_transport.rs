@@ -111,7 +111,7 @@ async fn a_session_started_over_http_finishes_over_the_websocket() {
     let created = client
         .create_upload(&ferry::protocol::upload::CreateUpload {
             path: remote("mixed.bin"),
-            size: data.len() as u64,
+            size: Some(data.len() as u64),
             chunk_size: Some(MIB as u64),
             sha256: None,
             sha256_at_complete: false,
@@ -374,6 +374,10 @@ async fn malformed_input_gets_an_error_message_and_the_connection_lives_on() {
             Message::Text(r#"{"op":"download","ch":5,"path":"missing.bin"}"#.into()),
             "not_found",
         ),
+        (
+            Message::Text(r#"{"op":"upload.create","ch":6,"path":"open-ended.bin"}"#.into()),
+            "bad_request",
+        ),
     ];
     for (message, code) in cases {
         let shown = format!("{message:?}");
@@ -385,6 +389,21 @@ async fn malformed_input_gets_an_error_message_and_the_connection_lives_on() {
             "{shown}: {reply}"
         );
     }
+    // An open-ended session is sized over HTTP before the WebSocket takes it.
+    let resp = server
+        .client()
+        .post(format!("{}/v1/uploads", server.url))
+        .json(&json!({"path": "open-ended.bin"}))
+        .send()
+        .await
+        .unwrap();
+    let created: Value = resp.json().await.unwrap();
+    let open = json!({"op": "upload.open", "ch": 7, "id": created["id"]});
+    ws.send(Message::Text(open.to_string().into()))
+        .await
+        .unwrap();
+    let reply = next_json(&mut ws).await;
+    assert_eq!(reply["code"], "bad_request", "{reply}");
     // CRC mismatch and wrong length on a real upload; then the right chunk is taken.
     ws.send(Message::Text(
         r#"{"op":"upload.create","ch":9,"path":"ok.bin","size":1048576}"#.into(),

@@ -393,6 +393,17 @@ impl Client {
         self.json(|| self.request(Method::GET, &url)).await
     }
 
+    /// Fixes the size of an open-ended session.
+    pub async fn declare_upload_size(
+        &self,
+        id: &str,
+        declared: &crate::protocol::upload::DeclareSize,
+    ) -> Result<UploadStatus> {
+        let url = format!("{}/v1/uploads/{id}", self.base);
+        self.json(|| self.request(Method::PATCH, &url).json(declared))
+            .await
+    }
+
     pub async fn put_chunk(&self, id: &str, index: u64, data: Bytes) -> Result<()> {
         let url = format!("{}/v1/uploads/{id}/chunks/{index}", self.base);
         let crc = crc32c_header_value(crc32c::crc32c(&data));

@@ -22,7 +22,9 @@ use super::throttle::Throttle;
 use super::ws::WsConnection;
 use super::{Client, Progress, ProgressFn};
 use crate::error::{Error, Result};
-use crate::protocol::upload::{ChunkLayout, CreateUpload, UploadState, UploadStatus, expand_runs};
+use crate::protocol::upload::{
+    ChunkLayout, CreateUpload, DeclareSize, UploadState, UploadStatus, expand_runs,
+};
 use crate::protocol::ws::{Channel, FRAME_HEADER_LEN, FrameHeader};
 use crate::protocol::{ErrorCode, FileMeta, RemotePath};
 
@@ -134,7 +136,7 @@ pub async fn upload_file(
     };
     let request = CreateUpload {
         path: remote.clone(),
-        size,
+        size: Some(size),
         chunk_size: options.chunk_size,
         sha256: options.sha256.clone(),
         sha256_at_complete: source.digest.is_some(),
@@ -209,6 +211,9 @@ async fn drive_session(
         Some(status) => status,
         None => client.upload_status(id).await?,
     };
+    if status.path == request.path && status.size.is_none() {
+        status = declare_size(client, id, request).await?;
+    }
     if status.path != request.path || status.size != request.size {
         return Err(Error::NotFound(format!("session {id} is for another file")));
     }
@@ -241,7 +246,7 @@ async fn drive_session(
         return Ok(report(meta));
     }
     let layout = ChunkLayout {
-        size: status.size,
+        size: status.size.unwrap_or_default(),
         chunk_size: status.chunk_size,
     };
     let mut received: Vec<u64> = expand_runs(&status.received).collect();
@@ -269,6 +274,22 @@ async fn drive_session(
         }
     }
     Err(Error::Conflict(format!("session {id} kept losing chunks")))
+}
+
+/// Declares the size of the open-ended session `id` (one a writer started
+/// while the file was still being written). A session that cannot take
+/// the size (it holds a chunk past the end) counts as lost.
+async fn declare_size(client: &Client, id: &str, request: &CreateUpload) -> Result<UploadStatus> {
+    let declared = DeclareSize {
+        size: request.size.expect("an upload knows its file's size"),
+        mtime: request.mtime,
+    };
+    match client.declare_upload_size(id, &declared).await {
+        Err(e) if e.code() == ErrorCode::Conflict => Err(Error::NotFound(format!(
+            "session {id} cannot take this file: {e}"
+        ))),
+        other => other,
+    }
 }
 
 async fn upload_over_ws(

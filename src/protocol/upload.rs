@@ -21,7 +21,11 @@ pub const MAX_MULTIPART_CHUNKS: u64 = 10_000;
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct CreateUpload {
     pub path: RemotePath,
-    pub size: u64,
+    /// The file's size. Without it the session is open-ended: it takes
+    /// whole chunks while the file is still being written, and the size is
+    /// declared later with [`DeclareSize`], before the last chunk.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub size: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub chunk_size: Option<u64>,
     /// Hex SHA-256 of the whole file, checked at `complete`.
@@ -48,12 +52,24 @@ pub struct CompleteUpload {
     pub sha256: Option<String>,
 }
 
+/// `PATCH /v1/uploads/{id}`: fixes the size of an open-ended session.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeclareSize {
+    pub size: u64,
+    /// Modification time to give the committed file, where the backend can
+    /// (replaces the one given at creation).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mtime: Option<DateTime<Utc>>,
+}
+
 /// 201 answer to `POST /v1/uploads`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct UploadCreated {
     pub id: String,
     pub chunk_size: u64,
-    pub chunk_count: u64,
+    /// `None` while the size is not known (an open-ended session).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub chunk_count: Option<u64>,
     pub expires_at: DateTime<Utc>,
 }
 
@@ -69,9 +85,12 @@ pub enum UploadState {
 pub struct UploadStatus {
     pub id: String,
     pub path: RemotePath,
-    pub size: u64,
+    /// `None` until an open-ended session's size is declared.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub size: Option<u64>,
     pub chunk_size: u64,
-    pub chunk_count: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub chunk_count: Option<u64>,
     /// Received chunk indices as inclusive `[first, last]` runs.
     pub received: Vec<[u64; 2]>,
     pub bytes_received: u64,
@@ -141,6 +160,13 @@ pub fn default_chunk_size(size: u64, floor: u64) -> u64 {
         .next_power_of_two()
         .clamp(MIN_CHUNK_SIZE, MAX_CHUNK_SIZE)
         .max(floor.next_power_of_two())
+}
+
+/// The chunk size the server picks for an open-ended session, whose size
+/// it cannot aim at: large enough that a file of gigabytes takes a few
+/// hundred chunks, never below `floor`.
+pub fn open_ended_chunk_size(floor: u64) -> u64 {
+    (8 << 20u64).max(floor.next_power_of_two())
 }
 
 /// Collapses sorted indices into inclusive runs.

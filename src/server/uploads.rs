@@ -17,7 +17,8 @@ use crate::error::{Error, Result};
 use crate::protocol::FileMeta;
 use crate::protocol::upload::MAX_CHUNK_SIZE;
 use crate::protocol::upload::{
-    CRC32C_HEADER, CompleteUpload, CreateUpload, UploadCreated, UploadStatus, parse_crc32c_header,
+    CRC32C_HEADER, CompleteUpload, CreateUpload, DeclareSize, UploadCreated, UploadStatus,
+    parse_crc32c_header,
 };
 
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(2);
@@ -111,6 +112,17 @@ pub async fn status(
 ) -> Result<Json<UploadStatus>> {
     authorize(&app, &grant, &id).await?;
     Ok(Json(app.uploads().status(&id).await?))
+}
+
+/// `PATCH /v1/uploads/{id}`: the size of an open-ended session.
+pub async fn declare_size(
+    State(app): State<AppState>,
+    Caller(grant): Caller,
+    ApiPath(id): ApiPath<String>,
+    ApiJson(body): ApiJson<DeclareSize>,
+) -> Result<Json<UploadStatus>> {
+    authorize(&app, &grant, &id).await?;
+    Ok(Json(app.uploads().declare_size(&id, body).await?))
 }
 
 pub async fn complete(

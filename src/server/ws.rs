@@ -263,6 +263,7 @@ impl Connection {
             ClientMessage::UploadCreate { ch, request } => {
                 if self.claim(ch).await {
                     let opened = match self.grant.allow(&request.path, Scope::Write) {
+                        Ok(()) if request.size.is_none() => Err(needs_size()),
                         Ok(()) => self.app.uploads().create(request, self.grant.owner()).await,
                         Err(e) => Err(e),
                     };
@@ -363,8 +364,11 @@ impl Connection {
             Ok(s) => s,
             Err(e) => return send(&self.out, api_error(Some(ch), &e, None)).await,
         };
+        let (Some(size), Some(chunk_count)) = (status.size, status.chunk_count) else {
+            return send(&self.out, api_error(Some(ch), &needs_size(), None)).await;
+        };
         let layout = ChunkLayout {
-            size: status.size,
+            size,
             chunk_size: status.chunk_size,
         };
         let mut received = Received::default();
@@ -383,9 +387,9 @@ impl Connection {
         let ready = ServerMessage::Ready {
             ch,
             id: status.id,
-            size: status.size,
+            size,
             chunk_size: status.chunk_size,
-            chunk_count: status.chunk_count,
+            chunk_count,
             received: status.received,
             expires_at: status.expires_at,
         };
@@ -622,6 +626,14 @@ fn api_error(ch: Option<Channel>, e: &Error, index: Option<u64>) -> ServerMessag
         index,
         missing,
     }
+}
+
+/// An open-ended session (its size not yet known) is created and sized over
+/// HTTP; the WebSocket carries sessions of a known size.
+fn needs_size() -> Error {
+    Error::BadRequest(
+        "over the WebSocket an upload needs its size: create an open-ended session and declare its size over HTTP".into(),
+    )
 }
 
 #[cfg(test)]

@@ -27,8 +27,9 @@ use self::running_digest::{HeldBudget, RunningDigest};
 use super::{Store, keys};
 use crate::error::{Error, Result};
 use crate::protocol::upload::{
-    ChunkLayout, CreateUpload, MAX_CHUNK_SIZE, MAX_MULTIPART_CHUNKS, MIN_CHUNK_SIZE,
-    MIN_MULTIPART_CHUNK_SIZE, UploadCreated, UploadState, UploadStatus, default_chunk_size, runs,
+    ChunkLayout, CreateUpload, DeclareSize, MAX_CHUNK_SIZE, MAX_MULTIPART_CHUNKS, MIN_CHUNK_SIZE,
+    MIN_MULTIPART_CHUNK_SIZE, UploadCreated, UploadState, UploadStatus, default_chunk_size,
+    open_ended_chunk_size, runs,
 };
 use crate::protocol::{FileMeta, RemotePath};
 
@@ -133,7 +134,7 @@ impl UploadSessions {
         if req.path.is_root() {
             return Err(Error::IsADirectory("/".into()));
         }
-        if req.size > self.max_size {
+        if req.size.is_some_and(|size| size > self.max_size) {
             return Err(Error::PayloadTooLarge {
                 limit: self.max_size,
             });
@@ -147,25 +148,23 @@ impl UploadSessions {
         } else {
             0
         };
-        let chunk_size = match req.chunk_size {
-            None => default_chunk_size(req.size, floor),
-            Some(cs) if !(MIN_CHUNK_SIZE..=MAX_CHUNK_SIZE).contains(&cs) => {
+        let chunk_size = match (req.chunk_size, req.size) {
+            (None, Some(size)) => default_chunk_size(size, floor),
+            (None, None) => open_ended_chunk_size(floor),
+            (Some(cs), _) if !(MIN_CHUNK_SIZE..=MAX_CHUNK_SIZE).contains(&cs) => {
                 return Err(Error::BadRequest(format!(
                     "chunk_size must be between {MIN_CHUNK_SIZE} and {MAX_CHUNK_SIZE} bytes"
                 )));
             }
-            Some(cs) if cs < floor && req.size > cs => {
+            (Some(cs), size) if cs < floor && size.is_none_or(|size| size > cs) => {
                 return Err(Error::BadRequest(format!(
                     "this backend needs chunks of at least {floor} bytes"
                 )));
             }
-            Some(cs) => cs,
+            (Some(cs), _) => cs,
         };
-        let layout = ChunkLayout {
-            size: req.size,
-            chunk_size,
-        };
-        if multipart && layout.chunk_count() > MAX_MULTIPART_CHUNKS {
+        let layout = req.size.map(|size| ChunkLayout { size, chunk_size });
+        if multipart && layout.is_some_and(|l| l.chunk_count() > MAX_MULTIPART_CHUNKS) {
             return Err(Error::PayloadTooLarge {
                 limit: MAX_MULTIPART_CHUNKS * chunk_size,
             });
@@ -222,16 +221,17 @@ impl UploadSessions {
         if let Some(local) = self.local_staging(&id) {
             local.create(layout).await?;
             if verify {
-                self.digests.lock().unwrap().insert(
-                    id.clone(),
-                    Arc::new(RunningDigest::new(layout, self.held.clone())),
-                );
+                let digest = RunningDigest::new(self.chunks_of(&manifest), self.held.clone());
+                self.digests
+                    .lock()
+                    .unwrap()
+                    .insert(id.clone(), Arc::new(digest));
             }
         }
         let created = UploadCreated {
             id: id.clone(),
             chunk_size,
-            chunk_count: layout.chunk_count(),
+            chunk_count: layout.map(|l| l.chunk_count()),
             expires_at: manifest.expires_at,
         };
         self.manifests
@@ -249,16 +249,26 @@ impl UploadSessions {
         declared_len: Option<u64>,
         body: &mut BoxStream<'static, Result<Bytes>>,
     ) -> Result<()> {
-        let manifest = self.manifest(id).await?;
+        let mut manifest = self.manifest(id).await?;
+        if manifest.size.is_none() {
+            // Another node may have declared the size since.
+            manifest = self.fresh_manifest(id).await?;
+        }
         if manifest.state == UploadState::Committed {
             return Err(Error::Conflict(format!("upload {id} is already committed")));
         }
-        let layout = manifest.layout();
+        let layout = self.chunks_of(&manifest);
         let Some(expected_len) = layout.chunk_len(index) else {
-            return Err(Error::BadRequest(format!(
-                "chunk {index} is past the end (the upload has {} chunks)",
-                layout.chunk_count()
-            )));
+            return Err(Error::BadRequest(match manifest.size {
+                Some(_) => format!(
+                    "chunk {index} is past the end (the upload has {} chunks)",
+                    layout.chunk_count()
+                ),
+                None => format!(
+                    "chunk {index} is past the end (the size limit allows {} chunks)",
+                    layout.chunk_count()
+                ),
+            }));
         };
         if declared_len.is_some_and(|n| n != expected_len) {
             return Err(Error::BadRequest(format!(
@@ -273,7 +283,7 @@ impl UploadSessions {
         let written = match &manifest.staging {
             StagingRecord::LocalFile => {
                 let staging = self.local_staging(id).expect("a local backend");
-                let digest = self.digests.lock().unwrap().get(id).cloned();
+                let digest = self.running_digest(&manifest);
                 let written = staging.write_chunk(layout, index, check, body).await;
                 if let (Some(digest), Ok(bytes)) = (digest, &written) {
                     digest.written(index, bytes.as_ref());
@@ -305,7 +315,7 @@ impl UploadSessions {
             let _guard = self.completion_lock(id).await;
             manifest = self.settle_commit(self.fresh_manifest(id).await?).await?;
         }
-        let layout = manifest.layout();
+        let layout = self.chunks_of(&manifest);
         let received = match manifest.state {
             UploadState::Committed => (0..layout.chunk_count()).collect(),
             UploadState::Open => self.received(&manifest).await?,
@@ -316,13 +326,79 @@ impl UploadSessions {
             path: manifest.path.clone(),
             size: manifest.size,
             chunk_size: manifest.chunk_size,
-            chunk_count: layout.chunk_count(),
+            chunk_count: manifest.layout().map(|l| l.chunk_count()),
             received: runs(received),
             bytes_received,
             expires_at: manifest.expires_at,
             state: manifest.state,
             meta: manifest.result.clone(),
         })
+    }
+
+    /// Fixes the size (and the modification time) of an open-ended
+    /// session. Every chunk it already holds must lie whole within the
+    /// size. Declaring the size a session already has changes nothing.
+    pub async fn declare_size(&self, id: &str, declared: DeclareSize) -> Result<UploadStatus> {
+        let _guard = self.completion_lock(id).await;
+        let mut manifest = (*self.fresh_manifest(id).await?).clone();
+        if manifest.state == UploadState::Committed {
+            return Err(Error::Conflict(format!("upload {id} is already committed")));
+        }
+        match manifest.size {
+            Some(size) if size == declared.size => {}
+            Some(size) => {
+                return Err(Error::Conflict(format!(
+                    "upload {id} already has its size, {size} bytes"
+                )));
+            }
+            None => {
+                self.fix_size(&mut manifest, declared).await?;
+                let manifest = Arc::new(manifest);
+                self.manifests
+                    .lock()
+                    .unwrap()
+                    .insert(id.to_owned(), manifest);
+            }
+        }
+        drop(_guard);
+        self.status(id).await
+    }
+
+    async fn fix_size(&self, manifest: &mut Manifest, declared: DeclareSize) -> Result<()> {
+        let id = manifest.id.clone();
+        let size = declared.size;
+        if size > self.max_size {
+            return Err(Error::PayloadTooLarge {
+                limit: self.max_size,
+            });
+        }
+        let layout = ChunkLayout {
+            size,
+            chunk_size: manifest.chunk_size,
+        };
+        if self.store.multipart.is_some() && layout.chunk_count() > MAX_MULTIPART_CHUNKS {
+            return Err(Error::PayloadTooLarge {
+                limit: MAX_MULTIPART_CHUNKS * manifest.chunk_size,
+            });
+        }
+        let received = self.received(manifest).await?;
+        if let Some(past) = received
+            .iter()
+            .find(|index| (*index + 1) * layout.chunk_size > size)
+        {
+            return Err(Error::Conflict(format!(
+                "upload {id} holds chunk {past} whole, which reaches past {size} bytes; start a new session"
+            )));
+        }
+        if let Some(local) = self.local_staging(&id) {
+            local.fix_size(layout).await?;
+        }
+        manifest.size = Some(size);
+        if declared.mtime.is_some() {
+            manifest.mtime = declared.mtime;
+        }
+        manifest::write(&self.store, manifest).await?;
+        Ok(())
     }
 
     /// Commits the upload. Repeating it on a committed session returns the
@@ -360,7 +436,11 @@ impl UploadSessions {
             }
             (created, given) => created.or(given),
         };
-        let layout = manifest.layout();
+        let Some(layout) = manifest.layout() else {
+            return Err(Error::BadRequest(format!(
+                "upload {id} is open-ended and its size is not declared yet; PATCH /v1/uploads/{id} with the size first"
+            )));
+        };
         let received = self.received(&manifest).await?;
         if received.len() as u64 != layout.chunk_count() {
             let missing = (0..layout.chunk_count()).filter(|i| received.binary_search(i).is_err());
@@ -464,7 +544,8 @@ impl UploadSessions {
     async fn commit_local(&self, manifest: &Manifest) -> Result<()> {
         let staging = self.local_staging(&manifest.id).expect("a local backend");
         if let Some(expected) = &manifest.sha256 {
-            let running = self.digests.lock().unwrap().remove(&manifest.id);
+            let running = self.running_digest(manifest);
+            self.digests.lock().unwrap().remove(&manifest.id);
             let actual = match running {
                 Some(digest) => {
                     let data = staging.data();
@@ -484,7 +565,10 @@ impl UploadSessions {
             .store
             .local_path(&manifest.path)
             .expect("a local backend");
-        staging.commit(target, manifest.mtime.map(Into::into)).await
+        let size = manifest.size.expect("complete checks the size is known");
+        staging
+            .commit(target, size, manifest.mtime.map(Into::into))
+            .await
     }
 
     async fn commit_multipart(
@@ -492,7 +576,10 @@ impl UploadSessions {
         manifest: &Manifest,
         staging: MultipartStaging<'_>,
     ) -> Result<()> {
-        staging.complete(manifest.layout()).await?;
+        let layout = manifest
+            .layout()
+            .expect("complete checks the size is known");
+        staging.complete(layout).await?;
         let target = keys::object_path(&manifest.path);
         if staging.key() == &target {
             return Ok(());
@@ -565,7 +652,11 @@ impl UploadSessions {
         Ok(collected)
     }
 
+    /// Chunks received and persisted; of an open-ended session whose size
+    /// was declared, only those within it (one sent past the end as the
+    /// size was declared is never part of the file).
     async fn received(&self, manifest: &Manifest) -> Result<Vec<u64>> {
+        let count = self.chunks_of(manifest).chunk_count();
         let found = match &manifest.staging {
             StagingRecord::LocalFile => {
                 self.local_staging(&manifest.id)
@@ -581,8 +672,38 @@ impl UploadSessions {
         };
         match found {
             Err(Error::NotFound(_)) => Err(self.gone(&manifest.id).await),
-            other => other,
+            Ok(mut found) => {
+                found.retain(|index| *index < count);
+                Ok(found)
+            }
+            Err(e) => Err(e),
         }
+    }
+
+    /// The digest this node computes as the session's chunks arrive, if
+    /// any, told the size if another node declared it.
+    fn running_digest(&self, manifest: &Manifest) -> Option<Arc<RunningDigest>> {
+        let digest = self.digests.lock().unwrap().get(&manifest.id).cloned()?;
+        if let Some(size) = manifest.size {
+            digest.fix_size(size);
+        }
+        Some(digest)
+    }
+
+    /// The chunks a session takes: those of its file once the size is
+    /// known; before, whole chunks, as many as the size limit (and the
+    /// backend's part count) allow.
+    fn chunks_of(&self, manifest: &Manifest) -> ChunkLayout {
+        manifest.layout().unwrap_or_else(|| {
+            let mut most = self.max_size / manifest.chunk_size;
+            if self.store.multipart.is_some() {
+                most = most.min(MAX_MULTIPART_CHUNKS);
+            }
+            ChunkLayout {
+                size: most * manifest.chunk_size,
+                chunk_size: manifest.chunk_size,
+            }
+        })
     }
 
     /// The session's target path and owning token, for access checks.

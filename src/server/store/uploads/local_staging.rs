@@ -49,21 +49,38 @@ impl LocalStaging {
         self.dir.join("chunks")
     }
 
-    pub async fn create(&self, layout: ChunkLayout) -> Result<()> {
+    /// Creates the staging file and chunk map; `layout` is `None` for an
+    /// open-ended session, whose file and map grow as chunks arrive.
+    pub async fn create(&self, layout: Option<ChunkLayout>) -> Result<()> {
         let (dir, data, map) = (self.dir.clone(), self.data(), self.map());
         blocking(move || {
             std::fs::create_dir_all(&dir).map_err(Error::io("creating the staging directory"))?;
             let file = File::create(&data).map_err(Error::io("creating the staging file"))?;
-            file.set_len(layout.size)
-                .map_err(Error::io("sizing the staging file"))?;
             let map_file = File::create(&map).map_err(Error::io("creating the chunk map"))?;
-            map_file
-                .set_len(layout.chunk_count())
-                .map_err(Error::io("sizing the chunk map"))?;
+            if let Some(layout) = layout {
+                size_files(&file, &map_file, layout)?;
+            }
             map_file
                 .sync_all()
                 .map_err(Error::io("syncing the chunk map"))?;
             sync_dir(&dir)
+        })
+        .await
+    }
+
+    /// Gives an open-ended session's file and map the size now declared.
+    pub async fn fix_size(&self, layout: ChunkLayout) -> Result<()> {
+        let (data, map) = (self.data(), self.map());
+        blocking(move || {
+            let file = open_data(&data)?;
+            let map_file = OpenOptions::new()
+                .write(true)
+                .open(&map)
+                .map_err(not_found_as_gone)?;
+            size_files(&file, &map_file, layout)?;
+            map_file
+                .sync_all()
+                .map_err(Error::io("syncing the chunk map"))
         })
         .await
     }
@@ -188,9 +205,12 @@ impl LocalStaging {
     }
 
     /// Moves the staged file to `target` (atomically replacing what is there).
+    /// `size`: the file's; anything staged past it (a chunk of an
+    /// open-ended session sent past the end as its size was declared) goes.
     pub async fn commit(
         &self,
         target: PathBuf,
+        size: u64,
         mtime: Option<std::time::SystemTime>,
     ) -> Result<()> {
         let (data, map) = (self.data(), self.map());
@@ -199,6 +219,15 @@ impl LocalStaging {
                 .write(true)
                 .open(&data)
                 .map_err(not_found_as_gone)?;
+            if file
+                .metadata()
+                .map_err(Error::io("reading staged data"))?
+                .len()
+                > size
+            {
+                file.set_len(size)
+                    .map_err(Error::io("sizing the staging file"))?;
+            }
             if let Some(t) = mtime {
                 file.set_modified(t)
                     .map_err(Error::io("setting the modification time"))?;
@@ -291,14 +320,23 @@ fn open_data(data: &Path) -> Result<File> {
         .map_err(not_found_as_gone)
 }
 
-/// Whether the chunk map marks chunk `index` received.
+/// Sizes the staging file and the chunk map (one byte per chunk) for `layout`.
+fn size_files(data: &File, map: &File, layout: ChunkLayout) -> Result<()> {
+    data.set_len(layout.size)
+        .map_err(Error::io("sizing the staging file"))?;
+    map.set_len(layout.chunk_count())
+        .map_err(Error::io("sizing the chunk map"))
+}
+
+/// Whether the chunk map marks chunk `index` received. An open-ended
+/// session's map ends after the last chunk received.
 fn chunk_received(map: &Path, index: u64) -> Result<bool> {
     let mut mark = [0u8];
-    File::open(map)
+    let read = File::open(map)
         .map_err(not_found_as_gone)?
-        .read_exact_at(&mut mark, index)
+        .read_at(&mut mark, index)
         .map_err(Error::io("reading the chunk map"))?;
-    Ok(mark[0] == 1)
+    Ok(read == 1 && mark[0] == 1)
 }
 
 /// Makes the chunk's data durable, then marks it received.

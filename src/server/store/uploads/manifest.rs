@@ -18,7 +18,8 @@ pub const UPLOADS_PREFIX: &str = ".ferry/uploads";
 pub struct Manifest {
     pub id: String,
     pub path: RemotePath,
-    pub size: u64,
+    /// `None` until an open-ended session's size is declared.
+    pub size: Option<u64>,
     pub chunk_size: u64,
     pub sha256: Option<String>,
     /// The SHA-256 comes with `complete` (see `CreateUpload`).
@@ -59,11 +60,12 @@ pub enum StagingRecord {
 }
 
 impl Manifest {
-    pub fn layout(&self) -> ChunkLayout {
-        ChunkLayout {
-            size: self.size,
+    /// The chunks of the file, once its size is known.
+    pub fn layout(&self) -> Option<ChunkLayout> {
+        self.size.map(|size| ChunkLayout {
+            size,
             chunk_size: self.chunk_size,
-        }
+        })
     }
 
     pub fn is_expired(&self, now: DateTime<Utc>) -> bool {

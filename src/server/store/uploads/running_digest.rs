@@ -66,7 +66,8 @@ impl HeldBudget {
 }
 
 pub struct RunningDigest {
-    layout: ChunkLayout,
+    /// Of an open-ended session, whole chunks until its size is declared.
+    layout: Mutex<ChunkLayout>,
     budget: HeldBudget,
     written: Mutex<Written>,
     /// Locked only on blocking threads, while hashing.
@@ -91,7 +92,7 @@ struct Hashed {
 impl RunningDigest {
     pub fn new(layout: ChunkLayout, budget: HeldBudget) -> Self {
         Self {
-            layout,
+            layout: Mutex::new(layout),
             budget,
             written: Mutex::default(),
             hashed: Mutex::new(Hashed {
@@ -101,12 +102,22 @@ impl RunningDigest {
         }
     }
 
+    /// The size of an open-ended session, now declared. Every chunk written
+    /// so far lies whole within it, so nothing hashed changes.
+    pub fn fix_size(&self, size: u64) {
+        self.layout.lock().unwrap().size = size;
+    }
+
+    fn layout(&self) -> ChunkLayout {
+        *self.layout.lock().unwrap()
+    }
+
     /// After chunk `index` is durably written; `bytes`, when given, are
     /// the whole chunk as written.
     pub fn written(&self, index: u64, bytes: Option<&Bytes>) {
         let mut written = self.written.lock().unwrap();
         if let (true, Some(bytes)) = (written.chunks.insert(index), bytes)
-            && self.layout.chunk_len(index) == Some(bytes.len() as u64)
+            && self.layout().chunk_len(index) == Some(bytes.len() as u64)
             && written.held_bytes + bytes.len() <= HELD_LIMIT
             && self.budget.take(bytes.len())
         {
@@ -140,7 +151,7 @@ impl RunningDigest {
                         Some(file) => file,
                         None => file.insert(open(data)?),
                     };
-                    hash_chunk(file, self.layout, next, &mut hashed.hasher)?;
+                    hash_chunk(file, self.layout(), next, &mut hashed.hasher)?;
                 }
             }
             hashed.next += 1;
@@ -152,11 +163,12 @@ impl RunningDigest {
     pub fn finish(&self, data: &Path) -> Result<String> {
         let mut hashed = self.hashed.lock().unwrap();
         let file = open(data)?;
-        while hashed.next < self.layout.chunk_count() {
+        let layout = self.layout();
+        while hashed.next < layout.chunk_count() {
             let next = hashed.next;
             match self.take(next) {
                 (_, Some(bytes)) => hashed.hasher.update(&bytes),
-                _ => hash_chunk(&file, self.layout, next, &mut hashed.hasher)?,
+                _ => hash_chunk(&file, layout, next, &mut hashed.hasher)?,
             }
             hashed.next += 1;
         }

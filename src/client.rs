@@ -11,7 +11,7 @@
 //! # Ok(()) }
 //! ```
 
-mod digest;
+pub mod digest;
 pub mod download;
 mod http;
 pub mod ranged;

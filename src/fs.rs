@@ -15,6 +15,7 @@ pub mod pending;
 pub mod readahead;
 mod staging;
 pub mod staging_space;
+pub mod write_behind;
 
 use std::path::Path;
 use std::sync::Arc;

@@ -44,6 +44,11 @@ pub struct MountArgs {
     /// Refuse every change through the mount.
     #[arg(long)]
     read_only: bool,
+    /// Upload a file only once it is closed (or fsynced). By default the
+    /// chunks of a new or truncated file written from its start are sent
+    /// while it is still being written, so little is left at close.
+    #[arg(long)]
+    no_write_behind: bool,
     /// Seconds names and attributes are trusted without asking the server.
     /// Changes made elsewhere reach the mount sooner, through the server's
     /// change feed; the TTL bounds how stale they can be when the feed is
@@ -142,6 +147,7 @@ pub async fn mount(args: MountArgs) -> anyhow::Result<()> {
         max_staging: args.max_staging,
         read_only,
         attr_ttl: Duration::from_secs(args.attr_ttl),
+        write_behind: !args.no_write_behind,
     };
     let mount = Mount::start(client, &mountpoint, options)?;
     if let Some(addr) = args.metrics_addr {

@@ -102,6 +102,7 @@ pub async fn put(args: PutArgs) -> anyhow::Result<()> {
         if_match: None,
         chunk_size: None,
         stop: None,
+        sha256_prefix: None,
     };
     let report = upload_file(&client, &args.local, &remote, options)
         .await

@@ -29,6 +29,22 @@ const READ_PIECE: usize = 1 << 20;
 /// Chunks handed to hashing and not hashed yet.
 const HASHING_AHEAD: usize = 4;
 
+/// The hash of a file's first `len` bytes, computed before its upload (by a
+/// writer that hashed the file as it was written).
+#[derive(Clone)]
+pub struct DigestPrefix {
+    pub hasher: Sha256,
+    pub len: u64,
+}
+
+impl std::fmt::Debug for DigestPrefix {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DigestPrefix")
+            .field("len", &self.len)
+            .finish()
+    }
+}
+
 pub struct UploadDigest {
     file: Arc<File>,
     size: u64,
@@ -46,13 +62,18 @@ struct State {
 }
 
 impl UploadDigest {
-    pub fn new(file: Arc<File>, size: u64) -> Self {
+    /// `prefix`: the hash of the file's start, when already known.
+    pub fn new(file: Arc<File>, size: u64, prefix: Option<DigestPrefix>) -> Self {
+        let prefix = prefix.filter(|p| p.len <= size).unwrap_or(DigestPrefix {
+            hasher: Sha256::new(),
+            len: 0,
+        });
         Self {
             file,
             size,
             state: Mutex::new(State {
-                hasher: Sha256::new(),
-                next: 0,
+                hasher: prefix.hasher,
+                next: prefix.len,
                 ahead: BTreeMap::new(),
                 ahead_bytes: 0,
             }),
@@ -164,7 +185,7 @@ mod tests {
 
     fn digest_of(data: &[u8], fed: &[std::ops::Range<usize>]) -> String {
         let (_dir, file) = file_of(data);
-        let digest = Arc::new(UploadDigest::new(file, data.len() as u64));
+        let digest = Arc::new(UploadDigest::new(file, data.len() as u64, None));
         tokio::runtime::Runtime::new().unwrap().block_on(async {
             for range in fed {
                 let bytes = Bytes::copy_from_slice(&data[range.clone()]);
@@ -190,6 +211,29 @@ mod tests {
         // A resumed upload: chunk 0 sits on the server and is never fed.
         assert_eq!(digest_of(&data, &chunks(&[3, 1])), expected);
         assert_eq!(digest_of(&data, &[]), expected);
+    }
+
+    #[test]
+    fn a_known_prefix_is_not_read_again() {
+        let data = data();
+        let (_dir, file) = file_of(&data);
+        let mut hasher = Sha256::new();
+        hasher.update(&data[..6000]);
+        let prefix = DigestPrefix { hasher, len: 6000 };
+        // The file's start is overwritten: only a digest that did not read
+        // it again still gives the original file's digest.
+        let changed = {
+            let mut changed = data.clone();
+            changed[..6000].fill(0);
+            changed
+        };
+        std::fs::write(_dir.path().join("f"), &changed).unwrap();
+        let digest = Arc::new(UploadDigest::new(file, data.len() as u64, Some(prefix)));
+        let sha = tokio::runtime::Runtime::new()
+            .unwrap()
+            .block_on(digest.finish())
+            .unwrap();
+        assert_eq!(sha, hex::encode(Sha256::digest(&data)));
     }
 
     #[test]

@@ -17,7 +17,7 @@ use futures::future::BoxFuture;
 use futures::{FutureExt, StreamExt, TryStreamExt};
 use tokio_util::sync::CancellationToken;
 
-use super::digest::UploadDigest;
+use super::digest::{DigestPrefix, UploadDigest};
 use super::throttle::Throttle;
 use super::ws::WsConnection;
 use super::{Client, Progress, ProgressFn};
@@ -84,6 +84,8 @@ pub struct UploadOptions {
     pub resume_id: Option<String>,
     /// The file's SHA-256 when already known (skips hashing).
     pub sha256: Option<String>,
+    /// The hash of the file's start when already known (not read again).
+    pub sha256_prefix: Option<DigestPrefix>,
     pub progress: Option<ProgressFn>,
     /// Called with the session id as soon as it exists, to persist it.
     pub on_session: Option<SessionFn>,
@@ -127,7 +129,11 @@ pub async fn upload_file(
     let source = Source {
         digest: match &options.sha256 {
             Some(_) => None,
-            None => Some(Arc::new(UploadDigest::new(file.clone(), size))),
+            None => Some(Arc::new(UploadDigest::new(
+                file.clone(),
+                size,
+                options.sha256_prefix.clone(),
+            ))),
         },
         file,
         local: local.to_owned(),

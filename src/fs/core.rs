@@ -67,6 +67,9 @@ pub struct MountOptions {
     pub read_only: bool,
     /// How long attributes and names are trusted without asking the server.
     pub attr_ttl: Duration,
+    /// Send the chunks of a file being written before it is closed (see
+    /// `fs::write_behind`).
+    pub write_behind: bool,
 }
 
 impl Default for MountOptions {
@@ -78,6 +81,7 @@ impl Default for MountOptions {
             max_staging: None,
             read_only: false,
             attr_ttl: Duration::from_secs(1),
+            write_behind: true,
         }
     }
 }

@@ -14,7 +14,9 @@ use futures::future::{BoxFuture, Shared};
 use serde::{Deserialize, Serialize};
 
 use super::staging_space::{Charge, StagingSpace};
+use super::write_behind::Handover;
 use crate::client::Client;
+use crate::client::digest::DigestPrefix;
 use crate::client::upload::{Transport, UploadOptions, upload_file};
 use crate::error::Error;
 use crate::protocol::{ErrorCode, RemotePath};
@@ -28,6 +30,10 @@ pub struct JournalEntry {
     pub base_etag: Option<String>,
     pub session_id: Option<String>,
     pub queued_at: DateTime<Utc>,
+    /// The hash of the file's start, from write-behind (not journaled:
+    /// after a crash the upload hashes the whole file).
+    #[serde(skip)]
+    pub digest_prefix: Option<DigestPrefix>,
 }
 
 impl JournalEntry {
@@ -39,7 +45,17 @@ impl JournalEntry {
             base_etag,
             session_id: None,
             queued_at: Utc::now(),
+            digest_prefix: None,
         }
+    }
+
+    /// Continues write-behind's session, if any.
+    pub fn continuing(mut self, handover: Option<Handover>) -> JournalEntry {
+        if let Some(handover) = handover {
+            self.session_id = Some(handover.session);
+            self.digest_prefix = handover.prefix;
+        }
+        self
     }
 }
 
@@ -113,20 +129,24 @@ impl UploadQueue {
         path: RemotePath,
         local: PathBuf,
         base_etag: Option<String>,
+        handover: Option<Handover>,
         charge: Charge,
     ) -> std::io::Result<()> {
-        self.reserve(&path).enqueue(local, base_etag, charge)
+        self.reserve(&path)
+            .enqueue(local, base_etag, handover, charge)
     }
 
     /// Journals the upload of `local` to `path` without starting it: from
     /// now on a crash leaves it for the next mount to commit.
+    /// `handover`: write-behind's session, which the upload continues.
     pub fn journal(
         &self,
         path: &RemotePath,
         local: PathBuf,
         base_etag: Option<String>,
+        handover: Option<Handover>,
     ) -> std::io::Result<JournalEntry> {
-        let entry = JournalEntry::new(path.clone(), local, base_etag);
+        let entry = JournalEntry::new(path.clone(), local, base_etag).continuing(handover);
         write_record(&self.record_of(&entry.local), &entry)?;
         Ok(entry)
     }
@@ -216,6 +236,7 @@ impl UploadQueue {
             let options = UploadOptions {
                 if_match: entry.base_etag.clone().filter(|_| target == entry.path),
                 resume_id: entry.session_id.take(),
+                sha256_prefix: entry.digest_prefix.clone(),
                 on_session: Some(session),
                 progress: Some(Arc::new(move |_| space.upload_progressed())),
                 transport: Transport::for_file_of(size),
@@ -279,9 +300,10 @@ impl Reservation {
         self,
         local: PathBuf,
         base_etag: Option<String>,
+        handover: Option<Handover>,
         charge: Charge,
     ) -> std::io::Result<()> {
-        let entry = self.queue.journal(&self.path, local, base_etag)?;
+        let entry = self.queue.journal(&self.path, local, base_etag, handover)?;
         self.start_journaled(entry, charge);
         Ok(())
     }

@@ -18,6 +18,8 @@ use self::extents::Extents;
 use super::block_cache::{BLOCK_SIZE, FetchError};
 use super::core::{FsResult, errno};
 use super::staging_space::{Charge, StagingSpace};
+use super::write_behind::{Handover, WriteBehind};
+use crate::client::Client;
 use crate::protocol::{FileMeta, RemotePath};
 
 /// Where the remote blocks come from.
@@ -43,6 +45,7 @@ pub struct Staged {
     /// or handed to its upload.
     charge: Mutex<Charge>,
     early_sync: EarlySync,
+    write_behind: Option<Arc<WriteBehind>>,
 }
 
 /// Bytes written to a staging file after which they are synced in the
@@ -95,6 +98,10 @@ pub struct StagedState {
     pub open_handles: u32,
     /// Unlinked while open: discarded at the last close, never uploaded.
     pub unlinked: bool,
+    /// The write-behind session the upload of the current content
+    /// continues, once handed over and until an upload takes it (see
+    /// [`Staged::upload_session`]).
+    upload_session: Option<Handover>,
 }
 
 async fn blocking<T: Send + 'static>(
@@ -153,12 +160,51 @@ impl Staged {
                 mtime: SystemTime::now(),
                 open_handles: 0,
                 unlinked: false,
+                upload_session: None,
             }),
             gate: tokio::sync::RwLock::new(()),
             space: space.clone(),
             charge: Mutex::new(space.empty()),
             early_sync: EarlySync::default(),
+            write_behind: None,
         })
+    }
+
+    /// Sends the file's chunks to the server while it is being written
+    /// (see [`WriteBehind`]). Only for a file whose whole content is
+    /// local: new, or truncated at open.
+    pub fn with_write_behind(mut self, client: Client) -> Staged {
+        let state = self.state.get_mut().unwrap();
+        debug_assert!(state.remote_size == 0);
+        let if_match = self.base.as_ref().and_then(|b| b.etag.clone());
+        self.write_behind =
+            WriteBehind::new(client, self.file.clone(), state.path.clone(), if_match);
+        self
+    }
+
+    /// Ends write-behind and names the session the upload of the current
+    /// content continues, if there is one. Asked again before the next
+    /// write, it names the same one.
+    pub fn upload_session(&self) -> Option<Handover> {
+        let mut state = self.state.lock().unwrap();
+        if state.upload_session.is_none() {
+            state.upload_session = self.write_behind.as_ref().and_then(|wb| wb.hand_over());
+        }
+        state.upload_session.clone()
+    }
+
+    /// [`upload_session`](Self::upload_session), for the upload that now
+    /// owns it.
+    pub fn take_upload_session(&self) -> Option<Handover> {
+        self.upload_session();
+        self.state.lock().unwrap().upload_session.take()
+    }
+
+    /// A session handed over for content that has changed since: of no use.
+    fn drop_upload_session(&self, state: &mut StagedState) {
+        if let (Some(handover), Some(wb)) = (state.upload_session.take(), &self.write_behind) {
+            wb.abort(handover.session);
+        }
     }
 
     pub fn size(&self) -> u64 {
@@ -294,7 +340,11 @@ impl Staged {
     /// Records a write of `offset..end`; its length.
     fn wrote(&self, offset: u64, end: u64) -> u32 {
         self.early_sync.wrote(&self.local, end - offset);
+        if let Some(wb) = &self.write_behind {
+            wb.wrote(offset, end);
+        }
         let mut state = self.state.lock().unwrap();
+        self.drop_upload_session(&mut state);
         state.size = state.size.max(end);
         state.dirty = true;
         state.journaled = false;
@@ -309,8 +359,12 @@ impl Staged {
         }
         let file = self.file.clone();
         blocking(move || file.set_len(new_size)).await?;
+        if let Some(wb) = &self.write_behind {
+            wb.truncated(new_size);
+        }
         let released = {
             let mut state = self.state.lock().unwrap();
+            self.drop_upload_session(&mut state);
             state.remote_size = state.remote_size.min(new_size);
             state.size = new_size;
             state.dirty = true;
@@ -386,6 +440,19 @@ impl Staged {
     /// the server has the file.
     pub fn charge_for_upload(&self) -> Charge {
         self.charge.lock().unwrap().take().into_draining()
+    }
+}
+
+impl Drop for Staged {
+    fn drop(&mut self) {
+        if let Some(wb) = &self.write_behind {
+            wb.cancel();
+        }
+        let state = self.state.get_mut().unwrap();
+        if let (Some(handover), Some(wb)) = (state.upload_session.take(), &self.write_behind) {
+            // Handed over, but no upload took it (the file was discarded).
+            wb.abort(handover.session);
+        }
     }
 }
 

@@ -136,13 +136,14 @@ impl MountCore {
             return Err(20); // ENOTDIR
         }
         queue.wait(&path).await;
-        let staged = Arc::new(Staged::create(
+        let staged = Staged::create(
             queue.new_staging_path(),
             path.clone(),
             None,
             true,
             queue.space(),
-        )?);
+        )?;
+        let staged = Arc::new(self.writing_behind(staged));
         self.staged
             .lock()
             .unwrap()
@@ -186,15 +187,29 @@ impl MountCore {
         if base.kind == EntryKind::Dir {
             return Err(21); // EISDIR
         }
-        let staged = Arc::new(Staged::create(
+        let staged = Staged::create(
             queue.new_staging_path(),
             path.clone(),
             Some(base),
             truncate,
             queue.space(),
-        )?);
+        )?;
+        // Content from the remote version takes no write-behind.
+        let staged = Arc::new(match truncate {
+            true => self.writing_behind(staged),
+            false => staged,
+        });
         self.staged.lock().unwrap().insert(path, staged.clone());
         Ok(staged)
+    }
+
+    /// `staged`, sending its chunks while it is written unless the mount
+    /// was asked not to.
+    fn writing_behind(&self, staged: Staged) -> Staged {
+        match self.options.write_behind {
+            true => staged.with_write_behind(self.client.clone()),
+            false => staged,
+        }
     }
 
     pub async fn write(&self, fh: u64, offset: u64, data: Bytes) -> FsResult<u32> {
@@ -250,9 +265,10 @@ impl MountCore {
             .map_err(|_| errno::EIO)?
             .map_err(|e| errno::of_io(&e))?;
         let base = staged.base.as_ref().and_then(|b| b.etag.clone());
+        let session = staged.take_upload_session();
         // The open file keeps the space charged.
         queue
-            .enqueue(path.clone(), upload, base, Charge::none())
+            .enqueue(path.clone(), upload, base, session, Charge::none())
             .map_err(|e| errno::of_io(&e))?;
         staged.state.lock().unwrap().dirty = false;
         queue.wait(&path).await;
@@ -284,8 +300,9 @@ impl MountCore {
         let _exclusive = staged.gate.write().await;
         staged.complete(self).await?;
         let base = staged.base.as_ref().and_then(|b| b.etag.clone());
+        let session = staged.upload_session();
         let entry = queue
-            .journal(&staged.path(), staged.local.clone(), base)
+            .journal(&staged.path(), staged.local.clone(), base, session)
             .map_err(|e| errno::of_io(&e))?;
         staged.state.lock().unwrap().journaled = true;
         Ok(entry)
@@ -331,6 +348,7 @@ impl MountCore {
         let entry = if journaled {
             let base = staged.base.as_ref().and_then(|b| b.etag.clone());
             JournalEntry::new(path.clone(), staged.local.clone(), base)
+                .continuing(staged.upload_session())
         } else {
             match self.journal(&queue, &staged).await {
                 Ok(entry) => entry,
@@ -343,6 +361,8 @@ impl MountCore {
             }
         };
         staged.state.lock().unwrap().dirty = false;
+        // The upload owns the session now.
+        staged.take_upload_session();
         reservation.start_journaled(entry, staged.charge_for_upload());
         Ok(())
     }

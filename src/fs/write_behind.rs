@@ -1,0 +1,374 @@
+//! Write-behind: while an application is still writing a new file (or one
+//! it truncated), the chunks it has written from the start are sent to an
+//! open-ended upload session, so that the upload at `fsync` or the last
+//! close finds most of the file on the server already and only declares
+//! the size, sends the rest and commits.
+//!
+//! Only what cannot change the outcome is sent early:
+//! - chunks whole below the front of the bytes written contiguously from
+//!   the start, less one chunk of lag for writers that reorder a little;
+//! - never chunk 0: formats that patch their header once the body is
+//!   written (MP4, WAV, AVI) seek back there.
+//!
+//! A later write or truncate into a chunk already handed to the session
+//! makes the session useless (the server never rewrites a chunk it
+//! acknowledged): it is aborted, and the upload at close sends the whole
+//! file as before. So write-behind can cost bandwidth, never correctness.
+//!
+//! The chunks sent are hashed in order as they are read (chunk 0 with
+//! them, unsent), so the upload does not read them again for the SHA-256
+//! it commits with; a later write into the hashed part only drops that
+//! head start.
+
+use std::fs::File;
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+use futures::StreamExt;
+use futures::stream::FuturesUnordered;
+use tokio::sync::Notify;
+
+use sha2::{Digest, Sha256};
+
+use crate::client::Client;
+use crate::client::digest::DigestPrefix;
+use crate::protocol::RemotePath;
+use crate::protocol::upload::CreateUpload;
+
+/// Chunk size of a write-behind session: large enough that a file of
+/// gigabytes takes a few hundred chunk requests.
+pub const CHUNK_SIZE: u64 = 8 << 20;
+/// Chunk requests in flight at once per file.
+const IN_FLIGHT: usize = 2;
+
+/// The write-behind of one staged file.
+pub struct WriteBehind {
+    client: Client,
+    file: Arc<File>,
+    path: RemotePath,
+    /// Commit only over this version (the one the file was opened from).
+    if_match: Option<String>,
+    state: Mutex<State>,
+    wake: Notify,
+    runtime: tokio::runtime::Handle,
+}
+
+#[derive(Default)]
+struct State {
+    /// Bytes written contiguously from the start of the file.
+    contiguous: u64,
+    /// Chunks `1..sealed` may be sent; a write into them ends write-behind.
+    sealed: u64,
+    /// The session, once created.
+    session: Option<String>,
+    pump_started: bool,
+    /// Over: handed to the upload, abandoned, or never possible.
+    over: bool,
+    /// Over because the session went to the upload (in-flight chunks finish).
+    handed_over: bool,
+    /// Bytes from the start being hashed or hashed; a write below this
+    /// breaks the hash.
+    hashing_to: u64,
+    hash_broken: bool,
+    /// The hash of the bytes hashed so far.
+    prefix: Option<DigestPrefix>,
+}
+
+/// What write-behind gives the upload of a file.
+#[derive(Debug, Clone)]
+pub struct Handover {
+    pub session: String,
+    /// The hash of the file's start, when no write changed it since.
+    pub prefix: Option<DigestPrefix>,
+}
+
+impl WriteBehind {
+    /// Write-behind for a staged file of `path` whose content is entirely
+    /// local (new, or truncated at open), read from `file`.
+    pub fn new(
+        client: Client,
+        file: Arc<File>,
+        path: RemotePath,
+        if_match: Option<String>,
+    ) -> Option<Arc<WriteBehind>> {
+        let runtime = tokio::runtime::Handle::try_current().ok()?;
+        Some(Arc::new(WriteBehind {
+            client,
+            file,
+            path,
+            if_match,
+            state: Mutex::default(),
+            wake: Notify::new(),
+            runtime,
+        }))
+    }
+
+    /// After `offset..end` was written to the staging file.
+    pub fn wrote(self: &Arc<Self>, offset: u64, end: u64) {
+        let mut state = self.state.lock().unwrap();
+        if state.over {
+            return;
+        }
+        if touches_sealed(&state, offset, end) {
+            return self.abandon(state, "a write reached a chunk already sent");
+        }
+        if offset < state.hashing_to {
+            state.hash_broken = true;
+        }
+        if offset <= state.contiguous {
+            state.contiguous = state.contiguous.max(end);
+        }
+        let ready = state.contiguous.saturating_sub(CHUNK_SIZE) / CHUNK_SIZE;
+        if ready <= state.sealed.max(1) {
+            return;
+        }
+        state.sealed = ready;
+        if !state.pump_started {
+            state.pump_started = true;
+            let this = self.clone();
+            self.runtime.spawn(async move { this.pump().await });
+        }
+        drop(state);
+        self.wake.notify_one();
+    }
+
+    /// After the file was truncated to `size`.
+    pub fn truncated(self: &Arc<Self>, size: u64) {
+        let mut state = self.state.lock().unwrap();
+        if state.over {
+            return;
+        }
+        if state.sealed > 1 && size < state.sealed * CHUNK_SIZE {
+            return self.abandon(state, "the file was truncated below a chunk already sent");
+        }
+        if size < state.hashing_to {
+            state.hash_broken = true;
+        }
+        state.contiguous = state.contiguous.min(size);
+    }
+
+    /// Ends write-behind and gives its session to the upload of the file's
+    /// current content (`None`: there is none to give; upload from scratch).
+    /// Chunks on their way still arrive.
+    pub fn hand_over(&self) -> Option<Handover> {
+        let mut state = self.state.lock().unwrap();
+        if state.over {
+            return None;
+        }
+        state.over = true;
+        state.handed_over = true;
+        let session = state.session.take();
+        let prefix = state.prefix.take().filter(|_| !state.hash_broken);
+        drop(state);
+        self.wake.notify_one();
+        Some(Handover {
+            session: session?,
+            prefix,
+        })
+    }
+
+    /// Ends write-behind without an upload to give its session to (the
+    /// file was discarded).
+    pub fn cancel(self: &Arc<Self>) {
+        let state = self.state.lock().unwrap();
+        if !state.over {
+            self.abandon(state, "the file was discarded");
+        }
+    }
+
+    fn abandon(&self, mut state: std::sync::MutexGuard<'_, State>, why: &str) {
+        state.over = true;
+        let session = state.session.take();
+        drop(state);
+        self.wake.notify_one();
+        if let Some(id) = session {
+            tracing::debug!(path = %self.path, session = id, why, "write-behind abandoned");
+            self.abort(id);
+        }
+    }
+
+    /// Aborts session `id` in the background.
+    pub fn abort(&self, id: String) {
+        let client = self.client.clone();
+        self.runtime.spawn(async move {
+            if let Err(e) = client.abort_upload(&id).await {
+                tracing::debug!(session = id, error = %e, "aborting a write-behind session failed; it expires");
+            }
+        });
+    }
+
+    /// Sends sealed chunks in order, [`IN_FLIGHT`] at a time, until
+    /// write-behind is over.
+    async fn pump(self: Arc<Self>) {
+        let Some(id) = self.open_session().await else {
+            return;
+        };
+        let mut next = 1u64;
+        let mut hasher = Some(Sha256::new());
+        let mut sending = FuturesUnordered::new();
+        loop {
+            let (sealed, over, handed_over) = {
+                let state = self.state.lock().unwrap();
+                (state.sealed, state.over, state.handed_over)
+            };
+            if over {
+                if handed_over {
+                    // The upload counts on what is acknowledged; let the
+                    // chunks on their way land.
+                    while sending.next().await.is_some() {}
+                }
+                return;
+            }
+            if next < sealed && sending.len() < IN_FLIGHT {
+                let data = match self.read_chunk(next, &mut hasher).await {
+                    Ok(data) => data,
+                    Err(e) => {
+                        let state = self.state.lock().unwrap();
+                        if !state.over {
+                            self.abandon(state, &format!("reading a chunk failed: {e}"));
+                        }
+                        continue;
+                    }
+                };
+                sending.push(self.client.put_chunk(&id, next, data));
+                next += 1;
+                continue;
+            }
+            tokio::select! {
+                Some(sent) = sending.next(), if !sending.is_empty() => {
+                    if let Err(e) = sent {
+                        let state = self.state.lock().unwrap();
+                        if !state.over {
+                            self.abandon(state, &format!("sending a chunk failed: {e}"));
+                        }
+                    }
+                }
+                _ = self.wake.notified() => {}
+            }
+        }
+    }
+
+    /// Creates the open-ended session; `None` when write-behind is over
+    /// (meanwhile, or because the server refused).
+    async fn open_session(&self) -> Option<String> {
+        let request = CreateUpload {
+            path: self.path.clone(),
+            size: None,
+            chunk_size: Some(CHUNK_SIZE),
+            sha256: None,
+            sha256_at_complete: true,
+            if_match: self.if_match.clone(),
+            mtime: None,
+        };
+        let created = self.client.create_upload(&request).await;
+        let mut state = self.state.lock().unwrap();
+        match created {
+            Ok(created) if state.over => {
+                drop(state);
+                self.abort(created.id);
+                None
+            }
+            Ok(created) => {
+                state.session = Some(created.id.clone());
+                Some(created.id)
+            }
+            Err(e) => {
+                tracing::debug!(path = %self.path, error = %e, "no write-behind session; the file uploads at close");
+                state.over = true;
+                None
+            }
+        }
+    }
+
+    /// Reads chunk `index` (the next to send) and, while the hash of the
+    /// file's start is intact, hashes it (after chunk 0, first time round).
+    /// `hasher` is `None` once the hash is given up.
+    async fn read_chunk(
+        &self,
+        index: u64,
+        hasher: &mut Option<Sha256>,
+    ) -> crate::error::Result<Bytes> {
+        let from = {
+            let mut state = self.state.lock().unwrap();
+            let hashed = state.prefix.as_ref().map_or(0, |p| p.len);
+            // In order from the start, or not at all.
+            if state.hash_broken || (hashed != index * CHUNK_SIZE && index != 1) {
+                *hasher = None;
+            }
+            if hasher.is_some() {
+                // Announced before the read: a write from now on below
+                // this breaks the hash, one before is read.
+                state.hashing_to = (index + 1) * CHUNK_SIZE;
+            }
+            if index == 1 && hasher.is_some() {
+                0
+            } else {
+                index
+            }
+        };
+        let (file, mut taken) = (self.file.clone(), hasher.take());
+        let (data, taken) = tokio::task::spawn_blocking(move || {
+            use std::os::unix::fs::FileExt;
+            let mut buf = vec![0u8; CHUNK_SIZE as usize];
+            for chunk in from..=index {
+                file.read_exact_at(&mut buf, chunk * CHUNK_SIZE)?;
+                if let Some(hasher) = &mut taken {
+                    hasher.update(&buf);
+                }
+            }
+            Ok::<_, std::io::Error>((Bytes::from(buf), taken))
+        })
+        .await
+        .map_err(|e| crate::error::Error::Storage(format!("read task failed: {e}")))?
+        .map_err(crate::error::Error::io("reading the staging file"))?;
+        *hasher = taken;
+        if let Some(hasher) = hasher {
+            let mut state = self.state.lock().unwrap();
+            state.prefix = Some(DigestPrefix {
+                hasher: hasher.clone(),
+                len: (index + 1) * CHUNK_SIZE,
+            });
+        }
+        Ok(data)
+    }
+}
+
+/// Whether `offset..end` overlaps a chunk handed to the session.
+fn touches_sealed(state: &State, offset: u64, end: u64) -> bool {
+    state.sealed > 1 && offset < state.sealed * CHUNK_SIZE && end > CHUNK_SIZE
+}
+
+impl Drop for WriteBehind {
+    fn drop(&mut self) {
+        let state = self.state.get_mut().unwrap();
+        if let (false, Some(id)) = (state.handed_over, state.session.take()) {
+            self.abort(id);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn state(sealed: u64) -> State {
+        State {
+            sealed,
+            ..State::default()
+        }
+    }
+
+    #[test]
+    fn only_writes_into_sent_chunks_count() {
+        let cs = CHUNK_SIZE;
+        // Nothing sealed yet: anything goes.
+        assert!(!touches_sealed(&state(0), 0, 10 * cs));
+        // Chunks 1 and 2 sealed.
+        let s = state(3);
+        assert!(!touches_sealed(&s, 0, cs), "chunk 0 is never sent early");
+        assert!(!touches_sealed(&s, 3 * cs, 4 * cs));
+        assert!(touches_sealed(&s, cs - 1, cs + 1));
+        assert!(touches_sealed(&s, 3 * cs - 1, 3 * cs));
+        assert!(!touches_sealed(&s, 40, 41));
+    }
+}

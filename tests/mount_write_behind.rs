@@ -1,0 +1,158 @@
+//! Write-behind on real FUSE mounts: the chunks of a file being written
+//! reach the server before it is closed, the upload at close continues that
+//! session, and a write into a chunk already sent loses nothing.
+
+mod harness;
+
+use std::io::Write;
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+use std::time::Duration;
+
+use harness::mount::{MountProc, fuse_available};
+use harness::{Server, eventually, random_bytes};
+
+const MIB: usize = 1 << 20;
+
+/// Upload sessions in a local store.
+fn sessions(store: &Path) -> Vec<std::path::PathBuf> {
+    std::fs::read_dir(store.join(".ferry/uploads"))
+        .map(|d| d.flatten().map(|e| e.path()).collect())
+        .unwrap_or_default()
+}
+
+/// Chunks the server holds for sessions still open.
+fn chunks_received(store: &Path) -> usize {
+    sessions(store)
+        .iter()
+        .filter_map(|s| std::fs::read(s.join("chunks")).ok())
+        .map(|map| map.iter().filter(|b| **b == 1).count())
+        .sum()
+}
+
+/// Writes `data` in 1 MiB writes, keeping the file open.
+fn write_open(path: &Path, data: &[u8]) -> std::fs::File {
+    let mut file = std::fs::File::create(path).unwrap();
+    for piece in data.chunks(MIB) {
+        file.write_all(piece).unwrap();
+    }
+    file
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_file_being_written_reaches_the_server_before_it_is_closed() {
+    if !fuse_available() {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let store = tmp.path().join("store");
+    let server = Server::start_on(store.to_str().unwrap(), &[]);
+    let mount = MountProc::start(&server, &[]);
+    let mut data = random_bytes(64 * MIB);
+    let mut file = write_open(&mount.at("growing.bin"), &data);
+    assert!(
+        eventually(Duration::from_secs(20), || chunks_received(&store) >= 5),
+        "chunks are sent while the file is open"
+    );
+    // A header patched at the start (as MP4 muxers do) is fine: chunk 0 is
+    // never sent early.
+    file.write_all_at(b"patched header", 4).unwrap();
+    data[4..18].copy_from_slice(b"patched header");
+    let tail = random_bytes(3 * MIB + 17);
+    file.write_all(&tail).unwrap();
+    data.extend_from_slice(&tail);
+    file.sync_all().unwrap();
+    drop(file);
+    let (code, body) = server.get_bytes("growing.bin").await;
+    assert_eq!(code, 200);
+    assert!(body == data, "the server's copy differs");
+    assert_eq!(
+        sessions(&store).len(),
+        1,
+        "the upload continued the write-behind session"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writes_into_chunks_already_sent_upload_the_file_whole() {
+    if !fuse_available() {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let store = tmp.path().join("store");
+    let server = Server::start_on(store.to_str().unwrap(), &[]);
+    let mount = MountProc::start(&server, &["--no-write-behind"]);
+    let plain = random_bytes(40 * MIB);
+    std::fs::write(mount.at("plain.bin"), &plain).unwrap();
+    assert!(server.eventually_has("plain.bin", &plain).await);
+    assert!(sessions(&store).len() <= 1, "--no-write-behind");
+    drop(mount);
+
+    let mount = MountProc::start(&server, &[]);
+    let before = sessions(&store).len();
+    // An overwrite inside a sent chunk.
+    let mut over = random_bytes(64 * MIB);
+    let file = write_open(&mount.at("overwritten.bin"), &over);
+    assert!(eventually(Duration::from_secs(20), || chunks_received(
+        &store
+    ) >= 3));
+    file.write_all_at(b"changed", 9 * MIB as u64).unwrap();
+    over[9 * MIB..9 * MIB + 7].copy_from_slice(b"changed");
+    drop(file);
+    assert!(server.eventually_has("overwritten.bin", &over).await);
+    // A truncate below a sent chunk.
+    let mut cut = random_bytes(64 * MIB);
+    let file = write_open(&mount.at("truncated.bin"), &cut);
+    assert!(eventually(Duration::from_secs(20), || chunks_received(
+        &store
+    ) >= 3));
+    file.set_len(20 * MIB as u64 + 3).unwrap();
+    cut.truncate(20 * MIB + 3);
+    drop(file);
+    assert!(server.eventually_has("truncated.bin", &cut).await);
+    // Each abandoned session is aborted; one new session per file remains.
+    assert!(
+        eventually(Duration::from_secs(10), || sessions(&store).len()
+            == before + 2),
+        "{:?}",
+        sessions(&store)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_mount_killed_after_close_finishes_the_write_behind_session() {
+    if !fuse_available() {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let store = tmp.path().join("store");
+    let state = tmp.path().join("state");
+    let server = Server::start_on(store.to_str().unwrap(), &[]);
+    let url = server.url.clone();
+    let mut mount =
+        MountProc::start_with_state(&url, tempfile::tempdir().unwrap(), state.clone(), &[]);
+    let data = random_bytes(48 * MIB + 5);
+    let file = write_open(&mount.at("killed.bin"), &data);
+    assert!(eventually(Duration::from_secs(20), || chunks_received(
+        &store
+    ) >= 3));
+    // The server stops answering; close still returns (it only journals).
+    server.pause();
+    drop(file);
+    mount.child.kill().unwrap(); // SIGKILL
+    mount.child.wait().unwrap();
+    let _ = std::process::Command::new("fusermount3")
+        .arg("-u")
+        .arg(&mount.path)
+        .status();
+    drop(mount);
+    server.resume();
+    let _remount =
+        MountProc::start_with_state(&url, tempfile::tempdir().unwrap(), state.clone(), &[]);
+    assert!(server.eventually_has("killed.bin", &data).await);
+    assert_eq!(
+        sessions(&store).len(),
+        1,
+        "the next mount continued the journaled session"
+    );
+}

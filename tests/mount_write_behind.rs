@@ -129,8 +129,7 @@ async fn a_mount_killed_after_close_finishes_the_write_behind_session() {
     let state = tmp.path().join("state");
     let server = Server::start_on(store.to_str().unwrap(), &[]);
     let url = server.url.clone();
-    let mut mount =
-        MountProc::start_with_state(&url, tempfile::tempdir().unwrap(), state.clone(), &[]);
+    let mount = MountProc::start_with_state(&url, tempfile::tempdir().unwrap(), state.clone(), &[]);
     let data = random_bytes(48 * MIB + 5);
     let file = write_open(&mount.at("killed.bin"), &data);
     assert!(eventually(Duration::from_secs(20), || chunks_received(
@@ -139,13 +138,7 @@ async fn a_mount_killed_after_close_finishes_the_write_behind_session() {
     // The server stops answering; close still returns (it only journals).
     server.pause();
     drop(file);
-    mount.child.kill().unwrap(); // SIGKILL
-    mount.child.wait().unwrap();
-    let _ = std::process::Command::new("fusermount3")
-        .arg("-u")
-        .arg(&mount.path)
-        .status();
-    drop(mount);
+    mount.sigkill();
     server.resume();
     let _remount =
         MountProc::start_with_state(&url, tempfile::tempdir().unwrap(), state.clone(), &[]);

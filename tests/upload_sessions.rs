@@ -67,14 +67,7 @@ async fn status(s: &Server, id: &str) -> (u16, Value) {
 }
 
 async fn complete(s: &Server, id: &str) -> (u16, Value) {
-    let resp = s
-        .client()
-        .post(format!("{}/v1/uploads/{id}/complete", s.url))
-        .send()
-        .await
-        .unwrap();
-    let status = resp.status().as_u16();
-    (status, resp.json().await.unwrap_or(Value::Null))
+    complete_with(s, id, None).await
 }
 
 async fn declare(s: &Server, id: &str, body: Value) -> (u16, Value) {
@@ -89,14 +82,15 @@ async fn declare(s: &Server, id: &str, body: Value) -> (u16, Value) {
     (status, resp.json().await.unwrap_or(Value::Null))
 }
 
-async fn complete_with(s: &Server, id: &str, body: Value) -> (u16, Value) {
-    let resp = s
+/// `complete`, with `body` or none.
+async fn complete_with(s: &Server, id: &str, body: Option<Value>) -> (u16, Value) {
+    let mut request = s
         .client()
-        .post(format!("{}/v1/uploads/{id}/complete", s.url))
-        .json(&body)
-        .send()
-        .await
-        .unwrap();
+        .post(format!("{}/v1/uploads/{id}/complete", s.url));
+    if let Some(body) = body {
+        request = request.json(&body);
+    }
+    let resp = request.send().await.unwrap();
     let status = resp.status().as_u16();
     (status, resp.json().await.unwrap_or(Value::Null))
 }
@@ -399,7 +393,7 @@ async fn an_open_ended_session_takes_whole_chunks_then_its_size(backend: Backend
         (400, Some("bad_request")),
         "{err}"
     );
-    let (code, err) = complete_with(&s, &id, json!({"sha256": sha(&data)})).await;
+    let (code, err) = complete_with(&s, &id, Some(json!({"sha256": sha(&data)}))).await;
     assert_eq!(code, 400, "no commit before the size: {err}");
     assert!(
         err["error"]["message"].as_str().unwrap().contains("size"),
@@ -434,7 +428,7 @@ async fn an_open_ended_session_takes_whole_chunks_then_its_size(backend: Backend
     );
     let (code, err) = put_chunk_raw(&s, &id, 3, data[..CS].to_vec(), &data[..CS]).await;
     assert_eq!(code, 400, "past the declared end: {err}");
-    let (code, meta) = complete_with(&s, &id, json!({"sha256": sha(&data)})).await;
+    let (code, meta) = complete_with(&s, &id, Some(json!({"sha256": sha(&data)}))).await;
     assert_eq!(code, 200, "{meta}");
     assert_eq!(meta["size"], data.len());
     assert!(s.get_bytes("growing.bin").await.1 == data);
@@ -522,7 +516,7 @@ async fn an_open_ended_session_can_be_sized_by_another_node() {
     );
     // The first node knew the session open-ended; it takes the short chunk.
     assert_eq!(put_chunk(&first, &id, 2, &data, MIB).await, 204);
-    let (code, meta) = complete_with(&first, &id, json!({"sha256": sha(&data)})).await;
+    let (code, meta) = complete_with(&first, &id, Some(json!({"sha256": sha(&data)}))).await;
     assert_eq!(code, 200, "{meta}");
     assert!(second.get_bytes("nodes.bin").await.1 == data);
 }

@@ -32,6 +32,7 @@ use sha2::{Digest, Sha256};
 
 use crate::client::Client;
 use crate::client::digest::DigestPrefix;
+use crate::client::upload::append_exact_at;
 use crate::protocol::RemotePath;
 use crate::protocol::upload::CreateUpload;
 
@@ -61,7 +62,6 @@ struct State {
     sealed: u64,
     /// The session, once created.
     session: Option<String>,
-    pump_started: bool,
     /// Over: handed to the upload, abandoned, or never possible.
     over: bool,
     /// Over because the session went to the upload (in-flight chunks finish).
@@ -122,9 +122,10 @@ impl WriteBehind {
         if ready <= state.sealed.max(1) {
             return;
         }
+        // The first chunk to send: time to start sending.
+        let first = state.sealed <= 1;
         state.sealed = ready;
-        if !state.pump_started {
-            state.pump_started = true;
+        if first {
             let this = self.clone();
             self.runtime.spawn(async move { this.pump().await });
         }
@@ -308,10 +309,10 @@ impl WriteBehind {
         };
         let (file, mut taken) = (self.file.clone(), hasher.take());
         let (data, taken) = tokio::task::spawn_blocking(move || {
-            use std::os::unix::fs::FileExt;
-            let mut buf = vec![0u8; CHUNK_SIZE as usize];
+            let mut buf = Vec::new();
             for chunk in from..=index {
-                file.read_exact_at(&mut buf, chunk * CHUNK_SIZE)?;
+                buf.clear();
+                append_exact_at(&file, &mut buf, chunk * CHUNK_SIZE, CHUNK_SIZE as usize)?;
                 if let Some(hasher) = &mut taken {
                     hasher.update(&buf);
                 }
@@ -336,15 +337,6 @@ impl WriteBehind {
 /// Whether `offset..end` overlaps a chunk handed to the session.
 fn touches_sealed(state: &State, offset: u64, end: u64) -> bool {
     state.sealed > 1 && offset < state.sealed * CHUNK_SIZE && end > CHUNK_SIZE
-}
-
-impl Drop for WriteBehind {
-    fn drop(&mut self) {
-        let state = self.state.get_mut().unwrap();
-        if let (false, Some(id)) = (state.handed_over, state.session.take()) {
-            self.abort(id);
-        }
-    }
 }
 
 #[cfg(test)]

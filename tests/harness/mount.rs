@@ -72,6 +72,12 @@ impl MountProc {
     pub fn at(&self, rel: &str) -> PathBuf {
         self.path.join(rel)
     }
+
+    /// SIGKILLs the mount process; dropping then unmounts what it left.
+    pub fn sigkill(mut self) {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
+    }
 }
 
 impl Drop for MountProc {

@@ -250,8 +250,9 @@ impl UploadSessions {
         body: &mut BoxStream<'static, Result<Bytes>>,
     ) -> Result<()> {
         let mut manifest = self.manifest(id).await?;
-        if manifest.size.is_none() {
-            // Another node may have declared the size since.
+        if manifest.size.is_none() && declared_len != Some(manifest.chunk_size) {
+            // Not a whole chunk: the short last one, if another node
+            // declared the size since.
             manifest = self.fresh_manifest(id).await?;
         }
         if manifest.state == UploadState::Committed {
@@ -339,7 +340,7 @@ impl UploadSessions {
     /// session. Every chunk it already holds must lie whole within the
     /// size. Declaring the size a session already has changes nothing.
     pub async fn declare_size(&self, id: &str, declared: DeclareSize) -> Result<UploadStatus> {
-        let _guard = self.completion_lock(id).await;
+        let guard = self.completion_lock(id).await;
         let mut manifest = (*self.fresh_manifest(id).await?).clone();
         if manifest.state == UploadState::Committed {
             return Err(Error::Conflict(format!("upload {id} is already committed")));
@@ -360,7 +361,7 @@ impl UploadSessions {
                     .insert(id.to_owned(), manifest);
             }
         }
-        drop(_guard);
+        drop(guard);
         self.status(id).await
     }
 

@@ -9,6 +9,7 @@ mod local_staging;
 mod manifest;
 mod multipart_staging;
 mod running_digest;
+mod staged_file;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};

@@ -6,7 +6,7 @@ use std::fs::{File, OpenOptions};
 use std::hash::{Hash, Hasher};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex};
 
 use bytes::{Bytes, BytesMut};
 use futures::StreamExt;
@@ -14,11 +14,9 @@ use futures::stream::BoxStream;
 use sha2::{Digest, Sha256};
 
 use super::ChunkCheck;
+use super::staged_file::{StagedFile, WRITE_PIECE};
 use crate::error::{Error, Result};
 use crate::protocol::upload::ChunkLayout;
-
-/// Size of each positioned write while a chunk streams in.
-const WRITE_BUFFER: usize = 1 << 20;
 
 pub struct LocalStaging {
     dir: PathBuf,
@@ -72,7 +70,7 @@ impl LocalStaging {
     pub async fn fix_size(&self, layout: ChunkLayout) -> Result<()> {
         let (data, map) = (self.data(), self.map());
         blocking(move || {
-            let file = open_data(&data)?;
+            let file = open_buffered(&data)?;
             let map_file = OpenOptions::new()
                 .write(true)
                 .open(&map)
@@ -144,21 +142,19 @@ impl LocalStaging {
                 return Err(check.too_long());
             }
             crc = crc32c::crc32c_append(crc, &piece);
-            if buffer.is_empty() && piece.len() >= WRITE_BUFFER {
-                // A large piece is written as it is, without a copy.
-                written += flush(&file, lock, start + written, piece).await?;
-                continue;
-            }
+            // Written in whole pieces, so that each write but a short last
+            // one is aligned for direct I/O.
             buffer.extend_from_slice(&piece);
-            if buffer.len() >= WRITE_BUFFER {
-                written += flush(&file, lock, start + written, buffer.split().freeze()).await?;
+            while buffer.len() >= WRITE_PIECE {
+                let whole = buffer.split_to(WRITE_PIECE).freeze();
+                written += flush(&file, lock, start + written, whole).await?;
             }
         }
         written += flush(&file, lock, start + written, buffer.freeze()).await?;
         check.verify(written, crc)?;
         if let Some(file) = file {
             let map = self.map();
-            blocking(move || record_chunk(&file, &map, index)).await?;
+            blocking(move || record_chunk(file.file(), &map, index)).await?;
         }
         Ok(None)
     }
@@ -186,7 +182,7 @@ impl LocalStaging {
             }
             let file = open_data(&data)?;
             write_at(&file, write_lock(&data), start, &chunk)?;
-            record_chunk(&file, &map, index)?;
+            record_chunk(file.file(), &map, index)?;
             Ok(true)
         })
         .await?;
@@ -269,7 +265,7 @@ impl LocalStaging {
 }
 
 async fn flush(
-    file: &Option<Arc<File>>,
+    file: &Option<Arc<StagedFile>>,
     lock: &'static Mutex<()>,
     offset: u64,
     data: Bytes,
@@ -283,25 +279,16 @@ async fn flush(
 }
 
 /// Writes `data` at `offset` of a staged file whose writes `lock` orders.
-fn write_at(file: &File, lock: &Mutex<()>, offset: u64, data: &[u8]) -> Result<()> {
-    // Never more than WRITE_BUFFER per write(): on some VMs larger writes
-    // into fresh page-cache pages cost far more kernel time (see
-    // bench/RESULTS.md, upload).
-    let mut at = offset;
-    for piece in data.chunks(WRITE_BUFFER) {
-        let _turn = lock.lock().unwrap_or_else(PoisonError::into_inner);
-        file.write_all_at(piece, at)
-            .map_err(Error::io("writing staged data"))?;
-        at += piece.len() as u64;
-    }
-    Ok(())
+fn write_at(file: &StagedFile, lock: &Mutex<()>, offset: u64, data: &[u8]) -> Result<()> {
+    file.write_at(lock, offset, data)
+        .map_err(Error::io("writing staged data"))
 }
 
 /// The lock that orders the writes into the staged file `data`.
 ///
 /// The filesystem takes the file's inode lock for every buffered write
 /// anyway, and a writer waiting for it spins for as long as the holder
-/// copies (up to [`WRITE_BUFFER`] bytes): with a session's chunks written
+/// copies (up to [`WRITE_PIECE`] bytes): with a session's chunks written
 /// in parallel, that spinning was 6-17 % of the server's CPU in an upload
 /// (bench/RESULTS.md, ws notes). A writer waiting here sleeps instead.
 /// Striped by path, so unrelated sessions seldom share a lock.
@@ -313,7 +300,11 @@ fn write_lock(data: &Path) -> &'static Mutex<()> {
     &LOCKS[(hasher.finish() % STRIPES as u64) as usize]
 }
 
-fn open_data(data: &Path) -> Result<File> {
+fn open_data(data: &Path) -> Result<StagedFile> {
+    StagedFile::open(data).map_err(not_found_as_gone)
+}
+
+fn open_buffered(data: &Path) -> Result<File> {
     OpenOptions::new()
         .write(true)
         .open(data)

@@ -5,11 +5,11 @@
 //! commits the whole file atomically or nothing; every node serving the same
 //! backend sees the same sessions (their state lives under `.ferry/uploads/`).
 
+mod direct_io;
 mod local_staging;
 mod manifest;
 mod multipart_staging;
 mod running_digest;
-mod staged_file;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};

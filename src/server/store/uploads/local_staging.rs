@@ -6,7 +6,7 @@ use std::fs::{File, OpenOptions};
 use std::hash::{Hash, Hasher};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, PoisonError};
 
 use bytes::{Bytes, BytesMut};
 use futures::StreamExt;
@@ -14,7 +14,7 @@ use futures::stream::BoxStream;
 use sha2::{Digest, Sha256};
 
 use super::ChunkCheck;
-use super::staged_file::{StagedFile, WRITE_PIECE};
+use super::direct_io;
 use crate::error::{Error, Result};
 use crate::protocol::upload::ChunkLayout;
 
@@ -278,10 +278,33 @@ async fn flush(
     Ok(len)
 }
 
-/// Writes `data` at `offset` of a staged file whose writes `lock` orders.
+/// Size of each positioned write.
+const WRITE_PIECE: usize = direct_io::PIECE;
+
+/// A staged file open for writing: buffered, and direct where the
+/// filesystem allows (see [`direct_io`]).
+struct StagedFile {
+    buffered: File,
+    direct: Option<File>,
+}
+
+impl StagedFile {
+    fn file(&self) -> &File {
+        &self.buffered
+    }
+}
+
+/// Writes `data` at `offset` of a staged file whose writes `lock` orders,
+/// one [`WRITE_PIECE`] at a time.
 fn write_at(file: &StagedFile, lock: &Mutex<()>, offset: u64, data: &[u8]) -> Result<()> {
-    file.write_at(lock, offset, data)
-        .map_err(Error::io("writing staged data"))
+    let mut at = offset;
+    for piece in data.chunks(WRITE_PIECE) {
+        let _turn = lock.lock().unwrap_or_else(PoisonError::into_inner);
+        direct_io::write_at(&file.buffered, file.direct.as_ref(), at, piece)
+            .map_err(Error::io("writing staged data"))?;
+        at += piece.len() as u64;
+    }
+    Ok(())
 }
 
 /// The lock that orders the writes into the staged file `data`.
@@ -301,7 +324,10 @@ fn write_lock(data: &Path) -> &'static Mutex<()> {
 }
 
 fn open_data(data: &Path) -> Result<StagedFile> {
-    StagedFile::open(data).map_err(not_found_as_gone)
+    Ok(StagedFile {
+        buffered: open_buffered(data)?,
+        direct: direct_io::open_direct(data),
+    })
 }
 
 fn open_buffered(data: &Path) -> Result<File> {

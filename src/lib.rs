@@ -8,6 +8,7 @@
 
 pub mod cli;
 pub mod client;
+mod direct_io;
 pub mod error;
 pub mod fs;
 pub mod metrics_export;

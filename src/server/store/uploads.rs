@@ -5,7 +5,6 @@
 //! commits the whole file atomically or nothing; every node serving the same
 //! backend sees the same sessions (their state lives under `.ferry/uploads/`).
 
-mod direct_io;
 mod local_staging;
 mod manifest;
 mod multipart_staging;

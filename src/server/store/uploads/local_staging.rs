@@ -14,7 +14,7 @@ use futures::stream::BoxStream;
 use sha2::{Digest, Sha256};
 
 use super::ChunkCheck;
-use super::direct_io;
+use crate::direct_io;
 use crate::error::{Error, Result};
 use crate::protocol::upload::ChunkLayout;
 

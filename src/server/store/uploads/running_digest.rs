@@ -6,14 +6,14 @@
 //! WebSocket message) is hashed from that buffer while it is held (up to
 //! [`HELD_LIMIT`] bytes of chunks per session waiting for earlier ones, and
 //! what a [`HeldBudget`] shared by a node's sessions allows); others are read
-//! back from the staged file (the page cache, usually). At `complete` only
+//! back from the staged file, directly where it allows (its chunks were
+//! written past the page cache; see [`direct_io`]). At `complete` only
 //! the chunks not yet covered are read. This is sound because local staging
 //! never rewrites an acknowledged chunk: bytes once hashed stay what the
 //! file holds.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs::File;
-use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -21,6 +21,7 @@ use std::sync::{Arc, Mutex};
 use bytes::Bytes;
 use sha2::{Digest, Sha256};
 
+use crate::direct_io;
 use crate::error::{Error, Result};
 use crate::protocol::upload::ChunkLayout;
 
@@ -183,27 +184,41 @@ impl Drop for RunningDigest {
     }
 }
 
-fn open(data: &Path) -> Result<File> {
-    File::open(data).map_err(|e| match e.kind() {
+/// A staged file open for reading: buffered, and direct where it can be.
+struct StagedData {
+    buffered: File,
+    direct: Option<File>,
+}
+
+fn open(data: &Path) -> Result<StagedData> {
+    let buffered = File::open(data).map_err(|e| match e.kind() {
         std::io::ErrorKind::NotFound => Error::NotFound("upload session".into()),
         _ => Error::Io {
             context: "opening staged data".into(),
             source: e,
         },
+    })?;
+    Ok(StagedData {
+        buffered,
+        direct: direct_io::open_direct(data),
     })
 }
 
-fn hash_chunk(file: &File, layout: ChunkLayout, index: u64, hasher: &mut Sha256) -> Result<()> {
+fn hash_chunk(
+    file: &StagedData,
+    layout: ChunkLayout,
+    index: u64,
+    hasher: &mut Sha256,
+) -> Result<()> {
     let Some((start, end)) = layout.chunk_range(index) else {
         return Ok(());
     };
-    let mut buf = vec![0u8; READ_PIECE.min((end - start) as usize)];
     let mut at = start;
     while at < end {
-        let want = buf.len().min((end - at) as usize);
-        file.read_exact_at(&mut buf[..want], at)
+        let want = READ_PIECE.min((end - at) as usize);
+        let piece = direct_io::read_exact_at(&file.buffered, file.direct.as_ref(), at, want)
             .map_err(Error::io("reading staged data to hash it"))?;
-        hasher.update(&buf[..want]);
+        hasher.update(&piece);
         at += want as u64;
     }
     Ok(())

@@ -32,7 +32,7 @@ use sha2::{Digest, Sha256};
 
 use crate::client::Client;
 use crate::client::digest::DigestPrefix;
-use crate::client::upload::append_exact_at;
+use crate::direct_io;
 use crate::protocol::RemotePath;
 use crate::protocol::upload::CreateUpload;
 
@@ -46,6 +46,9 @@ const IN_FLIGHT: usize = 2;
 pub struct WriteBehind {
     client: Client,
     file: Arc<File>,
+    /// The staging file's direct descriptor, if it has one: chunks are read
+    /// past the page cache (see [`direct_io`]).
+    direct: Option<Arc<File>>,
     path: RemotePath,
     /// Commit only over this version (the one the file was opened from).
     if_match: Option<String>,
@@ -84,10 +87,11 @@ pub struct Handover {
 
 impl WriteBehind {
     /// Write-behind for a staged file of `path` whose content is entirely
-    /// local (new, or truncated at open), read from `file`.
+    /// local (new, or truncated at open), read from `file` (and `direct`).
     pub fn new(
         client: Client,
         file: Arc<File>,
+        direct: Option<Arc<File>>,
         path: RemotePath,
         if_match: Option<String>,
     ) -> Option<Arc<WriteBehind>> {
@@ -95,6 +99,7 @@ impl WriteBehind {
         Some(Arc::new(WriteBehind {
             client,
             file,
+            direct,
             path,
             if_match,
             state: Mutex::default(),
@@ -307,17 +312,23 @@ impl WriteBehind {
                 index
             }
         };
-        let (file, mut taken) = (self.file.clone(), hasher.take());
+        let (file, direct) = (self.file.clone(), self.direct.clone());
+        let mut taken = hasher.take();
         let (data, taken) = tokio::task::spawn_blocking(move || {
-            let mut buf = Vec::new();
+            let mut data = Bytes::new();
             for chunk in from..=index {
-                buf.clear();
-                append_exact_at(&file, &mut buf, chunk * CHUNK_SIZE, CHUNK_SIZE as usize)?;
+                let offset = chunk * CHUNK_SIZE;
+                data = direct_io::read_exact_at(
+                    &file,
+                    direct.as_deref(),
+                    offset,
+                    CHUNK_SIZE as usize,
+                )?;
                 if let Some(hasher) = &mut taken {
-                    hasher.update(&buf);
+                    hasher.update(&data);
                 }
             }
-            Ok::<_, std::io::Error>((Bytes::from(buf), taken))
+            Ok::<_, std::io::Error>((data, taken))
         })
         .await
         .map_err(|e| crate::error::Error::Storage(format!("read task failed: {e}")))?

@@ -445,7 +445,12 @@ impl Source {
 /// Appends `len` bytes of `file` from `offset` to `buf`. Reads straight
 /// into the vector's spare capacity: a chunk buffer is not zero-filled
 /// first (that cost about 5 % of an upload's client CPU).
-fn append_exact_at(file: &File, buf: &mut Vec<u8>, offset: u64, len: usize) -> std::io::Result<()> {
+pub(crate) fn append_exact_at(
+    file: &File,
+    buf: &mut Vec<u8>,
+    offset: u64,
+    len: usize,
+) -> std::io::Result<()> {
     let (from, want) = (buf.len(), buf.len() + len);
     buf.reserve_exact(len);
     while buf.len() < want {

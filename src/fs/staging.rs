@@ -20,7 +20,6 @@ use super::core::{FsResult, errno};
 use super::staging_space::{Charge, StagingSpace};
 use super::write_behind::{Handover, WriteBehind};
 use crate::client::Client;
-use crate::direct_io;
 use crate::protocol::{FileMeta, RemotePath};
 
 /// Where the remote blocks come from.
@@ -35,9 +34,6 @@ pub trait RemoteBlocks: Send + Sync {
 pub struct Staged {
     pub local: PathBuf,
     file: Arc<File>,
-    /// A direct descriptor for aligned writes under write-behind, whose
-    /// bytes are read once, to send (see [`direct_io`]).
-    direct: Option<Arc<File>>,
     /// The remote version the file started from; `None` for a new file.
     pub base: Option<FileMeta>,
     pub state: Mutex<StagedState>,
@@ -153,7 +149,6 @@ impl Staged {
         Ok(Staged {
             local,
             file: Arc::new(file),
-            direct: None,
             base,
             state: Mutex::new(StagedState {
                 path,
@@ -182,9 +177,8 @@ impl Staged {
         let state = self.state.get_mut().unwrap();
         debug_assert!(state.remote_size == 0);
         let if_match = self.base.as_ref().and_then(|b| b.etag.clone());
-        let (path, file) = (state.path.clone(), self.file.clone());
-        self.direct = direct_io::open_direct(&self.local).map(Arc::new);
-        self.write_behind = WriteBehind::new(client, file, self.direct.clone(), path, if_match);
+        self.write_behind =
+            WriteBehind::new(client, self.file.clone(), state.path.clone(), if_match);
         self
     }
 
@@ -254,9 +248,8 @@ impl Staged {
         let end = offset + data.len() as u64;
         let growth = self.growth(offset, end);
         let reserved = self.space.reserve(growth).await?;
-        let (file, direct) = (self.file.clone(), self.direct.clone());
-        let written =
-            blocking(move || direct_io::write_at(&file, direct.as_deref(), offset, &data)).await;
+        let file = self.file.clone();
+        let written = blocking(move || file.write_all_at(&data, offset)).await;
         self.stored((offset, end), growth, reserved, written)
     }
 
@@ -266,7 +259,9 @@ impl Staged {
         let end = offset + data.len() as u64;
         let growth = self.growth(offset, end);
         let reserved = self.space.try_reserve(growth)?;
-        let written = direct_io::write_at(&self.file, self.direct.as_deref(), offset, data)
+        let written = self
+            .file
+            .write_all_at(data, offset)
             .map_err(|e| errno::of_io(&e));
         Some(self.stored((offset, end), growth, reserved, written))
     }

@@ -32,7 +32,7 @@ use sha2::{Digest, Sha256};
 
 use crate::client::Client;
 use crate::client::digest::DigestPrefix;
-use crate::direct_io;
+use crate::client::upload::append_exact_at;
 use crate::protocol::RemotePath;
 use crate::protocol::upload::CreateUpload;
 
@@ -46,9 +46,6 @@ const IN_FLIGHT: usize = 2;
 pub struct WriteBehind {
     client: Client,
     file: Arc<File>,
-    /// The staging file's direct descriptor, if it has one: chunks are read
-    /// past the page cache (see [`direct_io`]).
-    direct: Option<Arc<File>>,
     path: RemotePath,
     /// Commit only over this version (the one the file was opened from).
     if_match: Option<String>,
@@ -87,11 +84,10 @@ pub struct Handover {
 
 impl WriteBehind {
     /// Write-behind for a staged file of `path` whose content is entirely
-    /// local (new, or truncated at open), read from `file` (and `direct`).
+    /// local (new, or truncated at open), read from `file`.
     pub fn new(
         client: Client,
         file: Arc<File>,
-        direct: Option<Arc<File>>,
         path: RemotePath,
         if_match: Option<String>,
     ) -> Option<Arc<WriteBehind>> {
@@ -99,7 +95,6 @@ impl WriteBehind {
         Some(Arc::new(WriteBehind {
             client,
             file,
-            direct,
             path,
             if_match,
             state: Mutex::default(),
@@ -312,23 +307,17 @@ impl WriteBehind {
                 index
             }
         };
-        let (file, direct) = (self.file.clone(), self.direct.clone());
-        let mut taken = hasher.take();
+        let (file, mut taken) = (self.file.clone(), hasher.take());
         let (data, taken) = tokio::task::spawn_blocking(move || {
-            let mut data = Bytes::new();
+            let mut buf = Vec::new();
             for chunk in from..=index {
-                let offset = chunk * CHUNK_SIZE;
-                data = direct_io::read_exact_at(
-                    &file,
-                    direct.as_deref(),
-                    offset,
-                    CHUNK_SIZE as usize,
-                )?;
+                buf.clear();
+                append_exact_at(&file, &mut buf, chunk * CHUNK_SIZE, CHUNK_SIZE as usize)?;
                 if let Some(hasher) = &mut taken {
-                    hasher.update(&data);
+                    hasher.update(&buf);
                 }
             }
-            Ok::<_, std::io::Error>((data, taken))
+            Ok::<_, std::io::Error>((Bytes::from(buf), taken))
         })
         .await
         .map_err(|e| crate::error::Error::Storage(format!("read task failed: {e}")))?

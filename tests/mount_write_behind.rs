@@ -74,6 +74,43 @@ async fn a_file_being_written_reaches_the_server_before_it_is_closed() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_descriptor_closed_after_dup_keeps_write_behind_going() {
+    if !fuse_available() {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let store = tmp.path().join("store");
+    let server = Server::start_on(store.to_str().unwrap(), &[]);
+    let mount = MountProc::start(&server, &[]);
+    // What a shell's `> file` and dd do: open, dup, close the first
+    // descriptor (a FUSE flush), then write through the other.
+    let first = std::fs::File::create(mount.at("redirected.bin")).unwrap();
+    let mut file = first.try_clone().unwrap();
+    drop(first);
+    let data = random_bytes(64 * MIB);
+    for piece in data.chunks(MIB) {
+        file.write_all(piece).unwrap();
+    }
+    assert!(
+        eventually(Duration::from_secs(20), || chunks_received(&store) >= 5),
+        "chunks are sent while the file is open, after the flush"
+    );
+    drop(file);
+    let committed = eventually(Duration::from_secs(30), || {
+        std::fs::read(store.join("redirected.bin")).is_ok_and(|b| b.len() == data.len())
+    });
+    assert!(committed, "the file is committed after its last close");
+    let (code, body) = server.get_bytes("redirected.bin").await;
+    assert_eq!(code, 200);
+    assert!(body == data, "the server's copy differs");
+    assert_eq!(
+        sessions(&store).len(),
+        1,
+        "the upload continued the write-behind session"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn writes_into_chunks_already_sent_upload_the_file_whole() {
     if !fuse_available() {
         return;

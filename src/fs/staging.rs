@@ -193,6 +193,17 @@ impl Staged {
         state.upload_session.clone()
     }
 
+    /// The session the upload of the current content would continue, for
+    /// a journal record written while the file may still be written (see
+    /// [`WriteBehind::current`]); write-behind goes on.
+    pub fn current_upload_session(&self) -> Option<Handover> {
+        let state = self.state.lock().unwrap();
+        match &state.upload_session {
+            Some(handover) => Some(handover.clone()),
+            None => self.write_behind.as_ref()?.current(),
+        }
+    }
+
     /// [`upload_session`](Self::upload_session), for the upload that now
     /// owns it.
     pub fn take_upload_session(&self) -> Option<Handover> {

@@ -168,6 +168,19 @@ impl WriteBehind {
         })
     }
 
+    /// The session chunks are being sent to, for a journal record written
+    /// while the file stays open (a `flush` that may not be the last close:
+    /// a shell's `> file` closes its first descriptor after `dup2`).
+    /// Write-behind goes on.
+    pub fn current(&self) -> Option<Handover> {
+        let state = self.state.lock().unwrap();
+        let session = state.session.clone().filter(|_| !state.over)?;
+        Some(Handover {
+            session,
+            prefix: None,
+        })
+    }
+
     /// Ends write-behind without an upload to give its session to (the
     /// file was discarded).
     pub fn cancel(self: &Arc<Self>) {

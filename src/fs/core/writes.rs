@@ -291,16 +291,27 @@ impl MountCore {
                 return Ok(());
             }
         }
-        self.journal(&queue, &staged).await.map(drop)
+        // Perhaps not the last close (a descriptor dup'ed before): the
+        // record names write-behind's session without ending it.
+        self.journal(&queue, &staged, false).await.map(drop)
     }
 
     /// Makes the staging file the whole new content, durable locally, and
-    /// records its upload in the journal.
-    async fn journal(&self, queue: &UploadQueue, staged: &Staged) -> FsResult<JournalEntry> {
+    /// records its upload in the journal. `last_close`: write-behind ends
+    /// here, handing its session to the upload.
+    async fn journal(
+        &self,
+        queue: &UploadQueue,
+        staged: &Staged,
+        last_close: bool,
+    ) -> FsResult<JournalEntry> {
         let _exclusive = staged.gate.write().await;
         staged.complete(self).await?;
         let base = staged.base.as_ref().and_then(|b| b.etag.clone());
-        let session = staged.upload_session();
+        let session = match last_close {
+            true => staged.upload_session(),
+            false => staged.current_upload_session(),
+        };
         let entry = queue
             .journal(&staged.path(), staged.local.clone(), base, session)
             .map_err(|e| errno::of_io(&e))?;
@@ -350,7 +361,7 @@ impl MountCore {
             JournalEntry::new(path.clone(), staged.local.clone(), base)
                 .continuing(staged.upload_session())
         } else {
-            match self.journal(&queue, &staged).await {
+            match self.journal(&queue, &staged, true).await {
                 Ok(entry) => entry,
                 Err(e) => {
                     tracing::error!(%path, errno = e,

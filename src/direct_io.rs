@@ -1,20 +1,24 @@
-//! Positioned reads and writes that skip the page cache where they can.
+//! Positioned reads and writes that skip the page cache where they can,
+//! for the server's staged uploads.
 //!
-//! Two kinds of file are written once and read at most once, by ferry
-//! itself: the server's staged uploads (each chunk synced before it is
-//! acknowledged, read again only if the running digest fell behind) and the
-//! mount's staging files under write-behind (read once, to send). Copying
-//! their bytes into fresh page-cache memory was the largest single cost of
-//! an upload on both sides (up to two thirds of the server's CPU on a VM
-//! whose fresh memory is slow to touch; bench/RESULTS.md, mount-write
-//! notes), while that VM's disk moves 1 MiB direct writes at over 2 GB/s.
+//! A staged chunk is written once and synced before it is acknowledged; it
+//! is read again only by the running digest when chunks arrived out of
+//! order (write-behind sends chunk 0 last), and at download. Copying those
+//! bytes into fresh page-cache memory was the largest single cost of an
+//! upload on the server (up to two thirds of its CPU on a VM whose fresh
+//! memory is slow to touch; bench/RESULTS.md, mount-write notes), while
+//! that VM's disk moves 1 MiB direct writes at over 2 GB/s.
 //!
 //! So whole, aligned pieces go directly (`O_DIRECT`) between the disk and
 //! buffers that are reused: a per-thread bounce buffer for writes, a small
-//! pool of chunk buffers for reads. Anything else (an unaligned head or
-//! tail, a filesystem without direct I/O) goes through the page cache. The
-//! kernel keeps the two coherent: direct I/O first writes back cached
-//! pages of its range, and a direct write drops them.
+//! pool of buffers for reads. Anything else (an unaligned head or tail, a
+//! filesystem without direct I/O) goes through the page cache. The kernel
+//! keeps the two coherent: direct I/O first writes back cached pages of
+//! its range, and a direct write drops them.
+//!
+//! The mount's staging files are not written this way: a FUSE write would
+//! wait for the disk, and write-behind reads those pages while they are
+//! still hot (bench/RESULTS.md, mount-write notes).
 
 use std::cell::RefCell;
 use std::fs::{File, OpenOptions};

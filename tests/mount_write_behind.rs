@@ -39,6 +39,24 @@ fn write_open(path: &Path, data: &[u8]) -> std::fs::File {
     file
 }
 
+/// The server serves `data` as `name`, uploaded through a single session:
+/// the upload at close continued write-behind's.
+async fn assert_committed_through_one_session(
+    server: &Server,
+    store: &Path,
+    name: &str,
+    data: &[u8],
+) {
+    let (code, body) = server.get_bytes(name).await;
+    assert_eq!(code, 200);
+    assert!(body == data, "the server's copy differs");
+    assert_eq!(
+        sessions(store).len(),
+        1,
+        "the upload continued the write-behind session"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_file_being_written_reaches_the_server_before_it_is_closed() {
     if !fuse_available() {
@@ -63,14 +81,7 @@ async fn a_file_being_written_reaches_the_server_before_it_is_closed() {
     data.extend_from_slice(&tail);
     file.sync_all().unwrap();
     drop(file);
-    let (code, body) = server.get_bytes("growing.bin").await;
-    assert_eq!(code, 200);
-    assert!(body == data, "the server's copy differs");
-    assert_eq!(
-        sessions(&store).len(),
-        1,
-        "the upload continued the write-behind session"
-    );
+    assert_committed_through_one_session(&server, &store, "growing.bin", &data).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -100,14 +111,7 @@ async fn a_descriptor_closed_after_dup_keeps_write_behind_going() {
         std::fs::read(store.join("redirected.bin")).is_ok_and(|b| b.len() == data.len())
     });
     assert!(committed, "the file is committed after its last close");
-    let (code, body) = server.get_bytes("redirected.bin").await;
-    assert_eq!(code, 200);
-    assert!(body == data, "the server's copy differs");
-    assert_eq!(
-        sessions(&store).len(),
-        1,
-        "the upload continued the write-behind session"
-    );
+    assert_committed_through_one_session(&server, &store, "redirected.bin", &data).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -6,7 +6,7 @@ mod harness;
 
 use std::io::Write;
 use std::os::unix::fs::FileExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use harness::mount::{MountProc, fuse_available};
@@ -39,6 +39,17 @@ fn write_open(path: &Path, data: &[u8]) -> std::fs::File {
     file
 }
 
+/// A fresh directory and the path of a local store in it; `None` where
+/// FUSE is not available.
+fn fuse_and_store() -> Option<(tempfile::TempDir, PathBuf)> {
+    if !fuse_available() {
+        return None;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let store = tmp.path().join("store");
+    Some((tmp, store))
+}
+
 /// The server serves `data` as `name`, uploaded through a single session:
 /// the upload at close continued write-behind's.
 async fn assert_committed_through_one_session(
@@ -59,11 +70,9 @@ async fn assert_committed_through_one_session(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_file_being_written_reaches_the_server_before_it_is_closed() {
-    if !fuse_available() {
+    let Some((_tmp, store)) = fuse_and_store() else {
         return;
-    }
-    let tmp = tempfile::tempdir().unwrap();
-    let store = tmp.path().join("store");
+    };
     let server = Server::start_on(store.to_str().unwrap(), &[]);
     let mount = MountProc::start(&server, &[]);
     let mut data = random_bytes(64 * MIB);
@@ -86,11 +95,9 @@ async fn a_file_being_written_reaches_the_server_before_it_is_closed() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_descriptor_closed_after_dup_keeps_write_behind_going() {
-    if !fuse_available() {
+    let Some((_tmp, store)) = fuse_and_store() else {
         return;
-    }
-    let tmp = tempfile::tempdir().unwrap();
-    let store = tmp.path().join("store");
+    };
     let server = Server::start_on(store.to_str().unwrap(), &[]);
     let mount = MountProc::start(&server, &[]);
     // What a shell's `> file` and dd do: open, dup, close the first
@@ -116,11 +123,9 @@ async fn a_descriptor_closed_after_dup_keeps_write_behind_going() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn writes_into_chunks_already_sent_upload_the_file_whole() {
-    if !fuse_available() {
+    let Some((_tmp, store)) = fuse_and_store() else {
         return;
-    }
-    let tmp = tempfile::tempdir().unwrap();
-    let store = tmp.path().join("store");
+    };
     let server = Server::start_on(store.to_str().unwrap(), &[]);
     let mount = MountProc::start(&server, &["--no-write-behind"]);
     let plain = random_bytes(40 * MIB);
@@ -162,11 +167,9 @@ async fn writes_into_chunks_already_sent_upload_the_file_whole() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_mount_killed_after_close_finishes_the_write_behind_session() {
-    if !fuse_available() {
+    let Some((tmp, store)) = fuse_and_store() else {
         return;
-    }
-    let tmp = tempfile::tempdir().unwrap();
-    let store = tmp.path().join("store");
+    };
     let state = tmp.path().join("state");
     let server = Server::start_on(store.to_str().unwrap(), &[]);
     let url = server.url.clone();

@@ -49,14 +49,32 @@ const POOLED_READ_BUFFERS: usize = 4;
 static READ_POOL: Mutex<Vec<Vec<u8>>> = Mutex::new(Vec::new());
 
 /// A direct (`O_DIRECT`) descriptor for reading and writing `path`, or
-/// `None` where the filesystem refuses one.
+/// `None` where the filesystem refuses one or only plays along: tmpfs
+/// takes `O_DIRECT` but copies through its page cache all the same, so
+/// going "direct" there would only add the bounce buffer's copy. A
+/// filesystem that really does direct I/O says so, and with which
+/// alignments, through `statx` (Linux 6.1 on).
 pub fn open_direct(path: &Path) -> Option<File> {
-    OpenOptions::new()
+    let file = OpenOptions::new()
         .read(true)
         .write(true)
         .custom_flags(libc::O_DIRECT)
         .open(path)
-        .ok()
+        .ok()?;
+    does_direct_io(&file).then_some(file)
+}
+
+/// Whether the filesystem of `file` does direct I/O at alignments that
+/// [`ALIGN`] covers.
+fn does_direct_io(file: &File) -> bool {
+    use rustix::fs::{AtFlags, StatxFlags};
+    let Ok(stat) = rustix::fs::statx(file, c"", AtFlags::EMPTY_PATH, StatxFlags::DIOALIGN) else {
+        return false;
+    };
+    let covered = |align: u32| align > 0 && ALIGN as u32 % align == 0;
+    StatxFlags::from_bits_retain(stat.stx_mask).contains(StatxFlags::DIOALIGN)
+        && covered(stat.stx_dio_mem_align)
+        && covered(stat.stx_dio_offset_align)
 }
 
 /// Writes `data` at `offset` of a file open as `buffered` and, if it could
@@ -249,5 +267,23 @@ mod tests {
         // Past the end is an error, not zeros.
         let past = read_exact_at(&buffered, direct.as_ref(), size as u64, 4096).unwrap_err();
         assert_eq!(past.kind(), io::ErrorKind::UnexpectedEof);
+    }
+
+    #[test]
+    fn tmpfs_is_not_taken_for_direct_io() {
+        let shm = Path::new("/dev/shm");
+        if !rustix::fs::statfs(shm).is_ok_and(|s| s.f_type == libc::TMPFS_MAGIC) {
+            eprintln!("no tmpfs at /dev/shm: nothing to check");
+            return;
+        }
+        let dir = tempfile::tempdir_in(shm).unwrap();
+        let path = dir.path().join("data");
+        File::create(&path).unwrap();
+        let taken = OpenOptions::new()
+            .write(true)
+            .custom_flags(libc::O_DIRECT)
+            .open(&path);
+        assert!(taken.is_ok(), "tmpfs accepts O_DIRECT");
+        assert!(open_direct(&path).is_none());
     }
 }

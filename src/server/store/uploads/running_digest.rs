@@ -16,7 +16,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::fs::File;
 use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use bytes::Bytes;
 use sha2::{Digest, Sha256};
@@ -27,6 +27,8 @@ use crate::protocol::upload::ChunkLayout;
 
 /// Bytes hashed per read while advancing.
 const READ_PIECE: usize = 1 << 20;
+/// Pieces read ahead of the one being hashed.
+const READ_AHEAD: usize = 2;
 /// Bytes of written chunks a session holds in memory until their turn to
 /// be hashed.
 const HELD_LIMIT: usize = 32 << 20;
@@ -138,42 +140,63 @@ impl RunningDigest {
         (written.chunks.contains(&index), held)
     }
 
+    /// The end of the run of chunks from `from` on, below `limit`, that are
+    /// to be read from the file: written (all of them when `all_written`)
+    /// and not held.
+    fn unheld_run_end(&self, from: u64, limit: u64, all_written: bool) -> u64 {
+        let written = self.written.lock().unwrap();
+        let mut end = from + 1;
+        while end < limit
+            && (all_written || written.chunks.contains(&end))
+            && !written.held.contains_key(&end)
+        {
+            end += 1;
+        }
+        end
+    }
+
     /// Hashes the chunks now contiguous from the start (blocking I/O).
     pub fn advance(&self, data: &Path) -> Result<()> {
-        let mut hashed = self.hashed.lock().unwrap();
-        let mut file = None;
-        loop {
-            let next = hashed.next;
-            match self.take(next) {
-                (false, _) => return Ok(()),
-                (true, Some(bytes)) => hashed.hasher.update(&bytes),
-                (true, None) => {
-                    let file = match &mut file {
-                        Some(file) => file,
-                        None => file.insert(open(data)?),
-                    };
-                    hash_chunk(file, self.layout(), next, &mut hashed.hasher)?;
-                }
-            }
-            hashed.next += 1;
-        }
+        self.hash_from_start(data, false).map(drop)
     }
 
     /// The whole file's digest, hashing whatever is not covered yet (blocking
     /// I/O). Call once every chunk is in the file.
     pub fn finish(&self, data: &Path) -> Result<String> {
-        let mut hashed = self.hashed.lock().unwrap();
-        let file = open(data)?;
-        let layout = self.layout();
-        while hashed.next < layout.chunk_count() {
-            let next = hashed.next;
-            match self.take(next) {
-                (_, Some(bytes)) => hashed.hasher.update(&bytes),
-                _ => hash_chunk(&file, layout, next, &mut hashed.hasher)?,
-            }
-            hashed.next += 1;
-        }
+        let hashed = self.hash_from_start(data, true)?;
         Ok(hex::encode(hashed.hasher.clone().finalize()))
+    }
+
+    /// Hashes chunks in order from the first not yet hashed, while they are
+    /// written (or to the end, when `all_written`): held ones from memory,
+    /// runs of others from the file.
+    fn hash_from_start(&self, data: &Path, all_written: bool) -> Result<MutexGuard<'_, Hashed>> {
+        let mut hashed = self.hashed.lock().unwrap();
+        let mut file = None;
+        loop {
+            let (next, layout) = (hashed.next, self.layout());
+            if all_written && next >= layout.chunk_count() {
+                return Ok(hashed);
+            }
+            match self.take(next) {
+                (_, Some(bytes)) => {
+                    hashed.hasher.update(&bytes);
+                    hashed.next += 1;
+                }
+                (false, None) if !all_written => return Ok(hashed),
+                _ => {
+                    let end = self.unheld_run_end(next, layout.chunk_count(), all_written);
+                    let file = match &mut file {
+                        Some(file) => file,
+                        None => file.insert(open(data)?),
+                    };
+                    let start = layout.chunk_range(next).expect("a chunk of the file").0;
+                    let stop = layout.chunk_range(end - 1).expect("a chunk of the file").1;
+                    hash_range(file, start, stop, &mut hashed.hasher)?;
+                    hashed.next = end;
+                }
+            }
+        }
     }
 }
 
@@ -204,24 +227,37 @@ fn open(data: &Path) -> Result<StagedData> {
     })
 }
 
-fn hash_chunk(
-    file: &StagedData,
-    layout: ChunkLayout,
-    index: u64,
-    hasher: &mut Sha256,
-) -> Result<()> {
-    let Some((start, end)) = layout.chunk_range(index) else {
-        return Ok(());
-    };
-    let mut at = start;
-    while at < end {
+/// Hashes bytes `start..end` of the staged file. Pieces are read ahead on
+/// another thread while one is hashed: read and hashed in turn, 1 GiB
+/// took 0.4 s of reading plus 0.6 s of hashing on the benchmark machine.
+fn hash_range(file: &StagedData, start: u64, end: u64, hasher: &mut Sha256) -> Result<()> {
+    let read = |at: u64| {
         let want = READ_PIECE.min((end - at) as usize);
-        let piece = direct_io::read_exact_at(&file.buffered, file.direct.as_ref(), at, want)
-            .map_err(Error::io("reading staged data to hash it"))?;
-        hasher.update(&piece);
-        at += want as u64;
+        direct_io::read_exact_at(&file.buffered, file.direct.as_ref(), at, want)
+            .map_err(Error::io("reading staged data to hash it"))
+    };
+    if end - start <= READ_PIECE as u64 {
+        hasher.update(&read(start)?);
+        return Ok(());
     }
-    Ok(())
+    let (pieces, arriving) = std::sync::mpsc::sync_channel(READ_AHEAD);
+    std::thread::scope(|threads| {
+        threads.spawn(move || {
+            let mut at = start;
+            while at < end {
+                let piece = read(at);
+                let failed = piece.is_err();
+                at += piece.as_ref().map_or(0, |p| p.len() as u64);
+                // Stops once the hashing side gave up, or after an error.
+                if pieces.send(piece).is_err() || failed {
+                    return;
+                }
+            }
+        });
+        arriving
+            .into_iter()
+            .try_for_each(|piece| piece.map(|p| hasher.update(&p)))
+    })
 }
 
 #[cfg(test)]
@@ -310,5 +346,46 @@ mod tests {
         assert_eq!(budget.used(), 3000);
         drop(third);
         assert_eq!(budget.used(), 0);
+    }
+
+    #[test]
+    fn runs_longer_than_a_read_are_read_ahead_and_hashed_in_order() {
+        let data: Vec<u8> = (0..7 * READ_PIECE as u32 + 123)
+            .map(|i| (i.wrapping_mul(2_654_435_761) >> 24) as u8)
+            .collect();
+        let (_dir, path) = staged(&data);
+        let chunk_size = 2 * READ_PIECE as u64 + 4096;
+        let layout = ChunkLayout {
+            size: data.len() as u64,
+            chunk_size,
+        };
+        let digest = RunningDigest::new(layout, HeldBudget::new(64 << 20));
+        // Chunks 1 and 3 from the file; chunk 2 held; chunk 0 last.
+        let at = |i: u64| (i * chunk_size) as usize;
+        let held = Bytes::copy_from_slice(&data[at(2)..at(3)]);
+        digest.written(1, None);
+        digest.written(2, Some(&held));
+        digest.written(3, None);
+        digest.advance(&path).unwrap();
+        digest.written(0, None);
+        digest.advance(&path).unwrap();
+        let expected = hex::encode(Sha256::digest(&data));
+        assert_eq!(digest.finish(&path).unwrap(), expected);
+        // A digest that saw no chunk arrive reads the whole file at finish.
+        let again = RunningDigest::new(layout, HeldBudget::new(0));
+        assert_eq!(again.finish(&path).unwrap(), expected);
+    }
+
+    #[test]
+    fn a_staged_file_shorter_than_its_chunks_is_an_error_not_a_hang() {
+        let data = vec![7u8; 3 * READ_PIECE];
+        let (_dir, path) = staged(&data);
+        let layout = ChunkLayout {
+            size: 5 * READ_PIECE as u64,
+            chunk_size: READ_PIECE as u64,
+        };
+        let digest = RunningDigest::new(layout, HeldBudget::new(0));
+        let err = digest.finish(&path).unwrap_err();
+        assert!(err.to_string().contains("reading staged data"), "{err}");
     }
 }

@@ -1,6 +1,7 @@
 //! Write-behind on real FUSE mounts: the chunks of a file being written
 //! reach the server before it is closed, the upload at close continues that
-//! session, and a write into a chunk already sent loses nothing.
+//! session (after a mount or a server killed mid-upload too), and a write
+//! into a chunk already sent loses nothing.
 
 mod harness;
 
@@ -191,5 +192,54 @@ async fn a_mount_killed_after_close_finishes_the_write_behind_session() {
         sessions(&store).len(),
         1,
         "the next mount continued the journaled session"
+    );
+}
+
+/// The state of session `dir` (`open` or `committed`), from its manifest.
+fn session_state(dir: &Path) -> Option<String> {
+    let manifest = std::fs::read(dir.join("manifest.json")).ok()?;
+    let manifest: serde_json::Value = serde_json::from_slice(&manifest).ok()?;
+    manifest["state"].as_str().map(str::to_owned)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_killed_mid_upload_is_caught_up_with_when_it_returns() {
+    let Some((_tmp, store)) = fuse_and_store() else {
+        return;
+    };
+    let server = Server::start_on(store.to_str().unwrap(), &[]);
+    let addr = server.addr.to_string();
+    let mount = MountProc::start(&server, &["--retry-for", "2"]);
+    let data = random_bytes(48 * MIB + 5);
+    let mut file = write_open(&mount.at("interrupted.bin"), &data[..40 * MIB]);
+    // Opened now: creating a name needs the server.
+    let mut later_file = std::fs::File::create(mount.at("later.bin")).unwrap();
+    assert!(eventually(Duration::from_secs(20), || chunks_received(
+        &store
+    ) >= 3));
+    let session = sessions(&store).pop().expect("write-behind's session");
+    // SIGKILL, with some of the file's chunks on the server.
+    drop(server);
+    // Writes, closes and reads of open files still work locally.
+    file.write_all(&data[40 * MIB..]).unwrap();
+    let closing = std::time::Instant::now();
+    drop(file);
+    assert!(
+        closing.elapsed() < Duration::from_secs(5),
+        "close waits for the server ({:?})",
+        closing.elapsed()
+    );
+    let later = random_bytes(3 * MIB + 1);
+    later_file.write_all(&later).unwrap();
+    drop(later_file);
+    assert!(std::fs::read(mount.at("interrupted.bin")).unwrap() == data);
+    // The server returns at the same address; the same mount catches up.
+    let server = Server::spawn(store.to_str().unwrap(), &addr, &[]);
+    assert!(server.eventually_has("interrupted.bin", &data).await);
+    assert!(server.eventually_has("later.bin", &later).await);
+    assert_eq!(
+        session_state(&session).as_deref(),
+        Some("committed"),
+        "the upload continued the session the server held"
     );
 }

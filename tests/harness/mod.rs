@@ -70,6 +70,10 @@ impl Server {
 
     /// A node on `store` listening on `listen` (e.g. the address of a killed one).
     pub fn spawn(store: &str, listen: &str, extra: &[&str]) -> Server {
+        // Tests build plain `reqwest` clients, which need a process-wide
+        // TLS provider when a test target is built without the workspace's
+        // features.
+        ferry::tls::install_default_provider();
         let bin = Path::new(env!("CARGO_BIN_EXE_ferry"));
         let (child, url) = serve_child::spawn_serve(bin, store, listen, extra);
         let addr = url.split_once("://").unwrap().1.parse().unwrap();

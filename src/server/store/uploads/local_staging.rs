@@ -2,13 +2,14 @@
 //! with positioned writes, and a chunk map (one byte per chunk) persisted
 //! beside it. Every chunk lands once, where it belongs; commit is a rename.
 
+use std::collections::VecDeque;
 use std::fs::{File, OpenOptions};
 use std::hash::{Hash, Hasher};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError};
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use futures::StreamExt;
 use futures::stream::BoxStream;
 use sha2::{Digest, Sha256};
@@ -128,7 +129,9 @@ impl LocalStaging {
         .await?;
         let mut crc = 0u32;
         let mut written = 0u64;
-        let mut buffer = BytesMut::new();
+        // Received but not yet written: less than a piece, kept as the
+        // buffers they came in (copied once, when written).
+        let mut held = Held::default();
         let mut next = Some(first);
         loop {
             let piece = match next.take() {
@@ -138,19 +141,20 @@ impl LocalStaging {
                     None => break,
                 },
             };
-            if written + (buffer.len() + piece.len()) as u64 > end - start {
+            if written + (held.len + piece.len()) as u64 > end - start {
                 return Err(check.too_long());
             }
             crc = crc32c::crc32c_append(crc, &piece);
+            held.push(piece);
             // Written in whole pieces, so that each write but a short last
             // one is aligned for direct I/O.
-            buffer.extend_from_slice(&piece);
-            while buffer.len() >= WRITE_PIECE {
-                let whole = buffer.split_to(WRITE_PIECE).freeze();
+            while held.len >= WRITE_PIECE {
+                let whole = held.take(WRITE_PIECE);
                 written += flush(&file, lock, start + written, whole).await?;
             }
         }
-        written += flush(&file, lock, start + written, buffer.freeze()).await?;
+        let rest = held.take(held.len);
+        written += flush(&file, lock, start + written, rest).await?;
         check.verify(written, crc)?;
         if let Some(file) = file {
             let map = self.map();
@@ -268,14 +272,50 @@ async fn flush(
     file: &Option<Arc<StagedFile>>,
     lock: &'static Mutex<()>,
     offset: u64,
-    data: Bytes,
+    pieces: Vec<Bytes>,
 ) -> Result<u64> {
-    let len = data.len() as u64;
-    if let (Some(file), false) = (file, data.is_empty()) {
+    let len = pieces.iter().map(|p| p.len() as u64).sum();
+    if let (Some(file), true) = (file, len > 0) {
         let file = file.clone();
-        blocking(move || write_at(&file, lock, offset, &data)).await?;
+        blocking(move || {
+            let _turn = lock.lock().unwrap_or_else(PoisonError::into_inner);
+            direct_io::write_at(&file.buffered, file.direct.as_ref(), offset, &pieces)
+                .map_err(Error::io("writing staged data"))
+        })
+        .await?;
     }
     Ok(len)
+}
+
+/// The buffers of a chunk received and not yet written.
+#[derive(Default)]
+struct Held {
+    pieces: VecDeque<Bytes>,
+    len: usize,
+}
+
+impl Held {
+    fn push(&mut self, piece: Bytes) {
+        self.len += piece.len();
+        self.pieces.push_back(piece);
+    }
+
+    /// The first `n` bytes held (`n` at most what is held), splitting a
+    /// buffer where they end.
+    fn take(&mut self, n: usize) -> Vec<Bytes> {
+        let mut taken = Vec::new();
+        let mut want = n;
+        while want > 0 {
+            let mut piece = self.pieces.pop_front().expect("n is held");
+            if piece.len() > want {
+                self.pieces.push_front(piece.split_off(want));
+            }
+            want -= piece.len();
+            taken.push(piece);
+        }
+        self.len -= n;
+        taken
+    }
 }
 
 /// Size of each positioned write.
@@ -300,7 +340,7 @@ fn write_at(file: &StagedFile, lock: &Mutex<()>, offset: u64, data: &[u8]) -> Re
     let mut at = offset;
     for piece in data.chunks(WRITE_PIECE) {
         let _turn = lock.lock().unwrap_or_else(PoisonError::into_inner);
-        direct_io::write_at(&file.buffered, file.direct.as_ref(), at, piece)
+        direct_io::write_at(&file.buffered, file.direct.as_ref(), at, &[piece])
             .map_err(Error::io("writing staged data"))?;
         at += piece.len() as u64;
     }
@@ -392,4 +432,28 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'sta
     tokio::task::spawn_blocking(f)
         .await
         .map_err(|e| Error::Storage(format!("staging task failed: {e}")))?
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn held_buffers_are_taken_in_order_split_where_asked() {
+        let bytes: Vec<u8> = (0..10_000u32).map(|i| (i % 251) as u8).collect();
+        let mut held = Held::default();
+        for (from, to) in [(0, 1), (1, 1), (1, 4000), (4000, 9000), (9000, 10_000)] {
+            held.push(Bytes::copy_from_slice(&bytes[from..to]));
+        }
+        assert_eq!(held.len, 10_000);
+        let mut out = Vec::new();
+        for n in [3000, 0, 2500, 4499, 1] {
+            let taken = held.take(n);
+            assert_eq!(taken.iter().map(Bytes::len).sum::<usize>(), n);
+            taken.iter().for_each(|p| out.extend_from_slice(p));
+        }
+        assert_eq!(held.len, 0);
+        assert!(held.pieces.iter().all(Bytes::is_empty));
+        assert!(out == bytes);
+    }
 }

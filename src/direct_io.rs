@@ -84,7 +84,8 @@ fn does_direct_io(file: &File) -> bool {
 /// A body that arrives as many small buffers (an HTTP chunk does) is
 /// gathered straight into the thread's aligned buffer: one copy into
 /// memory already touched, rather than a copy into a fresh allocation per
-/// piece and another into the aligned buffer.
+/// piece and another into the aligned buffer. Without direct I/O each
+/// buffer is written as it is.
 pub fn write_at<P: AsRef<[u8]>>(
     buffered: &File,
     direct: Option<&File>,
@@ -284,7 +285,6 @@ mod tests {
         File::create(&path).unwrap().set_len(size as u64).unwrap();
         let bytes: Vec<u8> = (0..size).map(|i| (i * 11 % 241) as u8).collect();
         let buffered = OpenOptions::new().write(true).open(&path).unwrap();
-        let direct = open_direct(&path);
         // Split at odd places, with an empty piece and pieces crossing
         // the head's and the body's ends; one run has a tail, one not.
         let split = |run: &[u8], cuts: &[usize]| -> Vec<Bytes> {
@@ -296,15 +296,17 @@ mod tests {
             }
             pieces
         };
-        let unaligned = &bytes[100..PIECE - 7];
-        let pieces = split(unaligned, &[1, 1, 4000, 70_000, PIECE - 200]);
-        write_at(&buffered, direct.as_ref(), 100, &pieces).unwrap();
-        let aligned = &bytes[PIECE - 7..];
-        let pieces = split(aligned, &[7, 9, 3 * ALIGN]);
-        write_at(&buffered, direct.as_ref(), (PIECE - 7) as u64, &pieces).unwrap();
-        write_at(&buffered, direct.as_ref(), 0, &[&bytes[..100]]).unwrap();
-        buffered.sync_data().unwrap();
-        assert!(std::fs::read(&path).unwrap() == bytes);
+        let unaligned = split(&bytes[100..PIECE - 7], &[1, 1, 4000, 70_000, PIECE - 200]);
+        let aligned = split(&bytes[PIECE - 7..], &[7, 9, 3 * ALIGN]);
+        // Directly where the filesystem allows, and through the page cache.
+        for direct in [open_direct(&path), None] {
+            std::fs::write(&path, vec![0; size]).unwrap();
+            write_at(&buffered, direct.as_ref(), 100, &unaligned).unwrap();
+            write_at(&buffered, direct.as_ref(), (PIECE - 7) as u64, &aligned).unwrap();
+            write_at(&buffered, direct.as_ref(), 0, &[&bytes[..100]]).unwrap();
+            buffered.sync_data().unwrap();
+            assert!(std::fs::read(&path).unwrap() == bytes);
+        }
     }
 
     #[test]

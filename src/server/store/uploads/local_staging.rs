@@ -277,12 +277,7 @@ async fn flush(
     let len = pieces.iter().map(|p| p.len() as u64).sum();
     if let (Some(file), true) = (file, len > 0) {
         let file = file.clone();
-        blocking(move || {
-            let _turn = lock.lock().unwrap_or_else(PoisonError::into_inner);
-            direct_io::write_at(&file.buffered, file.direct.as_ref(), offset, &pieces)
-                .map_err(Error::io("writing staged data"))
-        })
-        .await?;
+        blocking(move || write_piece(&file, lock, offset, &pieces)).await?;
     }
     Ok(len)
 }
@@ -339,12 +334,23 @@ impl StagedFile {
 fn write_at(file: &StagedFile, lock: &Mutex<()>, offset: u64, data: &[u8]) -> Result<()> {
     let mut at = offset;
     for piece in data.chunks(WRITE_PIECE) {
-        let _turn = lock.lock().unwrap_or_else(PoisonError::into_inner);
-        direct_io::write_at(&file.buffered, file.direct.as_ref(), at, &[piece])
-            .map_err(Error::io("writing staged data"))?;
+        write_piece(file, lock, at, &[piece])?;
         at += piece.len() as u64;
     }
     Ok(())
+}
+
+/// Writes one piece (at most [`WRITE_PIECE`] bytes, in the buffers it came
+/// in) at `offset`, in its turn.
+fn write_piece<P: AsRef<[u8]>>(
+    file: &StagedFile,
+    lock: &Mutex<()>,
+    offset: u64,
+    buffers: &[P],
+) -> Result<()> {
+    let _turn = lock.lock().unwrap_or_else(PoisonError::into_inner);
+    direct_io::write_at(&file.buffered, file.direct.as_ref(), offset, buffers)
+        .map_err(Error::io("writing staged data"))
 }
 
 /// The lock that orders the writes into the staged file `data`.

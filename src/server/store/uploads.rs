@@ -285,9 +285,16 @@ impl UploadSessions {
             StagingRecord::LocalFile => {
                 let staging = self.local_staging(id).expect("a local backend");
                 let digest = self.running_digest(&manifest);
-                let written = staging.write_chunk(layout, index, check, body).await;
-                if let (Some(digest), Ok(bytes)) = (digest, &written) {
-                    digest.written(index, bytes.as_ref());
+                let room = digest
+                    .as_ref()
+                    .and_then(|d| d.room_for(expected_len as usize));
+                let keep = room.is_some();
+                let written = staging.write_chunk(layout, index, check, body, keep).await;
+                written.map(|pieces| {
+                    let Some(digest) = digest else {
+                        return;
+                    };
+                    digest.written(index, pieces.zip(room));
                     // Off the request's path: the ack does not wait for hashing.
                     let data = staging.data();
                     tokio::task::spawn_blocking(move || {
@@ -295,8 +302,7 @@ impl UploadSessions {
                             tracing::debug!(error = %e, "hashing arriving chunks stopped");
                         }
                     });
-                }
-                written.map(drop)
+                })
             }
             StagingRecord::Multipart { key, upload_id } => {
                 MultipartStaging::new(&self.store, id, key, upload_id)

@@ -101,15 +101,17 @@ impl LocalStaging {
 
     /// Streams chunk `index` into place. A chunk already received is checked
     /// but not rewritten, so a faulty repeat cannot damage acknowledged data.
-    /// Returns the chunk's bytes when they arrived as one buffer (a
-    /// WebSocket message) and were written.
+    /// With `keep`, returns the chunk's bytes, in the buffers they arrived
+    /// in, when they were written (for the running digest to hash from
+    /// memory rather than read back from the disk).
     pub async fn write_chunk(
         &self,
         layout: ChunkLayout,
         index: u64,
         check: ChunkCheck,
         body: &mut BoxStream<'static, Result<Bytes>>,
-    ) -> Result<Option<Bytes>> {
+        keep: bool,
+    ) -> Result<Option<Vec<Bytes>>> {
         let (start, end) = layout
             .chunk_range(index)
             .expect("index checked by the caller");
@@ -118,7 +120,8 @@ impl LocalStaging {
             None => Bytes::new(),
         };
         if first.len() as u64 == end - start {
-            return self.write_whole(index, start, check, first, body).await;
+            let written = self.write_whole(index, start, check, first, body).await?;
+            return Ok(written.filter(|_| keep).map(|bytes| vec![bytes]));
         }
         let (data, map) = (self.data(), self.map());
         let lock = write_lock(&data);
@@ -132,6 +135,8 @@ impl LocalStaging {
         // Received but not yet written: less than a piece, kept as the
         // buffers they came in (copied once, when written).
         let mut held = Held::default();
+        // Every buffer, for the caller.
+        let mut arrived = Vec::new();
         let mut next = Some(first);
         loop {
             let piece = match next.take() {
@@ -145,6 +150,9 @@ impl LocalStaging {
                 return Err(check.too_long());
             }
             crc = crc32c::crc32c_append(crc, &piece);
+            if keep && file.is_some() {
+                arrived.push(piece.clone());
+            }
             held.push(piece);
             // Written in whole pieces, so that each write but a short last
             // one is aligned for direct I/O.
@@ -156,11 +164,12 @@ impl LocalStaging {
         let rest = held.take(held.len);
         written += flush(&file, lock, start + written, rest).await?;
         check.verify(written, crc)?;
-        if let Some(file) = file {
-            let map = self.map();
-            blocking(move || record_chunk(file.file(), &map, index)).await?;
-        }
-        Ok(None)
+        let Some(file) = file else {
+            return Ok(None);
+        };
+        let map = self.map();
+        blocking(move || record_chunk(file.file(), &map, index)).await?;
+        Ok(keep.then_some(arrived))
     }
 
     /// A chunk that arrived whole: checked, then written, synced and

@@ -2,13 +2,15 @@
 //! rather than by re-reading the whole file at `complete`.
 //!
 //! After each chunk this node writes, the digest advances over every chunk
-//! now contiguous from the start. A chunk that arrived as one buffer (a
-//! WebSocket message) is hashed from that buffer while it is held (up to
-//! [`HELD_LIMIT`] bytes of chunks per session waiting for earlier ones, and
-//! what a [`HeldBudget`] shared by a node's sessions allows); others are read
-//! back from the staged file, directly where it allows (its chunks were
-//! written past the page cache; see [`direct_io`]). At `complete` only
-//! the chunks not yet covered are read. This is sound because local staging
+//! now contiguous from the start. A chunk is hashed from the buffers it
+//! arrived in (one WebSocket message, or an HTTP body's many) when it found
+//! room to be held before it arrived: up to [`HELD_LIMIT`] bytes of chunks
+//! per session, on their way or waiting for earlier ones, within what a
+//! [`HeldBudget`] shared by a node's sessions allows. Others are read back
+//! from the staged file, directly where it allows (its chunks were written
+//! past the page cache; see [`direct_io`]): reading back every HTTP chunk
+//! had an in-order 1 GiB upload read its whole file from the disk again.
+//! At `complete` only the chunks not yet covered are read. This is sound because local staging
 //! never rewrites an acknowledged chunk: bytes once hashed stay what the
 //! file holds.
 
@@ -29,9 +31,10 @@ use crate::protocol::upload::ChunkLayout;
 const READ_PIECE: usize = 1 << 20;
 /// Pieces read ahead of the one being hashed.
 const READ_AHEAD: usize = 2;
-/// Bytes of written chunks a session holds in memory until their turn to
-/// be hashed.
-const HELD_LIMIT: usize = 32 << 20;
+/// Bytes of chunks a session holds in memory, on their way or written,
+/// until their turn to be hashed: twice what the client keeps in flight by
+/// default, so that chunks finishing a little out of order are all held.
+const HELD_LIMIT: usize = 64 << 20;
 
 /// Bytes of arrived chunks all of a node's sessions may hold for hashing
 /// together, so that many sessions waiting for early chunks cannot pile up
@@ -81,8 +84,8 @@ pub struct RunningDigest {
 struct Written {
     /// Chunks durably written (by this node).
     chunks: BTreeSet<u64>,
-    /// The bytes of some of them, as they arrived.
-    held: BTreeMap<u64, Bytes>,
+    /// The bytes of some of them, in the buffers they arrived in.
+    held: BTreeMap<u64, Vec<Bytes>>,
     held_bytes: usize,
 }
 
@@ -115,27 +118,52 @@ impl RunningDigest {
         *self.layout.lock().unwrap()
     }
 
-    /// After chunk `index` is durably written; `bytes`, when given, are
-    /// the whole chunk as written.
-    pub fn written(&self, index: u64, bytes: Option<&Bytes>) {
+    /// Room to hold a chunk of `len` bytes until its turn to be hashed,
+    /// taken before its bytes arrive (so that a streamed chunk's buffers are
+    /// kept only when they may be held); `None` when the session's limit or
+    /// the node's budget has no room.
+    pub fn room_for(self: &Arc<Self>, len: usize) -> Option<HeldRoom> {
         let mut written = self.written.lock().unwrap();
-        if let (true, Some(bytes)) = (written.chunks.insert(index), bytes)
-            && self.layout().chunk_len(index) == Some(bytes.len() as u64)
-            && written.held_bytes + bytes.len() <= HELD_LIMIT
-            && self.budget.take(bytes.len())
-        {
-            written.held_bytes += bytes.len();
-            written.held.insert(index, bytes.clone());
+        if written.held_bytes + len > HELD_LIMIT || !self.budget.take(len) {
+            return None;
         }
+        written.held_bytes += len;
+        Some(HeldRoom {
+            digest: self.clone(),
+            len,
+        })
+    }
+
+    /// After chunk `index` is durably written; `held`, when given, is the
+    /// whole chunk as written (the buffers it arrived in, in order) and the
+    /// room taken for it.
+    pub fn written(&self, index: u64, held: Option<(Vec<Bytes>, HeldRoom)>) {
+        let mut written = self.written.lock().unwrap();
+        let first_time = written.chunks.insert(index);
+        let Some((pieces, mut room)) = held else {
+            return;
+        };
+        if first_time
+            && self.layout().chunk_len(index) == Some(room.len as u64)
+            && total_len(&pieces) == room.len
+        {
+            // The room's bytes now count for the held chunk.
+            room.len = 0;
+            written.held.insert(index, pieces);
+        }
+        // Else the room is given back, which takes the lock.
+        drop(written);
+        drop(room);
     }
 
     /// Whether chunk `index` is written, and its bytes if they are held.
-    fn take(&self, index: u64) -> (bool, Option<Bytes>) {
+    fn take(&self, index: u64) -> (bool, Option<Vec<Bytes>>) {
         let mut written = self.written.lock().unwrap();
         let held = written.held.remove(&index);
-        if let Some(bytes) = &held {
-            written.held_bytes -= bytes.len();
-            self.budget.give_back(bytes.len());
+        if let Some(pieces) = &held {
+            let len = total_len(pieces);
+            written.held_bytes -= len;
+            self.budget.give_back(len);
         }
         (written.chunks.contains(&index), held)
     }
@@ -179,8 +207,8 @@ impl RunningDigest {
                 return Ok(hashed);
             }
             match self.take(next) {
-                (_, Some(bytes)) => {
-                    hashed.hasher.update(&bytes);
+                (_, Some(pieces)) => {
+                    pieces.iter().for_each(|p| hashed.hasher.update(p));
                     hashed.next += 1;
                 }
                 (false, None) if !all_written => return Ok(hashed),
@@ -200,11 +228,31 @@ impl RunningDigest {
     }
 }
 
+/// Bytes of a session's and the node's limits set aside for one chunk;
+/// given back when dropped unused.
+pub struct HeldRoom {
+    digest: Arc<RunningDigest>,
+    len: usize,
+}
+
+impl Drop for HeldRoom {
+    fn drop(&mut self) {
+        if self.len > 0 {
+            self.digest.written.lock().unwrap().held_bytes -= self.len;
+            self.digest.budget.give_back(self.len);
+        }
+    }
+}
+
 impl Drop for RunningDigest {
     fn drop(&mut self) {
         let held = self.written.get_mut().map_or(0, |w| w.held_bytes);
         self.budget.give_back(held);
     }
+}
+
+fn total_len(pieces: &[Bytes]) -> usize {
+    pieces.iter().map(Bytes::len).sum()
 }
 
 /// A staged file open for reading: buffered, and direct where it can be.
@@ -264,6 +312,12 @@ fn hash_range(file: &StagedData, start: u64, end: u64, hasher: &mut Sha256) -> R
 mod tests {
     use super::*;
 
+    /// Chunk `index` written, its `pieces` held if there is room.
+    fn hold(digest: &Arc<RunningDigest>, index: u64, pieces: Vec<Bytes>) {
+        let room = digest.room_for(total_len(&pieces));
+        digest.written(index, room.map(|room| (pieces, room)));
+    }
+
     fn staged(data: &[u8]) -> (tempfile::TempDir, std::path::PathBuf) {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("data");
@@ -279,7 +333,7 @@ mod tests {
             size: data.len() as u64,
             chunk_size: 3000,
         };
-        let digest = RunningDigest::new(layout, HeldBudget::new(1 << 20));
+        let digest = Arc::new(RunningDigest::new(layout, HeldBudget::new(1 << 20)));
         for index in [1, 3, 0, 2] {
             digest.written(index, None);
             digest.advance(&path).unwrap();
@@ -303,12 +357,15 @@ mod tests {
         };
         let chunk =
             |i: usize| Bytes::copy_from_slice(&data[i * 3000..((i + 1) * 3000).min(data.len())]);
-        let digest = RunningDigest::new(layout, HeldBudget::new(1 << 20));
-        digest.written(1, Some(&chunk(1)));
-        digest.written(0, Some(&chunk(0)));
+        let digest = Arc::new(RunningDigest::new(layout, HeldBudget::new(1 << 20)));
+        // Chunk 1 held as the buffers it arrived in.
+        let (mut head, tail) = (chunk(1), chunk(1).split_off(1000));
+        head.truncate(1000);
+        hold(&digest, 1, vec![head, Bytes::new(), tail]);
+        hold(&digest, 0, vec![chunk(0)]);
         digest.advance(&path).unwrap();
         // Chunk 2 held, chunk 3 (the file's, unchanged there) not.
-        digest.written(2, Some(&chunk(2)));
+        hold(&digest, 2, vec![chunk(2)]);
         digest.written(3, None);
         let expected = hex::encode(Sha256::digest(&data));
         assert_eq!(digest.finish(&path).unwrap(), expected);
@@ -324,13 +381,13 @@ mod tests {
         };
         let budget = HeldBudget::new(4000);
         let (first, second) = (
-            RunningDigest::new(layout, budget.clone()),
-            RunningDigest::new(layout, budget.clone()),
+            Arc::new(RunningDigest::new(layout, budget.clone())),
+            Arc::new(RunningDigest::new(layout, budget.clone())),
         );
         let chunk = Bytes::copy_from_slice(&data[3000..]);
         // Chunk 1 waits for chunk 0 in both sessions: only one fits.
-        first.written(1, Some(&chunk));
-        second.written(1, Some(&chunk));
+        hold(&first, 1, vec![chunk.clone()]);
+        hold(&second, 1, vec![chunk.clone()]);
         assert_eq!(budget.used(), 3000);
         for digest in [&first, &second] {
             digest.written(0, None);
@@ -341,11 +398,39 @@ mod tests {
         assert_eq!(first.finish(&path).unwrap(), expected);
         assert_eq!(second.finish(&path).unwrap(), expected);
         // A session dropped with chunks still held gives them back too.
-        let third = RunningDigest::new(layout, budget.clone());
-        third.written(1, Some(&chunk));
+        let third = Arc::new(RunningDigest::new(layout, budget.clone()));
+        hold(&third, 1, vec![chunk.clone()]);
         assert_eq!(budget.used(), 3000);
         drop(third);
         assert_eq!(budget.used(), 0);
+    }
+
+    #[test]
+    fn room_is_taken_before_a_chunk_arrives_and_given_back_unless_held() {
+        let layout = ChunkLayout {
+            size: 6000,
+            chunk_size: 3000,
+        };
+        let budget = HeldBudget::new(4000);
+        let digest = Arc::new(RunningDigest::new(layout, budget.clone()));
+        let room = digest.room_for(3000).expect("room within the budget");
+        assert!(
+            digest.room_for(3000).is_none(),
+            "a chunk on its way holds its room"
+        );
+        // Its request failed.
+        drop(room);
+        assert_eq!(budget.used(), 0);
+        // Pieces short of the chunk are not held, and their room goes back.
+        let room = digest.room_for(3000).unwrap();
+        digest.written(0, Some((vec![Bytes::from(vec![0u8; 2999])], room)));
+        assert_eq!(budget.used(), 0);
+        // A session holds at most its own limit, whatever the node's budget.
+        let big = HeldBudget::new(4 * HELD_LIMIT);
+        let digest = Arc::new(RunningDigest::new(layout, big.clone()));
+        let _room = digest.room_for(HELD_LIMIT).unwrap();
+        assert!(digest.room_for(1).is_none());
+        assert_eq!(big.used(), HELD_LIMIT);
     }
 
     #[test]
@@ -359,12 +444,12 @@ mod tests {
             size: data.len() as u64,
             chunk_size,
         };
-        let digest = RunningDigest::new(layout, HeldBudget::new(64 << 20));
+        let digest = Arc::new(RunningDigest::new(layout, HeldBudget::new(64 << 20)));
         // Chunks 1 and 3 from the file; chunk 2 held; chunk 0 last.
         let at = |i: u64| (i * chunk_size) as usize;
         let held = Bytes::copy_from_slice(&data[at(2)..at(3)]);
         digest.written(1, None);
-        digest.written(2, Some(&held));
+        hold(&digest, 2, vec![held.clone()]);
         digest.written(3, None);
         digest.advance(&path).unwrap();
         digest.written(0, None);
@@ -372,7 +457,7 @@ mod tests {
         let expected = hex::encode(Sha256::digest(&data));
         assert_eq!(digest.finish(&path).unwrap(), expected);
         // A digest that saw no chunk arrive reads the whole file at finish.
-        let again = RunningDigest::new(layout, HeldBudget::new(0));
+        let again = Arc::new(RunningDigest::new(layout, HeldBudget::new(0)));
         assert_eq!(again.finish(&path).unwrap(), expected);
     }
 
@@ -384,7 +469,7 @@ mod tests {
             size: 5 * READ_PIECE as u64,
             chunk_size: READ_PIECE as u64,
         };
-        let digest = RunningDigest::new(layout, HeldBudget::new(0));
+        let digest = Arc::new(RunningDigest::new(layout, HeldBudget::new(0)));
         let err = digest.finish(&path).unwrap_err();
         assert!(err.to_string().contains("reading staged data"), "{err}");
     }

@@ -15,9 +15,10 @@
 #    transfer + complete. RUNS runs per transport, alternating which goes
 #    first, on a store on disk (/tmp) and on a store on tmpfs (/dev/shm, where
 #    the per-chunk fsync costs nothing and the transport is what is measured).
-# 4. The same file through `ferry put --transport ws|http --parallel PARALLEL`
-#    (the CLI: SHA-256 of the file first, server-chosen chunk size of 4 MiB),
-#    PUT_RUNS runs each, on both stores.
+# 4. The same file through `ferry put --transport ws|http --parallel PARALLEL`,
+#    with the server's chunk size (4 MiB for 1 GiB) and again with
+#    `--chunk-size 1M` (the target's setting); the CLI hashes the file as it
+#    reads the chunks. PUT_RUNS runs each, on both stores.
 # 5. Change-feed latency (disk store): EVENTS sequential small PUTs with a WS
 #    `watch` subscriber, then again with an SSE (`GET /v1/events`) subscriber,
 #    paced (PACE_MS between PUTs) and back to back; per PUT, event arrival
@@ -277,33 +278,37 @@ upload_runs() { # LABEL [extra]: with "extra", also WS through the websockets
 }
 
 put_runs() { # LABEL
-  local label=$1 r t
-  for r in $(seq 1 "$PUT_RUNS"); do
-    local order=(ws http)
-    (( r % 2 == 0 )) && order=(http ws)
-    for t in "${order[@]}"; do
-      sync
-      local state=$WORK/run/state-$label-$t-$r logf=$WORK/run/put-$label-$t-$r.log
-      rm -rf "$state"; mkdir -p "$state"
-      note_noise
-      local c0 c1 t0 t1 rc=0
-      c0=$(cpu_of "$SERVER_PID"); t0=$(date +%s.%N)
-      FERRY_STATE_DIR=$state timeout 900 "$FERRY" put "$DATA" "wsbench/put-$t.bin" \
-        --server "$URL" --transport "$t" --parallel "$PARALLEL" > "$logf" 2>&1 || rc=$?
-      t1=$(date +%s.%N); c1=$(cpu_of "$SERVER_PID")
-      local size
-      size=$(curl -s "$URL/v1/stat/wsbench/put-$t.bin" | jq -r '.size // empty' 2>/dev/null || true)
-      if [[ $rc -ne 0 || $size != $((SIZE_MIB * 1048576)) ]]; then
-        problem "$label run $r: ferry put --transport $t exit $rc, remote size '${size}': $(tail -3 "$logf" | tr '\n' ' ' | cut -c1-300)"
-        echo "{\"kind\":\"put\",\"store\":\"$label\",\"run\":$r,\"transport\":\"$t\",\"error\":true}" >> "$RESULTS"
-      else
-        local secs
-        secs=$(sub "$t0" "$t1")
-        local cpu; cpu=$(awk -v a="$c0" -v b="$c1" -v hz="$(getconf CLK_TCK)" 'BEGIN { printf "%.3f", (b - a) / hz }')
-        echo "{\"kind\":\"put\",\"store\":\"$label\",\"run\":$r,\"transport\":\"$t\",\"seconds\":$secs,\"server_cpu_s\":$cpu,\"bytes\":$((SIZE_MIB * 1048576))}" >> "$RESULTS"
-        log "$label ferry put run $r $t: $(printf '%.2f' "$secs") s"
-      fi
-      delete_remote "wsbench/put-$t.bin"
+  local label=$1 r t cs
+  for cs in auto 1M; do
+    local chunk_args=()
+    [[ $cs != auto ]] && chunk_args=(--chunk-size "$cs")
+    for r in $(seq 1 "$PUT_RUNS"); do
+      local order=(ws http)
+      (( r % 2 == 0 )) && order=(http ws)
+      for t in "${order[@]}"; do
+        sync
+        local state=$WORK/run/state-$label-$cs-$t-$r logf=$WORK/run/put-$label-$cs-$t-$r.log
+        rm -rf "$state"; mkdir -p "$state"
+        note_noise
+        local c0 c1 t0 t1 rc=0
+        c0=$(cpu_of "$SERVER_PID"); t0=$(date +%s.%N)
+        FERRY_STATE_DIR=$state timeout 900 "$FERRY" put "$DATA" "wsbench/put-$t.bin" \
+          --server "$URL" --transport "$t" --parallel "$PARALLEL" "${chunk_args[@]}" > "$logf" 2>&1 || rc=$?
+        t1=$(date +%s.%N); c1=$(cpu_of "$SERVER_PID")
+        local size
+        size=$(curl -s "$URL/v1/stat/wsbench/put-$t.bin" | jq -r '.size // empty' 2>/dev/null || true)
+        if [[ $rc -ne 0 || $size != $((SIZE_MIB * 1048576)) ]]; then
+          problem "$label run $r: ferry put --transport $t (chunks: $cs) exit $rc, remote size '${size}': $(tail -3 "$logf" | tr '\n' ' ' | cut -c1-300)"
+          echo "{\"kind\":\"put\",\"store\":\"$label\",\"chunk\":\"$cs\",\"run\":$r,\"transport\":\"$t\",\"error\":true}" >> "$RESULTS"
+        else
+          local secs
+          secs=$(sub "$t0" "$t1")
+          local cpu; cpu=$(awk -v a="$c0" -v b="$c1" -v hz="$(getconf CLK_TCK)" 'BEGIN { printf "%.3f", (b - a) / hz }')
+          echo "{\"kind\":\"put\",\"store\":\"$label\",\"chunk\":\"$cs\",\"run\":$r,\"transport\":\"$t\",\"seconds\":$secs,\"server_cpu_s\":$cpu,\"bytes\":$((SIZE_MIB * 1048576))}" >> "$RESULTS"
+          log "$label ferry put (chunks: $cs) run $r $t: $(printf '%.2f' "$secs") s"
+        fi
+        delete_remote "wsbench/put-$t.bin"
+      done
     done
   done
 }

@@ -96,9 +96,10 @@ def report(results_path, problems_path):
       f"what remains is the transport, the server's and the client's CPU).")
     w(f"- **`ferry put`**: the CLI, `ferry put FILE REMOTE --transport ws|http --parallel "
       f"{parallel}`, fresh `FERRY_STATE_DIR` per run, wall time of the whole command. It "
-      f"hashes the file (SHA-256) before uploading and lets the server choose the chunk size "
-      f"(4 MiB for 1 GiB: 256 chunks); the server verifies the SHA-256 at commit. "
-      f"{env('WS_PUT_RUNS', '?')} runs per transport, alternating.")
+      f"hashes the file (SHA-256) as it reads the chunks, and runs twice over: with the "
+      f"server's chunk size (4 MiB for 1 GiB: 256 chunks) and with `--chunk-size 1M` (the "
+      f"target's setting); the server verifies the SHA-256 at commit. "
+      f"{env('WS_PUT_RUNS', '?')} runs per transport and chunk size, alternating.")
     w(f"- **Change feed**: one client process subscribes (WS `watch` on its own connection, or "
       f"`GET /v1/events` SSE), then makes {env('WS_EVENTS', '?')} `PUT /v1/files/…` of 100 "
       f"bytes one after another on one keep-alive connection, waiting for each change event "
@@ -181,28 +182,33 @@ def report(results_path, problems_path):
     # ---------------------------------------------------------- ferry put
     puts = [r for r in rows if r["kind"] == "put"]
     if puts:
-        w(f"`ferry put` of the same file, `--parallel {parallel}` (server's chunk size: 4 MiB; "
-          f"wall time includes hashing; median [runs]):")
+        w(f"`ferry put` of the same file, `--parallel {parallel}`, with the server's chunk size "
+          f"(4 MiB) and with `--chunk-size 1M` (wall time includes hashing; median [runs]):")
         w("")
-        w("| store | WS s | HTTP s | WS MB/s | HTTP MB/s | WS/HTTP throughput (per run) "
+        w("| store | chunks | WS s | HTTP s | WS MB/s | HTTP MB/s | WS/HTTP throughput (per run) "
           "| server CPU s, WS / HTTP |")
-        w("|---|---|---|---|---|---|---|")
+        w("|---|---|---|---|---|---|---|---|")
+        chunk_labels = {"auto": "server's (4 MiB)", "1M": "`--chunk-size 1M`"}
         for store in STORES:
-            d = {t: {r["run"]: r for r in puts if r["store"] == store and r["transport"] == t
-                     and "seconds" in r} for t in ("ws", "http")}
-            if not d["ws"] and not d["http"]:
-                continue
-            secs = {t: [d[t][k]["seconds"] for k in sorted(d[t])] for t in d}
-            mbs = {t: [d[t][k]["bytes"] / d[t][k]["seconds"] / 1e6 for k in sorted(d[t])]
-                   for t in d}
-            ratios = [d["http"][k]["seconds"] / d["ws"][k]["seconds"]
-                      for k in sorted(d["ws"]) if k in d["http"]]
-            cpu = {t: med([d[t][k]["server_cpu_s"] for k in d[t]]) for t in d}
-            w(f"| {LABELS[store]} | {f(med(secs['ws']), 2)} [{runs_list(secs['ws'], 2)}] "
-              f"| {f(med(secs['http']), 2)} [{runs_list(secs['http'], 2)}] "
-              f"| {f(med(mbs['ws']))} | {f(med(mbs['http']))} "
-              f"| {f(med(ratios), 2)} ({runs_list(ratios, 2)}) "
-              f"| {f(cpu['ws'], 1)} / {f(cpu['http'], 1)} |")
+            for chunk in chunk_labels:
+                # Rows of runs before the chunk column was added are the server's choice.
+                d = {t: {r["run"]: r for r in puts if r["store"] == store
+                         and r.get("chunk", "auto") == chunk and r["transport"] == t
+                         and "seconds" in r} for t in ("ws", "http")}
+                if not d["ws"] and not d["http"]:
+                    continue
+                secs = {t: [d[t][k]["seconds"] for k in sorted(d[t])] for t in d}
+                mbs = {t: [d[t][k]["bytes"] / d[t][k]["seconds"] / 1e6 for k in sorted(d[t])]
+                       for t in d}
+                ratios = [d["http"][k]["seconds"] / d["ws"][k]["seconds"]
+                          for k in sorted(d["ws"]) if k in d["http"]]
+                cpu = {t: med([d[t][k]["server_cpu_s"] for k in d[t]]) for t in d}
+                w(f"| {LABELS[store]} | {chunk_labels[chunk]} "
+                  f"| {f(med(secs['ws']), 2)} [{runs_list(secs['ws'], 2)}] "
+                  f"| {f(med(secs['http']), 2)} [{runs_list(secs['http'], 2)}] "
+                  f"| {f(med(mbs['ws']))} | {f(med(mbs['http']))} "
+                  f"| {f(med(ratios), 2)} ({runs_list(ratios, 2)}) "
+                  f"| {f(cpu['ws'], 1)} / {f(cpu['http'], 1)} |")
         sha = [r for r in rows if r["kind"] == "sha256sum"]
         if sha:
             w("")

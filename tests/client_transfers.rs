@@ -92,6 +92,17 @@ fn ferry(args: &[&str], state: &std::path::Path, server: &Server) -> Command {
     cmd
 }
 
+/// The session named by the one resume record under `state`, once written.
+fn recorded_session(state: &std::path::Path) -> Option<String> {
+    let entry = std::fs::read_dir(state.join("transfers"))
+        .ok()?
+        .flatten()
+        .next()?;
+    let record: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(entry.path()).ok()?).ok()?;
+    record["session_id"].as_str().map(str::to_owned)
+}
+
 fn sent_bytes(stdout: &str) -> u64 {
     let after = stdout
         .split("sent ")
@@ -116,13 +127,7 @@ async fn ferry_put_killed_halfway_resumes_when_run_again() {
     .spawn()
     .unwrap();
     // Find the session from the resume record and wait until it is half done.
-    let session = || -> Option<String> {
-        let dir = state.join("transfers");
-        let entry = std::fs::read_dir(dir).ok()?.flatten().next()?;
-        let record: serde_json::Value =
-            serde_json::from_slice(&std::fs::read(entry.path()).ok()?).ok()?;
-        record["session_id"].as_str().map(str::to_owned)
-    };
+    let session = || recorded_session(&state);
     assert!(eventually(Duration::from_secs(60), || session().is_some()));
     let id = session().unwrap();
     let client = Client::new(&server.url).unwrap();
@@ -166,6 +171,57 @@ async fn ferry_put_killed_halfway_resumes_when_run_again() {
             .is_none(),
         "resume record removed"
     );
+}
+
+#[tokio::test]
+async fn ferry_put_uses_the_chunk_size_asked_for() {
+    let server = Server::start();
+    let tmp = tempfile::tempdir().unwrap();
+    let state = tmp.path().join("state");
+    let (local, data) = write_random(tmp.path(), "clip.bin", 12 * MIB + 5);
+    let local_arg = local.to_str().unwrap();
+    // Outside what a server takes, or not a size: refused up front.
+    for bad in ["512K", "65M", "lots"] {
+        let out = ferry(
+            &["put", "--chunk-size", bad, local_arg, "clip.bin"],
+            &state,
+            &server,
+        )
+        .output()
+        .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "--chunk-size {bad} was taken");
+        assert!(stderr.contains("--chunk-size"), "{stderr}");
+    }
+    assert_eq!(server.get_bytes("clip.bin").await.0, 404);
+
+    // Slowed down, so that the session can be looked at on the way.
+    let mut put = ferry(
+        &[
+            "put",
+            "--chunk-size",
+            "2M",
+            "--bwlimit",
+            "3M",
+            local_arg,
+            "clip.bin",
+        ],
+        &state,
+        &server,
+    )
+    .stdout(Stdio::null())
+    .spawn()
+    .unwrap();
+    let session = || recorded_session(&state);
+    assert!(eventually(Duration::from_secs(60), || session().is_some()));
+    let status = Client::new(&server.url)
+        .unwrap()
+        .upload_status(&session().unwrap())
+        .await
+        .unwrap();
+    assert_eq!(status.chunk_size, 2 * MIB as u64);
+    assert!(put.wait().unwrap().success());
+    assert!(server.get_bytes("clip.bin").await.1 == data);
 }
 
 #[tokio::test]

@@ -21,6 +21,7 @@ use crate::client::throttle::Throttle;
 use crate::client::upload::{Transport, UploadOptions, upload_file};
 use crate::client::{Client, Progress, ProgressFn};
 use crate::error::Error;
+use crate::protocol::upload::{MAX_CHUNK_SIZE, MIN_CHUNK_SIZE};
 use crate::protocol::{EntryKind, ErrorCode, RemotePath};
 
 #[derive(Debug, Args)]
@@ -38,8 +39,26 @@ pub struct PutArgs {
     /// Bandwidth limit in bytes per second (K, M, G suffixes).
     #[arg(long, value_parser = parse_bytes)]
     bwlimit: Option<u64>,
+    /// Chunk size of a new upload session, 1M to 64M (K, M, G suffixes)
+    /// [default: the server's choice for the file's size]. A resumed
+    /// upload keeps its session's.
+    #[arg(long, value_parser = parse_chunk_size)]
+    chunk_size: Option<u64>,
     #[command(flatten)]
     server: ServerArgs,
+}
+
+/// A chunk size within what every server takes.
+fn parse_chunk_size(text: &str) -> std::result::Result<u64, String> {
+    let size = parse_bytes(text)?;
+    if !(MIN_CHUNK_SIZE..=MAX_CHUNK_SIZE).contains(&size) {
+        return Err(format!(
+            "a chunk size must be between {} and {} MiB",
+            MIN_CHUNK_SIZE >> 20,
+            MAX_CHUNK_SIZE >> 20
+        ));
+    }
+    Ok(size)
 }
 
 #[derive(Debug, Args)]
@@ -100,7 +119,7 @@ pub async fn put(args: PutArgs) -> anyhow::Result<()> {
         transport: args.transport,
         ws: None,
         if_match: None,
-        chunk_size: None,
+        chunk_size: args.chunk_size,
         stop: None,
         sha256_prefix: None,
     };

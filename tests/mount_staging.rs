@@ -21,11 +21,15 @@ const ENOSPC: i32 = 28;
 /// landed and the error that stopped it, if any.
 fn write_in_mib(file: &mut std::fs::File, data: &[u8]) -> (usize, Option<std::io::Error>) {
     let mut done = 0;
-    for chunk in data.chunks(MIB) {
-        if let Err(e) = file.write_all(chunk) {
-            return (done, Some(e));
+    while done < data.len() {
+        // A write may land in part (the kernel splits a large one into
+        // requests) before the next reports the error: count what landed.
+        let end = (done + MIB).min(data.len());
+        match file.write(&data[done..end]) {
+            Ok(0) => return (done, None),
+            Ok(n) => done += n,
+            Err(e) => return (done, Some(e)),
         }
-        done += chunk.len();
     }
     (done, None)
 }

@@ -155,6 +155,47 @@ async fn an_editor_save_replaces_the_file_atomically() {
     assert_eq!(server.get_bytes("notes/.todo.txt.swp").await.0, 404);
 }
 
+/// A descriptor opened only to write bypasses the kernel's page cache; a
+/// reader of the same file (a `tail -f` of a log) must still see every
+/// write, including those into a page it has cached.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reader_sees_what_a_write_only_descriptor_writes() {
+    if !fuse_available() {
+        return;
+    }
+    let server = Server::start();
+    let mount = MountProc::start(&server, &[]);
+    let path = mount.at("app.log");
+    let mut log = std::fs::OpenOptions::new()
+        .append(true)
+        .create(true)
+        .open(&path)
+        .unwrap();
+    log.write_all(b"first line\n").unwrap();
+    let reader = std::fs::File::open(&path).unwrap();
+    let read_all = || {
+        let mut buf = vec![0u8; 4096];
+        let n = read_fully_at(&reader, &mut buf, 0);
+        buf.truncate(n);
+        buf
+    };
+    assert_eq!(read_all(), b"first line\n");
+    log.write_all(b"second line\n").unwrap();
+    assert_eq!(read_all(), b"first line\nsecond line\n");
+    // Overwrites inside the page the reader has cached, and a truncate.
+    let writer = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+    writer.write_all_at(b"FIRST", 0).unwrap();
+    assert_eq!(read_all(), b"FIRST line\nsecond line\n");
+    writer.set_len(5).unwrap();
+    log.write_all(b"-third\n").unwrap();
+    assert_eq!(read_all(), b"FIRST-third\n");
+    drop((log, writer));
+    assert_eq!(read_all(), b"FIRST-third\n");
+    // The last close starts the upload.
+    drop(reader);
+    assert!(server.eventually_has("app.log", b"FIRST-third\n").await);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tar_extracts_a_thousand_files() {
     if !fuse_available() {

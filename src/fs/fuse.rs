@@ -199,15 +199,15 @@ impl Filesystem for FerryFs {
         let core = self.core.clone();
         let write = flags.0 & (libc_flags::O_WRONLY | libc_flags::O_RDWR) != 0;
         let truncate = flags.0 & libc_flags::O_TRUNC != 0;
+        let direct = write_only_direct(flags.0);
         self.spawn(
             async move { core.open(ino.0, write, truncate).await },
             move |r| match r {
                 Ok((fh, keep_cache)) => {
-                    let flags = if keep_cache {
-                        FopenFlags::FOPEN_KEEP_CACHE
-                    } else {
-                        FopenFlags::empty()
-                    };
+                    let mut flags = direct;
+                    if keep_cache {
+                        flags |= FopenFlags::FOPEN_KEEP_CACHE;
+                    }
                     reply.opened(FileHandle(fh), flags);
                 }
                 Err(e) => reply.error(err(e)),
@@ -422,9 +422,10 @@ impl Filesystem for FerryFs {
         name_os: &OsStr,
         _mode: u32,
         _umask: u32,
-        _flags: i32,
+        flags: i32,
         reply: fuser::ReplyCreate,
     ) {
+        let direct = write_only_direct(flags);
         let (core, ids) = (self.core.clone(), self.ids);
         let ttl = core.options.attr_ttl;
         let name = name(name_os);
@@ -436,7 +437,7 @@ impl Filesystem for FerryFs {
                     &attr(ino, &meta, ids),
                     Generation(0),
                     FileHandle(fh),
-                    FopenFlags::empty(),
+                    direct,
                 ),
                 Err(e) => reply.error(err(e)),
             },
@@ -506,7 +507,20 @@ fn empty(reply: ReplyEmpty, r: FsResult<()>) {
 }
 
 /// `open(2)` flag bits (Linux).
+/// A descriptor opened only to write (dd, cp, tar, a shell's `>`) bypasses
+/// the kernel's page cache: the kernel hands the writer's own pages to this
+/// process instead of first copying them into cache pages of the mounted
+/// file, which nothing could read through that descriptor anyway.
+fn write_only_direct(open_flags: i32) -> FopenFlags {
+    if open_flags & libc_flags::O_ACCMODE == libc_flags::O_WRONLY {
+        FopenFlags::FOPEN_DIRECT_IO
+    } else {
+        FopenFlags::empty()
+    }
+}
+
 mod libc_flags {
+    pub const O_ACCMODE: i32 = 0o3;
     pub const O_WRONLY: i32 = 0o1;
     pub const O_RDWR: i32 = 0o2;
     pub const O_TRUNC: i32 = 0o1000;

@@ -92,6 +92,24 @@ fn ferry(args: &[&str], state: &std::path::Path, server: &Server) -> Command {
     cmd
 }
 
+/// Starts `ferry ARGS` and waits until its resume record names a session.
+fn spawn_until_session(
+    args: &[&str],
+    state: &std::path::Path,
+    server: &Server,
+) -> (std::process::Child, String) {
+    let child = ferry(args, state, server)
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    assert!(
+        eventually(Duration::from_secs(60), || recorded_session(state)
+            .is_some()),
+        "no session was recorded"
+    );
+    (child, recorded_session(state).unwrap())
+}
+
 /// The session named by the one resume record under `state`, once written.
 fn recorded_session(state: &std::path::Path) -> Option<String> {
     let entry = std::fs::read_dir(state.join("transfers"))
@@ -118,18 +136,12 @@ async fn ferry_put_killed_halfway_resumes_when_run_again() {
     let state = tmp.path().join("state");
     let (local, data) = write_random(tmp.path(), "movie.bin", 100 * MIB);
     let local_arg = local.to_str().unwrap();
-    let mut first = ferry(
+    let (mut first, id) = spawn_until_session(
         &["put", "--bwlimit", "40M", local_arg, "clips/movie.bin"],
         &state,
         &server,
-    )
-    .stdout(Stdio::null())
-    .spawn()
-    .unwrap();
-    // Find the session from the resume record and wait until it is half done.
-    let session = || recorded_session(&state);
-    assert!(eventually(Duration::from_secs(60), || session().is_some()));
-    let id = session().unwrap();
+    );
+    // Wait until the upload is half done.
     let client = Client::new(&server.url).unwrap();
     let mut half = false;
     for _ in 0..600 {
@@ -196,7 +208,7 @@ async fn ferry_put_uses_the_chunk_size_asked_for() {
     assert_eq!(server.get_bytes("clip.bin").await.0, 404);
 
     // Slowed down, so that the session can be looked at on the way.
-    let mut put = ferry(
+    let (mut put, id) = spawn_until_session(
         &[
             "put",
             "--chunk-size",
@@ -208,15 +220,10 @@ async fn ferry_put_uses_the_chunk_size_asked_for() {
         ],
         &state,
         &server,
-    )
-    .stdout(Stdio::null())
-    .spawn()
-    .unwrap();
-    let session = || recorded_session(&state);
-    assert!(eventually(Duration::from_secs(60), || session().is_some()));
+    );
     let status = Client::new(&server.url)
         .unwrap()
-        .upload_status(&session().unwrap())
+        .upload_status(&id)
         .await
         .unwrap();
     assert_eq!(status.chunk_size, 2 * MIB as u64);

@@ -506,7 +506,6 @@ fn empty(reply: ReplyEmpty, r: FsResult<()>) {
     }
 }
 
-/// `open(2)` flag bits (Linux).
 /// A descriptor opened only to write (dd, cp, tar, a shell's `>`) bypasses
 /// the kernel's page cache: the kernel hands the writer's own pages to this
 /// process instead of first copying them into cache pages of the mounted
@@ -519,6 +518,7 @@ fn write_only_direct(open_flags: i32) -> FopenFlags {
     }
 }
 
+/// `open(2)` flag bits (Linux).
 mod libc_flags {
     pub const O_ACCMODE: i32 = 0o3;
     pub const O_WRONLY: i32 = 0o1;

@@ -10,9 +10,9 @@
 //! from the staged file, directly where it allows (its chunks were written
 //! past the page cache; see [`direct_io`]): reading back every HTTP chunk
 //! had an in-order 1 GiB upload read its whole file from the disk again.
-//! At `complete` only the chunks not yet covered are read. This is sound because local staging
-//! never rewrites an acknowledged chunk: bytes once hashed stay what the
-//! file holds.
+//! At `complete` only the chunks not yet covered are read. This is sound
+//! because local staging never rewrites an acknowledged chunk: bytes once
+//! hashed stay what the file holds.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs::File;

@@ -9,7 +9,9 @@ use std::os::unix::fs::FileExt;
 use std::process::Command;
 use std::time::Duration;
 
-use harness::mount::{MountProc, fuse_available, is_mounted, probe_duration, store_file};
+use harness::mount::{
+    MountProc, fuse_available, is_mounted, mount_state_dir, probe_duration, store_file,
+};
 use harness::{Server, eventually, random_bytes};
 
 const MIB: usize = 1 << 20;
@@ -392,13 +394,7 @@ async fn files_closed_before_a_sigkill_are_committed_by_the_next_mount() {
     // happen, but close returns once each is journaled.
     drop(server);
     drop(files);
-    let journal = std::fs::read_dir(state.join("mounts"))
-        .unwrap()
-        .next()
-        .unwrap()
-        .unwrap()
-        .path()
-        .join("journal");
+    let journal = mount_state_dir(&state).join("journal");
     // Records are written beside as `.tmp` then renamed; count finished ones.
     let records = |dir: &std::path::Path| {
         std::fs::read_dir(dir)
@@ -457,6 +453,125 @@ async fn files_closed_before_a_sigkill_are_committed_by_the_next_mount() {
     .unwrap_or(1)
         == 0));
     assert!(is_mounted(&remount.path));
+}
+
+/// The journal records in `journal`, as text.
+fn journal_records(journal: &std::path::Path) -> Vec<String> {
+    std::fs::read_dir(journal)
+        .map(|d| {
+            d.flatten()
+                .filter(|e| e.path().extension().is_some_and(|x| x == "json"))
+                .filter_map(|e| std::fs::read_to_string(e.path()).ok())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_close_during_a_stalled_fsync_makes_its_upload_durable() {
+    use std::os::fd::IntoRawFd;
+    if !fuse_available() {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let (store, state) = (tmp.path().join("store"), tmp.path().join("state"));
+    let server = Server::start_on(store.to_str().unwrap(), &[]);
+    let (addr, url) = (server.addr.to_string(), server.url.clone());
+    let mount = MountProc::start_with_state(&url, tempfile::tempdir().unwrap(), state.clone(), &[]);
+    let journal = mount_state_dir(&state).join("journal");
+    let data = random_bytes(3 * MIB);
+    let mut file = std::fs::File::create(mount.at("synced.bin")).unwrap();
+    file.write_all(&data).unwrap();
+    // The server goes away: fsync waits for a commit that cannot come yet.
+    drop(server);
+    let fd = file.into_raw_fd();
+    // SAFETY: the descriptor stays open until the close below, which the
+    // kernel lets run beside this fsync (it holds the open file itself).
+    let fsync = std::thread::spawn(move || unsafe { libc::fsync(fd) });
+    // fsync does not sync the staging file (the commit is what it waits
+    // for); its upload's record says so.
+    assert!(
+        eventually(Duration::from_secs(10), || {
+            journal_records(&journal)
+                .iter()
+                .any(|r| r.contains("unsynced_boot"))
+        }),
+        "{:?}",
+        journal_records(&journal)
+    );
+    // The record is written just before fsync marks the file clean.
+    std::thread::sleep(Duration::from_millis(200));
+    // Another thread closes the descriptor while fsync waits. A closed file
+    // must survive a crash of the machine, so close syncs it first.
+    // SAFETY: `fd` is open and owned here; fsync holds its own reference.
+    assert_eq!(unsafe { libc::close(fd) }, 0);
+    let records = journal_records(&journal);
+    assert_eq!(records.len(), 1, "{records:?}");
+    assert!(!records[0].contains("unsynced_boot"), "{}", records[0]);
+    // The server returns; fsync returns once the file is committed.
+    let server = Server::spawn(store.to_str().unwrap(), &addr, &[]);
+    assert_eq!(fsync.join().unwrap(), 0);
+    assert!(server.eventually_has("synced.bin", &data).await);
+    assert!(eventually(Duration::from_secs(5), || journal_records(
+        &journal
+    )
+    .is_empty()));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn recovery_drops_only_unsynced_uploads_of_an_earlier_boot() {
+    if !fuse_available() {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let (store, state) = (tmp.path().join("store"), tmp.path().join("state"));
+    let server = Server::start_on(store.to_str().unwrap(), &[]);
+    drop(MountProc::start_with_state(
+        &server.url,
+        tempfile::tempdir().unwrap(),
+        state.clone(),
+        &[],
+    ));
+    // What a mount killed during three fsyncs leaves: uploads whose staging
+    // files were not synced, recorded in this boot, an earlier one, or
+    // (from a mount before such records existed) synced.
+    let dir = mount_state_dir(&state);
+    let this_boot = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").unwrap();
+    let uploads = [
+        ("this-boot.bin", Some(this_boot.trim())),
+        (
+            "earlier-boot.bin",
+            Some("00000000-0000-0000-0000-000000000000"),
+        ),
+        ("synced.bin", None),
+    ];
+    let mut staged = Vec::new();
+    for (i, (name, boot)) in uploads.iter().enumerate() {
+        let local = dir.join("staging").join(format!("left{i}"));
+        let data = random_bytes(MIB + i);
+        std::fs::write(&local, &data).unwrap();
+        let mut record = serde_json::json!({
+            "path": name, "local": local, "base_etag": null, "session_id": null,
+            "queued_at": "2026-12-07T00:00:00Z",
+        });
+        if let Some(boot) = boot {
+            record["unsynced_boot"] = (*boot).into();
+        }
+        let record_path = dir.join("journal").join(format!("left{i}.json"));
+        std::fs::write(record_path, record.to_string()).unwrap();
+        staged.push((local, data));
+    }
+    let _mount = MountProc::start_with_state(&server.url, tempfile::tempdir().unwrap(), state, &[]);
+    assert!(server.eventually_has("this-boot.bin", &staged[0].1).await);
+    assert!(server.eventually_has("synced.bin", &staged[2].1).await);
+    let journal = dir.join("journal");
+    assert!(eventually(Duration::from_secs(5), || journal_records(
+        &journal
+    )
+    .is_empty()));
+    // The earlier boot's file may be torn: neither uploaded nor kept.
+    assert_eq!(server.get_bytes("earlier-boot.bin").await.0, 404);
+    assert!(!staged[1].0.exists());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -30,6 +30,14 @@ pub struct JournalEntry {
     pub base_etag: Option<String>,
     pub session_id: Option<String>,
     pub queued_at: DateTime<Utc>,
+    /// Set when the staging file was not synced before this record was
+    /// written: `fsync` starts its upload so, as it waits for the commit on
+    /// the server, not for the local disk. The file is then whole only in
+    /// the page cache, so the record is trusted only within the boot named
+    /// here (a crash of the mount keeps the page cache; one of the machine
+    /// does not). A close of the file syncs it and clears this.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unsynced_boot: Option<String>,
     /// The hash of the file's start, from write-behind (not journaled:
     /// after a crash the upload hashes the whole file).
     #[serde(skip)]
@@ -45,6 +53,7 @@ impl JournalEntry {
             base_etag,
             session_id: None,
             queued_at: Utc::now(),
+            unsynced_boot: None,
             digest_prefix: None,
         }
     }
@@ -57,15 +66,51 @@ impl JournalEntry {
         }
         self
     }
+
+    /// Marks the staging file as not synced, whole only within this boot;
+    /// without a boot id to name, it is synced here instead.
+    pub fn unsynced(mut self) -> std::io::Result<JournalEntry> {
+        match boot_id() {
+            Some(boot) => self.unsynced_boot = Some(boot),
+            None => std::fs::File::open(&self.local)?.sync_all()?,
+        }
+        Ok(self)
+    }
+
+    /// Whether the machine restarted since this record's unsynced staging
+    /// file was written, so that it may be torn.
+    fn torn_by_reboot(&self) -> bool {
+        self.unsynced_boot
+            .as_ref()
+            .is_some_and(|boot| boot_id().as_ref() != Some(boot))
+    }
+}
+
+/// This boot's id, which changes whenever the machine starts.
+fn boot_id() -> Option<String> {
+    let id = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").ok()?;
+    Some(id.trim().to_owned()).filter(|id| !id.is_empty())
 }
 
 type Done = Shared<BoxFuture<'static, ()>>;
+
+/// The record of a running upload as journaled, shared by the upload (which
+/// notes its session in it) and a close that makes its file durable (see
+/// [`UploadQueue::make_durable`]); `None` once the upload settled.
+type LiveRecord = Arc<Mutex<Option<JournalEntry>>>;
+
+/// An upload announced for a path: settled when `done` resolves.
+struct Running {
+    done: Done,
+    /// Once started.
+    record: Option<LiveRecord>,
+}
 
 pub struct UploadQueue {
     client: Client,
     journal: PathBuf,
     staging: PathBuf,
-    running: Mutex<HashMap<RemotePath, Done>>,
+    running: Mutex<HashMap<RemotePath, Running>>,
     /// Told how uploads go, so that writers waiting for room know whether
     /// to keep waiting.
     space: Arc<StagingSpace>,
@@ -114,7 +159,8 @@ impl UploadQueue {
         }
         .boxed()
         .shared();
-        self.running.lock().unwrap().insert(path.clone(), done);
+        let running = Running { done, record: None };
+        self.running.lock().unwrap().insert(path.clone(), running);
         Reservation {
             queue: self.clone(),
             path: path.clone(),
@@ -127,28 +173,58 @@ impl UploadQueue {
     pub fn enqueue(
         self: &Arc<Self>,
         path: RemotePath,
-        local: PathBuf,
-        base_etag: Option<String>,
-        handover: Option<Handover>,
+        entry: JournalEntry,
         charge: Charge,
     ) -> std::io::Result<()> {
-        self.reserve(&path)
-            .enqueue(local, base_etag, handover, charge)
+        self.reserve(&path).enqueue(entry, charge)
     }
 
     /// Journals the upload of `local` to `path` without starting it: from
     /// now on a crash leaves it for the next mount to commit.
     /// `handover`: write-behind's session, which the upload continues.
-    pub fn journal(
-        &self,
-        path: &RemotePath,
-        local: PathBuf,
-        base_etag: Option<String>,
-        handover: Option<Handover>,
-    ) -> std::io::Result<JournalEntry> {
-        let entry = JournalEntry::new(path.clone(), local, base_etag).continuing(handover);
+    pub fn journal(&self, entry: JournalEntry) -> std::io::Result<JournalEntry> {
         write_record(&self.record_of(&entry.local), &entry)?;
         Ok(entry)
+    }
+
+    /// Syncs the file of `path`'s running upload if `fsync` started it
+    /// unsynced, and clears that from its record: from then on the upload
+    /// survives a crash of the machine too. A close calls this, as a file
+    /// closed must never be lost.
+    pub async fn make_durable(&self, path: &RemotePath) -> std::io::Result<()> {
+        let record = match self.running.lock().unwrap().get(path) {
+            Some(Running {
+                record: Some(record),
+                ..
+            }) => record.clone(),
+            _ => return Ok(()),
+        };
+        let local = match &*record.lock().unwrap() {
+            Some(entry) if entry.unsynced_boot.is_some() => entry.local.clone(),
+            _ => return Ok(()),
+        };
+        let record_path = self.record_of(&local);
+        let sync = move || {
+            match std::fs::File::open(&local) {
+                Ok(file) => file.sync_all()?,
+                // The upload settled meanwhile and took its file along.
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+                Err(e) => return Err(e),
+            }
+            // Held while written, so that a settling upload removes the
+            // record after this, never before.
+            let mut live = record.lock().unwrap();
+            match live.as_mut() {
+                Some(entry) => {
+                    entry.unsynced_boot = None;
+                    write_record(&record_path, entry)
+                }
+                None => Ok(()),
+            }
+        };
+        tokio::task::spawn_blocking(sync)
+            .await
+            .unwrap_or_else(|e| Err(std::io::Error::other(e)))
     }
 
     /// Drops the record [`UploadQueue::journal`] wrote for `local`, whose
@@ -184,11 +260,19 @@ impl UploadQueue {
                 .ok()
                 .and_then(|b| serde_json::from_slice::<JournalEntry>(&b).ok())
             {
-                Some(entry) if entry.local.exists() => {
+                Some(entry) if entry.local.exists() && !entry.torn_by_reboot() => {
                     tracing::info!(path = %entry.path, "resuming an upload left by an earlier mount");
                     let charge = self.space.draining(allocated(&entry.local));
                     self.reserve(&entry.path).start(path, entry, charge);
                     count += 1;
+                }
+                Some(entry) if entry.local.exists() => {
+                    // Its writer's fsync never returned, and the file was
+                    // never closed: nothing was promised.
+                    tracing::warn!(path = %entry.path,
+                        "dropping an upload that an fsync started before the machine restarted; its staging file was never synced");
+                    let _ = std::fs::remove_file(&path);
+                    let _ = std::fs::remove_file(&entry.local);
                 }
                 _ => {
                     tracing::warn!(record = %path.display(), "dropping an unusable upload record");
@@ -206,7 +290,12 @@ impl UploadQueue {
 
     /// Waits until the upload of `path` (if any) has settled.
     pub async fn wait(&self, path: &RemotePath) {
-        let done = self.running.lock().unwrap().get(path).cloned();
+        let done = self
+            .running
+            .lock()
+            .unwrap()
+            .get(path)
+            .map(|r| r.done.clone());
         if let Some(done) = done {
             done.await;
         }
@@ -216,17 +305,17 @@ impl UploadQueue {
         self.running.lock().unwrap().contains_key(path)
     }
 
-    async fn run(self: &Arc<Self>, record: &Path, mut entry: JournalEntry) {
+    async fn run(self: &Arc<Self>, record: &Path, live: &LiveRecord, mut entry: JournalEntry) {
         let mut attempt = 0u32;
         let mut target = entry.path.clone();
         loop {
             let session = {
-                let record = record.to_owned();
-                let entry = entry.clone();
+                let (record, live) = (record.to_owned(), live.clone());
                 Arc::new(move |id: &str| {
-                    let mut updated = entry.clone();
-                    updated.session_id = Some(id.to_owned());
-                    if let Err(e) = write_record(&record, &updated) {
+                    let mut live = live.lock().unwrap();
+                    let Some(entry) = live.as_mut() else { return };
+                    entry.session_id = Some(id.to_owned());
+                    if let Err(e) = write_record(&record, entry) {
                         tracing::warn!(error = %e, "updating the upload journal failed");
                     }
                 })
@@ -266,17 +355,18 @@ impl UploadQueue {
                         .max(Duration::from_millis(200));
                     tracing::warn!(path = %target, error = %e, ?delay, "upload failed; retrying");
                     tokio::time::sleep(delay).await;
-                    // The journal holds the latest session id.
-                    if let Some(latest) = std::fs::read(record)
-                        .ok()
-                        .and_then(|b| serde_json::from_slice::<JournalEntry>(&b).ok())
-                    {
-                        entry.session_id = latest.session_id;
+                    // The record holds the latest session id.
+                    if let Some(latest) = live.lock().unwrap().as_ref() {
+                        entry.session_id = latest.session_id.clone();
                     }
                 }
             }
         }
-        let _ = std::fs::remove_file(record);
+        {
+            let mut live = live.lock().unwrap();
+            *live = None;
+            let _ = std::fs::remove_file(record);
+        }
         let _ = std::fs::remove_file(&entry.local);
         (self.on_settled)(&entry.path);
         if target != entry.path {
@@ -296,14 +386,8 @@ pub struct Reservation {
 impl Reservation {
     /// Journals the upload of `local`, then starts it; `charge` is released
     /// once the upload is over.
-    pub fn enqueue(
-        self,
-        local: PathBuf,
-        base_etag: Option<String>,
-        handover: Option<Handover>,
-        charge: Charge,
-    ) -> std::io::Result<()> {
-        let entry = self.queue.journal(&self.path, local, base_etag, handover)?;
+    pub fn enqueue(self, entry: JournalEntry, charge: Charge) -> std::io::Result<()> {
+        let entry = self.queue.journal(entry)?;
         self.start_journaled(entry, charge);
         Ok(())
     }
@@ -317,8 +401,12 @@ impl Reservation {
     fn start(mut self, record: PathBuf, entry: JournalEntry, charge: Charge) {
         let settled = self.settled.take();
         let (queue, path) = (self.queue.clone(), self.path.clone());
+        let live: LiveRecord = Arc::new(Mutex::new(Some(entry.clone())));
+        if let Some(running) = queue.running.lock().unwrap().get_mut(&path) {
+            running.record = Some(live.clone());
+        }
         tokio::spawn(async move {
-            queue.run(&record, entry).await;
+            queue.run(&record, &live, entry).await;
             // The staged file is gone: its space is free.
             drop(charge);
             queue.running.lock().unwrap().remove(&path);
@@ -390,4 +478,52 @@ pub fn list_pending(journal: &Path) -> Vec<JournalEntry> {
         .collect();
     out.sort_by_key(|e| e.queued_at);
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry() -> JournalEntry {
+        JournalEntry::new(
+            RemotePath::parse("a/b.bin").unwrap(),
+            PathBuf::from("/nonexistent/staging/abc"),
+            None,
+        )
+    }
+
+    #[test]
+    fn records_from_before_unsynced_uploads_read_as_synced() {
+        let old = r#"{"path":"a/b.bin","local":"/s/abc","base_etag":null,
+            "session_id":"s1","queued_at":"2026-12-01T00:00:00Z"}"#;
+        let entry: JournalEntry = serde_json::from_str(old).unwrap();
+        assert_eq!(entry.unsynced_boot, None);
+        assert!(!entry.torn_by_reboot());
+        // And a synced record is written as before.
+        let written = serde_json::to_string(&self::entry()).unwrap();
+        assert!(!written.contains("unsynced_boot"), "{written}");
+    }
+
+    #[test]
+    fn an_unsynced_record_is_trusted_only_in_the_boot_it_names() {
+        let this_boot = boot_id().expect("Linux names its boot");
+        let mut entry = entry();
+        entry.unsynced_boot = Some(this_boot);
+        let back: JournalEntry =
+            serde_json::from_slice(&serde_json::to_vec(&entry).unwrap()).unwrap();
+        assert!(!back.torn_by_reboot());
+        entry.unsynced_boot = Some("00000000-0000-0000-0000-000000000000".into());
+        assert!(entry.torn_by_reboot());
+    }
+
+    #[test]
+    fn an_unsynced_entry_names_this_boot() {
+        let tmp = tempfile::tempdir().unwrap();
+        let local = tmp.path().join("staged");
+        std::fs::write(&local, b"content").unwrap();
+        let entry = JournalEntry::new(RemotePath::parse("f").unwrap(), local, None)
+            .unsynced()
+            .unwrap();
+        assert_eq!(entry.unsynced_boot, boot_id());
+    }
 }

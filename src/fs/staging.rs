@@ -5,12 +5,14 @@
 
 mod extents;
 
+use std::collections::VecDeque;
 use std::fs::{File, OpenOptions};
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::SystemTime;
+use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
 
@@ -48,35 +50,87 @@ pub struct Staged {
     write_behind: Option<Arc<WriteBehind>>,
 }
 
-/// Bytes written to a staging file after which they are synced in the
-/// background, so that the sync `fsync` and `close` wait for finds little
-/// left to write: a 1 GiB write took 0.9 s more in that sync otherwise.
+/// Bytes written to a staging file between the marks that [`EarlySync`]
+/// writes back by: a 1 GiB write took 0.9 s more in the sync at `close`
+/// when nothing was written back before it.
 const EARLY_SYNC_EVERY: u64 = 64 << 20;
 
-/// Syncs a staging file's data in the background as it is written. Only an
-/// I/O hint: what a crash leaves behind still depends on the sync in
-/// [`Staged::complete`] alone.
+/// How old written bytes get before [`EarlySync`] writes them back. A
+/// writer that calls `fsync` soon after writing (`dd conv=fsync`, a copy
+/// ending with a sync) needs none of its bytes on the local disk, as
+/// `fsync` waits for the commit on the server instead; what was written
+/// back early had only taken the disk from the upload (1 GiB more for a
+/// 1 GiB dd, bench/RESULTS.md, mount-write notes). A `close` waits for at
+/// most about this long's worth of writes.
+const EARLY_SYNC_AFTER: Duration = Duration::from_secs(1);
+
+/// Writes a staging file's data back in the background as it is written,
+/// once it is [`EARLY_SYNC_AFTER`] old, so that the sync at `close` finds
+/// little left to write. Only an I/O hint: what a crash leaves behind
+/// still depends on the sync in [`Staged::complete`] alone.
 #[derive(Default)]
 struct EarlySync {
-    unsynced: AtomicU64,
+    marks: Mutex<WrittenMarks>,
     running: Arc<AtomicBool>,
 }
 
+#[derive(Default)]
+struct WrittenMarks {
+    /// The end of the bytes written so far.
+    end: u64,
+    /// Bytes written since the last mark.
+    unmarked: u64,
+    /// When the written end was where, one mark per [`EARLY_SYNC_EVERY`]
+    /// bytes written, oldest first.
+    marks: VecDeque<(Instant, u64)>,
+}
+
+impl WrittenMarks {
+    /// Notes the write of `offset..end`; returns the end of the bytes
+    /// written at least [`EARLY_SYNC_AFTER`] ago, once there is a new one.
+    fn wrote(&mut self, offset: u64, end: u64, now: Instant) -> Option<u64> {
+        self.end = self.end.max(end);
+        self.unmarked += end - offset;
+        if self.unmarked >= EARLY_SYNC_EVERY {
+            self.unmarked = 0;
+            self.marks.push_back((now, self.end));
+        }
+        let mut due = None;
+        while let Some(&(at, upto)) = self.marks.front() {
+            if now.duration_since(at) < EARLY_SYNC_AFTER {
+                break;
+            }
+            due = Some(upto);
+            self.marks.pop_front();
+        }
+        due
+    }
+}
+
 impl EarlySync {
-    fn wrote(&self, local: &Path, bytes: u64) {
-        if self.unsynced.fetch_add(bytes, Ordering::Relaxed) + bytes < EARLY_SYNC_EVERY
-            || self.running.swap(true, Ordering::AcqRel)
-        {
+    fn wrote(&self, local: &Path, offset: u64, end: u64) {
+        let Some(upto) = self
+            .marks
+            .lock()
+            .unwrap()
+            .wrote(offset, end, Instant::now())
+        else {
+            return;
+        };
+        if self.running.swap(true, Ordering::AcqRel) {
+            // The next mark due covers these bytes as well.
             return;
         }
-        self.unsynced.store(0, Ordering::Relaxed);
         let (local, running) = (local.to_path_buf(), self.running.clone());
         tokio::task::spawn_blocking(move || {
-            // A descriptor of its own: a write-back error this sync meets is
+            // A descriptor of its own: a write-back error this meets is
             // still reported to the staging file's descriptor, whose sync is
-            // the one that counts.
+            // the one that counts. From 0, as writes may not be sequential;
+            // pages already clean cost nothing.
             if let Ok(file) = File::open(&local) {
-                let _ = file.sync_data();
+                let flags = libc::SYNC_FILE_RANGE_WRITE | libc::SYNC_FILE_RANGE_WAIT_AFTER;
+                // SAFETY: a plain syscall on a descriptor this closure owns.
+                unsafe { libc::sync_file_range(file.as_raw_fd(), 0, upto as i64, flags) };
             }
             running.store(false, Ordering::Release);
         });
@@ -145,7 +199,14 @@ impl Staged {
         } else {
             base.as_ref().map_or(0, |b| b.size)
         };
-        file.set_len(size).map_err(|e| errno::of_io(&e))?;
+        // Sized only when not empty: on ext4, truncating a file to nothing
+        // (even one already empty) makes every later close of it start the
+        // write-back of all its dirty pages (`auto_da_alloc`), a whole
+        // gigabyte written to the local disk for a file whose content then
+        // only goes to the server.
+        if size > 0 {
+            file.set_len(size).map_err(|e| errno::of_io(&e))?;
+        }
         Ok(Staged {
             local,
             file: Arc::new(file),
@@ -350,7 +411,7 @@ impl Staged {
 
     /// Records a write of `offset..end`; its length.
     fn wrote(&self, offset: u64, end: u64) -> u32 {
-        self.early_sync.wrote(&self.local, end - offset);
+        self.early_sync.wrote(&self.local, offset, end);
         if let Some(wb) = &self.write_behind {
             wb.wrote(offset, end);
         }
@@ -431,16 +492,20 @@ impl Staged {
     /// Fills every block still missing and makes the file durable locally:
     /// after this the staging file is the whole new content.
     pub async fn complete(&self, remote: &dyn RemoteBlocks) -> FsResult<()> {
+        self.fill_all(remote).await?;
+        let file = self.file.clone();
+        blocking(move || file.sync_all()).await
+    }
+
+    /// Fills every block still missing: after this the staging file holds
+    /// the whole new content, though perhaps only in the page cache.
+    pub async fn fill_all(&self, remote: &dyn RemoteBlocks) -> FsResult<()> {
         let remote_size = self.state.lock().unwrap().remote_size;
         for block in 0..remote_size.div_ceil(BLOCK_SIZE) {
             self.fill(remote, block).await?;
         }
         let (file, mtime) = (self.file.clone(), self.state.lock().unwrap().mtime);
-        blocking(move || {
-            file.set_modified(mtime)?;
-            file.sync_all()
-        })
-        .await
+        blocking(move || file.set_modified(mtime)).await
     }
 
     pub fn path(&self) -> RemotePath {
@@ -569,5 +634,30 @@ mod tests {
         assert_eq!(staged.write_now(0, b"x"), None);
         drop(closing);
         assert_eq!(staged.write_now(0, b"x"), Some(Ok(1)));
+    }
+
+    #[test]
+    fn early_sync_writes_back_only_bytes_a_second_old() {
+        let start = Instant::now();
+        let at = |ms| start + Duration::from_millis(ms);
+        let mut marks = WrittenMarks::default();
+        let mib = MIB as u64;
+        // 256 MiB written in about half a second, marked every 64 MiB (at
+        // 126, 254, 382 and 510 ms): nothing is a second old yet.
+        for i in 0..256 {
+            assert_eq!(marks.wrote(i * mib, (i + 1) * mib, at(i * 2)), None);
+        }
+        // A second after the first mark, bytes up to it are due, but not
+        // the later ones.
+        assert_eq!(marks.wrote(256 * mib, 257 * mib, at(1000)), None);
+        assert_eq!(marks.wrote(257 * mib, 258 * mib, at(1127)), Some(64 * mib));
+        assert_eq!(marks.wrote(258 * mib, 259 * mib, at(1130)), None);
+        // Much later, everything marked so far at once: the newest mark.
+        assert_eq!(marks.wrote(259 * mib, 260 * mib, at(5000)), Some(256 * mib));
+        // A rewrite far below the end marks the end, not its own range.
+        let mut rewrites = WrittenMarks::default();
+        rewrites.wrote(0, 512 * mib, at(0));
+        rewrites.wrote(0, 64 * mib, at(10));
+        assert_eq!(rewrites.wrote(0, 1, at(2000)), Some(512 * mib));
     }
 }

@@ -91,6 +91,17 @@ impl Drop for MountProc {
     }
 }
 
+/// The directory a mount keeps its journal and staging files in, under
+/// its `FERRY_STATE_DIR` (one per server URL).
+pub fn mount_state_dir(state: &Path) -> PathBuf {
+    std::fs::read_dir(state.join("mounts"))
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path()
+}
+
 pub fn store_file(server: &Server, rel: &str, data: &[u8]) {
     let path = server.store_dir.as_ref().unwrap().join(rel);
     std::fs::create_dir_all(path.parent().unwrap()).unwrap();

@@ -254,22 +254,32 @@ impl MountCore {
             queue.wait(&staged.path()).await;
             return Ok(());
         }
-        staged.complete(self).await?;
-        let path = staged.path();
+        // Not synced locally: what fsync waits for is the commit on the
+        // server, so syncing here too would write the file to the local disk
+        // for nothing. Its record says so (`JournalEntry::unsynced`), and a
+        // close of the file syncs it.
+        staged.fill_all(self).await?;
         // Writes wait for the commit (the gate is held), so the upload reads
         // the staging file itself, through a second name the upload removes.
-        let upload = queue.new_staging_path();
-        let (local, link) = (staged.local.clone(), upload.clone());
-        tokio::task::spawn_blocking(move || std::fs::hard_link(local, link))
-            .await
-            .map_err(|_| errno::EIO)?
-            .map_err(|e| errno::of_io(&e))?;
+        let (local, link) = (staged.local.clone(), queue.new_staging_path());
         let base = staged.base.as_ref().and_then(|b| b.etag.clone());
-        let session = staged.take_upload_session();
+        let entry = JournalEntry::new(staged.path(), link.clone(), base)
+            .continuing(staged.take_upload_session());
+        let entry = tokio::task::spawn_blocking(move || {
+            std::fs::hard_link(local, link)?;
+            entry.unsynced()
+        })
+        .await
+        .map_err(|_| errno::EIO)?
+        .map_err(|e| errno::of_io(&e))?;
+        let path = entry.path.clone();
         // The open file keeps the space charged.
         queue
-            .enqueue(path.clone(), upload, base, session, Charge::none())
+            .enqueue(path.clone(), entry, Charge::none())
             .map_err(|e| errno::of_io(&e))?;
+        // Clean only once the upload is recorded: a close before this
+        // journals the file itself (after waiting for this fsync), one after
+        // makes the upload's file durable.
         staged.state.lock().unwrap().dirty = false;
         queue.wait(&path).await;
         Ok(())
@@ -287,9 +297,17 @@ impl MountCore {
         let queue = self.queue()?.clone();
         {
             let state = staged.state.lock().unwrap();
-            if state.open_handles > 1 || !state.dirty || state.journaled || state.unlinked {
+            if state.open_handles > 1 || state.unlinked || (state.dirty && state.journaled) {
                 return Ok(());
             }
+        }
+        if !staged.state.lock().unwrap().dirty {
+            // An upload that fsync started may still be running, its file
+            // unsynced: closed, the file must outlive a crash of the machine.
+            return queue
+                .make_durable(&staged.path())
+                .await
+                .map_err(|e| errno::of_io(&e));
         }
         // Perhaps not the last close (a descriptor dup'ed before): the
         // record names write-behind's session without ending it.
@@ -312,9 +330,9 @@ impl MountCore {
             true => staged.upload_session(),
             false => staged.current_upload_session(),
         };
-        let entry = queue
-            .journal(&staged.path(), staged.local.clone(), base, session)
-            .map_err(|e| errno::of_io(&e))?;
+        let entry =
+            JournalEntry::new(staged.path(), staged.local.clone(), base).continuing(session);
+        let entry = queue.journal(entry).map_err(|e| errno::of_io(&e))?;
         staged.state.lock().unwrap().journaled = true;
         Ok(entry)
     }

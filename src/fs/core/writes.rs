@@ -324,7 +324,13 @@ impl MountCore {
         last_close: bool,
     ) -> FsResult<JournalEntry> {
         let _exclusive = staged.gate.write().await;
-        staged.complete(self).await?;
+        // The kernel sends the last close's flush and release together: the
+        // one that waited for the gate finds the content journaled already
+        // (nothing written since: writes take the gate too).
+        let journaled = staged.state.lock().unwrap().journaled;
+        if !journaled {
+            staged.complete(self).await?;
+        }
         let base = staged.base.as_ref().and_then(|b| b.etag.clone());
         let session = match last_close {
             true => staged.upload_session(),
@@ -332,6 +338,9 @@ impl MountCore {
         };
         let entry =
             JournalEntry::new(staged.path(), staged.local.clone(), base).continuing(session);
+        if journaled {
+            return Ok(entry);
+        }
         let entry = queue.journal(entry).map_err(|e| errno::of_io(&e))?;
         staged.state.lock().unwrap().journaled = true;
         Ok(entry)
@@ -373,20 +382,13 @@ impl MountCore {
         }
         let reservation = reservation.expect("a dirty file's last close reserves its upload");
         // Journaled at the flush of the last descriptor, unless written since.
-        let journaled = staged.state.lock().unwrap().journaled;
-        let entry = if journaled {
-            let base = staged.base.as_ref().and_then(|b| b.etag.clone());
-            JournalEntry::new(path.clone(), staged.local.clone(), base)
-                .continuing(staged.upload_session())
-        } else {
-            match self.journal(&queue, &staged, true).await {
-                Ok(entry) => entry,
-                Err(e) => {
-                    tracing::error!(%path, errno = e,
-                        "the last close could not complete the file; its changes are dropped and the server's version stays");
-                    self.unstage(&staged);
-                    return Err(e);
-                }
+        let entry = match self.journal(&queue, &staged, true).await {
+            Ok(entry) => entry,
+            Err(e) => {
+                tracing::error!(%path, errno = e,
+                    "the last close could not complete the file; its changes are dropped and the server's version stays");
+                self.unstage(&staged);
+                return Err(e);
             }
         };
         staged.state.lock().unwrap().dirty = false;

@@ -324,9 +324,9 @@ impl MountCore {
         last_close: bool,
     ) -> FsResult<JournalEntry> {
         let _exclusive = staged.gate.write().await;
-        // The kernel sends the last close's flush and release together: the
-        // one that waited for the gate finds the content journaled already
-        // (nothing written since: writes take the gate too).
+        // Journaled already (by the last descriptor's flush, perhaps while
+        // this waited for the gate): nothing was written since, as a write
+        // clears the mark, so the record stands.
         let journaled = staged.state.lock().unwrap().journaled;
         if !journaled {
             staged.complete(self).await?;

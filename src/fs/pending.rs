@@ -168,8 +168,8 @@ impl UploadQueue {
         }
     }
 
-    /// Journals the upload of `local` to `path`, then starts it. `charge`
-    /// (the space `local` takes) is released once the upload is over.
+    /// Journals the upload `entry` describes, then starts it. `charge` (the
+    /// space its staging file takes) is released once the upload is over.
     pub fn enqueue(
         self: &Arc<Self>,
         path: RemotePath,
@@ -179,9 +179,8 @@ impl UploadQueue {
         self.reserve(&path).enqueue(entry, charge)
     }
 
-    /// Journals the upload of `local` to `path` without starting it: from
-    /// now on a crash leaves it for the next mount to commit.
-    /// `handover`: write-behind's session, which the upload continues.
+    /// Journals the upload `entry` describes without starting it: from now
+    /// on a crash leaves it for the next mount to commit.
     pub fn journal(&self, entry: JournalEntry) -> std::io::Result<JournalEntry> {
         write_record(&self.record_of(&entry.local), &entry)?;
         Ok(entry)
@@ -384,8 +383,8 @@ pub struct Reservation {
 }
 
 impl Reservation {
-    /// Journals the upload of `local`, then starts it; `charge` is released
-    /// once the upload is over.
+    /// Journals the upload `entry` describes, then starts it; `charge` is
+    /// released once the upload is over.
     pub fn enqueue(self, entry: JournalEntry, charge: Charge) -> std::io::Result<()> {
         let entry = self.queue.journal(entry)?;
         self.start_journaled(entry, charge);

@@ -376,10 +376,8 @@ async fn files_closed_before_a_sigkill_are_committed_by_the_next_mount() {
     if !fuse_available() {
         return;
     }
-    let tmp = tempfile::tempdir().unwrap();
-    let store = tmp.path().join("store");
-    let state = tmp.path().join("state");
-    let server = Server::start_on(store.to_str().unwrap(), &[]);
+    let (tmp, server) = server_with_store();
+    let (store, state) = (tmp.path().join("store"), tmp.path().join("state"));
     let (addr, url) = (server.addr.to_string(), server.url.clone());
     let mut mount =
         MountProc::start_with_state(&url, tempfile::tempdir().unwrap(), state.clone(), &[]);
@@ -395,17 +393,11 @@ async fn files_closed_before_a_sigkill_are_committed_by_the_next_mount() {
     drop(server);
     drop(files);
     let journal = mount_state_dir(&state).join("journal");
-    // Records are written beside as `.tmp` then renamed; count finished ones.
-    let records = |dir: &std::path::Path| {
-        std::fs::read_dir(dir)
-            .map(|d| {
-                d.flatten()
-                    .filter(|e| e.path().extension().is_some_and(|x| x == "json"))
-                    .count()
-            })
-            .unwrap_or(0)
-    };
-    assert!(eventually(Duration::from_secs(5), || records(&journal) == 5));
+    assert!(eventually(Duration::from_secs(5), || journal_records(
+        &journal
+    )
+    .len()
+        == 5));
     mount.child.kill().unwrap(); // SIGKILL
     mount.child.wait().unwrap();
     let stale = Command::new(env!("CARGO_BIN_EXE_ferry"))
@@ -455,7 +447,17 @@ async fn files_closed_before_a_sigkill_are_committed_by_the_next_mount() {
     assert!(is_mounted(&remount.path));
 }
 
-/// The journal records in `journal`, as text.
+/// A server on `store` in a fresh directory, beside which a mount's
+/// `state` goes, so that both can be restarted on the same data.
+fn server_with_store() -> (tempfile::TempDir, Server) {
+    let tmp = tempfile::tempdir().unwrap();
+    let store = tmp.path().join("store");
+    let server = Server::start_on(store.to_str().unwrap(), &[]);
+    (tmp, server)
+}
+
+/// The finished journal records in `journal`, as text (records are
+/// written beside as `.tmp`, then renamed).
 fn journal_records(journal: &std::path::Path) -> Vec<String> {
     std::fs::read_dir(journal)
         .map(|d| {
@@ -473,9 +475,8 @@ async fn a_close_during_a_stalled_fsync_makes_its_upload_durable() {
     if !fuse_available() {
         return;
     }
-    let tmp = tempfile::tempdir().unwrap();
+    let (tmp, server) = server_with_store();
     let (store, state) = (tmp.path().join("store"), tmp.path().join("state"));
-    let server = Server::start_on(store.to_str().unwrap(), &[]);
     let (addr, url) = (server.addr.to_string(), server.url.clone());
     let mount = MountProc::start_with_state(&url, tempfile::tempdir().unwrap(), state.clone(), &[]);
     let journal = mount_state_dir(&state).join("journal");
@@ -523,9 +524,8 @@ async fn recovery_drops_only_unsynced_uploads_of_an_earlier_boot() {
     if !fuse_available() {
         return;
     }
-    let tmp = tempfile::tempdir().unwrap();
-    let (store, state) = (tmp.path().join("store"), tmp.path().join("state"));
-    let server = Server::start_on(store.to_str().unwrap(), &[]);
+    let (tmp, server) = server_with_store();
+    let state = tmp.path().join("state");
     drop(MountProc::start_with_state(
         &server.url,
         tempfile::tempdir().unwrap(),

@@ -1,26 +1,30 @@
-//! Positioned reads and writes that skip the page cache where they can,
-//! for the server's staged uploads.
+//! Positioned reads that skip the page cache where they can, for the
+//! server's staged uploads, and dropping a synced range from the cache.
 //!
-//! A staged chunk is written once and synced before it is acknowledged; it
-//! is read again only by the running digest when chunks arrived out of
-//! order (write-behind sends chunk 0 last), and at download. Copying those
-//! bytes into fresh page-cache memory was the largest single cost of an
-//! upload on the server (up to two thirds of its CPU on a VM whose fresh
-//! memory is slow to touch; bench/RESULTS.md, mount-write notes), while
-//! that VM's disk moves 1 MiB direct writes at over 2 GB/s.
+//! A staged chunk is written once, synced before it is acknowledged, and
+//! then dropped from the page cache ([`forget_cached`]): it is read again
+//! only by the running digest when chunks arrived out of order (write-behind
+//! sends chunk 0 last), and at download. Left cached, an upload of
+//! gigabytes fills memory with bytes nobody reads soon; dropped at once,
+//! the next chunk's copy lands in pages just freed, which on a VM whose
+//! fresh memory is slow to touch was most of the server's CPU for an
+//! upload (bench/RESULTS.md, mount-write notes).
 //!
-//! So whole, aligned pieces go directly (`O_DIRECT`) between the disk and
-//! buffers that are reused: a per-thread bounce buffer for writes, a small
-//! pool of buffers for reads. Anything else (an unaligned head or tail, a
-//! filesystem without direct I/O) goes through the page cache. The kernel
-//! keeps the two coherent: direct I/O first writes back cached pages of
-//! its range, and a direct write drops them.
+//! Writes go through the page cache, not `O_DIRECT`: the filesystem then
+//! allocates and writes back whole runs of a chunk at once, which the
+//! benchmark disk took faster than 1 MiB direct writes (a 1 GiB `cp`
+//! through the mount committed 20 % sooner; bench/RESULTS.md, mount-write
+//! notes of 2026-12-07).
 //!
-//! The mount's staging files are not written this way: a FUSE write would
-//! wait for the disk, and write-behind reads those pages while they are
-//! still hot (bench/RESULTS.md, mount-write notes).
+//! Reads of those bytes go directly (`O_DIRECT`) into a small pool of
+//! reused aligned buffers where the range is aligned; anything else, or a
+//! filesystem without direct I/O, goes through the page cache. The kernel
+//! keeps the two coherent: a direct read first writes back cached pages
+//! of its range.
+//!
+//! The mount's staging files are not read this way: write-behind reads
+//! those pages while they are still hot.
 
-use std::cell::RefCell;
 use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
@@ -29,18 +33,9 @@ use std::sync::Mutex;
 
 use bytes::Bytes;
 
-/// The largest direct write, and the size of each thread's aligned buffer.
-pub const PIECE: usize = 1 << 20;
-
-/// Offsets, lengths and buffers of direct writes are multiples of this,
+/// Offsets, lengths and buffers of direct reads are multiples of this,
 /// which covers every logical block size up to a page.
 const ALIGN: usize = 4096;
-
-thread_local! {
-    /// Each writing thread's aligned buffer, reused so that its memory is
-    /// touched once rather than per write.
-    static BOUNCE: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
-}
 
 /// Read buffers kept for reuse once their bytes are dropped (beyond these,
 /// a dropped buffer is freed).
@@ -48,7 +43,7 @@ const POOLED_READ_BUFFERS: usize = 4;
 
 static READ_POOL: Mutex<Vec<Vec<u8>>> = Mutex::new(Vec::new());
 
-/// A direct (`O_DIRECT`) descriptor for reading and writing `path`, or
+/// A direct (`O_DIRECT`) descriptor for reading `path`, or
 /// `None` where the filesystem refuses one or only plays along: tmpfs
 /// takes `O_DIRECT` but copies through its page cache all the same, so
 /// going "direct" there would only add the bounce buffer's copy. A
@@ -57,7 +52,6 @@ static READ_POOL: Mutex<Vec<Vec<u8>>> = Mutex::new(Vec::new());
 pub fn open_direct(path: &Path) -> Option<File> {
     let file = OpenOptions::new()
         .read(true)
-        .write(true)
         .custom_flags(libc::O_DIRECT)
         .open(path)
         .ok()?;
@@ -77,98 +71,13 @@ fn does_direct_io(file: &File) -> bool {
         && covered(stat.stx_dio_offset_align)
 }
 
-/// Writes `pieces`, back to back, at `offset` of a file open as `buffered`
-/// and, if it could be, `direct`: aligned whole pages directly, the rest
-/// buffered.
-///
-/// A body that arrives as many small buffers (an HTTP chunk does) is
-/// gathered straight into the thread's aligned buffer: one copy into
-/// memory already touched, rather than a copy into a fresh allocation per
-/// piece and another into the aligned buffer. Without direct I/O each
-/// buffer is written as it is.
-pub fn write_at<P: AsRef<[u8]>>(
-    buffered: &File,
-    direct: Option<&File>,
-    offset: u64,
-    pieces: &[P],
-) -> io::Result<()> {
-    let Some(direct) = direct else {
-        let mut at = offset;
-        for piece in pieces {
-            buffered.write_all_at(piece.as_ref(), at)?;
-            at += piece.as_ref().len() as u64;
-        }
-        return Ok(());
-    };
-    let total: usize = pieces.iter().map(|p| p.as_ref().len()).sum();
-    // An unaligned head and tail go through the page cache; the pages
-    // between them directly.
-    let head = ((ALIGN as u64 - offset % ALIGN as u64) % ALIGN as u64).min(total as u64) as usize;
-    let body = (total - head) / ALIGN * ALIGN;
-    let tail = total - head - body;
-    let mut source = Gather::new(pieces);
-    BOUNCE.with_borrow_mut(|bounce| {
-        if bounce.len() < PIECE + ALIGN {
-            *bounce = vec![0; PIECE + ALIGN];
-        }
-        let start = bounce.as_ptr().align_offset(ALIGN);
-        let buffer = &mut bounce[start..start + PIECE];
-        let mut at = offset;
-        if head > 0 {
-            source.fill(&mut buffer[..head]);
-            buffered.write_all_at(&buffer[..head], at)?;
-            at += head as u64;
-        }
-        let mut left = body;
-        while left > 0 {
-            let piece = &mut buffer[..left.min(PIECE)];
-            source.fill(piece);
-            direct
-                .write_all_at(piece, at)
-                .or_else(|e| match e.raw_os_error() {
-                    // An alignment the device does not take after all.
-                    Some(libc::EINVAL) => buffered.write_all_at(piece, at),
-                    _ => Err(e),
-                })?;
-            at += piece.len() as u64;
-            left -= piece.len();
-        }
-        if tail > 0 {
-            source.fill(&mut buffer[..tail]);
-            buffered.write_all_at(&buffer[..tail], at)?;
-        }
-        Ok(())
-    })
-}
-
-/// Reads a list of buffers as one run of bytes.
-struct Gather<'a, P> {
-    pieces: &'a [P],
-    /// Bytes of `pieces[0]` already read.
-    used: usize,
-}
-
-impl<'a, P: AsRef<[u8]>> Gather<'a, P> {
-    fn new(pieces: &'a [P]) -> Self {
-        Gather { pieces, used: 0 }
-    }
-
-    /// Fills `out` with the next bytes; the caller asks for no more than
-    /// there are.
-    fn fill(&mut self, out: &mut [u8]) {
-        let mut filled = 0;
-        while filled < out.len() {
-            let (first, rest) = self.pieces.split_first().expect("enough bytes");
-            let available = &first.as_ref()[self.used..];
-            let n = available.len().min(out.len() - filled);
-            out[filled..filled + n].copy_from_slice(&available[..n]);
-            filled += n;
-            self.used += n;
-            if self.used == first.as_ref().len() {
-                self.pieces = rest;
-                self.used = 0;
-            }
-        }
+/// Drops `len` bytes at `offset` of `file` from the page cache. Only
+/// clean pages go, so the range must have been synced; this is advice,
+/// and a filesystem that keeps the pages (tmpfs, whose pages are the
+/// data) only costs memory.
+pub fn forget_cached(file: &File, offset: u64, len: u64) {
+    if let Some(len) = std::num::NonZeroU64::new(len) {
+        let _ = rustix::fs::fadvise(file, offset, Some(len), rustix::fs::Advice::DontNeed);
     }
 }
 
@@ -249,65 +158,7 @@ impl Drop for PooledBuffer {
 mod tests {
     use super::*;
 
-    #[test]
-    fn aligned_unaligned_and_short_writes_land_where_they_belong() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("data");
-        let size = 3 * PIECE + 5000;
-        File::create(&path).unwrap().set_len(size as u64).unwrap();
-        let bytes: Vec<u8> = (0..size).map(|i| (i * 7 % 251) as u8).collect();
-        let buffered = OpenOptions::new().write(true).open(&path).unwrap();
-        let direct = open_direct(&path);
-        let write = |from: usize, to: usize| {
-            write_at(&buffered, direct.as_ref(), from as u64, &[&bytes[from..to]]).unwrap()
-        };
-        // Out of order, with unaligned heads and tails, a write within one
-        // page, and one larger than a piece.
-        write(100, 200);
-        write(2 * PIECE - 10, size);
-        write(200, 2 * PIECE - 10);
-        write(0, 100);
-        buffered.sync_data().unwrap();
-        assert!(std::fs::read(&path).unwrap() == bytes);
-        // Overwrites reach the file whichever way they went.
-        let again: Vec<u8> = bytes.iter().map(|b| b ^ 0xff).collect();
-        write_at(&buffered, direct.as_ref(), 3, &[&again[3..PIECE + 3]]).unwrap();
-        let read = std::fs::read(&path).unwrap();
-        assert!(read[3..PIECE + 3] == again[3..PIECE + 3]);
-        assert!(read[..3] == bytes[..3] && read[PIECE + 3..] == bytes[PIECE + 3..]);
-    }
-
-    #[test]
-    fn pieces_of_any_sizes_are_written_as_one_run() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("data");
-        let size = PIECE + 3 * ALIGN;
-        File::create(&path).unwrap().set_len(size as u64).unwrap();
-        let bytes: Vec<u8> = (0..size).map(|i| (i * 11 % 241) as u8).collect();
-        let buffered = OpenOptions::new().write(true).open(&path).unwrap();
-        // Split at odd places, with an empty piece and pieces crossing
-        // the head's and the body's ends; one run has a tail, one not.
-        let split = |run: &[u8], cuts: &[usize]| -> Vec<Bytes> {
-            let mut pieces = Vec::new();
-            let mut from = 0;
-            for &cut in cuts.iter().chain([run.len()].iter()) {
-                pieces.push(Bytes::copy_from_slice(&run[from..cut]));
-                from = cut;
-            }
-            pieces
-        };
-        let unaligned = split(&bytes[100..PIECE - 7], &[1, 1, 4000, 70_000, PIECE - 200]);
-        let aligned = split(&bytes[PIECE - 7..], &[7, 9, 3 * ALIGN]);
-        // Directly where the filesystem allows, and through the page cache.
-        for direct in [open_direct(&path), None] {
-            std::fs::write(&path, vec![0; size]).unwrap();
-            write_at(&buffered, direct.as_ref(), 100, &unaligned).unwrap();
-            write_at(&buffered, direct.as_ref(), (PIECE - 7) as u64, &aligned).unwrap();
-            write_at(&buffered, direct.as_ref(), 0, &[&bytes[..100]]).unwrap();
-            buffered.sync_data().unwrap();
-            assert!(std::fs::read(&path).unwrap() == bytes);
-        }
-    }
+    const PIECE: usize = 1 << 20;
 
     #[test]
     fn reads_see_every_write_and_reuse_their_buffers() {
@@ -346,6 +197,65 @@ mod tests {
         // Past the end is an error, not zeros.
         let past = read_exact_at(&buffered, direct.as_ref(), size as u64, 4096).unwrap_err();
         assert_eq!(past.kind(), io::ErrorKind::UnexpectedEof);
+    }
+
+    /// Pages of the first `len` bytes of `file` in the page cache.
+    fn cached_pages(file: &File, len: usize) -> usize {
+        use std::os::fd::AsRawFd;
+        let page = 4096;
+        let mut resident = vec![0u8; len.div_ceil(page)];
+        // SAFETY: a read-only shared mapping of `len` bytes of an open
+        // file, only passed to mincore and unmapped before returning.
+        unsafe {
+            let map = libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ,
+                libc::MAP_SHARED,
+                file.as_raw_fd(),
+                0,
+            );
+            assert_ne!(map, libc::MAP_FAILED);
+            assert_eq!(libc::mincore(map, len, resident.as_mut_ptr()), 0);
+            libc::munmap(map, len);
+        }
+        resident.iter().filter(|r| *r & 1 == 1).count()
+    }
+
+    #[test]
+    fn a_synced_range_leaves_the_cache_and_the_rest_stays() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("data");
+        let bytes = vec![9u8; 2 * PIECE];
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&path)
+            .unwrap();
+        // Written as the store writes, a piece at a time: a page-cache
+        // folio never spans two writes, so none spans the range dropped.
+        file.write_all_at(&bytes[..PIECE], 0).unwrap();
+        file.write_all_at(&bytes[PIECE..], PIECE as u64).unwrap();
+        file.sync_data().unwrap();
+        let pages = 2 * PIECE / 4096;
+        if cached_pages(&file, 2 * PIECE) < pages {
+            eprintln!("written pages not cached here: nothing to check");
+            return;
+        }
+        forget_cached(&file, 0, PIECE as u64);
+        let dropped =
+            matches!(rustix::fs::statfs(dir.path()), Ok(s) if s.f_type != libc::TMPFS_MAGIC);
+        if dropped {
+            assert_eq!(cached_pages(&file, PIECE), 0);
+        }
+        // The range not named stays, and the bytes are all still there.
+        assert_eq!(
+            cached_pages(&file, 2 * PIECE),
+            pages - if dropped { pages / 2 } else { 0 }
+        );
+        assert!(std::fs::read(&path).unwrap() == bytes);
     }
 
     #[test]

@@ -5,6 +5,8 @@
 use std::collections::VecDeque;
 use std::fs::{File, OpenOptions};
 use std::hash::{Hash, Hasher};
+use std::io::IoSlice;
+use std::ops::Range;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -71,7 +73,7 @@ impl LocalStaging {
     pub async fn fix_size(&self, layout: ChunkLayout) -> Result<()> {
         let (data, map) = (self.data(), self.map());
         blocking(move || {
-            let file = open_buffered(&data)?;
+            let file = open_data(&data)?;
             let map_file = OpenOptions::new()
                 .write(true)
                 .open(&map)
@@ -154,8 +156,8 @@ impl LocalStaging {
                 arrived.push(piece.clone());
             }
             held.push(piece);
-            // Written in whole pieces, so that each write but a short last
-            // one is aligned for direct I/O.
+            // Written a piece at a time: one trip to the blocking pool per
+            // piece, not per buffer.
             while held.len >= WRITE_PIECE {
                 let whole = held.take(WRITE_PIECE);
                 written += flush(&file, lock, start + written, whole).await?;
@@ -168,7 +170,7 @@ impl LocalStaging {
             return Ok(None);
         };
         let map = self.map();
-        blocking(move || record_chunk(file.file(), &map, index)).await?;
+        blocking(move || record_chunk(&file, &map, index, start..start + written)).await?;
         Ok(keep.then_some(arrived))
     }
 
@@ -195,7 +197,7 @@ impl LocalStaging {
             }
             let file = open_data(&data)?;
             write_at(&file, write_lock(&data), start, &chunk)?;
-            record_chunk(file.file(), &map, index)?;
+            record_chunk(&file, &map, index, start..start + chunk.len() as u64)?;
             Ok(true)
         })
         .await?;
@@ -278,7 +280,7 @@ impl LocalStaging {
 }
 
 async fn flush(
-    file: &Option<Arc<StagedFile>>,
+    file: &Option<Arc<File>>,
     lock: &'static Mutex<()>,
     offset: u64,
     pieces: Vec<Bytes>,
@@ -323,24 +325,11 @@ impl Held {
 }
 
 /// Size of each positioned write.
-const WRITE_PIECE: usize = direct_io::PIECE;
-
-/// A staged file open for writing: buffered, and direct where the
-/// filesystem allows (see [`direct_io`]).
-struct StagedFile {
-    buffered: File,
-    direct: Option<File>,
-}
-
-impl StagedFile {
-    fn file(&self) -> &File {
-        &self.buffered
-    }
-}
+const WRITE_PIECE: usize = 1 << 20;
 
 /// Writes `data` at `offset` of a staged file whose writes `lock` orders,
 /// one [`WRITE_PIECE`] at a time.
-fn write_at(file: &StagedFile, lock: &Mutex<()>, offset: u64, data: &[u8]) -> Result<()> {
+fn write_at(file: &File, lock: &Mutex<()>, offset: u64, data: &[u8]) -> Result<()> {
     let mut at = offset;
     for piece in data.chunks(WRITE_PIECE) {
         write_piece(file, lock, at, &[piece])?;
@@ -352,14 +341,40 @@ fn write_at(file: &StagedFile, lock: &Mutex<()>, offset: u64, data: &[u8]) -> Re
 /// Writes one piece (at most [`WRITE_PIECE`] bytes, in the buffers it came
 /// in) at `offset`, in its turn.
 fn write_piece<P: AsRef<[u8]>>(
-    file: &StagedFile,
+    file: &File,
     lock: &Mutex<()>,
     offset: u64,
     buffers: &[P],
 ) -> Result<()> {
     let _turn = lock.lock().unwrap_or_else(PoisonError::into_inner);
-    direct_io::write_at(&file.buffered, file.direct.as_ref(), offset, buffers)
-        .map_err(Error::io("writing staged data"))
+    write_all_vectored_at(file, offset, buffers).map_err(Error::io("writing staged data"))
+}
+
+/// Writes `buffers`, back to back, at `offset`: an HTTP body's many small
+/// buffers in one system call rather than one each.
+fn write_all_vectored_at<P: AsRef<[u8]>>(
+    file: &File,
+    offset: u64,
+    buffers: &[P],
+) -> std::io::Result<()> {
+    let mut slices: Vec<IoSlice> = buffers.iter().map(|b| IoSlice::new(b.as_ref())).collect();
+    let mut slices = &mut slices[..];
+    // Drops empty buffers in front, so that nothing to write writes nothing.
+    IoSlice::advance_slices(&mut slices, 0);
+    let mut at = offset;
+    while !slices.is_empty() {
+        // At most IOV_MAX buffers per call; the rest go in the next.
+        let batch = &slices[..slices.len().min(1024)];
+        let written = match rustix::io::pwritev(file, batch, at) {
+            Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
+            Ok(n) => n,
+            Err(rustix::io::Errno::INTR) => continue,
+            Err(e) => return Err(e.into()),
+        };
+        at += written as u64;
+        IoSlice::advance_slices(&mut slices, written);
+    }
+    Ok(())
 }
 
 /// The lock that orders the writes into the staged file `data`.
@@ -378,14 +393,7 @@ fn write_lock(data: &Path) -> &'static Mutex<()> {
     &LOCKS[(hasher.finish() % STRIPES as u64) as usize]
 }
 
-fn open_data(data: &Path) -> Result<StagedFile> {
-    Ok(StagedFile {
-        buffered: open_buffered(data)?,
-        direct: direct_io::open_direct(data),
-    })
-}
-
-fn open_buffered(data: &Path) -> Result<File> {
+fn open_data(data: &Path) -> Result<File> {
     OpenOptions::new()
         .write(true)
         .open(data)
@@ -411,9 +419,11 @@ fn chunk_received(map: &Path, index: u64) -> Result<bool> {
     Ok(read == 1 && mark[0] == 1)
 }
 
-/// Makes the chunk's data durable, then marks it received.
-fn record_chunk(file: &File, map: &Path, index: u64) -> Result<()> {
+/// Makes the chunk's data (`range` of the file) durable, then marks it
+/// received. Its pages then leave the cache (see [`direct_io`]).
+fn record_chunk(file: &File, map: &Path, index: u64, range: Range<u64>) -> Result<()> {
     file.sync_data().map_err(Error::io("syncing staged data"))?;
+    direct_io::forget_cached(file, range.start, range.end - range.start);
     // Only after the data is durable does the chunk count as received.
     let map_file = OpenOptions::new()
         .write(true)
@@ -452,6 +462,34 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'sta
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn many_buffers_are_written_back_to_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("data");
+        let bytes: Vec<u8> = (0..300_000u32).map(|i| (i % 239) as u8).collect();
+        // More buffers than one call takes, empty ones among them.
+        let mut buffers = vec![Bytes::new()];
+        let mut from = 0;
+        for (i, step) in [1usize, 0, 7, 100, 13].iter().cycle().enumerate() {
+            let to = (from + step + i % 3).min(bytes.len());
+            buffers.push(Bytes::copy_from_slice(&bytes[from..to]));
+            from = to;
+            if from == bytes.len() {
+                break;
+            }
+        }
+        buffers.push(Bytes::new());
+        assert!(buffers.len() > 2048);
+        File::create(&path).unwrap();
+        let file = open_data(&path).unwrap();
+        write_all_vectored_at(&file, 10, &buffers).unwrap();
+        write_all_vectored_at(&file, 0, &[Bytes::new()]).unwrap();
+        write_all_vectored_at::<Bytes>(&file, 0, &[]).unwrap();
+        let read = std::fs::read(&path).unwrap();
+        assert_eq!(read.len(), 10 + bytes.len());
+        assert!(read[..10] == [0; 10] && read[10..] == bytes[..]);
+    }
 
     #[test]
     fn held_buffers_are_taken_in_order_split_where_asked() {

@@ -7,8 +7,8 @@
 //! room to be held before it arrived: up to [`HELD_LIMIT`] bytes of chunks
 //! per session, on their way or waiting for earlier ones, within what a
 //! [`HeldBudget`] shared by a node's sessions allows. Others are read back
-//! from the staged file, directly where it allows (its chunks were written
-//! past the page cache; see [`direct_io`]): reading back every HTTP chunk
+//! from the staged file, directly where it allows (its chunks left the
+//! page cache once synced; see [`direct_io`]): reading back every HTTP chunk
 //! had an in-order 1 GiB upload read its whole file from the disk again.
 //! At `complete` only the chunks not yet covered are read. This is sound
 //! because local staging never rewrites an acknowledged chunk: bytes once

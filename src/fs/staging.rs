@@ -7,6 +7,7 @@ mod extents;
 
 use std::collections::VecDeque;
 use std::fs::{File, OpenOptions};
+use std::ops::Range;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
@@ -66,8 +67,10 @@ const EARLY_SYNC_AFTER: Duration = Duration::from_secs(1);
 
 /// Writes a staging file's data back in the background as it is written,
 /// once it is [`EARLY_SYNC_AFTER`] old, so that the sync at `close` finds
-/// little left to write. Only an I/O hint: what a crash leaves behind
-/// still depends on the sync in [`Staged::complete`] alone.
+/// little left to write. Bytes the server already holds (write-behind's
+/// acknowledged chunks) are left out: `fsync` never needs them locally,
+/// and a `close` syncs them either way. Only an I/O hint: what a crash
+/// leaves behind still depends on the sync in [`Staged::complete`] alone.
 #[derive(Default)]
 struct EarlySync {
     marks: Mutex<WrittenMarks>,
@@ -108,7 +111,15 @@ impl WrittenMarks {
 }
 
 impl EarlySync {
-    fn wrote(&self, local: &Path, offset: u64, end: u64) {
+    /// After a write of `offset..end`; `on_server` tells which bytes the
+    /// server holds, asked only when a write-back is due.
+    fn wrote(
+        &self,
+        local: &Path,
+        offset: u64,
+        end: u64,
+        on_server: impl FnOnce() -> Option<Range<u64>>,
+    ) {
         let Some(upto) = self
             .marks
             .lock()
@@ -121,6 +132,7 @@ impl EarlySync {
             // The next mark due covers these bytes as well.
             return;
         }
+        let ranges = write_back_ranges(upto, on_server());
         let (local, running) = (local.to_path_buf(), self.running.clone());
         tokio::task::spawn_blocking(move || {
             // A descriptor of its own: a write-back error this meets is
@@ -129,12 +141,24 @@ impl EarlySync {
             // pages already clean cost nothing.
             if let Ok(file) = File::open(&local) {
                 let flags = libc::SYNC_FILE_RANGE_WRITE | libc::SYNC_FILE_RANGE_WAIT_AFTER;
-                // SAFETY: a plain syscall on a descriptor this closure owns.
-                unsafe { libc::sync_file_range(file.as_raw_fd(), 0, upto as i64, flags) };
+                for range in ranges {
+                    let (from, len) = (range.start as i64, (range.end - range.start) as i64);
+                    // SAFETY: a plain syscall on a descriptor this closure owns.
+                    unsafe { libc::sync_file_range(file.as_raw_fd(), from, len, flags) };
+                }
             }
             running.store(false, Ordering::Release);
         });
     }
+}
+
+/// The non-empty parts of `0..upto` outside `on_server`.
+fn write_back_ranges(upto: u64, on_server: Option<Range<u64>>) -> Vec<Range<u64>> {
+    let held = on_server.unwrap_or(upto..upto);
+    [0..held.start.min(upto), held.end..upto]
+        .into_iter()
+        .filter(|r| r.start < r.end)
+        .collect()
 }
 
 pub struct StagedState {
@@ -411,7 +435,9 @@ impl Staged {
 
     /// Records a write of `offset..end`; its length.
     fn wrote(&self, offset: u64, end: u64) -> u32 {
-        self.early_sync.wrote(&self.local, offset, end);
+        self.early_sync.wrote(&self.local, offset, end, || {
+            self.write_behind.as_ref().and_then(|wb| wb.on_server())
+        });
         if let Some(wb) = &self.write_behind {
             wb.wrote(offset, end);
         }
@@ -634,6 +660,23 @@ mod tests {
         assert_eq!(staged.write_now(0, b"x"), None);
         drop(closing);
         assert_eq!(staged.write_now(0, b"x"), Some(Ok(1)));
+    }
+
+    #[test]
+    fn write_back_leaves_out_what_the_server_holds() {
+        let mib = 1 << 20;
+        assert_eq!(write_back_ranges(64 * mib, None), vec![0..64 * mib]);
+        let held = Some(8 * mib..40 * mib);
+        assert_eq!(
+            write_back_ranges(64 * mib, held.clone()),
+            vec![0..8 * mib, 40 * mib..64 * mib]
+        );
+        assert_eq!(write_back_ranges(32 * mib, held.clone()), vec![0..8 * mib]);
+        assert_eq!(write_back_ranges(40 * mib, held), vec![0..8 * mib]);
+        assert_eq!(
+            write_back_ranges(4 * mib, Some(8 * mib..16 * mib)),
+            vec![0..4 * mib]
+        );
     }
 
     #[test]

@@ -20,7 +20,9 @@
 //! it commits with; a later write into the hashed part only drops that
 //! head start.
 
+use std::collections::BTreeSet;
 use std::fs::File;
+use std::ops::Range;
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
@@ -72,6 +74,35 @@ struct State {
     hash_broken: bool,
     /// The hash of the bytes hashed so far.
     prefix: Option<DigestPrefix>,
+    /// Chunks the server acknowledged.
+    acked: Acked,
+}
+
+/// The chunks acknowledged by the server, as a run from chunk 1: with
+/// [`IN_FLIGHT`] chunks on their way, they may be acknowledged out of
+/// order.
+#[derive(Default)]
+struct Acked {
+    /// Chunks `1..run_end` are acknowledged (0 or 1: none).
+    run_end: u64,
+    /// Acknowledged chunks past the run.
+    beyond: BTreeSet<u64>,
+}
+
+impl Acked {
+    fn ack(&mut self, index: u64) {
+        self.beyond.insert(index);
+        let mut end = self.run_end.max(1);
+        while self.beyond.remove(&end) {
+            end += 1;
+        }
+        self.run_end = end;
+    }
+
+    /// The bytes of the acknowledged run.
+    fn bytes(&self) -> Option<Range<u64>> {
+        (self.run_end > 1).then(|| CHUNK_SIZE..self.run_end * CHUNK_SIZE)
+    }
 }
 
 /// What write-behind gives the upload of a file.
@@ -181,6 +212,17 @@ impl WriteBehind {
         })
     }
 
+    /// The bytes of the file the server holds in write-behind's session,
+    /// as long as that session is to be used: an `fsync` never needs them
+    /// on the local disk.
+    pub fn on_server(&self) -> Option<Range<u64>> {
+        let state = self.state.lock().unwrap();
+        if state.over && !state.handed_over {
+            return None;
+        }
+        state.acked.bytes()
+    }
+
     /// Ends write-behind without an upload to give its session to (the
     /// file was discarded).
     pub fn cancel(self: &Arc<Self>) {
@@ -244,17 +286,20 @@ impl WriteBehind {
                         continue;
                     }
                 };
-                sending.push(self.client.put_chunk(&id, next, data));
+                let (index, put) = (next, self.client.put_chunk(&id, next, data));
+                sending.push(async move { (index, put.await) });
                 next += 1;
                 continue;
             }
             tokio::select! {
-                Some(sent) = sending.next(), if !sending.is_empty() => {
-                    if let Err(e) = sent {
-                        let state = self.state.lock().unwrap();
-                        if !state.over {
+                Some((index, sent)) = sending.next(), if !sending.is_empty() => {
+                    let mut state = self.state.lock().unwrap();
+                    match sent {
+                        Ok(()) => state.acked.ack(index),
+                        Err(e) if !state.over => {
                             self.abandon(state, &format!("sending a chunk failed: {e}"));
                         }
+                        Err(_) => {}
                     }
                 }
                 _ = self.wake.notified() => {}
@@ -361,6 +406,21 @@ mod tests {
             sealed,
             ..State::default()
         }
+    }
+
+    #[test]
+    fn the_acknowledged_run_grows_only_without_gaps() {
+        let mut acked = Acked::default();
+        assert_eq!(acked.bytes(), None);
+        acked.ack(2);
+        assert_eq!(acked.bytes(), None, "chunk 1 is still on its way");
+        acked.ack(1);
+        assert_eq!(acked.bytes(), Some(CHUNK_SIZE..3 * CHUNK_SIZE));
+        acked.ack(4);
+        assert_eq!(acked.bytes(), Some(CHUNK_SIZE..3 * CHUNK_SIZE));
+        acked.ack(3);
+        assert_eq!(acked.bytes(), Some(CHUNK_SIZE..5 * CHUNK_SIZE));
+        assert!(acked.beyond.is_empty());
     }
 
     #[test]

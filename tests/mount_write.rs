@@ -157,6 +157,84 @@ async fn an_editor_save_replaces_the_file_atomically() {
     assert_eq!(server.get_bytes("notes/.todo.txt.swp").await.0, 404);
 }
 
+/// An editor that keeps its descriptor open across the rename (or whose
+/// close reaches the mount only after the rename, as FUSE releases are
+/// sent asynchronously): `fsync` committed the file under its temporary
+/// name, so the rename, and an unlink, must apply on the server.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_file_fsynced_then_renamed_or_removed_while_open_follows_on_the_server() {
+    if !fuse_available() {
+        return;
+    }
+    let server = Server::start();
+    server.put("notes/todo.txt", "old contents").await;
+    let mount = MountProc::start(&server, &[]);
+    let mut tmp = std::fs::File::create(mount.at("notes/.todo.txt.swp")).unwrap();
+    tmp.write_all(b"saved while open").unwrap();
+    tmp.sync_all().unwrap();
+    std::fs::rename(mount.at("notes/.todo.txt.swp"), mount.at("notes/todo.txt")).unwrap();
+    assert_eq!(
+        server.get_bytes("notes/todo.txt").await.1,
+        b"saved while open"
+    );
+    assert_eq!(server.get_bytes("notes/.todo.txt.swp").await.0, 404);
+    drop(tmp);
+
+    let mut scratch = std::fs::File::create(mount.at("notes/scratch.txt")).unwrap();
+    scratch.write_all(b"scratch").unwrap();
+    scratch.sync_all().unwrap();
+    assert_eq!(server.get_bytes("notes/scratch.txt").await.1, b"scratch");
+    std::fs::remove_file(mount.at("notes/scratch.txt")).unwrap();
+    assert_eq!(server.get_bytes("notes/scratch.txt").await.0, 404);
+    drop(scratch);
+
+    // Nothing comes back once the descriptors are closed.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(server.get_bytes("notes/.todo.txt.swp").await.0, 404);
+    assert_eq!(server.get_bytes("notes/scratch.txt").await.0, 404);
+    assert_eq!(
+        server.get_bytes("notes/todo.txt").await.1,
+        b"saved while open"
+    );
+}
+
+/// Writes after an `fsync` are the same writer's: their upload commits
+/// over the version that `fsync` committed, with no conflict.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writes_after_an_fsync_replace_the_fsynced_version_without_a_conflict() {
+    if !fuse_available() {
+        return;
+    }
+    let server = Server::start();
+    server.put("log.txt", "original").await;
+    let mount = MountProc::start(&server, &[]);
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .open(mount.at("log.txt"))
+        .unwrap();
+    file.write_all(b"first").unwrap();
+    file.sync_all().unwrap();
+    assert_eq!(server.get_bytes("log.txt").await.1, b"firstnal");
+    file.write_all(b" second").unwrap();
+    file.sync_all().unwrap();
+    assert_eq!(server.get_bytes("log.txt").await.1, b"first second");
+    file.write_all(b" third").unwrap();
+    drop(file);
+    assert!(
+        server
+            .eventually_has("log.txt", b"first second third")
+            .await
+    );
+    let listing = server.json("/v1/list/").await.1;
+    let names: Vec<&str> = listing["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["log.txt"], "no conflict copy");
+}
+
 /// A descriptor opened only to write bypasses the kernel's page cache; a
 /// reader of the same file (a `tail -f` of a log) must still see every
 /// write, including those into a page it has cached.

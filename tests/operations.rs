@@ -386,14 +386,31 @@ async fn per_token_limits_on_sessions_and_transfers() {
     assert!(freed, "the slot is released when the download ends");
     // A WebSocket holds a slot for as long as it is open.
     let url = format!("{}/v1/ws", server.url.replacen("http", "ws", 1));
-    let mut request = url.into_client_request().unwrap();
-    request
-        .headers_mut()
-        .insert("sec-websocket-protocol", "ferry.v1".parse().unwrap());
-    request
-        .headers_mut()
-        .insert("authorization", format!("Bearer {TOKEN}").parse().unwrap());
-    let (socket, _) = tokio_tungstenite::connect_async(request).await.unwrap();
+    let request = || {
+        let mut request = url.as_str().into_client_request().unwrap();
+        request
+            .headers_mut()
+            .insert("sec-websocket-protocol", "ferry.v1".parse().unwrap());
+        request
+            .headers_mut()
+            .insert("authorization", format!("Bearer {TOKEN}").parse().unwrap());
+        request
+    };
+    // The probe that found the slot free held it itself until its response
+    // ended, which the server notes a moment after the client has it all.
+    let mut tries = 0;
+    let socket = loop {
+        match tokio_tungstenite::connect_async(request()).await {
+            Ok((socket, _)) => break socket,
+            Err(tokio_tungstenite::tungstenite::Error::Http(refused))
+                if refused.status() == 429 && tries < 20 =>
+            {
+                tries += 1;
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Err(e) => panic!("the WebSocket was refused: {e}"),
+        }
+    };
     let during = http()
         .get(server.file_url("big.bin"))
         .bearer_auth(TOKEN)

@@ -508,7 +508,7 @@ impl MountCore {
         if let Some(open) = self.quiesce(&path).await {
             open.state.lock().unwrap().unlinked = true;
             self.staged.lock().unwrap().remove(&path);
-            if open.base.is_some() {
+            if open.exists_on_server() {
                 self.client.delete(&path).await.map_err(|e| errno_of(&e))?;
             }
         } else {
@@ -536,7 +536,7 @@ impl MountCore {
             replaced.state.lock().unwrap().unlinked = true;
         }
         if let Some(staged) = open {
-            if staged.base.is_some() {
+            if staged.exists_on_server() {
                 let request = MoveRequest {
                     from: from.clone(),
                     to: to.clone(),

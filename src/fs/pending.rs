@@ -19,7 +19,7 @@ use crate::client::Client;
 use crate::client::digest::DigestPrefix;
 use crate::client::upload::{Transport, UploadOptions, upload_file};
 use crate::error::Error;
-use crate::protocol::{ErrorCode, RemotePath};
+use crate::protocol::{ErrorCode, FileMeta, RemotePath};
 
 /// One journaled upload.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -114,9 +114,12 @@ pub struct UploadQueue {
     /// Told how uploads go, so that writers waiting for room know whether
     /// to keep waiting.
     space: Arc<StagingSpace>,
-    /// Called with each path once its upload is committed (or given up).
-    on_settled: Box<dyn Fn(&RemotePath) + Send + Sync>,
+    on_settled: OnSettled,
 }
+
+/// Called with each path once its upload is committed (or given up), and
+/// with the file's version on the server when it was committed there.
+pub type OnSettled = Box<dyn Fn(&RemotePath, Option<&FileMeta>) + Send + Sync>;
 
 impl UploadQueue {
     /// Opens (creating) `state/journal` and `state/staging`.
@@ -125,7 +128,7 @@ impl UploadQueue {
         client: Client,
         state: &Path,
         max_staging: Option<u64>,
-        on_settled: Box<dyn Fn(&RemotePath) + Send + Sync>,
+        on_settled: OnSettled,
     ) -> std::io::Result<Arc<UploadQueue>> {
         let (journal, staging) = (state.join("journal"), state.join("staging"));
         std::fs::create_dir_all(&journal)?;
@@ -307,6 +310,7 @@ impl UploadQueue {
     async fn run(self: &Arc<Self>, record: &Path, live: &LiveRecord, mut entry: JournalEntry) {
         let mut attempt = 0u32;
         let mut target = entry.path.clone();
+        let mut committed = None;
         loop {
             let session = {
                 let (record, live) = (record.to_owned(), live.clone());
@@ -331,8 +335,9 @@ impl UploadQueue {
                 ..Default::default()
             };
             match upload_file(&self.client, &entry.local, &target, options).await {
-                Ok(_) => {
+                Ok(report) => {
                     self.space.upload_progressed();
+                    committed = Some(report.meta);
                     break;
                 }
                 Err(e) if is_conflict(&e) && target == entry.path => {
@@ -367,9 +372,11 @@ impl UploadQueue {
             let _ = std::fs::remove_file(record);
         }
         let _ = std::fs::remove_file(&entry.local);
-        (self.on_settled)(&entry.path);
-        if target != entry.path {
-            (self.on_settled)(&target);
+        if target == entry.path {
+            (self.on_settled)(&entry.path, committed.as_ref());
+        } else {
+            (self.on_settled)(&entry.path, None);
+            (self.on_settled)(&target, committed.as_ref());
         }
     }
 }

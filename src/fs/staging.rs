@@ -180,6 +180,11 @@ pub struct StagedState {
     /// continues, once handed over and until an upload takes it (see
     /// [`Staged::upload_session`]).
     upload_session: Option<Handover>,
+    /// The etag of the version an upload of this file committed since it
+    /// was opened (an `fsync`'s, or a close's while another descriptor
+    /// stays open): the server has the file under its name now, and the
+    /// next upload commits over that version, not over `base`.
+    committed_etag: Option<String>,
 }
 
 async fn blocking<T: Send + 'static>(
@@ -246,6 +251,7 @@ impl Staged {
                 open_handles: 0,
                 unlinked: false,
                 upload_session: None,
+                committed_etag: None,
             }),
             gate: tokio::sync::RwLock::new(()),
             space: space.clone(),
@@ -301,6 +307,25 @@ impl Staged {
         if let (Some(handover), Some(wb)) = (state.upload_session.take(), &self.write_behind) {
             wb.abort(handover.session);
         }
+    }
+
+    /// The etag of the file's version on the server that the next upload
+    /// commits over: the last one this mount committed, else the one it
+    /// was opened from; `None` for a file the server does not have.
+    pub fn server_etag(&self) -> Option<String> {
+        let committed = self.state.lock().unwrap().committed_etag.clone();
+        committed.or_else(|| self.base.as_ref().and_then(|b| b.etag.clone()))
+    }
+
+    /// Whether the server has a version of the file under its name (it was
+    /// opened from one, or an upload committed one since).
+    pub fn exists_on_server(&self) -> bool {
+        self.base.is_some() || self.state.lock().unwrap().committed_etag.is_some()
+    }
+
+    /// An upload of this file committed `etag` under its name.
+    pub fn committed(&self, etag: Option<String>) {
+        self.state.lock().unwrap().committed_etag = etag;
     }
 
     pub fn size(&self) -> u64 {
@@ -436,7 +461,9 @@ impl Staged {
     /// Records a write of `offset..end`; its length.
     fn wrote(&self, offset: u64, end: u64) -> u32 {
         self.early_sync.wrote(&self.local, offset, end, || {
-            self.write_behind.as_ref().and_then(|wb| wb.on_server())
+            self.write_behind
+                .as_ref()
+                .and_then(|wb| wb.bytes_on_server())
         });
         if let Some(wb) = &self.write_behind {
             wb.wrote(offset, end);

@@ -215,7 +215,7 @@ impl WriteBehind {
     /// The bytes of the file the server holds in write-behind's session,
     /// as long as that session is to be used: an `fsync` never needs them
     /// on the local disk.
-    pub fn on_server(&self) -> Option<Range<u64>> {
+    pub fn bytes_on_server(&self) -> Option<Range<u64>> {
         let state = self.state.lock().unwrap();
         if state.over && !state.handed_over {
             return None;

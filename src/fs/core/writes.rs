@@ -14,13 +14,14 @@ use crate::protocol::{EntryKind, FileMeta, RemotePath};
 
 /// Metadata of a staged file as the mount shows it.
 pub(super) fn staged_meta_of(staged: &Staged) -> FileMeta {
+    let etag = staged.server_etag();
     let state = staged.state.lock().unwrap();
     FileMeta {
         path: state.path.clone(),
         kind: EntryKind::File,
         size: state.size,
         mtime: Some(state.mtime.into()),
-        etag: staged.base.as_ref().and_then(|b| b.etag.clone()),
+        etag,
     }
 }
 
@@ -36,9 +37,9 @@ impl MountCore {
             self.client.clone(),
             &dir,
             self.options.max_staging,
-            Box::new(move |path| {
+            Box::new(move |path, committed| {
                 if let Some(core) = weak.upgrade() {
-                    core.settled(path);
+                    core.settled(path, committed);
                 }
             }),
         )?;
@@ -72,17 +73,17 @@ impl MountCore {
         self.staged_for(path).map(|s| staged_meta_of(&s))
     }
 
-    /// Before a namespace change of `path`: lets a closed file's pending
-    /// upload land first. Returns the staged file if it is still open.
+    /// Before a namespace change of `path`: lets a pending upload to it
+    /// land first (a closed file's, or an `fsync`'s of a file still open,
+    /// so that the change applies to what it commits). Returns the staged
+    /// file if it is still open.
     pub(super) async fn quiesce(&self, path: &RemotePath) -> Option<Arc<Staged>> {
         let staged = self.staged_for(path)?;
-        if staged.state.lock().unwrap().open_handles > 0 {
-            return Some(staged);
-        }
         if let Ok(queue) = self.queue() {
             queue.wait(path).await;
         }
-        None
+        let open = staged.state.lock().unwrap().open_handles > 0;
+        open.then_some(staged)
     }
 
     /// Moves an open staged file to a new name.
@@ -96,10 +97,14 @@ impl MountCore {
         state.journaled = false;
     }
 
-    /// An upload finished: the server now has the file.
-    fn settled(&self, path: &RemotePath) {
+    /// An upload to `path` finished: the server now has the file, at the
+    /// version `committed` when the upload committed it there.
+    fn settled(&self, path: &RemotePath, committed: Option<&FileMeta>) {
         let mut staged = self.staged.lock().unwrap();
         if let Some(s) = staged.get(path) {
+            if let Some(meta) = committed {
+                s.committed(meta.etag.clone());
+            }
             let state = s.state.lock().unwrap();
             if state.open_handles == 0 && !state.dirty {
                 drop(state);
@@ -262,8 +267,7 @@ impl MountCore {
         // Writes wait for the commit (the gate is held), so the upload reads
         // the staging file itself, through a second name the upload removes.
         let (local, link) = (staged.local.clone(), queue.new_staging_path());
-        let base = staged.base.as_ref().and_then(|b| b.etag.clone());
-        let entry = JournalEntry::new(staged.path(), link.clone(), base)
+        let entry = JournalEntry::new(staged.path(), link.clone(), staged.server_etag())
             .continuing(staged.take_upload_session());
         let entry = tokio::task::spawn_blocking(move || {
             std::fs::hard_link(local, link)?;
@@ -331,7 +335,7 @@ impl MountCore {
         if !journaled {
             staged.complete(self).await?;
         }
-        let base = staged.base.as_ref().and_then(|b| b.etag.clone());
+        let base = staged.server_etag();
         let session = match last_close {
             true => staged.upload_session(),
             false => staged.current_upload_session(),

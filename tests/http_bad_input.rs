@@ -109,13 +109,7 @@ async fn reserved_names_cannot_be_written_or_listed() {
         .op("mkdir", serde_json::json!({"path": "d/sub"}))
         .await;
     assert_eq!(status, 201);
-    let (_, listing) = server.json("/v1/list/d?recursive=true").await;
-    let names: Vec<&str> = listing["entries"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|e| e["name"].as_str().unwrap())
-        .collect();
+    let names = server.listed_names("d?recursive=true").await;
     assert_eq!(names, ["f.txt", "sub"]);
 }
 

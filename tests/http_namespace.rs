@@ -3,17 +3,8 @@
 
 mod harness;
 
-use harness::{Backend, Server};
+use harness::{Backend, Server, listed_names as names};
 use serde_json::{Value, json};
-
-fn names(listing: &Value) -> Vec<String> {
-    listing["entries"]
-        .as_array()
-        .unwrap_or_else(|| panic!("not a listing: {listing}"))
-        .iter()
-        .map(|e| e["name"].as_str().unwrap().to_owned())
-        .collect()
-}
 
 async fn put_then_list_and_stat(backend: Backend) {
     let s = Server::start_with(backend, &[]);

@@ -225,13 +225,7 @@ async fn writes_after_an_fsync_replace_the_fsynced_version_without_a_conflict() 
             .eventually_has("log.txt", b"first second third")
             .await
     );
-    let listing = server.json("/v1/list/").await.1;
-    let names: Vec<&str> = listing["entries"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|e| e["name"].as_str().unwrap())
-        .collect();
+    let names = server.listed_names("").await;
     assert_eq!(names, ["log.txt"], "no conflict copy");
 }
 
@@ -674,12 +668,10 @@ async fn a_file_changed_remotely_while_open_keeps_both_versions() {
         b"remote edit",
         "the remote version is not clobbered"
     );
-    let listing = server.json("/v1/list/").await.1;
-    let conflict = listing["entries"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|e| e["name"].as_str().unwrap().to_owned())
+    let conflict = server
+        .listed_names("")
+        .await
+        .into_iter()
         .find(|n| n.starts_with("shared.txt.conflict-"))
         .expect("a conflict copy beside the file");
     assert_eq!(server.get_bytes(&conflict).await.1, b"LOCAL EDIT");

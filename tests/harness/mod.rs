@@ -148,6 +148,11 @@ impl Server {
         )
     }
 
+    /// The names `GET /v1/list/{dir_and_query}` lists, in its order.
+    pub async fn listed_names(&self, dir_and_query: &str) -> Vec<String> {
+        listed_names(&self.json(&format!("/v1/list/{dir_and_query}")).await.1)
+    }
+
     pub async fn json(&self, path_and_query: &str) -> (u16, serde_json::Value) {
         let resp = self
             .client()
@@ -323,4 +328,14 @@ pub fn token_entry(name: &str, token: &str, scopes: &str, prefix: &str) -> Strin
         "[[token]]\nname = \"{name}\"\nsha256 = \"{}\"\nscopes = {scopes}\nprefix = \"{prefix}\"\n",
         hex::encode(sha2::Sha256::digest(token.as_bytes()))
     )
+}
+
+/// The names of a listing's entries, in its order.
+pub fn listed_names(listing: &serde_json::Value) -> Vec<String> {
+    listing["entries"]
+        .as_array()
+        .unwrap_or_else(|| panic!("not a listing: {listing}"))
+        .iter()
+        .map(|e| e["name"].as_str().unwrap().to_owned())
+        .collect()
 }

@@ -180,11 +180,18 @@ pub struct StagedState {
     /// continues, once handed over and until an upload takes it (see
     /// [`Staged::upload_session`]).
     upload_session: Option<Handover>,
-    /// The etag of the version an upload of this file committed since it
-    /// was opened (an `fsync`'s, or a close's while another descriptor
-    /// stays open): the server has the file under its name now, and the
+    /// The version an upload of this file committed since it was opened
+    /// (an `fsync`'s, or a close's while another descriptor stays open),
+    /// by its etag: the server has the file under its name now, and the
     /// next upload commits over that version, not over `base`.
-    committed_etag: Option<String>,
+    committed: Option<Committed>,
+}
+
+/// A version of a staged file that one of its uploads committed.
+#[derive(Debug)]
+struct Committed {
+    /// Its etag, where the store gives one.
+    etag: Option<String>,
 }
 
 async fn blocking<T: Send + 'static>(
@@ -251,7 +258,7 @@ impl Staged {
                 open_handles: 0,
                 unlinked: false,
                 upload_session: None,
-                committed_etag: None,
+                committed: None,
             }),
             gate: tokio::sync::RwLock::new(()),
             space: space.clone(),
@@ -313,19 +320,21 @@ impl Staged {
     /// commits over: the last one this mount committed, else the one it
     /// was opened from; `None` for a file the server does not have.
     pub fn server_etag(&self) -> Option<String> {
-        let committed = self.state.lock().unwrap().committed_etag.clone();
-        committed.or_else(|| self.base.as_ref().and_then(|b| b.etag.clone()))
+        match &self.state.lock().unwrap().committed {
+            Some(committed) => committed.etag.clone(),
+            None => self.base.as_ref().and_then(|b| b.etag.clone()),
+        }
     }
 
     /// Whether the server has a version of the file under its name (it was
     /// opened from one, or an upload committed one since).
     pub fn exists_on_server(&self) -> bool {
-        self.base.is_some() || self.state.lock().unwrap().committed_etag.is_some()
+        self.base.is_some() || self.state.lock().unwrap().committed.is_some()
     }
 
     /// An upload of this file committed `etag` under its name.
     pub fn committed(&self, etag: Option<String>) {
-        self.state.lock().unwrap().committed_etag = etag;
+        self.state.lock().unwrap().committed = Some(Committed { etag });
     }
 
     pub fn size(&self) -> u64 {

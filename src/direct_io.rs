@@ -43,12 +43,11 @@ const POOLED_READ_BUFFERS: usize = 4;
 
 static READ_POOL: Mutex<Vec<Vec<u8>>> = Mutex::new(Vec::new());
 
-/// A direct (`O_DIRECT`) descriptor for reading `path`, or
-/// `None` where the filesystem refuses one or only plays along: tmpfs
-/// takes `O_DIRECT` but copies through its page cache all the same, so
-/// going "direct" there would only add the bounce buffer's copy. A
-/// filesystem that really does direct I/O says so, and with which
-/// alignments, through `statx` (Linux 6.1 on).
+/// A direct (`O_DIRECT`) descriptor for reading `path`, or `None` where
+/// the filesystem refuses one or only plays along: tmpfs takes `O_DIRECT`
+/// but reads through its page cache all the same, so going "direct" there
+/// gains nothing. A filesystem that really does direct I/O says so, and
+/// with which alignments, through `statx` (Linux 6.1 on).
 pub fn open_direct(path: &Path) -> Option<File> {
     let file = OpenOptions::new()
         .read(true)

@@ -229,6 +229,69 @@ async fn writes_after_an_fsync_replace_the_fsynced_version_without_a_conflict() 
     assert_eq!(names, ["log.txt"], "no conflict copy");
 }
 
+/// git's way of writing its config: create `config.lock` exclusively, write,
+/// close, rename it over `config`, at once again. FUSE sends a close's
+/// release asynchronously, so it may reach the mount during the rename,
+/// while that waits for the last round's upload to `config`; here the
+/// descriptor is closed while the rename runs to make that likely. The lock
+/// name must be free again every round, and only the last content remain.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lock_file_renamed_over_its_target_in_quick_rounds_frees_its_name() {
+    if !fuse_available() {
+        return;
+    }
+    let server = Server::start();
+    let mount = MountProc::start(&server, &[]);
+    std::fs::create_dir(mount.at("repo")).unwrap();
+    let (lock, config) = (mount.at("repo/config.lock"), mount.at("repo/config"));
+    let content = |round: usize| format!("round {round:>4}\n").repeat(MIB / 11 + round * 97);
+    let rounds = 40;
+    for round in 0..rounds {
+        let mut file = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&lock)
+            .unwrap_or_else(|e| panic!("round {round}: the lock name is taken: {e}"));
+        file.write_all(content(round).as_bytes()).unwrap();
+        let renaming = {
+            let (lock, config) = (lock.clone(), config.clone());
+            std::thread::spawn(move || std::fs::rename(lock, config))
+        };
+        std::thread::sleep(Duration::from_micros(300 * (round as u64 % 8)));
+        drop(file);
+        renaming
+            .join()
+            .unwrap()
+            .unwrap_or_else(|e| panic!("round {round}: rename failed: {e}"));
+    }
+    let last = content(rounds - 1);
+    assert_eq!(std::fs::read_to_string(&config).unwrap(), last);
+    assert!(server.eventually_has("repo/config", last.as_bytes()).await);
+    assert_eq!(server.listed_names("repo").await, ["config"]);
+}
+
+/// A file removed right after its close (its release still on the way, or
+/// its upload starting) never comes back on the server.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_file_removed_right_after_its_close_stays_removed() {
+    if !fuse_available() {
+        return;
+    }
+    let server = Server::start();
+    let mount = MountProc::start(&server, &[]);
+    std::fs::create_dir(mount.at("scratch")).unwrap();
+    for round in 0..100 {
+        let path = mount.at(&format!("scratch/{}.tmp", round % 3));
+        std::fs::write(&path, format!("round {round}")).unwrap();
+        std::fs::remove_file(&path).unwrap_or_else(|e| panic!("round {round}: unlink failed: {e}"));
+    }
+    std::fs::write(mount.at("scratch/kept"), "kept").unwrap();
+    assert!(server.eventually_has("scratch/kept", b"kept").await);
+    // Uploads run in order of close per name, and `kept` was closed last.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(server.listed_names("scratch").await, ["kept"]);
+}
+
 /// A descriptor opened only to write bypasses the kernel's page cache; a
 /// reader of the same file (a `tail -f` of a log) must still see every
 /// write, including those into a page it has cached.
@@ -517,6 +580,53 @@ async fn files_closed_before_a_sigkill_are_committed_by_the_next_mount() {
     .unwrap_or(1)
         == 0));
     assert!(is_mounted(&remount.path));
+}
+
+/// An editor's descriptor still open (here a dup of it) when the file is
+/// renamed: its close journaled the upload under the old name, so the rename
+/// must rewrite that record. A mount killed then commits the file under the
+/// new name when it comes back, and nothing under the old one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_file_renamed_while_still_open_is_recovered_under_its_new_name() {
+    if !fuse_available() {
+        return;
+    }
+    let (tmp, server) = server_with_store();
+    let state = tmp.path().join("state");
+    let mut mount = MountProc::start_with_state(
+        &server.url,
+        tempfile::tempdir().unwrap(),
+        state.clone(),
+        &[],
+    );
+    let data = random_bytes(3 * MIB + 17);
+    let mut file = std::fs::File::create(mount.at("draft.tmp")).unwrap();
+    file.write_all(&data).unwrap();
+    let still_open = file.try_clone().unwrap();
+    drop(file); // a close: journaled, but not the last, so not uploaded
+    let journal = mount_state_dir(&state).join("journal");
+    assert_eq!(journal_records(&journal).len(), 1);
+    std::fs::rename(mount.at("draft.tmp"), mount.at("final.txt")).unwrap();
+    mount.child.kill().unwrap(); // SIGKILL
+    mount.child.wait().unwrap();
+    drop(still_open);
+    let _ = Command::new("fusermount3")
+        .arg("-u")
+        .arg(&mount.path)
+        .status();
+    drop(mount);
+    let _remount = MountProc::start_with_state(
+        &server.url,
+        tempfile::tempdir().unwrap(),
+        state.clone(),
+        &[],
+    );
+    assert!(server.eventually_has("final.txt", &data).await);
+    assert!(eventually(Duration::from_secs(5), || journal_records(
+        &journal
+    )
+    .is_empty()));
+    assert_eq!(server.listed_names("").await, ["final.txt"]);
 }
 
 /// A server on `store` in a fresh directory, beside which a mount's

@@ -31,6 +31,7 @@ pub mod errno {
     pub const ENOENT: i32 = 2;
     pub const EIO: i32 = 5;
     pub const EBADF: i32 = 9;
+    pub const EEXIST: i32 = 17;
     pub const EINVAL: i32 = 22;
     pub const ENOSPC: i32 = 28;
     pub const EROFS: i32 = 30;
@@ -505,14 +506,14 @@ impl MountCore {
     pub async fn unlink(&self, parent: u64, name: &str) -> FsResult<()> {
         self.writable()?;
         let path = self.child(parent, name)?;
-        if let Some(open) = self.quiesce(&path).await {
-            open.state.lock().unwrap().unlinked = true;
-            self.staged.lock().unwrap().remove(&path);
-            if open.exists_on_server() {
-                self.client.delete(&path).await.map_err(|e| errno_of(&e))?;
+        match self.quiesce(&path).await {
+            Some(open) => {
+                if open.staged.exists_on_server() {
+                    self.client.delete(&path).await.map_err(|e| errno_of(&e))?;
+                }
+                self.drop_unlinked(open);
             }
-        } else {
-            self.client.delete(&path).await.map_err(|e| errno_of(&e))?;
+            None => self.client.delete(&path).await.map_err(|e| errno_of(&e))?,
         }
         self.inodes.remove(&path);
         Ok(())
@@ -530,39 +531,43 @@ impl MountCore {
         self.writable()?;
         let from = self.child(parent, name)?;
         let to = self.child(new_parent, new_name)?;
-        // A pending upload to either name must land before the names move.
-        let open = self.quiesce(&from).await;
-        if let Some(replaced) = self.quiesce(&to).await {
-            replaced.state.lock().unwrap().unlinked = true;
-        }
-        if let Some(staged) = open {
-            if staged.exists_on_server() {
-                let request = MoveRequest {
-                    from: from.clone(),
-                    to: to.clone(),
-                    overwrite: !no_replace,
-                    recursive: false,
-                };
-                self.client
-                    .rename(&request)
-                    .await
-                    .map_err(|e| errno_of(&e))?;
-            }
-            // Still being written: its upload goes to the new name.
-            self.restage(&staged, &from, &to);
-            self.inodes.rename(&from, &to);
+        if from == to {
             return Ok(());
         }
-        let request = MoveRequest {
-            from: from.clone(),
-            to: to.clone(),
-            overwrite: !no_replace,
-            recursive: true,
-        };
-        self.client
-            .rename(&request)
-            .await
-            .map_err(|e| errno_of(&e))?;
+        // A pending upload to either name must land before the names move,
+        // and a file open under either waits with its last close until they
+        // have.
+        let replaced = self.quiesce(&to).await;
+        if no_replace && replaced.is_some() {
+            return Err(errno::EEXIST);
+        }
+        let moving = self.quiesce(&from).await;
+        let on_server = moving
+            .as_ref()
+            .is_none_or(|open| open.staged.exists_on_server());
+        if no_replace && !on_server && self.stat(&to).await.is_ok() {
+            return Err(errno::EEXIST);
+        }
+        if on_server {
+            let request = MoveRequest {
+                from: from.clone(),
+                to: to.clone(),
+                overwrite: !no_replace,
+                // An open file is a file; a directory may hold anything.
+                recursive: moving.is_none(),
+            };
+            self.client
+                .rename(&request)
+                .await
+                .map_err(|e| errno_of(&e))?;
+        }
+        if let Some(replaced) = replaced {
+            self.drop_unlinked(replaced);
+        }
+        if let Some(open) = &moving {
+            // Still being written: its upload goes to the new name.
+            self.restage(open, &to).await;
+        }
         self.inodes.rename(&from, &to);
         Ok(())
     }

@@ -43,6 +43,12 @@ pub struct Staged {
     /// Held shared by writes; exclusively while the current content is
     /// completed and journaled (a close) or uploaded (fsync).
     pub gate: tokio::sync::RwLock<()>,
+    /// Held while the file's name or fate is decided: by the last close as
+    /// it starts the upload under the current name, and by a rename or
+    /// unlink of the file across their check that it is open, the server
+    /// call and the move. FUSE sends a close's release asynchronously, so
+    /// without it a release arriving mid-rename uploads to the old name.
+    pub naming: Arc<tokio::sync::Mutex<()>>,
     space: Arc<StagingSpace>,
     /// The staging space this file's content takes, until it is discarded
     /// or handed to its upload.
@@ -261,6 +267,7 @@ impl Staged {
                 committed: None,
             }),
             gate: tokio::sync::RwLock::new(()),
+            naming: Arc::default(),
             space: space.clone(),
             charge: Mutex::new(space.empty()),
             early_sync: EarlySync::default(),

@@ -12,6 +12,13 @@ use crate::fs::staging::{Staged, discard};
 use crate::fs::staging_space::Charge;
 use crate::protocol::{EntryKind, FileMeta, RemotePath};
 
+/// A staged file found open before a rename or unlink of it, its naming
+/// lock held (see [`Staged::naming`]).
+pub(super) struct OpenStaged {
+    pub staged: Arc<Staged>,
+    _naming: tokio::sync::OwnedMutexGuard<()>,
+}
+
 /// Metadata of a staged file as the mount shows it.
 pub(super) fn staged_meta_of(staged: &Staged) -> FileMeta {
     let etag = staged.server_etag();
@@ -76,25 +83,61 @@ impl MountCore {
     /// Before a namespace change of `path`: lets a pending upload to it
     /// land first (a closed file's, or an `fsync`'s of a file still open,
     /// so that the change applies to what it commits). Returns the staged
-    /// file if it is still open.
-    pub(super) async fn quiesce(&self, path: &RemotePath) -> Option<Arc<Staged>> {
-        let staged = self.staged_for(path)?;
-        if let Ok(queue) = self.queue() {
-            queue.wait(path).await;
+    /// file if it is still open, held so that its last close waits until
+    /// the change is done and then uploads under the name it leaves.
+    pub(super) async fn quiesce(&self, path: &RemotePath) -> Option<OpenStaged> {
+        loop {
+            let staged = self.staged_for(path)?;
+            let naming = staged.naming.clone().lock_owned().await;
+            if staged.path() != *path {
+                // Renamed while this waited: whatever has the name now.
+                continue;
+            }
+            // A last close that came first has announced its upload.
+            if let Ok(queue) = self.queue() {
+                queue.wait(path).await;
+            }
+            let open = staged.state.lock().unwrap().open_handles > 0;
+            return open.then_some(OpenStaged {
+                staged,
+                _naming: naming,
+            });
         }
-        let open = staged.state.lock().unwrap().open_handles > 0;
-        open.then_some(staged)
     }
 
-    /// Moves an open staged file to a new name.
-    pub(super) fn restage(&self, staged: &Arc<Staged>, from: &RemotePath, to: &RemotePath) {
+    /// Moves an open staged file to a new name. A close that journaled it
+    /// already had its record name the old path: the record is written
+    /// again, so that a crash before the last close uploads it under the
+    /// new name.
+    pub(super) async fn restage(&self, open: &OpenStaged, to: &RemotePath) {
+        let staged = &open.staged;
+        let rejournal = {
+            let mut map = self.staged.lock().unwrap();
+            let mut state = staged.state.lock().unwrap();
+            map.remove(&state.path);
+            map.insert(to.clone(), staged.clone());
+            state.path = to.clone();
+            std::mem::take(&mut state.journaled) && state.dirty
+        };
+        if rejournal && let Ok(queue) = self.queue() {
+            // On failure the last close journals it again, and says so.
+            if let Err(errno) = self.journal(queue, staged, false).await {
+                tracing::warn!(path = %to, errno,
+                    "the journal record of a renamed file could not be rewritten; until its last close, a crash would upload it under its old name");
+            }
+        }
+    }
+
+    /// An open staged file was removed (or replaced by a rename): nothing of
+    /// it is uploaded, and the name shows the server's entry again.
+    pub(super) fn drop_unlinked(&self, open: OpenStaged) {
+        let staged = &open.staged;
         let mut map = self.staged.lock().unwrap();
-        map.remove(from);
-        map.insert(to.clone(), staged.clone());
         let mut state = staged.state.lock().unwrap();
-        state.path = to.clone();
-        // A journal record names the old path.
-        state.journaled = false;
+        state.unlinked = true;
+        if map.get(&state.path).is_some_and(|s| Arc::ptr_eq(s, staged)) {
+            map.remove(&state.path);
+        }
     }
 
     /// An upload to `path` finished: the server now has the file, at the
@@ -346,12 +389,20 @@ impl MountCore {
             return Ok(entry);
         }
         let entry = queue.journal(entry).map_err(|e| errno::of_io(&e))?;
-        staged.state.lock().unwrap().journaled = true;
+        let mut state = staged.state.lock().unwrap();
+        // Renamed meanwhile: the record must be written again, with the
+        // new name.
+        if state.path == entry.path {
+            state.journaled = true;
+        }
         Ok(entry)
     }
 
     pub(super) async fn release_staged(&self, staged: Arc<Staged>) -> FsResult<()> {
         let queue = self.queue()?.clone();
+        // Not while a rename or unlink of the file is under way: the upload
+        // goes to the name it leaves, or nowhere.
+        let naming = staged.naming.lock().await;
         let path = staged.path();
         // Announced before the last handle goes, so that anyone who then
         // finds the file closed also finds its upload on the way.
@@ -363,6 +414,7 @@ impl MountCore {
             state.open_handles = state.open_handles.saturating_sub(1);
             (last, reservation)
         };
+        drop(naming);
         if !last {
             return Ok(());
         }

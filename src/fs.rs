@@ -15,6 +15,7 @@ pub mod pending;
 pub mod readahead;
 mod staging;
 pub mod staging_space;
+mod tail_copy;
 pub mod write_behind;
 
 use std::path::Path;

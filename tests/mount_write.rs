@@ -10,7 +10,8 @@ use std::process::Command;
 use std::time::Duration;
 
 use harness::mount::{
-    MountProc, fuse_available, is_mounted, mount_state_dir, probe_duration, store_file,
+    MountProc, fuse_available, is_mounted, journal_records, mount_state_dir, probe_duration,
+    store_file,
 };
 use harness::{Server, eventually, random_bytes};
 
@@ -636,19 +637,6 @@ fn server_with_store() -> (tempfile::TempDir, Server) {
     let store = tmp.path().join("store");
     let server = Server::start_on(store.to_str().unwrap(), &[]);
     (tmp, server)
-}
-
-/// The finished journal records in `journal`, as text (records are
-/// written beside as `.tmp`, then renamed).
-fn journal_records(journal: &std::path::Path) -> Vec<String> {
-    std::fs::read_dir(journal)
-        .map(|d| {
-            d.flatten()
-                .filter(|e| e.path().extension().is_some_and(|x| x == "json"))
-                .filter_map(|e| std::fs::read_to_string(e.path()).ok())
-                .collect()
-        })
-        .unwrap_or_default()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

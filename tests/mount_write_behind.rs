@@ -10,7 +10,7 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use harness::mount::{MountProc, fuse_available};
+use harness::mount::{MountProc, fuse_available, journal_records, mount_state_dir};
 use harness::{Server, eventually, random_bytes};
 
 const MIB: usize = 1 << 20;
@@ -242,4 +242,118 @@ async fn a_server_killed_mid_upload_is_caught_up_with_when_it_returns() {
         Some("committed"),
         "the upload continued the session the server held"
     );
+}
+
+/// A file closed while write-behind's session held most of it: the close
+/// syncs only a copy of what the session lacks. Then the server stops
+/// answering, the mount is killed and the machine "restarts": the journal
+/// record's boot becomes another one and the staging file, never synced,
+/// is torn (overwritten here with garbage). Returns the record.
+async fn closed_with_a_tail_copy_then_restarted(
+    server: &Server,
+    store: &Path,
+    state: &Path,
+    data: &[u8],
+) -> serde_json::Value {
+    let mount =
+        MountProc::start_with_state(&server.url, tempfile::tempdir().unwrap(), state.into(), &[]);
+    let file = write_open(&mount.at("restarted.bin"), data);
+    // Chunks 1 to 6 of the 8 can go early; the close needs half acknowledged.
+    assert!(eventually(Duration::from_secs(20), || chunks_received(
+        store
+    ) >= 6));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    server.pause();
+    drop(file);
+    let journal = mount_state_dir(state).join("journal");
+    let records = journal_records(&journal);
+    assert_eq!(records.len(), 1);
+    mount.sigkill();
+    let mut record: serde_json::Value = serde_json::from_str(&records[0]).unwrap();
+    let copy = record["tail_copy"].clone();
+    assert!(copy.is_object(), "the close synced a tail copy: {record}");
+    let (local, copy_path) = (
+        PathBuf::from(record["local"].as_str().unwrap()),
+        PathBuf::from(copy["path"].as_str().unwrap()),
+    );
+    use std::os::unix::fs::MetadataExt;
+    let copied = std::fs::metadata(&copy_path).unwrap().blocks() * 512;
+    assert!(
+        copied < data.len() as u64 / 2,
+        "the copy holds only what the session lacks ({copied} bytes)"
+    );
+    std::fs::write(&local, random_bytes(data.len())).unwrap();
+    record["tail_copy"]["boot"] = "00000000-0000-0000-0000-000000000000".into();
+    let name = std::fs::read_dir(&journal)
+        .unwrap()
+        .flatten()
+        .find(|e| e.path().extension().is_some_and(|x| x == "json"))
+        .unwrap()
+        .path();
+    std::fs::write(name, serde_json::to_vec(&record).unwrap()).unwrap();
+    record
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_machine_restart_a_file_is_rebuilt_from_its_session_and_its_synced_tail() {
+    let Some((tmp, store)) = fuse_and_store() else {
+        return;
+    };
+    let state = tmp.path().join("state");
+    let server = Server::start_on(store.to_str().unwrap(), &[]);
+    let data = random_bytes(64 * MIB + 5);
+    closed_with_a_tail_copy_then_restarted(&server, &store, &state, &data).await;
+    server.resume();
+    let _remount = MountProc::start_with_state(
+        &server.url,
+        tempfile::tempdir().unwrap(),
+        state.clone(),
+        &[],
+    );
+    assert!(server.eventually_has("restarted.bin", &data).await);
+    let dir = mount_state_dir(&state);
+    assert!(eventually(Duration::from_secs(5), || {
+        journal_records(&dir.join("journal")).is_empty()
+            && std::fs::read_dir(dir.join("staging")).unwrap().count() == 0
+    }));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_machine_restart_a_lost_session_commits_nothing_in_the_files_place() {
+    let Some((tmp, store)) = fuse_and_store() else {
+        return;
+    };
+    let state = tmp.path().join("state");
+    let server = Server::start_on(store.to_str().unwrap(), &[]);
+    let data = random_bytes(64 * MIB + 5);
+    let record = closed_with_a_tail_copy_then_restarted(&server, &store, &state, &data).await;
+    server.resume();
+    let session = record["session_id"].as_str().unwrap();
+    let aborted = server
+        .client()
+        .delete(format!("{}/v1/uploads/{session}", server.url))
+        .send()
+        .await
+        .unwrap();
+    assert!(aborted.status().is_success(), "{}", aborted.status());
+    let remount = MountProc::start_with_state(
+        &server.url,
+        tempfile::tempdir().unwrap(),
+        state.clone(),
+        &[],
+    );
+    let dir = mount_state_dir(&state);
+    assert!(
+        eventually(Duration::from_secs(20), || journal_records(
+            &dir.join("journal")
+        )
+        .is_empty()),
+        "the upload gives up"
+    );
+    assert_eq!(server.get_bytes("restarted.bin").await.0, 404);
+    assert!(
+        std::fs::read_dir(dir.join("staging")).unwrap().count() > 0,
+        "its files are kept"
+    );
+    drop(remount);
 }

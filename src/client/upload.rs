@@ -135,6 +135,7 @@ pub async fn upload_file(
                 options.sha256_prefix.clone(),
             ))),
         },
+        known_sha256: options.sha256.clone(),
         file,
         local: local.to_owned(),
         size,
@@ -383,6 +384,9 @@ struct Source {
     file: Arc<File>,
     /// None when the caller gave the digest.
     digest: Option<Arc<UploadDigest>>,
+    /// The digest the caller gave, sent with `complete` too: a resumed
+    /// session may have been created to receive it there.
+    known_sha256: Option<String>,
     local: PathBuf,
     /// Size and mtime when the upload started.
     size: u64,
@@ -425,7 +429,7 @@ impl Source {
     /// and a change refuses the commit.
     async fn sha256(&self) -> Result<Option<String>> {
         let Some(digest) = &self.digest else {
-            return Ok(None);
+            return Ok(self.known_sha256.clone());
         };
         let sha256 = digest.finish().await?;
         let now = self

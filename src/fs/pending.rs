@@ -14,6 +14,7 @@ use futures::future::{BoxFuture, Shared};
 use serde::{Deserialize, Serialize};
 
 use super::staging_space::{Charge, StagingSpace};
+use super::tail_copy::{self, TailCopy};
 use super::write_behind::Handover;
 use crate::client::Client;
 use crate::client::digest::DigestPrefix;
@@ -38,6 +39,10 @@ pub struct JournalEntry {
     /// does not). A close of the file syncs it and clears this.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub unsynced_boot: Option<String>,
+    /// Set when the close synced not the staging file but a copy of what
+    /// write-behind's session lacked (see [`super::tail_copy`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tail_copy: Option<TailCopy>,
     /// The hash of the file's start, from write-behind (not journaled:
     /// after a crash the upload hashes the whole file).
     #[serde(skip)]
@@ -54,7 +59,27 @@ impl JournalEntry {
             session_id: None,
             queued_at: Utc::now(),
             unsynced_boot: None,
+            tail_copy: None,
             digest_prefix: None,
+        }
+    }
+
+    /// Made durable as `copy` describes, if given: the upload continues the
+    /// session the copy counts on.
+    pub fn with_tail_copy(mut self, copy: Option<TailCopy>) -> JournalEntry {
+        if let Some(copy) = copy {
+            self.session_id = Some(copy.session.clone());
+            self.tail_copy = Some(copy);
+        }
+        self
+    }
+
+    /// The file the upload reads: the staging file, unless the machine
+    /// restarted since a close that synced only a copy of its tail.
+    pub fn source(&self) -> &Path {
+        match &self.tail_copy {
+            Some(copy) if boot_id().as_deref() != Some(copy.boot.as_str()) => &copy.path,
+            _ => &self.local,
         }
     }
 
@@ -87,7 +112,7 @@ impl JournalEntry {
 }
 
 /// This boot's id, which changes whenever the machine starts.
-fn boot_id() -> Option<String> {
+pub(super) fn boot_id() -> Option<String> {
     let id = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").ok()?;
     Some(id.trim().to_owned()).filter(|id| !id.is_empty())
 }
@@ -233,6 +258,7 @@ impl UploadQueue {
     /// content is no longer to be uploaded.
     pub fn unjournal(&self, local: &Path) {
         let _ = std::fs::remove_file(self.record_of(local));
+        let _ = std::fs::remove_file(tail_copy::path_for(local));
     }
 
     fn record_of(&self, local: &Path) -> PathBuf {
@@ -262,9 +288,9 @@ impl UploadQueue {
                 .ok()
                 .and_then(|b| serde_json::from_slice::<JournalEntry>(&b).ok())
             {
-                Some(entry) if entry.local.exists() && !entry.torn_by_reboot() => {
+                Some(entry) if entry.source().exists() && !entry.torn_by_reboot() => {
                     tracing::info!(path = %entry.path, "resuming an upload left by an earlier mount");
-                    let charge = self.space.draining(allocated(&entry.local));
+                    let charge = self.space.draining(allocated(entry.source()));
                     self.reserve(&entry.path).start(path, entry, charge);
                     count += 1;
                 }
@@ -311,6 +337,8 @@ impl UploadQueue {
         let mut attempt = 0u32;
         let mut target = entry.path.clone();
         let mut committed = None;
+        let source = entry.source().to_owned();
+        let mut keep_files = false;
         loop {
             let session = {
                 let (record, live) = (record.to_owned(), live.clone());
@@ -324,17 +352,18 @@ impl UploadQueue {
                 })
             };
             let space = self.space.clone();
-            let size = std::fs::metadata(&entry.local).map_or(0, |m| m.len());
+            let size = std::fs::metadata(&source).map_or(0, |m| m.len());
             let options = UploadOptions {
                 if_match: entry.base_etag.clone().filter(|_| target == entry.path),
                 resume_id: entry.session_id.take(),
+                sha256: entry.tail_copy.as_ref().map(|copy| copy.sha256.clone()),
                 sha256_prefix: entry.digest_prefix.clone(),
                 on_session: Some(session),
                 progress: Some(Arc::new(move |_| space.upload_progressed())),
                 transport: Transport::for_file_of(size),
                 ..Default::default()
             };
-            match upload_file(&self.client, &entry.local, &target, options).await {
+            match upload_file(&self.client, &source, &target, options).await {
                 Ok(report) => {
                     self.space.upload_progressed();
                     committed = Some(report.meta);
@@ -345,8 +374,15 @@ impl UploadQueue {
                     tracing::warn!(path = %entry.path, kept_as = %target, error = %e,
                         "the remote file changed since it was opened; keeping both");
                 }
-                Err(e) if !entry.local.exists() => {
+                Err(e) if !source.exists() => {
                     tracing::error!(path = %target, error = %e, "the staged file is gone; this upload cannot be completed");
+                    break;
+                }
+                Err(e) if source != entry.local && e.code() == ErrorCode::ChecksumMismatch => {
+                    tracing::error!(path = %target, error = %e, staged = %entry.local.display(),
+                        copy = %source.display(),
+                        "this file cannot be rebuilt: the machine restarted since its close, which synced only the part the server lacked, and the server no longer has the rest; its files are left as they are");
+                    keep_files = true;
                     break;
                 }
                 Err(e) => {
@@ -371,7 +407,10 @@ impl UploadQueue {
             *live = None;
             let _ = std::fs::remove_file(record);
         }
-        let _ = std::fs::remove_file(&entry.local);
+        if !keep_files {
+            let _ = std::fs::remove_file(&entry.local);
+            let _ = std::fs::remove_file(tail_copy::path_for(&entry.local));
+        }
         if target == entry.path {
             (self.on_settled)(&entry.path, committed.as_ref());
         } else {

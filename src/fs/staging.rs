@@ -21,6 +21,7 @@ use self::extents::Extents;
 use super::block_cache::{BLOCK_SIZE, FetchError};
 use super::core::{FsResult, errno};
 use super::staging_space::{Charge, StagingSpace};
+use super::tail_copy::{self, TailCopy};
 use super::write_behind::{Handover, WriteBehind};
 use crate::client::Client;
 use crate::protocol::{FileMeta, RemotePath};
@@ -159,7 +160,7 @@ impl EarlySync {
 }
 
 /// The non-empty parts of `0..upto` outside `on_server`.
-fn write_back_ranges(upto: u64, on_server: Option<Range<u64>>) -> Vec<Range<u64>> {
+pub(super) fn write_back_ranges(upto: u64, on_server: Option<Range<u64>>) -> Vec<Range<u64>> {
     let held = on_server.unwrap_or(upto..upto);
     [0..held.start.min(upto), held.end..upto]
         .into_iter()
@@ -178,6 +179,8 @@ pub struct StagedState {
     /// The journal has a record of the current content (written at the
     /// last `flush`), so the last close only has to start its upload.
     pub journaled: bool,
+    /// How the journaled content was made durable, when only in part.
+    pub tail_copy: Option<TailCopy>,
     pub mtime: SystemTime,
     pub open_handles: u32,
     /// Unlinked while open: discarded at the last close, never uploaded.
@@ -260,6 +263,7 @@ impl Staged {
                 content: Extents::default(),
                 dirty: truncate,
                 journaled: false,
+                tail_copy: None,
                 mtime: SystemTime::now(),
                 open_handles: 0,
                 unlinked: false,
@@ -559,11 +563,30 @@ impl Staged {
     }
 
     /// Fills every block still missing and makes the file durable locally:
-    /// after this the staging file is the whole new content.
-    pub async fn complete(&self, remote: &dyn RemoteBlocks) -> FsResult<()> {
+    /// after this the staging file is the whole new content. Where
+    /// write-behind's session holds most of it, only the rest is made
+    /// durable, as a copy beside the file, described by what this returns
+    /// (see [`tail_copy`](super::tail_copy)).
+    pub async fn complete(&self, remote: &dyn RemoteBlocks) -> FsResult<Option<TailCopy>> {
         self.fill_all(remote).await?;
-        let file = self.file.clone();
-        blocking(move || file.sync_all()).await
+        let size = self.size();
+        let held = self.write_behind.as_ref().and_then(|wb| wb.hold(size));
+        let (file, local) = (self.file.clone(), self.local.clone());
+        blocking(move || {
+            if let Some(held) = held {
+                match tail_copy::write(&file, &local, size, held) {
+                    Ok(Some(copy)) => return Ok(Some(copy)),
+                    Ok(None) => {}
+                    Err(e) => {
+                        tracing::warn!(error = %e, "copying a closed file's tail failed; syncing all of it");
+                        discard(&tail_copy::path_for(&local));
+                    }
+                }
+            }
+            file.sync_all()?;
+            Ok(None)
+        })
+        .await
     }
 
     /// Fills every block still missing: after this the staging file holds
@@ -601,9 +624,11 @@ impl Drop for Staged {
     }
 }
 
-/// Removes a staging file, ignoring one already gone.
+/// Removes a staging file (and a copy of its tail), ignoring one already
+/// gone.
 pub fn discard(local: &Path) {
     let _ = std::fs::remove_file(local);
+    let _ = std::fs::remove_file(tail_copy::path_for(local));
 }
 
 #[cfg(test)]

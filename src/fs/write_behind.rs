@@ -76,6 +76,10 @@ struct State {
     prefix: Option<DigestPrefix>,
     /// Chunks the server acknowledged.
     acked: Acked,
+    /// A journal record counts on the acknowledged chunks (see
+    /// [`WriteBehind::hold`]): the session is never aborted for a failure,
+    /// only when the file is discarded.
+    held: bool,
 }
 
 /// The chunks acknowledged by the server, as a run from chunk 1: with
@@ -103,6 +107,17 @@ impl Acked {
     fn bytes(&self) -> Option<Range<u64>> {
         (self.run_end > 1).then(|| CHUNK_SIZE..self.run_end * CHUNK_SIZE)
     }
+}
+
+/// What the server holds of a file in write-behind's session, for a close
+/// that makes only the rest durable locally (see `fs::tail_copy`).
+#[derive(Debug, Clone)]
+pub struct HeldOnServer {
+    pub session: String,
+    /// The bytes of the acknowledged run.
+    pub bytes: Range<u64>,
+    /// The hash of the file's start.
+    pub prefix: DigestPrefix,
 }
 
 /// What write-behind gives the upload of a file.
@@ -223,11 +238,36 @@ impl WriteBehind {
         state.acked.bytes()
     }
 
+    /// What the server holds of a file `size` long, if that is at least
+    /// half of it and the hash of the file's start is intact; the session
+    /// is kept for the journal record that counts on it from now on, even
+    /// if write-behind ends in a failure. Called once the file's content is
+    /// final (its writes wait).
+    pub fn hold(&self, size: u64) -> Option<HeldOnServer> {
+        let mut state = self.state.lock().unwrap();
+        if state.over || state.hash_broken {
+            return None;
+        }
+        let bytes = state.acked.bytes().filter(|b| b.end <= size)?;
+        let prefix = state.prefix.clone().filter(|p| p.len <= size)?;
+        if (bytes.end - bytes.start) * 2 < size {
+            return None;
+        }
+        let session = state.session.clone()?;
+        state.held = true;
+        Some(HeldOnServer {
+            session,
+            bytes,
+            prefix,
+        })
+    }
+
     /// Ends write-behind without an upload to give its session to (the
-    /// file was discarded).
+    /// file was discarded, and any record with it).
     pub fn cancel(self: &Arc<Self>) {
-        let state = self.state.lock().unwrap();
+        let mut state = self.state.lock().unwrap();
         if !state.over {
+            state.held = false;
             self.abandon(state, "the file was discarded");
         }
     }
@@ -235,11 +275,14 @@ impl WriteBehind {
     fn abandon(&self, mut state: std::sync::MutexGuard<'_, State>, why: &str) {
         state.over = true;
         let session = state.session.take();
+        let held = state.held;
         drop(state);
         self.wake.notify_one();
         if let Some(id) = session {
             tracing::debug!(path = %self.path, session = id, why, "write-behind abandoned");
-            self.abort(id);
+            if !held {
+                self.abort(id);
+            }
         }
     }
 

@@ -152,6 +152,19 @@ impl Drop for Tmpfs {
     }
 }
 
+/// The finished journal records in `journal`, as text (records are
+/// written beside as `.tmp`, then renamed).
+pub fn journal_records(journal: &std::path::Path) -> Vec<String> {
+    std::fs::read_dir(journal)
+        .map(|d| {
+            d.flatten()
+                .filter(|e| e.path().extension().is_some_and(|x| x == "json"))
+                .filter_map(|e| std::fs::read_to_string(e.path()).ok())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
 /// Bytes the staging files of mounts under `state` take on disk.
 pub fn staged_bytes(state: &Path) -> u64 {
     use std::os::unix::fs::MetadataExt;

@@ -376,15 +376,18 @@ impl MountCore {
         // clears the mark, so the record stands.
         let journaled = staged.state.lock().unwrap().journaled;
         if !journaled {
-            staged.complete(self).await?;
+            let tail_copy = staged.complete(self).await?;
+            staged.state.lock().unwrap().tail_copy = tail_copy;
         }
         let base = staged.server_etag();
         let session = match last_close {
             true => staged.upload_session(),
             false => staged.current_upload_session(),
         };
-        let entry =
-            JournalEntry::new(staged.path(), staged.local.clone(), base).continuing(session);
+        let tail_copy = staged.state.lock().unwrap().tail_copy.clone();
+        let entry = JournalEntry::new(staged.path(), staged.local.clone(), base)
+            .continuing(session)
+            .with_tail_copy(tail_copy);
         if journaled {
             return Ok(entry);
         }

@@ -571,6 +571,8 @@ impl Staged {
         self.fill_all(remote).await?;
         let size = self.size();
         let held = self.write_behind.as_ref().and_then(|wb| wb.hold(size));
+        tracing::debug!(path = %self.path(), size, on_server = ?held.as_ref().map(|h| &h.bytes),
+            "making a closed file durable");
         let (file, local) = (self.file.clone(), self.local.clone());
         blocking(move || {
             if let Some(held) = held {

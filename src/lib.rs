@@ -8,10 +8,10 @@
 
 pub mod cli;
 pub mod client;
-mod direct_io;
 pub mod error;
 pub mod fs;
 pub mod metrics_export;
+mod page_cache;
 pub mod protocol;
 pub mod server;
 pub mod tls;

@@ -289,7 +289,12 @@ impl UploadSessions {
                     .as_ref()
                     .and_then(|d| d.room_for(expected_len as usize));
                 let keep = room.is_some();
-                let written = staging.write_chunk(layout, index, check, body, keep).await;
+                // Not held: the digest reads it back, from the page cache
+                // while it is there, and drops it then.
+                let stay_cached = digest.is_some() && !keep;
+                let written = staging
+                    .write_chunk(layout, index, check, body, keep, stay_cached)
+                    .await;
                 written.map(|pieces| {
                     let Some(digest) = digest else {
                         return;

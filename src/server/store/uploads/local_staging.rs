@@ -17,8 +17,8 @@ use futures::stream::BoxStream;
 use sha2::{Digest, Sha256};
 
 use super::ChunkCheck;
-use crate::direct_io;
 use crate::error::{Error, Result};
+use crate::page_cache;
 use crate::protocol::upload::ChunkLayout;
 
 pub struct LocalStaging {
@@ -113,6 +113,7 @@ impl LocalStaging {
         check: ChunkCheck,
         body: &mut BoxStream<'static, Result<Bytes>>,
         keep: bool,
+        stay_cached: bool,
     ) -> Result<Option<Vec<Bytes>>> {
         let (start, end) = layout
             .chunk_range(index)
@@ -122,7 +123,9 @@ impl LocalStaging {
             None => Bytes::new(),
         };
         if first.len() as u64 == end - start {
-            let written = self.write_whole(index, start, check, first, body).await?;
+            let written = self
+                .write_whole(index, start, check, first, body, stay_cached)
+                .await?;
             return Ok(written.filter(|_| keep).map(|bytes| vec![bytes]));
         }
         let (data, map) = (self.data(), self.map());
@@ -170,7 +173,8 @@ impl LocalStaging {
             return Ok(None);
         };
         let map = self.map();
-        blocking(move || record_chunk(&file, &map, index, start..start + written)).await?;
+        let range = start..start + written;
+        blocking(move || record_chunk(&file, &map, index, range, stay_cached)).await?;
         Ok(keep.then_some(arrived))
     }
 
@@ -183,6 +187,7 @@ impl LocalStaging {
         check: ChunkCheck,
         bytes: Bytes,
         rest: &mut BoxStream<'static, Result<Bytes>>,
+        stay_cached: bool,
     ) -> Result<Option<Bytes>> {
         while let Some(more) = rest.next().await {
             if !more?.is_empty() {
@@ -197,7 +202,8 @@ impl LocalStaging {
             }
             let file = open_data(&data)?;
             write_at(&file, write_lock(&data), start, &chunk)?;
-            record_chunk(&file, &map, index, start..start + chunk.len() as u64)?;
+            let range = start..start + chunk.len() as u64;
+            record_chunk(&file, &map, index, range, stay_cached)?;
             Ok(true)
         })
         .await?;
@@ -420,10 +426,20 @@ fn chunk_received(map: &Path, index: u64) -> Result<bool> {
 }
 
 /// Makes the chunk's data (`range` of the file) durable, then marks it
-/// received. Its pages then leave the cache (see [`direct_io`]).
-fn record_chunk(file: &File, map: &Path, index: u64, range: Range<u64>) -> Result<()> {
+/// received. Its pages then leave the cache (see [`page_cache`]) unless they
+/// are to `stay_cached` for the running digest, which drops them once it
+/// has read them.
+fn record_chunk(
+    file: &File,
+    map: &Path,
+    index: u64,
+    range: Range<u64>,
+    stay_cached: bool,
+) -> Result<()> {
     file.sync_data().map_err(Error::io("syncing staged data"))?;
-    direct_io::forget_cached(file, range.start, range.end - range.start);
+    if !stay_cached {
+        page_cache::forget_cached(file, range.start, range.end - range.start);
+    }
     // Only after the data is durable does the chunk count as received.
     let map_file = OpenOptions::new()
         .write(true)

@@ -244,6 +244,55 @@ async fn a_server_killed_mid_upload_is_caught_up_with_when_it_returns() {
     );
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_close_while_the_server_keeps_up_leaves_only_the_last_chunk_to_the_local_disk() {
+    let Some((tmp, store)) = fuse_and_store() else {
+        return;
+    };
+    let state = tmp.path().join("state");
+    let server = Server::start_on(store.to_str().unwrap(), &[]);
+    // Any pace will do, whatever else keeps the machine busy.
+    let mount = MountProc::start_with_state(
+        &server.url,
+        tempfile::tempdir().unwrap(),
+        state.clone(),
+        &["--server-pace", "1M"],
+    );
+    // Eight whole chunks of 8 MiB, then 5 bytes.
+    let data = random_bytes(64 * MIB + 5);
+    let file = write_open(&mount.at("settled.bin"), &data);
+    // A second descriptor keeps the file open: the first one's close
+    // completes and journals the file, and the upload waits for the last.
+    let other = file.try_clone().unwrap();
+    drop(file);
+    let records = journal_records(&mount_state_dir(&state).join("journal"));
+    assert_eq!(records.len(), 1);
+    let record: serde_json::Value = serde_json::from_str(&records[0]).unwrap();
+    let copy = &record["tail_copy"];
+    assert!(
+        copy.is_object(),
+        "the close relied on the session: {record}"
+    );
+    use std::os::unix::fs::MetadataExt;
+    let copied = std::fs::metadata(copy["path"].as_str().unwrap())
+        .unwrap()
+        .blocks()
+        * 512;
+    assert!(
+        copied <= 64 << 10,
+        "the copy holds only the last, partial chunk ({copied} bytes)"
+    );
+    assert_eq!(
+        chunks_received(&store),
+        8,
+        "every whole chunk, chunk 0 too, was acknowledged before the close returned"
+    );
+    drop(other);
+    assert!(server.eventually_has("settled.bin", &data).await);
+    assert_committed_through_one_session(&server, &store, "settled.bin", &data).await;
+    drop(mount);
+}
+
 /// A file closed while write-behind's session held most of it: the close
 /// syncs only a copy of what the session lacks. Then the server stops
 /// answering, the mount is killed and the machine "restarts": the journal

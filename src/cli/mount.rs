@@ -49,6 +49,12 @@ pub struct MountArgs {
     /// while it is still being written, so little is left at close.
     #[arg(long)]
     no_write_behind: bool,
+    /// Per second: while the server takes a file's chunks at least this
+    /// fast, a close waits for write-behind to send the rest instead of
+    /// writing the whole file to the local disk as well. The close is as
+    /// durable either way. 0: a close always writes locally.
+    #[arg(long, value_parser = parse_bytes, default_value = "100M")]
+    server_pace: u64,
     /// Seconds names and attributes are trusted without asking the server.
     /// Changes made elsewhere reach the mount sooner, through the server's
     /// change feed; the TTL bounds how stale they can be when the feed is
@@ -148,6 +154,7 @@ pub async fn mount(args: MountArgs) -> anyhow::Result<()> {
         read_only,
         attr_ttl: Duration::from_secs(args.attr_ttl),
         write_behind: !args.no_write_behind,
+        server_pace: args.server_pace,
     };
     let mount = Mount::start(client, &mountpoint, options)?;
     if let Some(addr) = args.metrics_addr {

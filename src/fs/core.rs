@@ -71,6 +71,10 @@ pub struct MountOptions {
     /// Send the chunks of a file being written before it is closed (see
     /// `fs::write_behind`).
     pub write_behind: bool,
+    /// Bytes per second: while the server acknowledges write-behind's
+    /// chunks this fast, a close waits for them rather than syncing the
+    /// file locally as well (see `fs::write_behind`); 0: never.
+    pub server_pace: u64,
 }
 
 impl Default for MountOptions {
@@ -83,6 +87,7 @@ impl Default for MountOptions {
             read_only: false,
             attr_ttl: Duration::from_secs(1),
             write_behind: true,
+            server_pace: crate::fs::write_behind::DEFAULT_SERVER_PACE,
         }
     }
 }

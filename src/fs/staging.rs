@@ -74,10 +74,10 @@ const EARLY_SYNC_AFTER: Duration = Duration::from_secs(1);
 
 /// Writes a staging file's data back in the background as it is written,
 /// once it is [`EARLY_SYNC_AFTER`] old, so that the sync at `close` finds
-/// little left to write. Bytes the server already holds (write-behind's
-/// acknowledged chunks) are left out: `fsync` never needs them locally,
-/// and a `close` syncs them either way. Only an I/O hint: what a crash
-/// leaves behind still depends on the sync in [`Staged::complete`] alone.
+/// little left to write. Bytes that write-behind's session holds or will
+/// likely hold by the close are left out (see
+/// [`WriteBehind::spared_locally`]). Only an I/O hint: what a crash leaves
+/// behind still depends on the sync in [`Staged::complete`] alone.
 #[derive(Default)]
 struct EarlySync {
     marks: Mutex<WrittenMarks>,
@@ -118,14 +118,14 @@ impl WrittenMarks {
 }
 
 impl EarlySync {
-    /// After a write of `offset..end`; `on_server` tells which bytes the
-    /// server holds, asked only when a write-back is due.
+    /// After a write of `offset..end`; `spared` tells which bytes to leave
+    /// out, asked only when a write-back is due.
     fn wrote(
         &self,
         local: &Path,
         offset: u64,
         end: u64,
-        on_server: impl FnOnce() -> Option<Range<u64>>,
+        spared: impl FnOnce() -> Option<Range<u64>>,
     ) {
         let Some(upto) = self
             .marks
@@ -135,11 +135,11 @@ impl EarlySync {
         else {
             return;
         };
-        if self.running.swap(true, Ordering::AcqRel) {
+        let ranges = write_back_ranges(upto, spared());
+        if ranges.is_empty() || self.running.swap(true, Ordering::AcqRel) {
             // The next mark due covers these bytes as well.
             return;
         }
-        let ranges = write_back_ranges(upto, on_server());
         let (local, running) = (local.to_path_buf(), self.running.clone());
         tokio::task::spawn_blocking(move || {
             // A descriptor of its own: a write-back error this meets is
@@ -159,9 +159,9 @@ impl EarlySync {
     }
 }
 
-/// The non-empty parts of `0..upto` outside `on_server`.
-pub(super) fn write_back_ranges(upto: u64, on_server: Option<Range<u64>>) -> Vec<Range<u64>> {
-    let held = on_server.unwrap_or(upto..upto);
+/// The non-empty parts of `0..upto` outside `spared`.
+pub(super) fn write_back_ranges(upto: u64, spared: Option<Range<u64>>) -> Vec<Range<u64>> {
+    let held = spared.unwrap_or(upto..upto);
     [0..held.start.min(upto), held.end..upto]
         .into_iter()
         .filter(|r| r.start < r.end)
@@ -282,12 +282,18 @@ impl Staged {
     /// Sends the file's chunks to the server while it is being written
     /// (see [`WriteBehind`]). Only for a file whose whole content is
     /// local: new, or truncated at open.
-    pub fn with_write_behind(mut self, client: Client) -> Staged {
+    /// `server_pace`: see [`DEFAULT_SERVER_PACE`](super::write_behind::DEFAULT_SERVER_PACE).
+    pub fn with_write_behind(mut self, client: Client, server_pace: u64) -> Staged {
         let state = self.state.get_mut().unwrap();
         debug_assert!(state.remote_size == 0);
         let if_match = self.base.as_ref().and_then(|b| b.etag.clone());
-        self.write_behind =
-            WriteBehind::new(client, self.file.clone(), state.path.clone(), if_match);
+        self.write_behind = WriteBehind::new(
+            client,
+            self.file.clone(),
+            state.path.clone(),
+            if_match,
+            server_pace,
+        );
         self
     }
 
@@ -483,7 +489,7 @@ impl Staged {
         self.early_sync.wrote(&self.local, offset, end, || {
             self.write_behind
                 .as_ref()
-                .and_then(|wb| wb.bytes_on_server())
+                .and_then(|wb| wb.spared_locally())
         });
         if let Some(wb) = &self.write_behind {
             wb.wrote(offset, end);
@@ -570,6 +576,9 @@ impl Staged {
     pub async fn complete(&self, remote: &dyn RemoteBlocks) -> FsResult<Option<TailCopy>> {
         self.fill_all(remote).await?;
         let size = self.size();
+        if let Some(wb) = &self.write_behind {
+            wb.settle(size).await;
+        }
         let held = self.write_behind.as_ref().and_then(|wb| wb.hold(size));
         tracing::debug!(path = %self.path(), size, on_server = ?held.as_ref().map(|h| &h.bytes),
             "making a closed file durable");

@@ -7,8 +7,16 @@
 //! Only what cannot change the outcome is sent early:
 //! - chunks whole below the front of the bytes written contiguously from
 //!   the start, less one chunk of lag for writers that reorder a little;
-//! - never chunk 0: formats that patch their header once the body is
-//!   written (MP4, WAV, AVI) seek back there.
+//! - never chunk 0 while the file is open: formats that patch their header
+//!   once the body is written (MP4, WAV, AVI) seek back there.
+//!
+//! At a close the content is final: every whole chunk, chunk 0 first, goes
+//! to the session, and the close waits for them while the server takes them
+//! at least at its pace ([`WriteBehind::settle`]). What the server then
+//! acknowledged is durable there, so the close writes only the last,
+//! partial chunk to the local disk (`fs::tail_copy`) instead of the whole
+//! file a second time. A server slower than that pace (a remote link, a
+//! stalled server) leaves the close to sync locally as before.
 //!
 //! A later write or truncate into a chunk already handed to the session
 //! makes the session useless (the server never rewrites a chunk it
@@ -20,10 +28,11 @@
 //! it commits with; a later write into the hashed part only drops that
 //! head start.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, VecDeque};
 use std::fs::File;
 use std::ops::Range;
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use futures::StreamExt;
@@ -44,6 +53,14 @@ pub const CHUNK_SIZE: u64 = 8 << 20;
 /// Chunk requests in flight at once per file.
 const IN_FLIGHT: usize = 2;
 
+/// The default rate of acknowledgements (bytes per second) at which the
+/// server is as good a place as the local disk to make a closed file
+/// durable: about what a spinning disk writes. Below it a close syncs
+/// locally (see [`WriteBehind::settle`]).
+pub const DEFAULT_SERVER_PACE: u64 = 100 << 20;
+/// The span over which that rate is measured.
+const PACE_WINDOW: Duration = Duration::from_millis(500);
+
 /// The write-behind of one staged file.
 pub struct WriteBehind {
     client: Client,
@@ -51,8 +68,12 @@ pub struct WriteBehind {
     path: RemotePath,
     /// Commit only over this version (the one the file was opened from).
     if_match: Option<String>,
+    /// Bytes per second; see [`DEFAULT_SERVER_PACE`].
+    server_pace: u64,
     state: Mutex<State>,
     wake: Notify,
+    /// Told of every acknowledgement, and of the end.
+    acked_news: Notify,
     runtime: tokio::runtime::Handle,
 }
 
@@ -76,10 +97,26 @@ struct State {
     prefix: Option<DigestPrefix>,
     /// Chunks the server acknowledged.
     acked: Acked,
+    /// When the last acknowledgements came.
+    pace: Pace,
+    /// Where chunk 0 is.
+    head: Head,
     /// A journal record counts on the acknowledged chunks (see
     /// [`WriteBehind::hold`]): the session is never aborted for a failure,
     /// only when the file is discarded.
     held: bool,
+}
+
+impl State {
+    /// The bytes the server acknowledged: chunk 0 if it was sent, and the
+    /// run from chunk 1.
+    fn on_server(&self) -> Option<Range<u64>> {
+        let head = (self.head == Head::Acknowledged).then_some(0..CHUNK_SIZE);
+        match (head, self.acked.bytes()) {
+            (Some(head), Some(run)) => Some(head.start..run.end),
+            (head, run) => run.or(head),
+        }
+    }
 }
 
 /// The chunks acknowledged by the server, as a run from chunk 1: with
@@ -109,6 +146,48 @@ impl Acked {
     }
 }
 
+/// Chunk 0, kept back until the file's content is final (see the module's
+/// description).
+#[derive(Default, Clone, Copy, PartialEq, Eq)]
+enum Head {
+    #[default]
+    Kept,
+    /// To be sent next.
+    Due,
+    Sent,
+    Acknowledged,
+}
+
+/// When the acknowledgements of the last [`PACE_WINDOW`] came.
+#[derive(Default)]
+struct Pace {
+    acks: VecDeque<Instant>,
+}
+
+impl Pace {
+    fn ack(&mut self, now: Instant) {
+        self.acks.push_back(now);
+        while self
+            .acks
+            .front()
+            .is_some_and(|at| now.duration_since(*at) > PACE_WINDOW)
+        {
+            self.acks.pop_front();
+        }
+    }
+
+    /// Whether the acknowledgements of the last [`PACE_WINDOW`] before
+    /// `now` came at `pace` bytes per second or faster (never, for 0).
+    fn keeping_up(&self, now: Instant, pace: u64) -> bool {
+        let recent = self
+            .acks
+            .iter()
+            .filter(|at| now.duration_since(**at) <= PACE_WINDOW)
+            .count() as u64;
+        pace > 0 && recent * CHUNK_SIZE * 1000 >= pace * PACE_WINDOW.as_millis() as u64
+    }
+}
+
 /// What the server holds of a file in write-behind's session, for a close
 /// that makes only the rest durable locally (see `fs::tail_copy`).
 #[derive(Debug, Clone)]
@@ -130,12 +209,14 @@ pub struct Handover {
 
 impl WriteBehind {
     /// Write-behind for a staged file of `path` whose content is entirely
-    /// local (new, or truncated at open), read from `file`.
+    /// local (new, or truncated at open), read from `file`; `server_pace`:
+    /// see [`DEFAULT_SERVER_PACE`].
     pub fn new(
         client: Client,
         file: Arc<File>,
         path: RemotePath,
         if_match: Option<String>,
+        server_pace: u64,
     ) -> Option<Arc<WriteBehind>> {
         let runtime = tokio::runtime::Handle::try_current().ok()?;
         Some(Arc::new(WriteBehind {
@@ -143,8 +224,10 @@ impl WriteBehind {
             file,
             path,
             if_match,
+            server_pace,
             state: Mutex::default(),
             wake: Notify::new(),
+            acked_news: Notify::new(),
             runtime,
         }))
     }
@@ -227,15 +310,20 @@ impl WriteBehind {
         })
     }
 
-    /// The bytes of the file the server holds in write-behind's session,
-    /// as long as that session is to be used: an `fsync` never needs them
-    /// on the local disk.
-    pub fn bytes_on_server(&self) -> Option<Range<u64>> {
+    /// The bytes of the file a write-back to the local disk may leave out:
+    /// those the server holds in write-behind's session, as long as that
+    /// session is to be used (an `fsync` never needs them locally), and
+    /// while the server keeps its pace, all of them (a close will
+    /// likely find them held there, see [`settle`](Self::settle)).
+    pub fn spared_locally(&self) -> Option<Range<u64>> {
         let state = self.state.lock().unwrap();
         if state.over && !state.handed_over {
             return None;
         }
-        state.acked.bytes()
+        if !state.over && state.pace.keeping_up(Instant::now(), self.server_pace) {
+            return Some(0..u64::MAX);
+        }
+        state.on_server()
     }
 
     /// What the server holds of a file `size` long, if that is at least
@@ -248,7 +336,7 @@ impl WriteBehind {
         if state.over || state.hash_broken {
             return None;
         }
-        let bytes = state.acked.bytes().filter(|b| b.end <= size)?;
+        let bytes = state.on_server().filter(|b| b.end <= size)?;
         let prefix = state.prefix.clone().filter(|p| p.len <= size)?;
         if (bytes.end - bytes.start) * 2 < size {
             return None;
@@ -260,6 +348,56 @@ impl WriteBehind {
             bytes,
             prefix,
         })
+    }
+
+    /// At a close, the file's content final (its writes wait): hands every
+    /// whole chunk to the session and waits while the server acknowledges
+    /// them at its pace (see [`DEFAULT_SERVER_PACE`]), so that what it then
+    /// holds need not go to the local disk as well (see [`hold`](Self::hold)).
+    /// Returns
+    /// once they are all acknowledged, write-behind is over, or the server
+    /// falls behind that pace; the close then syncs the rest locally.
+    pub async fn settle(self: &Arc<Self>, size: u64) {
+        // Chunks 1..last are whole.
+        let last = size / CHUNK_SIZE;
+        {
+            let mut state = self.state.lock().unwrap();
+            // Of use only if the session comes to hold half the file.
+            let worth_it = last >= 2 && (last - 1) * CHUNK_SIZE * 2 >= size;
+            if state.over || state.hash_broken || self.server_pace == 0 || !worth_it {
+                return;
+            }
+            if state.head == Head::Kept {
+                state.head = Head::Due;
+            }
+            if last > state.sealed {
+                let first = state.sealed <= 1;
+                state.sealed = last;
+                if first {
+                    let this = self.clone();
+                    self.runtime.spawn(async move { this.pump().await });
+                }
+            }
+        }
+        self.wake.notify_one();
+        let since = Instant::now();
+        loop {
+            let news = self.acked_news.notified();
+            {
+                let state = self.state.lock().unwrap();
+                if state.over || (state.acked.run_end >= last && state.head == Head::Acknowledged) {
+                    return;
+                }
+                let now = Instant::now();
+                let behind = !state.pace.keeping_up(now, self.server_pace);
+                if now.duration_since(since) >= PACE_WINDOW && behind {
+                    tracing::debug!(path = %self.path, held = ?state.on_server(),
+                        "the server fell behind write-behind's pace; the close syncs locally");
+                    return;
+                }
+            }
+            let _ = tokio::time::timeout(PACE_WINDOW / 5, news).await;
+        }
     }
 
     /// Ends write-behind without an upload to give its session to (the
@@ -278,6 +416,7 @@ impl WriteBehind {
         let held = state.held;
         drop(state);
         self.wake.notify_one();
+        self.acked_news.notify_waiters();
         if let Some(id) = session {
             tracing::debug!(path = %self.path, session = id, why, "write-behind abandoned");
             if !held {
@@ -305,10 +444,14 @@ impl WriteBehind {
         let mut next = 1u64;
         let mut hasher = Some(Sha256::new());
         let mut sending = FuturesUnordered::new();
+        let send = |index: u64, data: Bytes| {
+            let put = self.client.put_chunk(&id, index, data);
+            async move { (index, put.await) }
+        };
         loop {
-            let (sealed, over, handed_over) = {
+            let (sealed, over, handed_over, head) = {
                 let state = self.state.lock().unwrap();
-                (state.sealed, state.over, state.handed_over)
+                (state.sealed, state.over, state.handed_over, state.head)
             };
             if over {
                 if handed_over {
@@ -317,6 +460,23 @@ impl WriteBehind {
                     while sending.next().await.is_some() {}
                 }
                 return;
+            }
+            if head == Head::Due && sending.len() < IN_FLIGHT {
+                // Sent as soon as it may be: the server hashes the chunks
+                // that follow it as they arrive, not read back at the end.
+                self.state.lock().unwrap().head = Head::Sent;
+                match self.read_head().await {
+                    Ok(data) => {
+                        sending.push(send(0, data));
+                    }
+                    Err(e) => {
+                        let state = self.state.lock().unwrap();
+                        if !state.over {
+                            self.abandon(state, &format!("reading a chunk failed: {e}"));
+                        }
+                    }
+                }
+                continue;
             }
             if next < sealed && sending.len() < IN_FLIGHT {
                 let data = match self.read_chunk(next, &mut hasher).await {
@@ -329,8 +489,7 @@ impl WriteBehind {
                         continue;
                     }
                 };
-                let (index, put) = (next, self.client.put_chunk(&id, next, data));
-                sending.push(async move { (index, put.await) });
+                sending.push(send(next, data));
                 next += 1;
                 continue;
             }
@@ -338,7 +497,17 @@ impl WriteBehind {
                 Some((index, sent)) = sending.next(), if !sending.is_empty() => {
                     let mut state = self.state.lock().unwrap();
                     match sent {
-                        Ok(()) => state.acked.ack(index),
+                        Ok(()) if index == 0 => {
+                            state.head = Head::Acknowledged;
+                            drop(state);
+                            self.acked_news.notify_waiters();
+                        }
+                        Ok(()) => {
+                            state.acked.ack(index);
+                            state.pace.ack(Instant::now());
+                            drop(state);
+                            self.acked_news.notify_waiters();
+                        }
                         Err(e) if !state.over => {
                             self.abandon(state, &format!("sending a chunk failed: {e}"));
                         }
@@ -380,6 +549,19 @@ impl WriteBehind {
                 None
             }
         }
+    }
+
+    /// Reads chunk 0, hashed already with chunk 1.
+    async fn read_head(&self) -> crate::error::Result<Bytes> {
+        let file = self.file.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut buf = Vec::new();
+            append_exact_at(&file, &mut buf, 0, CHUNK_SIZE as usize)?;
+            Ok::<_, std::io::Error>(Bytes::from(buf))
+        })
+        .await
+        .map_err(|e| crate::error::Error::Storage(format!("read task failed: {e}")))?
+        .map_err(crate::error::Error::io("reading the staging file"))
     }
 
     /// Reads chunk `index` (the next to send) and, while the hash of the
@@ -437,7 +619,11 @@ impl WriteBehind {
 
 /// Whether `offset..end` overlaps a chunk handed to the session.
 fn touches_sealed(state: &State, offset: u64, end: u64) -> bool {
-    state.sealed > 1 && offset < state.sealed * CHUNK_SIZE && end > CHUNK_SIZE
+    let from = match state.head {
+        Head::Kept => CHUNK_SIZE,
+        _ => 0,
+    };
+    state.sealed > 1 && offset < state.sealed * CHUNK_SIZE && end > from
 }
 
 #[cfg(test)]
@@ -467,16 +653,45 @@ mod tests {
     }
 
     #[test]
+    fn the_pace_counts_only_the_last_window_of_acknowledgements() {
+        let start = Instant::now();
+        let mut pace = Pace::default();
+        assert!(
+            !pace.keeping_up(start, DEFAULT_SERVER_PACE),
+            "nothing acknowledged yet"
+        );
+        // 7 chunks of 8 MiB in half a second: 112 MiB/s.
+        for i in 0..7 {
+            pace.ack(start + Duration::from_millis(i * 60));
+        }
+        let last = start + Duration::from_millis(360);
+        assert!(pace.keeping_up(last, DEFAULT_SERVER_PACE));
+        assert!(!pace.keeping_up(last, 0), "a pace of 0 is never kept");
+        // Half a second after the first, it drops out: 96 MiB/s.
+        assert!(!pace.keeping_up(
+            start + PACE_WINDOW + Duration::from_millis(1),
+            DEFAULT_SERVER_PACE
+        ));
+        // Long silent: nothing recent.
+        assert!(!pace.keeping_up(last + PACE_WINDOW * 2, DEFAULT_SERVER_PACE));
+        pace.ack(last + PACE_WINDOW * 2);
+        assert_eq!(pace.acks.len(), 1, "older acknowledgements are forgotten");
+    }
+
+    #[test]
     fn only_writes_into_sent_chunks_count() {
         let cs = CHUNK_SIZE;
         // Nothing sealed yet: anything goes.
         assert!(!touches_sealed(&state(0), 0, 10 * cs));
         // Chunks 1 and 2 sealed.
-        let s = state(3);
+        let mut s = state(3);
         assert!(!touches_sealed(&s, 0, cs), "chunk 0 is never sent early");
         assert!(!touches_sealed(&s, 3 * cs, 4 * cs));
         assert!(touches_sealed(&s, cs - 1, cs + 1));
         assert!(touches_sealed(&s, 3 * cs - 1, 3 * cs));
         assert!(!touches_sealed(&s, 40, 41));
+        // Chunk 0 too, once a close let it go.
+        s.head = Head::Sent;
+        assert!(touches_sealed(&s, 40, 41));
     }
 }

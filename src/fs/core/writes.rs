@@ -255,7 +255,7 @@ impl MountCore {
     /// was asked not to.
     fn writing_behind(&self, staged: Staged) -> Staged {
         match self.options.write_behind {
-            true => staged.with_write_behind(self.client.clone()),
+            true => staged.with_write_behind(self.client.clone(), self.options.server_pace),
             false => staged,
         }
     }

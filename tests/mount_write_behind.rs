@@ -244,60 +244,116 @@ async fn a_server_killed_mid_upload_is_caught_up_with_when_it_returns() {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_close_while_the_server_keeps_up_leaves_only_the_last_chunk_to_the_local_disk() {
-    let Some((tmp, store)) = fuse_and_store() else {
-        return;
-    };
-    let state = tmp.path().join("state");
-    let server = Server::start_on(store.to_str().unwrap(), &[]);
+/// Bytes of the disk that the tail copy a journal `record` names takes.
+fn tail_copy_allocated(record: &serde_json::Value) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    let copy = &record["tail_copy"];
+    assert!(copy.is_object(), "the close synced a tail copy: {record}");
+    std::fs::metadata(copy["path"].as_str().unwrap())
+        .unwrap()
+        .blocks()
+        * 512
+}
+
+/// Writes `data` to `name` through a mount whose server keeps any pace,
+/// and closes it while a second descriptor keeps it open: the close
+/// completes and journals the file, and the upload waits for the last
+/// descriptor. Checks that the close left all of the file but its last,
+/// partial chunk on the server; returns the mount, that descriptor and the
+/// journal record.
+fn closed_on_the_server_while_open_elsewhere(
+    server: &Server,
+    store: &Path,
+    state: &Path,
+    name: &str,
+    data: &[u8],
+) -> (MountProc, std::fs::File, serde_json::Value) {
     // Any pace will do, whatever else keeps the machine busy.
     let mount = MountProc::start_with_state(
         &server.url,
         tempfile::tempdir().unwrap(),
-        state.clone(),
+        state.into(),
         &["--server-pace", "1M"],
     );
-    // Eight whole chunks of 8 MiB, then 5 bytes.
-    let data = random_bytes(64 * MIB + 5);
-    let file = write_open(&mount.at("settled.bin"), &data);
-    // A second descriptor keeps the file open: the first one's close
-    // completes and journals the file, and the upload waits for the last.
+    let file = write_open(&mount.at(name), data);
     let other = file.try_clone().unwrap();
     drop(file);
-    let records = journal_records(&mount_state_dir(&state).join("journal"));
+    let records = journal_records(&mount_state_dir(state).join("journal"));
     assert_eq!(records.len(), 1);
     let record: serde_json::Value = serde_json::from_str(&records[0]).unwrap();
-    let copy = &record["tail_copy"];
-    assert!(
-        copy.is_object(),
-        "the close relied on the session: {record}"
-    );
-    use std::os::unix::fs::MetadataExt;
-    let copied = std::fs::metadata(copy["path"].as_str().unwrap())
-        .unwrap()
-        .blocks()
-        * 512;
+    let copied = tail_copy_allocated(&record);
     assert!(
         copied <= 64 << 10,
         "the copy holds only the last, partial chunk ({copied} bytes)"
     );
     assert_eq!(
-        chunks_received(&store),
-        8,
+        chunks_received(store),
+        (data.len() / (8 * MIB)),
         "every whole chunk, chunk 0 too, was acknowledged before the close returned"
     );
+    (mount, other, record)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_close_while_the_server_keeps_up_leaves_only_the_last_chunk_to_the_local_disk() {
+    let Some((tmp, store)) = fuse_and_store() else {
+        return;
+    };
+    let server = Server::start_on(store.to_str().unwrap(), &[]);
+    // Eight whole chunks of 8 MiB, then 5 bytes.
+    let data = random_bytes(64 * MIB + 5);
+    let state = tmp.path().join("state");
+    let (_mount, other, _) =
+        closed_on_the_server_while_open_elsewhere(&server, &store, &state, "settled.bin", &data);
     drop(other);
     assert!(server.eventually_has("settled.bin", &data).await);
     assert_committed_through_one_session(&server, &store, "settled.bin", &data).await;
-    drop(mount);
 }
 
-/// A file closed while write-behind's session held most of it: the close
-/// syncs only a copy of what the session lacks. Then the server stops
-/// answering, the mount is killed and the machine "restarts": the journal
-/// record's boot becomes another one and the staging file, never synced,
-/// is torn (overwritten here with garbage). Returns the record.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_machine_restart_a_file_its_close_left_on_the_server_is_rebuilt() {
+    let Some((tmp, store)) = fuse_and_store() else {
+        return;
+    };
+    let server = Server::start_on(store.to_str().unwrap(), &[]);
+    let data = random_bytes(64 * MIB + 5);
+    let state = tmp.path().join("state");
+    let (mount, other, mut record) =
+        closed_on_the_server_while_open_elsewhere(&server, &store, &state, "settled.bin", &data);
+    mount.sigkill();
+    drop(other);
+    restart_the_machine(&mount_state_dir(&state).join("journal"), &mut record);
+    let _remount = MountProc::start_with_state(
+        &server.url,
+        tempfile::tempdir().unwrap(),
+        state.clone(),
+        &[],
+    );
+    assert!(server.eventually_has("settled.bin", &data).await);
+    assert_committed_through_one_session(&server, &store, "settled.bin", &data).await;
+}
+
+/// The machine "restarts" under a killed mount's journal, whose only
+/// record is `record`: the record's boot becomes another one and the
+/// staging file, never synced, is torn (overwritten here with garbage).
+fn restart_the_machine(journal: &Path, record: &mut serde_json::Value) {
+    let local = PathBuf::from(record["local"].as_str().unwrap());
+    let len = std::fs::metadata(&local).unwrap().len() as usize;
+    std::fs::write(&local, random_bytes(len)).unwrap();
+    record["tail_copy"]["boot"] = "00000000-0000-0000-0000-000000000000".into();
+    let name = std::fs::read_dir(journal)
+        .unwrap()
+        .flatten()
+        .find(|e| e.path().extension().is_some_and(|x| x == "json"))
+        .unwrap()
+        .path();
+    std::fs::write(name, serde_json::to_vec(&*record).unwrap()).unwrap();
+}
+
+/// A file closed while write-behind's session held most of it and the
+/// server stopped answering: the close syncs only a copy of what the
+/// session lacks. Then the mount is killed and the machine restarts (see
+/// [`restart_the_machine`]). Returns the record.
 async fn closed_with_a_tail_copy_then_restarted(
     server: &Server,
     store: &Path,
@@ -319,27 +375,12 @@ async fn closed_with_a_tail_copy_then_restarted(
     assert_eq!(records.len(), 1);
     mount.sigkill();
     let mut record: serde_json::Value = serde_json::from_str(&records[0]).unwrap();
-    let copy = record["tail_copy"].clone();
-    assert!(copy.is_object(), "the close synced a tail copy: {record}");
-    let (local, copy_path) = (
-        PathBuf::from(record["local"].as_str().unwrap()),
-        PathBuf::from(copy["path"].as_str().unwrap()),
-    );
-    use std::os::unix::fs::MetadataExt;
-    let copied = std::fs::metadata(&copy_path).unwrap().blocks() * 512;
+    let copied = tail_copy_allocated(&record);
     assert!(
         copied < data.len() as u64 / 2,
         "the copy holds only what the session lacks ({copied} bytes)"
     );
-    std::fs::write(&local, random_bytes(data.len())).unwrap();
-    record["tail_copy"]["boot"] = "00000000-0000-0000-0000-000000000000".into();
-    let name = std::fs::read_dir(&journal)
-        .unwrap()
-        .flatten()
-        .find(|e| e.path().extension().is_some_and(|x| x == "json"))
-        .unwrap()
-        .path();
-    std::fs::write(name, serde_json::to_vec(&record).unwrap()).unwrap();
+    restart_the_machine(&journal, &mut record);
     record
 }
 

@@ -354,9 +354,8 @@ impl WriteBehind {
     /// whole chunk to the session and waits while the server acknowledges
     /// them at its pace (see [`DEFAULT_SERVER_PACE`]), so that what it then
     /// holds need not go to the local disk as well (see [`hold`](Self::hold)).
-    /// Returns
-    /// once they are all acknowledged, write-behind is over, or the server
-    /// falls behind that pace; the close then syncs the rest locally.
+    /// Returns once they are all acknowledged, write-behind is over, or the
+    /// server falls behind that pace; the close then syncs the rest locally.
     pub async fn settle(self: &Arc<Self>, size: u64) {
         // Chunks 1..last are whole.
         let last = size / CHUNK_SIZE;

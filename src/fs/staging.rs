@@ -8,7 +8,6 @@ mod extents;
 use std::collections::VecDeque;
 use std::fs::{File, OpenOptions};
 use std::ops::Range;
-use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -24,6 +23,7 @@ use super::staging_space::{Charge, StagingSpace};
 use super::tail_copy::{self, TailCopy};
 use super::write_behind::{Handover, WriteBehind};
 use crate::client::Client;
+use crate::page_cache;
 use crate::protocol::{FileMeta, RemotePath};
 
 /// Where the remote blocks come from.
@@ -147,11 +147,8 @@ impl EarlySync {
             // the one that counts. From 0, as writes may not be sequential;
             // pages already clean cost nothing.
             if let Ok(file) = File::open(&local) {
-                let flags = libc::SYNC_FILE_RANGE_WRITE | libc::SYNC_FILE_RANGE_WAIT_AFTER;
                 for range in ranges {
-                    let (from, len) = (range.start as i64, (range.end - range.start) as i64);
-                    // SAFETY: a plain syscall on a descriptor this closure owns.
-                    unsafe { libc::sync_file_range(file.as_raw_fd(), from, len, flags) };
+                    page_cache::write_back(&file, range.start, range.end - range.start, true);
                 }
             }
             running.store(false, Ordering::Release);

@@ -353,7 +353,11 @@ fn write_piece<P: AsRef<[u8]>>(
     buffers: &[P],
 ) -> Result<()> {
     let _turn = lock.lock().unwrap_or_else(PoisonError::into_inner);
-    write_all_vectored_at(file, offset, buffers).map_err(Error::io("writing staged data"))
+    write_all_vectored_at(file, offset, buffers).map_err(Error::io("writing staged data"))?;
+    // On its way to the disk while the rest of the chunk arrives.
+    let len = buffers.iter().map(|b| b.as_ref().len() as u64).sum();
+    page_cache::write_back(file, offset, len, false);
+    Ok(())
 }
 
 /// Writes `buffers`, back to back, at `offset`: an HTTP body's many small

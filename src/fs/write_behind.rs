@@ -16,7 +16,8 @@
 //! acknowledged is durable there, so the close writes only the last,
 //! partial chunk to the local disk (`fs::tail_copy`) instead of the whole
 //! file a second time. A server slower than that pace (a remote link, a
-//! stalled server) leaves the close to sync locally as before.
+//! stalled server), or too far behind the writer to catch up within a few
+//! seconds, leaves the close to sync locally as before.
 //!
 //! A later write or truncate into a chunk already handed to the session
 //! makes the session useless (the server never rewrites a chunk it
@@ -60,6 +61,12 @@ const IN_FLIGHT: usize = 2;
 pub const DEFAULT_SERVER_PACE: u64 = 100 << 20;
 /// The span over which that rate is measured.
 const PACE_WINDOW: Duration = Duration::from_millis(500);
+/// How long a close waits for the server at most, about. A file written
+/// much faster than the server takes it (gigabytes on a fast disk) would
+/// otherwise hold its close for the whole upload: its close syncs locally,
+/// and what the server will not hold by then is written back early as it
+/// is written (see [`WriteBehind::spared_locally`]).
+const CLOSE_WAIT: Duration = Duration::from_secs(5);
 
 /// The write-behind of one staged file.
 pub struct WriteBehind {
@@ -108,6 +115,11 @@ struct State {
 }
 
 impl State {
+    /// Where the run of acknowledged chunks from chunk 1 ends.
+    fn acked_front(&self) -> u64 {
+        self.acked.run_end.max(1) * CHUNK_SIZE
+    }
+
     /// The bytes the server acknowledged: chunk 0 if it was sent, and the
     /// run from chunk 1.
     fn on_server(&self) -> Option<Range<u64>> {
@@ -176,15 +188,17 @@ impl Pace {
         }
     }
 
-    /// Whether the acknowledgements of the last [`PACE_WINDOW`] before
-    /// `now` came at `pace` bytes per second or faster (never, for 0).
-    fn keeping_up(&self, now: Instant, pace: u64) -> bool {
+    /// The bytes per second acknowledged over the last [`PACE_WINDOW`]
+    /// before `now`, if at least `pace` (never, for 0); else 0: a server
+    /// that slow is not waited for.
+    fn rate(&self, now: Instant, pace: u64) -> u64 {
         let recent = self
             .acks
             .iter()
             .filter(|at| now.duration_since(**at) <= PACE_WINDOW)
             .count() as u64;
-        pace > 0 && recent * CHUNK_SIZE * 1000 >= pace * PACE_WINDOW.as_millis() as u64
+        let rate = recent * CHUNK_SIZE * 1000 / PACE_WINDOW.as_millis() as u64;
+        if pace > 0 && rate >= pace { rate } else { 0 }
     }
 }
 
@@ -313,15 +327,21 @@ impl WriteBehind {
     /// The bytes of the file a write-back to the local disk may leave out:
     /// those the server holds in write-behind's session, as long as that
     /// session is to be used (an `fsync` never needs them locally), and
-    /// while the server keeps its pace, all of them (a close will
-    /// likely find them held there, see [`settle`](Self::settle)).
+    /// while the server keeps its pace, those it would take within
+    /// [`CLOSE_WAIT`] (a close will likely find them held there, see
+    /// [`settle`](Self::settle)).
     pub fn spared_locally(&self) -> Option<Range<u64>> {
         let state = self.state.lock().unwrap();
         if state.over && !state.handed_over {
             return None;
         }
-        if !state.over && state.pace.keeping_up(Instant::now(), self.server_pace) {
-            return Some(0..u64::MAX);
+        let rate = match state.over {
+            true => 0,
+            false => state.pace.rate(Instant::now(), self.server_pace),
+        };
+        if rate > 0 {
+            let reach = rate.saturating_mul(CLOSE_WAIT.as_secs());
+            return Some(0..state.acked_front().saturating_add(reach));
         }
         state.on_server()
     }
@@ -352,10 +372,11 @@ impl WriteBehind {
 
     /// At a close, the file's content final (its writes wait): hands every
     /// whole chunk to the session and waits while the server acknowledges
-    /// them at its pace (see [`DEFAULT_SERVER_PACE`]), so that what it then
-    /// holds need not go to the local disk as well (see [`hold`](Self::hold)).
-    /// Returns once they are all acknowledged, write-behind is over, or the
-    /// server falls behind that pace; the close then syncs the rest locally.
+    /// them at its pace (see [`DEFAULT_SERVER_PACE`]) and would have them
+    /// all within [`CLOSE_WAIT`], so that what it then holds need not go to
+    /// the local disk as well (see [`hold`](Self::hold)). Returns once they
+    /// are all acknowledged, write-behind is over, or the server falls
+    /// behind; the close then syncs the rest locally.
     pub async fn settle(self: &Arc<Self>, size: u64) {
         // Chunks 1..last are whole.
         let last = size / CHUNK_SIZE;
@@ -380,6 +401,7 @@ impl WriteBehind {
         }
         self.wake.notify_one();
         let since = Instant::now();
+        let front_then = self.state.lock().unwrap().acked_front();
         loop {
             let news = self.acked_news.notified();
             {
@@ -388,10 +410,17 @@ impl WriteBehind {
                     return;
                 }
                 let now = Instant::now();
-                let behind = !state.pace.keeping_up(now, self.server_pace);
-                if now.duration_since(since) >= PACE_WINDOW && behind {
-                    tracing::debug!(path = %self.path, held = ?state.on_server(),
-                        "the server fell behind write-behind's pace; the close syncs locally");
+                // The rest is reckoned at the rate since the close began,
+                // steadier than the last half second's count of chunks.
+                let front = state.acked_front();
+                let rate = match state.pace.rate(now, self.server_pace) {
+                    0 => 0,
+                    _ => (front - front_then) * 1000 / (since.elapsed().as_millis() as u64).max(1),
+                };
+                let left = (last * CHUNK_SIZE).saturating_sub(front);
+                if !worth_waiting(since, now, rate, left) {
+                    tracing::debug!(path = %self.path, held = ?state.on_server(), rate, left,
+                        "the server would not take the file in time; the close syncs locally");
                     return;
                 }
             }
@@ -616,6 +645,17 @@ impl WriteBehind {
     }
 }
 
+/// Whether a close that began at `since` goes on waiting for a server that
+/// has acknowledged `rate` bytes per second since (0: lately below its
+/// pace) with `left` bytes still to take. Judged on what came since the close began: a
+/// session just opened has nothing to show before.
+fn worth_waiting(since: Instant, now: Instant, rate: u64, left: u64) -> bool {
+    if now.duration_since(since) < PACE_WINDOW {
+        return true;
+    }
+    rate > 0 && now + Duration::from_secs_f64(left as f64 / rate as f64) <= since + CLOSE_WAIT
+}
+
 /// Whether `offset..end` overlaps a chunk handed to the session.
 fn touches_sealed(state: &State, offset: u64, end: u64) -> bool {
     let from = match state.head {
@@ -653,28 +693,75 @@ mod tests {
 
     #[test]
     fn the_pace_counts_only_the_last_window_of_acknowledgements() {
+        let pace = DEFAULT_SERVER_PACE;
         let start = Instant::now();
-        let mut pace = Pace::default();
-        assert!(
-            !pace.keeping_up(start, DEFAULT_SERVER_PACE),
-            "nothing acknowledged yet"
-        );
+        let mut acks = Pace::default();
+        assert_eq!(acks.rate(start, pace), 0, "nothing acknowledged yet");
         // 7 chunks of 8 MiB in half a second: 112 MiB/s.
         for i in 0..7 {
-            pace.ack(start + Duration::from_millis(i * 60));
+            acks.ack(start + Duration::from_millis(i * 60));
         }
         let last = start + Duration::from_millis(360);
-        assert!(pace.keeping_up(last, DEFAULT_SERVER_PACE));
-        assert!(!pace.keeping_up(last, 0), "a pace of 0 is never kept");
+        assert_eq!(acks.rate(last, pace), 112 << 20);
+        assert_eq!(acks.rate(last, 0), 0, "a pace of 0 is never kept");
+        assert_eq!(acks.rate(last, 120 << 20), 0, "slower than asked");
         // Half a second after the first, it drops out: 96 MiB/s.
-        assert!(!pace.keeping_up(
-            start + PACE_WINDOW + Duration::from_millis(1),
-            DEFAULT_SERVER_PACE
-        ));
+        let later = start + PACE_WINDOW + Duration::from_millis(1);
+        assert_eq!(acks.rate(later, pace), 0);
+        assert_eq!(acks.rate(later, 1 << 20), 96 << 20);
         // Long silent: nothing recent.
-        assert!(!pace.keeping_up(last + PACE_WINDOW * 2, DEFAULT_SERVER_PACE));
-        pace.ack(last + PACE_WINDOW * 2);
-        assert_eq!(pace.acks.len(), 1, "older acknowledgements are forgotten");
+        assert_eq!(acks.rate(last + PACE_WINDOW * 2, 1), 0);
+        acks.ack(last + PACE_WINDOW * 2);
+        assert_eq!(acks.acks.len(), 1, "older acknowledgements are forgotten");
+    }
+
+    #[test]
+    fn a_close_waits_while_the_server_would_take_the_rest_in_time() {
+        let since = Instant::now();
+        let at = |ms| since + Duration::from_millis(ms);
+        let gib = 1 << 30;
+        assert!(worth_waiting(since, at(100), 0, gib), "too early to judge");
+        assert!(!worth_waiting(since, at(500), 0, gib), "below pace");
+        assert!(
+            worth_waiting(since, at(500), 250 << 20, gib),
+            "done in 4.6 s"
+        );
+        assert!(
+            !worth_waiting(since, at(500), 150 << 20, gib),
+            "done in 7.3 s"
+        );
+        assert!(worth_waiting(since, at(4500), 150 << 20, 64 << 20));
+        assert!(
+            !worth_waiting(since, at(5100), 150 << 20, 8 << 20),
+            "past the wait"
+        );
+    }
+
+    #[test]
+    fn a_fast_server_spares_the_local_disk_only_what_it_would_take_before_a_close() {
+        let file = Arc::new(tempfile::tempfile().unwrap());
+        let path = RemotePath::parse("f").unwrap();
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        let _entered = runtime.enter();
+        let client = Client::new("http://127.0.0.1:9").unwrap();
+        let wb = WriteBehind::new(client, file, path, None, DEFAULT_SERVER_PACE).unwrap();
+        assert_eq!(wb.spared_locally(), None, "nothing on the server yet");
+        {
+            let mut state = wb.state.lock().unwrap();
+            let now = Instant::now();
+            // Chunks 1 to 12 in the last half second: 192 MiB/s.
+            for index in 1..=12 {
+                state.acked.ack(index);
+                state.pace.ack(now);
+            }
+        }
+        let reach = 13 * CHUNK_SIZE + (192 << 20) * CLOSE_WAIT.as_secs();
+        assert_eq!(wb.spared_locally(), Some(0..reach));
+        // A server that slowed down is not counted on beyond what it holds.
+        wb.state.lock().unwrap().pace = Pace::default();
+        assert_eq!(wb.spared_locally(), Some(CHUNK_SIZE..13 * CHUNK_SIZE));
     }
 
     #[test]

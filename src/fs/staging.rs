@@ -565,11 +565,12 @@ impl Staged {
         Ok(Bytes::from(buf))
     }
 
-    /// Fills every block still missing and makes the file durable locally:
-    /// after this the staging file is the whole new content. Where
-    /// write-behind's session holds most of it, only the rest is made
-    /// durable, as a copy beside the file, described by what this returns
-    /// (see [`tail_copy`](super::tail_copy)).
+    /// Fills every block still missing and makes the file durable: after
+    /// this the staging file is the whole new content. Write-behind first
+    /// gets the chance to send the rest (see [`WriteBehind::settle`]);
+    /// where its session then holds most of the file, only what it lacks is
+    /// made durable locally, as a copy beside the file, described by what
+    /// this returns (see [`tail_copy`](super::tail_copy)).
     pub async fn complete(&self, remote: &dyn RemoteBlocks) -> FsResult<Option<TailCopy>> {
         self.fill_all(remote).await?;
         let size = self.size();

@@ -320,8 +320,15 @@ async fn after_a_machine_restart_a_file_its_close_left_on_the_server_is_rebuilt(
     let state = tmp.path().join("state");
     let (mount, other, mut record) =
         closed_on_the_server_while_open_elsewhere(&server, &store, &state, "settled.bin", &data);
+    let mountpoint = mount.at("");
     mount.sigkill();
+    // The descriptor kept the dead mount busy for the unmount that the
+    // kill left to do: done again now that it is closed.
     drop(other);
+    let _ = std::process::Command::new("fusermount3")
+        .args(["-u", "-z"])
+        .arg(&mountpoint)
+        .status();
     restart_the_machine(&mount_state_dir(&state).join("journal"), &mut record);
     let _remount = MountProc::start_with_state(
         &server.url,

@@ -88,9 +88,14 @@ impl Mount {
     pub fn unmount(mut self) -> Result<()> {
         self.invalidator.abort();
         match self.session.take() {
-            Some(session) if !session.guard.is_finished() => {
-                session.umount_and_join().map_err(Error::io("unmounting"))
-            }
+            Some(session) if !session.guard.is_finished() => match session.umount_and_join() {
+                // Unmounted from outside already (`fusermount3 -u` just
+                // before a SIGTERM, or a lazy unmount with files still
+                // open): nothing left to unmount, and the session ends as
+                // the process does.
+                Err(e) if e.raw_os_error() == Some(libc::EINVAL) => Ok(()),
+                done => done.map_err(Error::io("unmounting")),
+            },
             _ => Ok(()),
         }
     }

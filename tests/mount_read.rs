@@ -526,7 +526,6 @@ fn sigterm_unmounts_and_bad_mount_points_are_clear_errors() {
     let _ = std::io::stderr().flush();
 }
 
-/// Total bytes of the regular files under `dir`.
 /// `fusermount3 -u`, the usual way to unmount, ends the mount process
 /// cleanly and without a warning.
 #[test]
@@ -563,6 +562,36 @@ fn fusermount_unmounts_quietly() {
     );
 }
 
+/// A mount unmounted from outside while its session still runs (here a
+/// lazy unmount with a file held open; also `fusermount3 -u` followed at
+/// once by a SIGTERM, as scripts do) ends cleanly on SIGTERM: nothing is
+/// left to unmount, which is not an error.
+#[test]
+fn sigterm_after_an_unmount_from_outside_ends_cleanly() {
+    if !fuse_available() {
+        return;
+    }
+    let server = Server::start();
+    let mut mount = MountProc::start(&server, &[]);
+    let held = std::fs::File::create(mount.path.join("held")).unwrap();
+    let status = Command::new("fusermount3")
+        .arg("-uz")
+        .arg(&mount.path)
+        .status()
+        .unwrap();
+    assert!(status.success());
+    assert!(!is_mounted(&mount.path));
+    let status = Command::new("kill")
+        .args(["-TERM", &mount.child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let exited = mount.child.wait().unwrap();
+    drop(held);
+    assert!(exited.success(), "{exited:?}");
+}
+
+/// Total bytes of the regular files under `dir`.
 fn bytes_under(dir: &Path) -> u64 {
     std::fs::read_dir(dir)
         .map(|entries| {

@@ -515,12 +515,7 @@ fn sigterm_unmounts_and_bad_mount_points_are_clear_errors() {
         .unwrap();
     assert!(!missing.status.success());
     assert!(String::from_utf8_lossy(&missing.stderr).contains("/no/such/dir"));
-    let status = Command::new("kill")
-        .args(["-TERM", &mount.child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(status.success());
-    let exited = mount.child.wait().unwrap();
+    let exited = terminate(&mut mount.child);
     assert!(exited.success(), "{exited:?}");
     assert!(!is_mounted(&mount.path));
     let _ = std::io::stderr().flush();
@@ -581,14 +576,19 @@ fn sigterm_after_an_unmount_from_outside_ends_cleanly() {
         .unwrap();
     assert!(status.success());
     assert!(!is_mounted(&mount.path));
+    let exited = terminate(&mut mount.child);
+    drop(held);
+    assert!(exited.success(), "{exited:?}");
+}
+
+/// Sends `child` a SIGTERM and waits for it to exit.
+fn terminate(child: &mut std::process::Child) -> std::process::ExitStatus {
     let status = Command::new("kill")
-        .args(["-TERM", &mount.child.id().to_string()])
+        .args(["-TERM", &child.id().to_string()])
         .status()
         .unwrap();
     assert!(status.success());
-    let exited = mount.child.wait().unwrap();
-    drop(held);
-    assert!(exited.success(), "{exited:?}");
+    child.wait().unwrap()
 }
 
 /// Total bytes of the regular files under `dir`.

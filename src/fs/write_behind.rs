@@ -653,8 +653,8 @@ async fn read_chunks(
 
 /// Whether a close that began at `since` goes on waiting for a server that
 /// has acknowledged `rate` bytes per second since (0: lately below its
-/// pace) with `left` bytes still to take. Judged on what came since the close began: a
-/// session just opened has nothing to show before.
+/// pace) with `left` bytes still to take. Judged on what came since the
+/// close began: a session just opened has nothing to show before.
 fn worth_waiting(since: Instant, now: Instant, rate: u64, left: u64) -> bool {
     if now.duration_since(since) < PACE_WINDOW {
         return true;

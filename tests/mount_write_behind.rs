@@ -310,6 +310,39 @@ async fn a_close_while_the_server_keeps_up_leaves_only_the_last_chunk_to_the_loc
     assert_committed_through_one_session(&server, &store, "settled.bin", &data).await;
 }
 
+/// The copy of a closed file's tail takes staging space like the file:
+/// with no room for it under `--max-staging`, the close syncs the whole
+/// file instead; with room, it copies the tail. Either way the file
+/// commits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tail_copy_without_room_under_max_staging_gives_way_to_a_whole_sync() {
+    let Some((tmp, store)) = fuse_and_store() else {
+        return;
+    };
+    let server = Server::start_on(store.to_str().unwrap(), &[]);
+    // Eight whole chunks on the server by the close; a 3 MiB tail to copy.
+    let data = random_bytes(67 * MIB);
+    for (name, room, copies) in [("tight.bin", MIB, false), ("roomy.bin", 8 * MIB, true)] {
+        let state = tmp.path().join(name);
+        let limit = (data.len() + room).to_string();
+        let mount = MountProc::start_with_state(
+            &server.url,
+            tempfile::tempdir().unwrap(),
+            state.clone(),
+            &["--server-pace", "1M", "--max-staging", &limit],
+        );
+        let file = write_open(&mount.at(name), &data);
+        let other = file.try_clone().unwrap();
+        drop(file);
+        let records = journal_records(&mount_state_dir(&state).join("journal"));
+        assert_eq!(records.len(), 1);
+        let record: serde_json::Value = serde_json::from_str(&records[0]).unwrap();
+        assert_eq!(record["tail_copy"].is_object(), copies, "{name}: {record}");
+        drop(other);
+        assert!(server.eventually_has(name, &data).await, "{name}");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn after_a_machine_restart_a_file_its_close_left_on_the_server_is_rebuilt() {
     let Some((tmp, store)) = fuse_and_store() else {

@@ -290,7 +290,11 @@ impl UploadQueue {
             {
                 Some(entry) if entry.source().exists() && !entry.torn_by_reboot() => {
                     tracing::info!(path = %entry.path, "resuming an upload left by an earlier mount");
-                    let charge = self.space.draining(allocated(entry.source()));
+                    // Its staging file and the copy of its tail, if any:
+                    // both stay until the upload settles.
+                    let kept = allocated(&entry.local)
+                        + entry.tail_copy.as_ref().map_or(0, |c| allocated(&c.path));
+                    let charge = self.space.draining(kept);
                     self.reserve(&entry.path).start(path, entry, charge);
                     count += 1;
                 }

@@ -54,6 +54,9 @@ pub struct Staged {
     /// The staging space this file's content takes, until it is discarded
     /// or handed to its upload.
     charge: Mutex<Charge>,
+    /// The space the copy of the file's tail takes (see [`Staged::complete`]),
+    /// kept apart so that a later close's copy replaces it.
+    tail_charge: Mutex<Charge>,
     early_sync: EarlySync,
     write_behind: Option<Arc<WriteBehind>>,
 }
@@ -271,6 +274,7 @@ impl Staged {
             naming: Arc::default(),
             space: space.clone(),
             charge: Mutex::new(space.empty()),
+            tail_charge: Mutex::new(space.empty()),
             early_sync: EarlySync::default(),
             write_behind: None,
         })
@@ -578,10 +582,19 @@ impl Staged {
             wb.settle(size).await;
         }
         let held = self.write_behind.as_ref().and_then(|wb| wb.hold(size));
+        // The copy takes staging space of its own (up to half the file, see
+        // `WriteBehind::hold`); without room for it, the file is synced whole.
+        let room = held
+            .as_ref()
+            .and_then(|held| self.space.try_reserve(tail_copy::copied_bytes(size, held)));
+        let (held, tail_charge) = match room {
+            Some(charge) => (held, charge),
+            None => (None, self.space.empty()),
+        };
         tracing::debug!(path = %self.path(), size, on_server = ?held.as_ref().map(|h| &h.bytes),
             "making a closed file durable");
         let (file, local) = (self.file.clone(), self.local.clone());
-        blocking(move || {
+        let copy = blocking(move || {
             if let Some(held) = held {
                 match tail_copy::write(&file, &local, size, held) {
                     Ok(Some(copy)) => return Ok(Some(copy)),
@@ -595,7 +608,13 @@ impl Staged {
             file.sync_all()?;
             Ok(None)
         })
-        .await
+        .await?;
+        // The last copy made is the one on disk; one not made takes nothing.
+        *self.tail_charge.lock().unwrap() = match copy {
+            Some(_) => tail_charge,
+            None => self.space.empty(),
+        };
+        Ok(copy)
     }
 
     /// Fills every block still missing: after this the staging file holds
@@ -616,7 +635,9 @@ impl Staged {
     /// Hands the space this file takes to its upload, which frees it once
     /// the server has the file.
     pub fn charge_for_upload(&self) -> Charge {
-        self.charge.lock().unwrap().take().into_draining()
+        let mut charge = self.charge.lock().unwrap().take();
+        charge.merge(self.tail_charge.lock().unwrap().take());
+        charge.into_draining()
     }
 }
 

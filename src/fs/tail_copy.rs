@@ -62,7 +62,7 @@ pub fn write(
     let path = path_for(local);
     let copy = File::create(&path)?;
     let mut buf = vec![0u8; PIECE];
-    for range in super::staging::write_back_ranges(size, Some(held.bytes.clone())) {
+    for range in copied_ranges(size, &held) {
         for_each_piece(file, range, &mut buf, |offset, piece| {
             copy.write_all_at(piece, offset)
         })?;
@@ -85,6 +85,20 @@ pub fn write(
         boot,
         sha256: hex::encode(hasher.finalize()),
     }))
+}
+
+/// The ranges of a file of `size` bytes that its copy holds: what `held`
+/// lacks.
+fn copied_ranges(size: u64, held: &HeldOnServer) -> Vec<std::ops::Range<u64>> {
+    super::staging::write_back_ranges(size, Some(held.bytes.clone()))
+}
+
+/// How many bytes the copy of a file of `size` bytes takes.
+pub fn copied_bytes(size: u64, held: &HeldOnServer) -> u64 {
+    copied_ranges(size, held)
+        .iter()
+        .map(|r| r.end - r.start)
+        .sum()
 }
 
 /// Calls `each` with `range` of `file` in pieces of `buf`'s length.

@@ -327,6 +327,15 @@ impl Staged {
         self.state.lock().unwrap().upload_session.take()
     }
 
+    /// The journal record of this file was replaced or dropped: a session
+    /// only that record counted on is aborted (see
+    /// [`WriteBehind::release_retired`]).
+    pub fn release_retired_session(&self) {
+        if let Some(wb) = &self.write_behind {
+            wb.release_retired();
+        }
+    }
+
     /// A session handed over for content that has changed since: of no use.
     fn drop_upload_session(&self, state: &mut StagedState) {
         if let (Some(handover), Some(wb)) = (state.upload_session.take(), &self.write_behind) {

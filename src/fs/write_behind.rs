@@ -114,8 +114,14 @@ struct State {
     head: Head,
     /// A journal record counts on the acknowledged chunks (see
     /// [`WriteBehind::hold`]): the session is never aborted for a failure,
-    /// only when the file is discarded.
+    /// only once no record counts on it (see `retired`) or the file is
+    /// discarded.
     held: bool,
+    /// A held session write-behind gave up (a later write reached a chunk
+    /// sent to it): no use to the file's new content, but the record of
+    /// the content closed before still counts on it. Aborted once that
+    /// record is replaced or dropped ([`WriteBehind::release_retired`]).
+    retired: Option<String>,
 }
 
 impl State {
@@ -436,24 +442,46 @@ impl WriteBehind {
     /// file was discarded, and any record with it).
     pub fn cancel(self: &Arc<Self>) {
         let mut state = self.state.lock().unwrap();
+        state.held = false;
+        let retired = state.retired.take();
         if !state.over {
-            state.held = false;
             self.abandon(state, "the file was discarded");
+        } else {
+            drop(state);
+        }
+        if let Some(id) = retired {
+            self.abort(id);
+        }
+    }
+
+    /// The journal record that counted on a session given up since (see
+    /// `State::retired`) was replaced or dropped: the session goes too.
+    pub fn release_retired(&self) {
+        let retired = self.state.lock().unwrap().retired.take();
+        if let Some(id) = retired {
+            tracing::debug!(path = %self.path, session = id, "aborting a session no journal record counts on any more");
+            self.abort(id);
         }
     }
 
     fn abandon(&self, mut state: std::sync::MutexGuard<'_, State>, why: &str) {
         state.over = true;
         let session = state.session.take();
-        let held = state.held;
+        if let Some(id) = &session {
+            tracing::debug!(path = %self.path, session = id, why, "write-behind abandoned");
+        }
+        let unheld = match state.held {
+            true => {
+                state.retired = session;
+                None
+            }
+            false => session,
+        };
         drop(state);
         self.wake.notify_one();
         self.acked_news.notify_waiters();
-        if let Some(id) = session {
-            tracing::debug!(path = %self.path, session = id, why, "write-behind abandoned");
-            if !held {
-                self.abort(id);
-            }
+        if let Some(id) = unheld {
+            self.abort(id);
         }
     }
 

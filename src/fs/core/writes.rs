@@ -228,8 +228,7 @@ impl MountCore {
             self.staged.lock().unwrap().remove(&path);
             // Gone with its upload, unless that never started (the last
             // close failed): the remote version is the truth now.
-            queue.unjournal(&staged.local);
-            discard(&staged.local);
+            drop_unuploaded(&queue, &staged);
         }
         let base = self.client.stat(&path).await.map_err(|e| e.errno())?;
         if base.kind == EntryKind::Dir {
@@ -392,6 +391,9 @@ impl MountCore {
             return Ok(entry);
         }
         let entry = queue.journal(entry).map_err(|e| errno::of_io(&e))?;
+        // The record this one replaced may have counted on a session given
+        // up since; none does now.
+        staged.release_retired_session();
         let mut state = staged.state.lock().unwrap();
         // Renamed meanwhile: the record must be written again, with the
         // new name.
@@ -426,16 +428,14 @@ impl MountCore {
             (state.dirty, state.unlinked)
         };
         if unlinked {
-            queue.unjournal(&staged.local);
-            discard(&staged.local);
+            drop_unuploaded(&queue, &staged);
             return Ok(());
         }
         if !dirty {
             // An upload in progress owns the staging file until it settles.
             if !queue.is_pending(&path) {
                 self.staged.lock().unwrap().remove(&path);
-                queue.unjournal(&staged.local);
-                discard(&staged.local);
+                drop_unuploaded(&queue, &staged);
             }
             return Ok(());
         }
@@ -456,4 +456,13 @@ impl MountCore {
         reservation.start_journaled(entry, staged.charge_for_upload());
         Ok(())
     }
+}
+
+/// Drops the journal record and the staging file of `staged`, whose
+/// content is not to be uploaded (or was, by an upload that settled), and
+/// a session only that record counted on.
+fn drop_unuploaded(queue: &UploadQueue, staged: &Staged) {
+    queue.unjournal(&staged.local);
+    staged.release_retired_session();
+    discard(&staged.local);
 }

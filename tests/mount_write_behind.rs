@@ -315,8 +315,9 @@ async fn a_close_while_the_server_keeps_up_leaves_only_the_last_chunk_to_the_loc
 /// descriptor left open: the session is no use to the new content, but it
 /// is kept while the record of the closed content counts on it (a crash of
 /// the machine must still rebuild that), and aborted once that record is
-/// replaced by the next close's or dropped with the file, not left on the
-/// server until it expires.
+/// replaced by the next close's (while the file stays open), or dropped
+/// after an `fsync` committed the new content or with the file removed;
+/// not left on the server until it expires.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_session_only_a_replaced_record_counted_on_is_aborted() {
     let Some((tmp, _)) = fuse_and_store() else {
@@ -324,37 +325,54 @@ async fn a_session_only_a_replaced_record_counted_on_is_aborted() {
     };
     // Three whole chunks of 8 MiB, then 5 bytes.
     let data = random_bytes(24 * MIB + 5);
-    for (name, removed) in [("closed-again.bin", false), ("removed.bin", true)] {
-        let store = tmp.path().join(name).join("store");
+    let mut changed = data.clone();
+    changed[9 * MIB..9 * MIB + 7].copy_from_slice(b"changed");
+    for then in ["closed", "synced", "removed"] {
+        let name = format!("{then}.bin");
+        let store = tmp.path().join(then).join("store");
         let server = Server::start_on(store.to_str().unwrap(), &[]);
-        let state = tmp.path().join(name).join("state");
+        let state = tmp.path().join(then).join("state");
         let (mount, other, record) =
-            closed_on_the_server_while_open_elsewhere(&server, &store, &state, name, &data);
+            closed_on_the_server_while_open_elsewhere(&server, &store, &state, &name, &data);
         let held = record["tail_copy"]["session"].as_str().unwrap().to_owned();
         let held_exists = || sessions(&store).iter().any(|s| s.ends_with(&held));
         assert!(held_exists(), "{held}: {:?}", sessions(&store));
         other.write_all_at(b"changed", 9 * MIB as u64).unwrap();
-        let mut changed = data.clone();
-        changed[9 * MIB..9 * MIB + 7].copy_from_slice(b"changed");
         tokio::time::sleep(Duration::from_millis(500)).await;
         assert!(
             held_exists(),
-            "{name}: the record of the closed content still counts on it"
+            "{then}: the record of the closed content still counts on it"
         );
-        if removed {
-            std::fs::remove_file(mount.at(name)).unwrap();
+        match then {
+            "closed" => {
+                // Closed again, still open through `other`: the new record
+                // replaces the old one, and the session goes at once.
+                drop(other.try_clone().unwrap());
+                assert!(
+                    eventually(Duration::from_secs(10), || !held_exists()),
+                    "closed: the session no record counts on is aborted: {:?}",
+                    sessions(&store)
+                );
+            }
+            "synced" => other.sync_all().unwrap(),
+            "removed" => std::fs::remove_file(mount.at(&name)).unwrap(),
+            _ => {}
         }
         drop(other);
-        if !removed {
-            assert!(server.eventually_has(name, &changed).await);
+        if then != "removed" {
+            assert!(server.eventually_has(&name, &changed).await, "{then}");
         }
         assert!(
             eventually(Duration::from_secs(10), || !held_exists()),
-            "{name}: the session no record counts on is aborted: {:?}",
+            "{then}: the session no record counts on is aborted: {:?}",
             sessions(&store)
         );
-        let left = sessions(&store).len();
-        assert_eq!(left, usize::from(!removed), "{name}: only the upload's own");
+        let uploads = usize::from(then != "removed");
+        assert_eq!(
+            sessions(&store).len(),
+            uploads,
+            "{then}: only the upload's own"
+        );
     }
 }
 

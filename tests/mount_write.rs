@@ -630,6 +630,70 @@ async fn a_file_renamed_while_still_open_is_recovered_under_its_new_name() {
     assert_eq!(server.listed_names("").await, ["final.txt"]);
 }
 
+/// `prog > file`: the shell closes its descriptor after the dup (a close,
+/// so the file, empty then, is journaled), and the program writes and
+/// fsyncs through the other. The fsync commits the file, and the close's
+/// record is of no use from then on. Were it kept, a crash of the machine
+/// before the last close would have the next mount upload the staging file
+/// (not synced since that close, so torn) over the version fsync made
+/// durable.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_fsync_retires_the_record_an_earlier_close_of_the_file_left() {
+    if !fuse_available() {
+        return;
+    }
+    let (tmp, server) = server_with_store();
+    let state = tmp.path().join("state");
+    let mount = MountProc::start_with_state(
+        &server.url,
+        tempfile::tempdir().unwrap(),
+        state.clone(),
+        &[],
+    );
+    let journal = mount_state_dir(&state).join("journal");
+    let shell = std::fs::File::create(mount.at("log.txt")).unwrap();
+    let mut program = shell.try_clone().unwrap();
+    drop(shell);
+    assert_eq!(journal_records(&journal).len(), 1, "the close's record");
+    let data = random_bytes(3 * MIB + 17);
+    program.write_all(&data).unwrap();
+    program.sync_all().unwrap();
+    let (code, body) = server.get_bytes("log.txt").await;
+    assert!(code == 200 && body == data, "fsync returned once committed");
+    assert!(
+        journal_records(&journal).is_empty(),
+        "{:?}",
+        journal_records(&journal)
+    );
+    // The machine restarts with the file open: the mount dies and the
+    // staging file is torn.
+    let mountpoint = mount.at("");
+    mount.sigkill();
+    drop(program);
+    let _ = Command::new("fusermount3")
+        .args(["-u", "-z"])
+        .arg(&mountpoint)
+        .status();
+    for staged in std::fs::read_dir(mount_state_dir(&state).join("staging")).unwrap() {
+        let staged = staged.unwrap().path();
+        let len = std::fs::metadata(&staged).unwrap().len() as usize;
+        std::fs::write(&staged, random_bytes(len)).unwrap();
+    }
+    let _remount = MountProc::start_with_state(
+        &server.url,
+        tempfile::tempdir().unwrap(),
+        state.clone(),
+        &[],
+    );
+    assert!(eventually(Duration::from_secs(5), || journal_records(
+        &journal
+    )
+    .is_empty()));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (_, body) = server.get_bytes("log.txt").await;
+    assert!(body == data, "the fsynced version stays");
+}
+
 /// A server on `store` in a fresh directory, beside which a mount's
 /// `state` goes, so that both can be restarted on the same data.
 fn server_with_store() -> (tempfile::TempDir, Server) {

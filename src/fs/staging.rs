@@ -194,6 +194,9 @@ pub struct StagedState {
     /// by its etag: the server has the file under its name now, and the
     /// next upload commits over that version, not over `base`.
     committed: Option<Committed>,
+    /// How many uploads committed the file under its name since it was
+    /// opened.
+    commits: u64,
 }
 
 /// A version of a staged file that one of its uploads committed.
@@ -269,6 +272,7 @@ impl Staged {
                 unlinked: false,
                 upload_session: None,
                 committed: None,
+                commits: 0,
             }),
             gate: tokio::sync::RwLock::new(()),
             naming: Arc::default(),
@@ -336,6 +340,18 @@ impl Staged {
         }
     }
 
+    /// The journal record of this file was dropped: nothing counts on the
+    /// copy of its tail or on a session given up since.
+    pub fn record_dropped(&self) {
+        {
+            let mut state = self.state.lock().unwrap();
+            state.journaled = false;
+            state.tail_copy = None;
+        }
+        *self.tail_charge.lock().unwrap() = self.space.empty();
+        self.release_retired_session();
+    }
+
     /// A session handed over for content that has changed since: of no use.
     fn drop_upload_session(&self, state: &mut StagedState) {
         if let (Some(handover), Some(wb)) = (state.upload_session.take(), &self.write_behind) {
@@ -361,7 +377,14 @@ impl Staged {
 
     /// An upload of this file committed `etag` under its name.
     pub fn committed(&self, etag: Option<String>) {
-        self.state.lock().unwrap().committed = Some(Committed { etag });
+        let mut state = self.state.lock().unwrap();
+        state.committed = Some(Committed { etag });
+        state.commits += 1;
+    }
+
+    /// How many uploads committed the file under its name so far.
+    pub fn commits(&self) -> u64 {
+        self.state.lock().unwrap().commits
     }
 
     pub fn size(&self) -> u64 {

@@ -319,6 +319,7 @@ impl MountCore {
         .map_err(|_| errno::EIO)?
         .map_err(|e| errno::of_io(&e))?;
         let path = entry.path.clone();
+        let commits = staged.commits();
         // The open file keeps the space charged.
         queue
             .enqueue(path.clone(), entry, Charge::none())
@@ -328,6 +329,13 @@ impl MountCore {
         // makes the upload's file durable.
         staged.state.lock().unwrap().dirty = false;
         queue.wait(&path).await;
+        if staged.commits() > commits {
+            // A record an earlier close of the file left (with `> file`, a
+            // shell's) is of no use now. Kept, a crash of the machine would
+            // have it upload the staging file, written but not synced since,
+            // over this version.
+            drop_record(&queue, &staged);
+        }
         Ok(())
     }
 
@@ -458,11 +466,16 @@ impl MountCore {
     }
 }
 
-/// Drops the journal record and the staging file of `staged`, whose
-/// content is not to be uploaded (or was, by an upload that settled), and
-/// a session only that record counted on.
-fn drop_unuploaded(queue: &UploadQueue, staged: &Staged) {
+/// Drops the journal record of `staged`, and with it the copy of its tail
+/// and a session only that record counted on.
+fn drop_record(queue: &UploadQueue, staged: &Staged) {
     queue.unjournal(&staged.local);
-    staged.release_retired_session();
+    staged.record_dropped();
+}
+
+/// Drops the journal record and the staging file of `staged`, whose
+/// content is not to be uploaded (or was, by an upload that settled).
+fn drop_unuploaded(queue: &UploadQueue, staged: &Staged) {
+    drop_record(queue, staged);
     discard(&staged.local);
 }

@@ -153,8 +153,7 @@ async fn with_the_server_down_writes_past_max_staging_get_enospc_and_closed_file
     let (addr, url) = (server.addr.to_string(), server.url.clone());
     let mount = MountProc::start_with_state(
         &url,
-        tempfile::tempdir().unwrap(),
-        tmp.path().join("state"),
+        &tmp.path().join("state"),
         &["--max-staging", "8M", "--retry-for", "2"],
     );
     let names = ["early0.bin", "early1.bin", "late.bin"];

@@ -515,8 +515,7 @@ async fn files_closed_before_a_sigkill_are_committed_by_the_next_mount() {
     let (tmp, server) = server_with_store();
     let (store, state) = (tmp.path().join("store"), tmp.path().join("state"));
     let (addr, url) = (server.addr.to_string(), server.url.clone());
-    let mut mount =
-        MountProc::start_with_state(&url, tempfile::tempdir().unwrap(), state.clone(), &[]);
+    let mut mount = MountProc::start_with_state(&url, &state, &[]);
     let contents: Vec<Vec<u8>> = (0..5).map(|i| random_bytes(2 * MIB + i * 1000)).collect();
     let mut files: Vec<std::fs::File> = (0..5)
         .map(|i| std::fs::File::create(mount.at(&format!("pending{i}.bin"))).unwrap())
@@ -564,8 +563,7 @@ async fn files_closed_before_a_sigkill_are_committed_by_the_next_mount() {
     drop(mount);
     // The server returns; the next mount of the same URL commits everything.
     let server = Server::spawn(store.to_str().unwrap(), &addr, &[]);
-    let remount =
-        MountProc::start_with_state(&url, tempfile::tempdir().unwrap(), state.clone(), &[]);
+    let remount = MountProc::start_with_state(&url, &state, &[]);
     for (i, data) in contents.iter().enumerate() {
         assert!(
             server
@@ -594,12 +592,7 @@ async fn a_file_renamed_while_still_open_is_recovered_under_its_new_name() {
     }
     let (tmp, server) = server_with_store();
     let state = tmp.path().join("state");
-    let mut mount = MountProc::start_with_state(
-        &server.url,
-        tempfile::tempdir().unwrap(),
-        state.clone(),
-        &[],
-    );
+    let mount = MountProc::start_with_state(&server.url, &state, &[]);
     let data = random_bytes(3 * MIB + 17);
     let mut file = std::fs::File::create(mount.at("draft.tmp")).unwrap();
     file.write_all(&data).unwrap();
@@ -608,20 +601,9 @@ async fn a_file_renamed_while_still_open_is_recovered_under_its_new_name() {
     let journal = mount_state_dir(&state).join("journal");
     assert_eq!(journal_records(&journal).len(), 1);
     std::fs::rename(mount.at("draft.tmp"), mount.at("final.txt")).unwrap();
-    mount.child.kill().unwrap(); // SIGKILL
-    mount.child.wait().unwrap();
+    mount.sigkill();
     drop(still_open);
-    let _ = Command::new("fusermount3")
-        .arg("-u")
-        .arg(&mount.path)
-        .status();
-    drop(mount);
-    let _remount = MountProc::start_with_state(
-        &server.url,
-        tempfile::tempdir().unwrap(),
-        state.clone(),
-        &[],
-    );
+    let _remount = MountProc::start_with_state(&server.url, &state, &[]);
     assert!(server.eventually_has("final.txt", &data).await);
     assert!(eventually(Duration::from_secs(5), || journal_records(
         &journal
@@ -644,12 +626,7 @@ async fn an_fsync_retires_the_record_an_earlier_close_of_the_file_left() {
     }
     let (tmp, server) = server_with_store();
     let state = tmp.path().join("state");
-    let mount = MountProc::start_with_state(
-        &server.url,
-        tempfile::tempdir().unwrap(),
-        state.clone(),
-        &[],
-    );
+    let mount = MountProc::start_with_state(&server.url, &state, &[]);
     let journal = mount_state_dir(&state).join("journal");
     let shell = std::fs::File::create(mount.at("log.txt")).unwrap();
     let mut program = shell.try_clone().unwrap();
@@ -667,24 +644,14 @@ async fn an_fsync_retires_the_record_an_earlier_close_of_the_file_left() {
     );
     // The machine restarts with the file open: the mount dies and the
     // staging file is torn.
-    let mountpoint = mount.at("");
     mount.sigkill();
     drop(program);
-    let _ = Command::new("fusermount3")
-        .args(["-u", "-z"])
-        .arg(&mountpoint)
-        .status();
     for staged in std::fs::read_dir(mount_state_dir(&state).join("staging")).unwrap() {
         let staged = staged.unwrap().path();
         let len = std::fs::metadata(&staged).unwrap().len() as usize;
         std::fs::write(&staged, random_bytes(len)).unwrap();
     }
-    let _remount = MountProc::start_with_state(
-        &server.url,
-        tempfile::tempdir().unwrap(),
-        state.clone(),
-        &[],
-    );
+    let _remount = MountProc::start_with_state(&server.url, &state, &[]);
     assert!(eventually(Duration::from_secs(5), || journal_records(
         &journal
     )
@@ -712,7 +679,7 @@ async fn a_close_during_a_stalled_fsync_makes_its_upload_durable() {
     let (tmp, server) = server_with_store();
     let (store, state) = (tmp.path().join("store"), tmp.path().join("state"));
     let (addr, url) = (server.addr.to_string(), server.url.clone());
-    let mount = MountProc::start_with_state(&url, tempfile::tempdir().unwrap(), state.clone(), &[]);
+    let mount = MountProc::start_with_state(&url, &state, &[]);
     let journal = mount_state_dir(&state).join("journal");
     let data = random_bytes(3 * MIB);
     let mut file = std::fs::File::create(mount.at("synced.bin")).unwrap();
@@ -760,12 +727,7 @@ async fn recovery_drops_only_unsynced_uploads_of_an_earlier_boot() {
     }
     let (tmp, server) = server_with_store();
     let state = tmp.path().join("state");
-    drop(MountProc::start_with_state(
-        &server.url,
-        tempfile::tempdir().unwrap(),
-        state.clone(),
-        &[],
-    ));
+    drop(MountProc::start_with_state(&server.url, &state, &[]));
     // What a mount killed during three fsyncs leaves: uploads whose staging
     // files were not synced, recorded in this boot, an earlier one, or
     // (from a mount before such records existed) synced.
@@ -795,7 +757,7 @@ async fn recovery_drops_only_unsynced_uploads_of_an_earlier_boot() {
         std::fs::write(record_path, record.to_string()).unwrap();
         staged.push((local, data));
     }
-    let _mount = MountProc::start_with_state(&server.url, tempfile::tempdir().unwrap(), state, &[]);
+    let _mount = MountProc::start_with_state(&server.url, &state, &[]);
     assert!(server.eventually_has("this-boot.bin", &staged[0].1).await);
     assert!(server.eventually_has("synced.bin", &staged[2].1).await);
     let journal = dir.join("journal");

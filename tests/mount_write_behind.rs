@@ -174,7 +174,7 @@ async fn a_mount_killed_after_close_finishes_the_write_behind_session() {
     let state = tmp.path().join("state");
     let server = Server::start_on(store.to_str().unwrap(), &[]);
     let url = server.url.clone();
-    let mount = MountProc::start_with_state(&url, tempfile::tempdir().unwrap(), state.clone(), &[]);
+    let mount = MountProc::start_with_state(&url, &state, &[]);
     let data = random_bytes(48 * MIB + 5);
     let file = write_open(&mount.at("killed.bin"), &data);
     assert!(eventually(Duration::from_secs(20), || chunks_received(
@@ -185,8 +185,7 @@ async fn a_mount_killed_after_close_finishes_the_write_behind_session() {
     drop(file);
     mount.sigkill();
     server.resume();
-    let _remount =
-        MountProc::start_with_state(&url, tempfile::tempdir().unwrap(), state.clone(), &[]);
+    let _remount = MountProc::start_with_state(&url, &state, &[]);
     assert!(server.eventually_has("killed.bin", &data).await);
     assert_eq!(
         sessions(&store).len(),
@@ -269,12 +268,7 @@ fn closed_on_the_server_while_open_elsewhere(
     data: &[u8],
 ) -> (MountProc, std::fs::File, serde_json::Value) {
     // Any pace will do, whatever else keeps the machine busy.
-    let mount = MountProc::start_with_state(
-        &server.url,
-        tempfile::tempdir().unwrap(),
-        state.into(),
-        &["--server-pace", "1M"],
-    );
+    let mount = MountProc::start_with_state(&server.url, state, &["--server-pace", "1M"]);
     let file = write_open(&mount.at(name), data);
     let other = file.try_clone().unwrap();
     drop(file);
@@ -393,8 +387,7 @@ async fn a_tail_copy_without_room_under_max_staging_gives_way_to_a_whole_sync() 
         let limit = (data.len() + room).to_string();
         let mount = MountProc::start_with_state(
             &server.url,
-            tempfile::tempdir().unwrap(),
-            state.clone(),
+            &state,
             &["--server-pace", "1M", "--max-staging", &limit],
         );
         let file = write_open(&mount.at(name), &data);
@@ -419,22 +412,10 @@ async fn after_a_machine_restart_a_file_its_close_left_on_the_server_is_rebuilt(
     let state = tmp.path().join("state");
     let (mount, other, mut record) =
         closed_on_the_server_while_open_elsewhere(&server, &store, &state, "settled.bin", &data);
-    let mountpoint = mount.at("");
     mount.sigkill();
-    // The descriptor kept the dead mount busy for the unmount that the
-    // kill left to do: done again now that it is closed.
     drop(other);
-    let _ = std::process::Command::new("fusermount3")
-        .args(["-u", "-z"])
-        .arg(&mountpoint)
-        .status();
     restart_the_machine(&mount_state_dir(&state).join("journal"), &mut record);
-    let _remount = MountProc::start_with_state(
-        &server.url,
-        tempfile::tempdir().unwrap(),
-        state.clone(),
-        &[],
-    );
+    let _remount = MountProc::start_with_state(&server.url, &state, &[]);
     assert!(server.eventually_has("settled.bin", &data).await);
     assert_committed_through_one_session(&server, &store, "settled.bin", &data).await;
 }
@@ -466,8 +447,7 @@ async fn closed_with_a_tail_copy_then_restarted(
     state: &Path,
     data: &[u8],
 ) -> serde_json::Value {
-    let mount =
-        MountProc::start_with_state(&server.url, tempfile::tempdir().unwrap(), state.into(), &[]);
+    let mount = MountProc::start_with_state(&server.url, state, &[]);
     let file = write_open(&mount.at("restarted.bin"), data);
     // Chunks 1 to 6 of the 8 can go early; the close needs half acknowledged.
     assert!(eventually(Duration::from_secs(20), || chunks_received(
@@ -500,12 +480,7 @@ async fn after_a_machine_restart_a_file_is_rebuilt_from_its_session_and_its_sync
     let data = random_bytes(64 * MIB + 5);
     closed_with_a_tail_copy_then_restarted(&server, &store, &state, &data).await;
     server.resume();
-    let _remount = MountProc::start_with_state(
-        &server.url,
-        tempfile::tempdir().unwrap(),
-        state.clone(),
-        &[],
-    );
+    let _remount = MountProc::start_with_state(&server.url, &state, &[]);
     assert!(server.eventually_has("restarted.bin", &data).await);
     let dir = mount_state_dir(&state);
     assert!(eventually(Duration::from_secs(5), || {
@@ -532,12 +507,7 @@ async fn after_a_machine_restart_a_lost_session_commits_nothing_in_the_files_pla
         .await
         .unwrap();
     assert!(aborted.status().is_success(), "{}", aborted.status());
-    let remount = MountProc::start_with_state(
-        &server.url,
-        tempfile::tempdir().unwrap(),
-        state.clone(),
-        &[],
-    );
+    let remount = MountProc::start_with_state(&server.url, &state, &[]);
     let dir = mount_state_dir(&state);
     assert!(
         eventually(Duration::from_secs(20), || journal_records(

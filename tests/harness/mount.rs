@@ -36,17 +36,17 @@ impl MountProc {
     pub fn start(server: &Server, extra: &[&str]) -> MountProc {
         let dir = tempfile::tempdir().unwrap();
         let state = dir.path().join("state");
-        Self::start_with_state(&server.url, dir, state, extra)
+        Self::start_in(&server.url, dir, state, extra)
     }
 
     /// A mount whose state directory is `state` (kept by the caller to
-    /// remount with the same journal).
-    pub fn start_with_state(
-        url: &str,
-        dir: tempfile::TempDir,
-        state: PathBuf,
-        extra: &[&str],
-    ) -> MountProc {
+    /// remount with the same journal), on a fresh mount point.
+    pub fn start_with_state(url: &str, state: &Path, extra: &[&str]) -> MountProc {
+        Self::start_in(url, tempfile::tempdir().unwrap(), state.to_owned(), extra)
+    }
+
+    /// A mount on `dir/mnt` with state directory `state`.
+    fn start_in(url: &str, dir: tempfile::TempDir, state: PathBuf, extra: &[&str]) -> MountProc {
         let path = dir.path().join("mnt");
         std::fs::create_dir_all(&path).unwrap();
         let child = Command::new(env!("CARGO_BIN_EXE_ferry"))
@@ -73,7 +73,8 @@ impl MountProc {
         self.path.join(rel)
     }
 
-    /// SIGKILLs the mount process; dropping then unmounts what it left.
+    /// SIGKILLs the mount process; dropping then detaches what it left
+    /// (lazily: descriptors still open on it do not keep it mounted).
     pub fn sigkill(mut self) {
         self.child.kill().unwrap();
         self.child.wait().unwrap();
@@ -83,7 +84,7 @@ impl MountProc {
 impl Drop for MountProc {
     fn drop(&mut self) {
         let _ = Command::new("fusermount3")
-            .arg("-u")
+            .args(["-u", "-z"])
             .arg(&self.path)
             .status();
         let _ = self.child.kill();

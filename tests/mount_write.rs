@@ -612,6 +612,52 @@ async fn a_file_renamed_while_still_open_is_recovered_under_its_new_name() {
     assert_eq!(server.listed_names("").await, ["final.txt"]);
 }
 
+/// A file closed through one descriptor (so journaled) and still open
+/// through another is removed, or replaced by a rename: its record goes
+/// with it. Kept, a mount killed before the last close would have the next
+/// one bring the removed file back, or put it over the file renamed there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_file_removed_or_renamed_over_while_open_stays_gone_after_a_crash() {
+    if !fuse_available() {
+        return;
+    }
+    for replaced in [false, true] {
+        let (tmp, server) = server_with_store();
+        let state = tmp.path().join("state");
+        let mount = MountProc::start_with_state(&server.url, &state, &[]);
+        let journal = mount_state_dir(&state).join("journal");
+        let newer = random_bytes(MIB + 3);
+        if replaced {
+            std::fs::write(mount.at("new.txt"), &newer).unwrap();
+            assert!(server.eventually_has("new.txt", &newer).await);
+        }
+        let mut file = std::fs::File::create(mount.at("target.txt")).unwrap();
+        file.write_all(&random_bytes(2 * MIB + 5)).unwrap();
+        let still_open = file.try_clone().unwrap();
+        drop(file);
+        assert_eq!(journal_records(&journal).len(), 1, "the close's record");
+        match replaced {
+            true => std::fs::rename(mount.at("new.txt"), mount.at("target.txt")).unwrap(),
+            false => std::fs::remove_file(mount.at("target.txt")).unwrap(),
+        }
+        assert!(
+            journal_records(&journal).is_empty(),
+            "replaced: {replaced}: {:?}",
+            journal_records(&journal)
+        );
+        mount.sigkill();
+        drop(still_open);
+        let _remount = MountProc::start_with_state(&server.url, &state, &[]);
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let expected: &[&str] = if replaced { &["target.txt"] } else { &[] };
+        assert_eq!(server.listed_names("").await, expected);
+        if replaced {
+            let (_, body) = server.get_bytes("target.txt").await;
+            assert!(body == newer, "the renamed file stays");
+        }
+    }
+}
+
 /// `prog > file`: the shell closes its descriptor after the dup (a close,
 /// so the file, empty then, is journaled), and the program writes and
 /// fsyncs through the other. The fsync commits the file, and the close's

@@ -255,9 +255,15 @@ impl UploadQueue {
     }
 
     /// Drops the record [`UploadQueue::journal`] wrote for `local`, whose
-    /// content is no longer to be uploaded.
+    /// content is no longer to be uploaded. One dropped is gone for good
+    /// before this returns: after a crash of the machine it would upload
+    /// content removed or superseded since.
     pub fn unjournal(&self, local: &Path) {
-        let _ = std::fs::remove_file(self.record_of(local));
+        if std::fs::remove_file(self.record_of(local)).is_ok()
+            && let Err(e) = std::fs::File::open(&self.journal).and_then(|d| d.sync_all())
+        {
+            tracing::warn!(error = %e, "syncing the upload journal after dropping a record failed");
+        }
         let _ = std::fs::remove_file(tail_copy::path_for(local));
     }
 

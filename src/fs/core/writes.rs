@@ -129,14 +129,21 @@ impl MountCore {
     }
 
     /// An open staged file was removed (or replaced by a rename): nothing of
-    /// it is uploaded, and the name shows the server's entry again.
+    /// it is uploaded, and the name shows the server's entry again. A record
+    /// a close of one of its descriptors left goes now, not at the last
+    /// close: a crash before that must not bring the file back.
     pub(super) fn drop_unlinked(&self, open: OpenStaged) {
         let staged = &open.staged;
-        let mut map = self.staged.lock().unwrap();
-        let mut state = staged.state.lock().unwrap();
-        state.unlinked = true;
-        if map.get(&state.path).is_some_and(|s| Arc::ptr_eq(s, staged)) {
-            map.remove(&state.path);
+        {
+            let mut map = self.staged.lock().unwrap();
+            let mut state = staged.state.lock().unwrap();
+            state.unlinked = true;
+            if map.get(&state.path).is_some_and(|s| Arc::ptr_eq(s, staged)) {
+                map.remove(&state.path);
+            }
+        }
+        if let Ok(queue) = self.queue() {
+            drop_record(queue, staged);
         }
     }
 
@@ -403,6 +410,12 @@ impl MountCore {
         // up since; none does now.
         staged.release_retired_session();
         let mut state = staged.state.lock().unwrap();
+        if state.unlinked {
+            // Removed while this wrote it: it goes too (see `drop_unlinked`).
+            drop(state);
+            drop_record(queue, staged);
+            return Ok(entry);
+        }
         // Renamed meanwhile: the record must be written again, with the
         // new name.
         if state.path == entry.path {

@@ -199,6 +199,50 @@ async fn a_file_fsynced_then_renamed_or_removed_while_open_follows_on_the_server
     );
 }
 
+/// A directory renamed while a file in it is open, and while the upload
+/// of another file in it is still under way: both land under the new name,
+/// nothing under the old one. And a directory holding only a file the
+/// server does not have yet cannot be removed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn files_open_or_uploading_in_a_renamed_directory_follow_it() {
+    if !fuse_available() {
+        return;
+    }
+    let server = Server::start();
+    server.put("old/keep.txt", "kept").await;
+    let mount = MountProc::start(&server, &[]);
+    let closed = random_bytes(8 * MIB + 1);
+    std::fs::write(mount.at("old/closed.bin"), &closed).unwrap();
+    let mut open = std::fs::File::create(mount.at("old/open.txt")).unwrap();
+    open.write_all(b"written before").unwrap();
+    // A directory whose only file the server does not have yet is not
+    // empty either.
+    std::fs::create_dir(mount.at("fresh")).unwrap();
+    let fresh = std::fs::File::create(mount.at("fresh/f")).unwrap();
+    let refused = std::fs::remove_dir(mount.at("fresh")).unwrap_err();
+    assert_eq!(refused.raw_os_error(), Some(libc::ENOTEMPTY));
+    drop(fresh);
+    std::fs::rename(mount.at("old"), mount.at("new")).unwrap();
+    open.write_all(b" and after the rename").unwrap();
+    drop(open);
+    assert!(server.eventually_has("new/closed.bin", &closed).await);
+    assert!(
+        server
+            .eventually_has("new/open.txt", b"written before and after the rename")
+            .await
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(server.get_bytes("old/closed.bin").await.0, 404);
+    assert_eq!(server.get_bytes("old/open.txt").await.0, 404);
+    let mut names = server.listed_names("").await;
+    names.sort();
+    assert_eq!(names, ["fresh", "new"]);
+    assert_eq!(
+        std::fs::read(mount.at("new/open.txt")).unwrap(),
+        b"written before and after the rename"
+    );
+}
+
 /// Writes after an `fsync` are the same writer's: their upload commits
 /// over the version that `fsync` committed, with no conflict.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

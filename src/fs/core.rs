@@ -500,6 +500,11 @@ impl MountCore {
         if meta.kind != EntryKind::Dir {
             return Err(20); // ENOTDIR
         }
+        // Files being written or uploaded beneath it are there already,
+        // though the server does not have them yet.
+        if self.writes_beneath(&path) {
+            return Err(39); // ENOTEMPTY
+        }
         self.client
             .rmdir(&path, false)
             .await
@@ -547,6 +552,11 @@ impl MountCore {
             return Err(errno::EEXIST);
         }
         let moving = self.quiesce(&from).await;
+        // A directory moves with the files being written beneath it.
+        let beneath = match moving {
+            Some(_) => Vec::new(),
+            None => self.quiesce_beneath(&from).await,
+        };
         let on_server = moving
             .as_ref()
             .is_none_or(|open| open.staged.exists_on_server());
@@ -572,6 +582,11 @@ impl MountCore {
         if let Some(open) = &moving {
             // Still being written: its upload goes to the new name.
             self.restage(open, &to).await;
+        }
+        for open in &beneath {
+            if let Some(moved) = open.staged.path().moved(&from, &to) {
+                self.restage(open, &moved).await;
+            }
         }
         self.inodes.rename(&from, &to);
         Ok(())

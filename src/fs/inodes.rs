@@ -155,12 +155,7 @@ impl Inodes {
             maps.by_ino.remove(&old);
         }
         for (old_path, ino) in moved {
-            let rest = old_path.strip_prefix(from).unwrap_or_default().to_owned();
-            let Ok(new_path) = (if rest.is_empty() {
-                Ok(to.clone())
-            } else {
-                to.join_relative(&rest)
-            }) else {
+            let Some(new_path) = old_path.moved(from, to) else {
                 continue;
             };
             maps.by_path.remove(&old_path);

@@ -339,6 +339,16 @@ impl UploadQueue {
         }
     }
 
+    /// Paths strictly beneath `dir` with an upload on its way.
+    pub fn pending_beneath(&self, dir: &RemotePath) -> Vec<RemotePath> {
+        let running = self.running.lock().unwrap();
+        running
+            .keys()
+            .filter(|p| is_beneath(p, dir))
+            .cloned()
+            .collect()
+    }
+
     pub fn is_pending(&self, path: &RemotePath) -> bool {
         self.running.lock().unwrap().contains_key(path)
     }
@@ -479,6 +489,11 @@ impl Drop for Reservation {
             let _ = tx.send(());
         }
     }
+}
+
+/// Whether `path` lies strictly beneath `dir`.
+pub fn is_beneath(path: &RemotePath, dir: &RemotePath) -> bool {
+    path.strip_prefix(dir).is_some_and(|rest| !rest.is_empty())
 }
 
 /// The remote version moved on (412), or the path can no longer hold a file.

@@ -170,6 +170,15 @@ impl RemotePath {
         self.strip_prefix(base).is_some()
     }
 
+    /// Where `self` is once `from` (itself or an ancestor) is moved to `to`;
+    /// `None` when it is not beneath `from`.
+    pub fn moved(&self, from: &RemotePath, to: &RemotePath) -> Option<RemotePath> {
+        match self.strip_prefix(from)? {
+            "" => Some(to.clone()),
+            rest => to.join_relative(rest).ok(),
+        }
+    }
+
     /// The part of `self` below `base` (`""` when equal), segment-wise.
     pub fn strip_prefix(&self, base: &RemotePath) -> Option<&str> {
         if base.is_root() {
@@ -324,5 +333,16 @@ mod tests {
             RemotePath::root().join("..").unwrap_err(),
             PathError::DotSegment
         );
+    }
+
+    #[test]
+    fn paths_move_with_what_holds_them() {
+        let path = |s: &str| RemotePath::parse(s).unwrap();
+        let (from, to) = (path("a/b"), path("x"));
+        assert_eq!(path("a/b/c/d").moved(&from, &to), Some(path("x/c/d")));
+        assert_eq!(path("a/b").moved(&from, &to), Some(path("x")));
+        assert_eq!(path("a/bc").moved(&from, &to), None);
+        assert_eq!(path("a").moved(&from, &to), None);
+        assert_eq!(path("f").moved(&RemotePath::root(), &to), Some(path("x/f")));
     }
 }

@@ -7,7 +7,7 @@ use std::sync::{Arc, Weak};
 use bytes::Bytes;
 
 use super::{FsResult, MountCore, errno};
-use crate::fs::pending::{JournalEntry, UploadQueue};
+use crate::fs::pending::{JournalEntry, UploadQueue, is_beneath};
 use crate::fs::staging::{Staged, discard};
 use crate::fs::staging_space::Charge;
 use crate::protocol::{EntryKind, FileMeta, RemotePath};
@@ -103,6 +103,46 @@ impl MountCore {
                 _naming: naming,
             });
         }
+    }
+
+    /// True while this mount is writing or uploading a file beneath `dir`.
+    pub(super) fn writes_beneath(&self, dir: &RemotePath) -> bool {
+        let staged = self.staged.lock().unwrap();
+        staged.keys().any(|p| is_beneath(p, dir))
+            || self
+                .queue()
+                .is_ok_and(|q| !q.pending_beneath(dir).is_empty())
+    }
+
+    /// Before a directory `dir` moves: lets every pending upload beneath it
+    /// land (each commits under the old name, which the move then takes
+    /// along), and returns the files beneath it still open, each held as
+    /// [`quiesce`](Self::quiesce) holds one, to move with it.
+    pub(super) async fn quiesce_beneath(&self, dir: &RemotePath) -> Vec<OpenStaged> {
+        let mut paths: Vec<RemotePath> = self
+            .staged
+            .lock()
+            .unwrap()
+            .keys()
+            .filter(|p| is_beneath(p, dir))
+            .cloned()
+            .collect();
+        if let Ok(queue) = self.queue() {
+            // Uploads an earlier mount left have no staged file here.
+            paths.extend(queue.pending_beneath(dir));
+        }
+        // One order for every caller, so that two moves never wait on
+        // each other's files.
+        paths.sort_by(|a, b| a.as_str().cmp(b.as_str()));
+        paths.dedup();
+        let mut open = Vec::new();
+        for path in paths {
+            if let Ok(queue) = self.queue() {
+                queue.wait(&path).await;
+            }
+            open.extend(self.quiesce(&path).await);
+        }
+        open
     }
 
     /// Moves an open staged file to a new name. A close that journaled it

@@ -751,6 +751,53 @@ async fn an_fsync_retires_the_record_an_earlier_close_of_the_file_left() {
     assert!(body == data, "the fsynced version stays");
 }
 
+/// A file closed through one descriptor (journaled) is written on and
+/// fsynced through another while the server does not answer, and the mount
+/// is killed: two records of the same file, the close's and the fsync's.
+/// The next mount commits the newer content once, not a second time as a
+/// conflict with itself.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_mount_killed_during_an_fsync_after_a_close_commits_the_file_once() {
+    use std::os::fd::IntoRawFd;
+    if !fuse_available() {
+        return;
+    }
+    let (tmp, server) = server_with_store();
+    server.put("f.txt", "old").await;
+    let state = tmp.path().join("state");
+    let mount = MountProc::start_with_state(&server.url, &state, &[]);
+    let journal = mount_state_dir(&state).join("journal");
+    let data = random_bytes(2 * MIB + 9);
+    let mut file = std::fs::File::create(mount.at("f.txt")).unwrap();
+    file.write_all(&data[..MIB]).unwrap();
+    let other = file.try_clone().unwrap();
+    drop(file);
+    assert_eq!(journal_records(&journal).len(), 1, "the close's record");
+    (&other).write_all(&data[MIB..]).unwrap();
+    server.pause();
+    let fd = other.into_raw_fd();
+    // SAFETY: `fd` is owned here and never used again; the dead mount
+    // makes this fsync fail, and the descriptor goes with the process.
+    let fsync = std::thread::spawn(move || unsafe { libc::fsync(fd) });
+    assert!(
+        eventually(Duration::from_secs(10), || journal_records(&journal).len()
+            == 2),
+        "{:?}",
+        journal_records(&journal)
+    );
+    mount.sigkill();
+    server.resume();
+    let _ = fsync.join().unwrap();
+    let _remount = MountProc::start_with_state(&server.url, &state, &[]);
+    assert!(server.eventually_has("f.txt", &data).await);
+    assert!(eventually(Duration::from_secs(5), || journal_records(
+        &journal
+    )
+    .is_empty()));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(server.listed_names("").await, ["f.txt"]);
+}
+
 /// A server on `store` in a fresh directory, beside which a mount's
 /// `state` goes, so that both can be restarted on the same data.
 fn server_with_store() -> (tempfile::TempDir, Server) {

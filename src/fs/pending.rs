@@ -273,7 +273,7 @@ impl UploadQueue {
 
     /// Restarts every journaled upload (after a crash). Returns how many.
     pub fn recover(self: &Arc<Self>) -> usize {
-        let mut count = 0;
+        let mut resumable = Vec::new();
         for record in std::fs::read_dir(&self.journal)
             .into_iter()
             .flatten()
@@ -295,14 +295,7 @@ impl UploadQueue {
                 .and_then(|b| serde_json::from_slice::<JournalEntry>(&b).ok())
             {
                 Some(entry) if entry.source().exists() && !entry.torn_by_reboot() => {
-                    tracing::info!(path = %entry.path, "resuming an upload left by an earlier mount");
-                    // Its staging file and the copy of its tail, if any:
-                    // both stay until the upload settles.
-                    let kept = allocated(&entry.local)
-                        + entry.tail_copy.as_ref().map_or(0, |c| allocated(&c.path));
-                    let charge = self.space.draining(kept);
-                    self.reserve(&entry.path).start(path, entry, charge);
-                    count += 1;
+                    resumable.push((path, entry));
                 }
                 Some(entry) if entry.local.exists() => {
                     // Its writer's fsync never returned, and the file was
@@ -317,6 +310,29 @@ impl UploadQueue {
                     let _ = std::fs::remove_file(&path);
                 }
             }
+        }
+        // Two records of one path are of one staged file (a close's, then an
+        // fsync's of what was written since, or the other way round): its
+        // staging file under two names. The newer is the file's content.
+        resumable.sort_by_key(|(_, entry)| entry.queued_at);
+        let mut newest: HashMap<RemotePath, (PathBuf, JournalEntry)> = HashMap::new();
+        for (record, entry) in resumable {
+            if let Some((older, superseded)) = newest.insert(entry.path.clone(), (record, entry)) {
+                tracing::info!(path = %superseded.path, "dropping an upload record superseded by a newer one of the same file");
+                let _ = std::fs::remove_file(older);
+                let _ = std::fs::remove_file(&superseded.local);
+                let _ = std::fs::remove_file(tail_copy::path_for(&superseded.local));
+            }
+        }
+        let count = newest.len();
+        for (record, entry) in newest.into_values() {
+            tracing::info!(path = %entry.path, "resuming an upload left by an earlier mount");
+            // Its staging file and the copy of its tail, if any: both stay
+            // until the upload settles.
+            let kept = allocated(&entry.local)
+                + entry.tail_copy.as_ref().map_or(0, |c| allocated(&c.path));
+            let charge = self.space.draining(kept);
+            self.reserve(&entry.path).start(record, entry, charge);
         }
         count
     }
@@ -584,6 +600,47 @@ mod tests {
         assert!(!back.torn_by_reboot());
         entry.unsynced_boot = Some("00000000-0000-0000-0000-000000000000".into());
         assert!(entry.torn_by_reboot());
+    }
+
+    #[tokio::test]
+    async fn recovery_resumes_only_the_newest_record_of_a_file() {
+        let tmp = tempfile::tempdir().unwrap();
+        // No server answers: the uploads stay pending.
+        let client = Client::new("http://127.0.0.1:9").unwrap();
+        let queue = UploadQueue::open(client, tmp.path(), None, Box::new(|_, _| {})).unwrap();
+        let path = RemotePath::parse("f.txt").unwrap();
+        // A close's record, then an fsync's of the same staging file under
+        // a second name; and a record of another file.
+        let (closed, fsynced) = (queue.new_staging_path(), queue.new_staging_path());
+        std::fs::write(&closed, b"content").unwrap();
+        std::fs::hard_link(&closed, &fsynced).unwrap();
+        let other = queue.new_staging_path();
+        std::fs::write(&other, b"other").unwrap();
+        queue
+            .journal(JournalEntry::new(path.clone(), closed.clone(), None))
+            .unwrap();
+        queue
+            .journal(
+                JournalEntry::new(path.clone(), fsynced.clone(), None)
+                    .unsynced()
+                    .unwrap(),
+            )
+            .unwrap();
+        let other_path = RemotePath::parse("g.txt").unwrap();
+        queue
+            .journal(JournalEntry::new(other_path, other.clone(), None))
+            .unwrap();
+        assert_eq!(queue.recover(), 2);
+        let mut left: Vec<PathBuf> = queue.pending().into_iter().map(|e| e.local).collect();
+        left.sort();
+        let mut expected = vec![fsynced.clone(), other];
+        expected.sort();
+        assert_eq!(left, expected);
+        assert!(
+            !closed.exists(),
+            "the superseded record's name for the file goes"
+        );
+        assert_eq!(std::fs::read(&fsynced).unwrap(), b"content");
     }
 
     #[test]

@@ -37,8 +37,14 @@ pub fn stat_file(path: &Path) -> Option<FileStamp> {
 pub fn scan(root: &Path, scope: &str, filter: &Filter, accept: &dyn Fn(&str) -> bool) -> LocalTree {
     let mut tree = LocalTree::default();
     if !scope.is_empty() {
-        let Ok(meta) = std::fs::symlink_metadata(root.join(scope)) else {
-            return tree;
+        let meta = match std::fs::symlink_metadata(root.join(scope)) {
+            Ok(meta) => meta,
+            Err(e) if is_gone(&e) => return tree,
+            Err(e) => {
+                tracing::warn!(path = %root.join(scope).display(), error = %e, "cannot read; left as it is");
+                tree.unreadable.push(scope.to_owned());
+                return tree;
+            }
         };
         let is_dir = meta.file_type().is_dir();
         if filter.is_ignored(Path::new(scope), is_dir) {
@@ -73,6 +79,7 @@ fn walk(
             return;
         }
     };
+    let mut warned = false;
     for entry in entries {
         let Ok(entry) = entry else {
             tree.unreadable.push(dir.to_owned());
@@ -88,8 +95,21 @@ fn walk(
         } else {
             format!("{dir}/{name}")
         };
-        let Ok(meta) = std::fs::symlink_metadata(entry.path()) else {
-            continue;
+        let meta = match std::fs::symlink_metadata(entry.path()) {
+            Ok(meta) => meta,
+            // Removed since the listing: a deletion like any other.
+            Err(e) if is_gone(&e) => continue,
+            // Not "gone" (a directory listable but not searchable, say):
+            // what is there stays as it is, here and on the server.
+            Err(e) => {
+                if !warned {
+                    tracing::warn!(path = %entry.path().display(), error = %e,
+                        "cannot read; left as it is (and any other entry of its directory that cannot be read)");
+                    warned = true;
+                }
+                tree.unreadable.push(rel);
+                continue;
+            }
         };
         let kind = meta.file_type();
         if filter.excludes(Path::new(&rel), kind.is_dir()) {
@@ -101,4 +121,13 @@ fn walk(
             tree.files.insert(rel, stamp(&meta));
         }
     }
+}
+
+/// Whether `e` says the path no longer exists (rather than that it cannot
+/// be read).
+fn is_gone(e: &std::io::Error) -> bool {
+    matches!(
+        e.kind(),
+        std::io::ErrorKind::NotFound | std::io::ErrorKind::NotADirectory
+    )
 }

@@ -56,6 +56,68 @@ async fn max_delete_stops_a_mass_delete_until_allowed() {
     assert!(!agent.status().contains("held deletes"));
 }
 
+/// A directory that can be listed but not entered (`chmod -R 644`, a
+/// common slip) hides its files' metadata, not the files: they are left as
+/// they are on the server, not deleted. The agent runs as `nobody` here,
+/// as permissions do not hold for root.
+#[tokio::test]
+async fn files_of_a_directory_that_cannot_be_entered_are_not_deleted() {
+    use std::os::unix::fs::PermissionsExt;
+    let tmp = tempfile::tempdir().unwrap();
+    let server = Server::start(&tmp.path().join("store"));
+    let agent = Agent::new(&tmp.path().join("folder"), &server, "perm");
+    let files = [
+        "photos/a.jpg",
+        "photos/b.jpg",
+        "c.txt",
+        "d.txt",
+        "e.txt",
+        "f.txt",
+    ];
+    for rel in files {
+        write(&agent.dir, rel, rel.as_bytes());
+        age(&agent.path(rel));
+    }
+    std::fs::set_permissions(tmp.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let chown = std::process::Command::new("chown")
+        .args(["-R", "65534:65534"])
+        .arg(&agent.dir)
+        .status()
+        .unwrap();
+    assert!(chown.success());
+    let nobody = [
+        "setpriv",
+        "--reuid=65534",
+        "--regid=65534",
+        "--clear-groups",
+    ];
+    let once = |extra: &[&str]| {
+        let out = agent.once_wrapped(&nobody, extra);
+        let log = String::from_utf8_lossy(&out.stderr).into_owned();
+        (out.status.success(), log)
+    };
+    let (ok, log) = once(&[]);
+    assert!(ok, "{log}");
+    let client = server.client();
+    assert_eq!(remote_listing(&client, "perm").await.len(), 6);
+
+    let photos = agent.path("photos");
+    std::fs::set_permissions(&photos, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let (ok, log) = once(&[]);
+    assert!(ok, "{log}");
+    assert!(log.contains("cannot read; left as it is"), "{log}");
+    assert_eq!(
+        remote_listing(&client, "perm").await.len(),
+        6,
+        "nothing deleted: {log}"
+    );
+    // Entered again: in sync, nothing to send.
+    std::fs::set_permissions(&photos, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let (ok, log) = once(&[]);
+    assert!(ok, "{log}");
+    assert_eq!(remote_listing(&client, "perm").await.len(), 6);
+}
+
 #[tokio::test]
 async fn ferryignore_and_editor_temporaries_are_not_synced() {
     let tmp = tempfile::tempdir().unwrap();

@@ -149,7 +149,16 @@ impl Agent {
 
     /// `ferry-agent once`, to completion.
     pub fn once(&self, extra: &[&str]) -> Output {
-        let out = self.command("once", extra).output().unwrap();
+        self.once_wrapped(&[], extra)
+    }
+
+    /// `ferry-agent once` through `wrapper` (see [`Agent::start_wrapped`]),
+    /// to completion.
+    pub fn once_wrapped(&self, wrapper: &[&str], extra: &[&str]) -> Output {
+        let out = self
+            .wrapped_command(wrapper, "once", extra)
+            .output()
+            .unwrap();
         std::fs::write(&self.log, &out.stderr).unwrap();
         out
     }

@@ -36,12 +36,35 @@ pub struct FolderSpec {
 }
 
 impl FolderSpec {
-    /// The state directory relative to the folder, when it lies inside it
-    /// (it is then left out of the sync).
-    pub fn state_inside(&self) -> Option<PathBuf> {
-        let dir = self.state.parent()?;
-        let rel = dir.strip_prefix(&self.dir).ok()?;
-        (!rel.as_os_str().is_empty()).then(|| rel.to_owned())
+    /// The agent's own files where they lie inside the folder, relative to
+    /// it (left out of the sync): their directory when it is below the
+    /// folder, else (the journal kept in the folder itself) each of them:
+    /// the journal, its write-ahead log and shared memory, and the lock.
+    pub fn own_paths_inside(&self) -> Vec<PathBuf> {
+        let Some(rel) = self
+            .state
+            .parent()
+            .and_then(|dir| dir.strip_prefix(&self.dir).ok())
+        else {
+            return Vec::new();
+        };
+        if !rel.as_os_str().is_empty() {
+            return vec![rel.to_owned()];
+        }
+        let Some(name) = self.state.file_name().and_then(|n| n.to_str()) else {
+            return Vec::new();
+        };
+        let journal = ["", "-wal", "-shm", "-journal"].map(|suffix| format!("{name}{suffix}"));
+        journal
+            .into_iter()
+            .map(PathBuf::from)
+            .chain(self.lock_path().file_name().map(PathBuf::from))
+            .collect()
+    }
+
+    /// The file an agent holds locked while it syncs this folder.
+    pub fn lock_path(&self) -> PathBuf {
+        self.state.with_extension("lock")
     }
 }
 
@@ -201,6 +224,20 @@ impl Settings {
     }
 }
 
+/// `path` with its longest existing ancestor made canonical (symlinks and
+/// `..` resolved); the rest, not there yet, as given.
+fn resolved(path: &Path) -> PathBuf {
+    for ancestor in path.ancestors().skip(1) {
+        if let Ok(real) = std::fs::canonicalize(ancestor) {
+            let rest = path
+                .strip_prefix(ancestor)
+                .expect("an ancestor of the path");
+            return real.join(rest);
+        }
+    }
+    path.to_owned()
+}
+
 fn folder(
     dir: &Path,
     server: Option<String>,
@@ -237,6 +274,8 @@ fn folder(
     } else {
         state
     };
+    // Compared with the (canonical) folder to tell whether it lies inside.
+    let state = resolved(&state);
     Ok(FolderSpec {
         dir,
         server,
@@ -325,11 +364,11 @@ max_delete = 10
         assert_eq!(a.prefix.as_str(), "backup/a");
         assert_eq!(a.server, "http://127.0.0.1:7070");
         assert!(a.state.ends_with(".ferry-agent/state.db"));
-        assert_eq!(a.state_inside(), Some(PathBuf::from(STATE_DIR)));
+        assert_eq!(a.own_paths_inside(), [PathBuf::from(STATE_DIR)]);
         let b = &s.folders[1];
         assert_eq!(b.server, "http://10.0.0.2:7070");
         assert_eq!(b.state, PathBuf::from("/var/lib/ferry-agent/b.db"));
-        assert_eq!(b.state_inside(), None);
+        assert!(b.own_paths_inside().is_empty());
         assert_eq!(b.max_delete, Some(10));
     }
 

@@ -1,4 +1,4 @@
-//! What is not synced: the agent's own state directory, temporary files of
+//! What is not synced: the agent's own state files, temporary files of
 //! common editors, and whatever `.ferryignore` files (gitignore syntax) say.
 //!
 //! A `.ferryignore` applies to its directory and everything below it; a
@@ -50,15 +50,16 @@ pub const DEFAULT_PATTERNS: &[&str] = &[
 
 pub struct Filter {
     root: PathBuf,
-    /// The state directory, relative to the root, when it lies inside it.
-    state_dir: Option<PathBuf>,
+    /// The agent's own files inside the root, relative to it (see
+    /// `FolderSpec::own_paths_inside`).
+    own: Vec<PathBuf>,
     defaults: Gitignore,
     /// Parsed `.ferryignore` of each directory seen (None: it has none).
     per_dir: Mutex<HashMap<PathBuf, Option<Gitignore>>>,
 }
 
 impl Filter {
-    pub fn new(root: &Path, state_dir: Option<PathBuf>) -> Filter {
+    pub fn new(root: &Path, own: Vec<PathBuf>) -> Filter {
         let mut builder = GitignoreBuilder::new(root);
         for pattern in DEFAULT_PATTERNS {
             builder
@@ -67,7 +68,7 @@ impl Filter {
         }
         Filter {
             root: root.to_owned(),
-            state_dir,
+            own,
             defaults: builder.build().expect("default patterns are valid"),
             per_dir: Mutex::default(),
         }
@@ -92,7 +93,7 @@ impl Filter {
     /// The decision for `rel` itself, its parents taken as not ignored (as
     /// while walking down the tree).
     pub fn excludes(&self, rel: &Path, is_dir: bool) -> bool {
-        if self.state_dir.as_deref() == Some(rel) {
+        if self.own.iter().any(|own| own == rel) {
             return true;
         }
         let mut ignored = matches!(self.defaults.matched(rel, is_dir), Match::Ignore(_));
@@ -149,7 +150,7 @@ mod tests {
     #[test]
     fn editor_temporaries_and_the_state_dir_are_ignored_by_default() {
         let dir = tempfile::tempdir().unwrap();
-        let f = Filter::new(dir.path(), Some(PathBuf::from(".ferry-agent")));
+        let f = Filter::new(dir.path(), vec![PathBuf::from(".ferry-agent")]);
         for p in [
             "a/.notes.txt.swp",
             "4913",
@@ -182,7 +183,7 @@ mod tests {
             "!keep.log\nlocal*\n",
         )
         .unwrap();
-        let f = Filter::new(dir.path(), None);
+        let f = Filter::new(dir.path(), Vec::new());
         assert!(ignored(&f, "a.log"));
         assert!(ignored(&f, "sub/deep/b.log"));
         assert!(!ignored(&f, "sub/keep.log"));

@@ -262,7 +262,7 @@ fn sync(args: &SyncArgs, once: bool) -> Result<bool> {
             root: spec.dir.clone(),
             journal,
             remote,
-            filter: Filter::new(&spec.dir, spec.state_inside()),
+            filter: Filter::new(&spec.dir, spec.own_paths_inside()),
             dry_run: args.dry_run,
             max_delete: spec.max_delete,
             rt: rt.handle().clone(),
@@ -362,7 +362,7 @@ fn lock(spec: &FolderSpec) -> Result<std::fs::File> {
         .context("the state path has no directory")?;
     std::fs::create_dir_all(dir)
         .with_context(|| format!("creating the state directory {}", dir.display()))?;
-    let path = spec.state.with_extension("lock");
+    let path = spec.lock_path();
     let file =
         std::fs::File::create(&path).with_context(|| format!("creating {}", path.display()))?;
     // SAFETY: flock on a descriptor we own; the lock goes with the file.

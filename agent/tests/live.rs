@@ -323,41 +323,64 @@ fn log_duration(line: &str, field: &str) -> Duration {
 
 /// Regression: the agent's own directory reads (open events on the watched
 /// directories) used to trigger a pass, whose reads triggered the next one.
+/// And its journal's writes must not either, wherever in the folder it is
+/// kept: in its default directory, in the folder itself, or in a directory
+/// of it named through a symlink. None of its files is synced.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_idle_agent_does_not_react_to_its_own_scans() {
-    let tmp = tempfile::tempdir().unwrap();
-    let server = Server::start(&tmp.path().join("store"));
-    let mut agent = Agent::new(&tmp.path().join("folder"), &server, "idle");
-    for i in 0..20 {
-        let rel = format!("d{}/f{i}", i % 4);
-        write(&agent.dir, &rel, b"x");
-        age(&agent.path(&rel));
+    for kept in ["by default", "in the folder", "through a symlink"] {
+        let tmp = tempfile::tempdir().unwrap();
+        let server = Server::start(&tmp.path().join("store"));
+        let mut agent = Agent::new(&tmp.path().join("folder"), &server, "idle");
+        for i in 0..20 {
+            let rel = format!("d{}/f{i}", i % 4);
+            write(&agent.dir, &rel, b"x");
+            age(&agent.path(&rel));
+        }
+        let link = tmp.path().join("link");
+        std::os::unix::fs::symlink(&agent.dir, &link).unwrap();
+        let state = match kept {
+            "in the folder" => Some(agent.path("agent.db")),
+            "through a symlink" => Some(link.join("state")),
+            _ => None,
+        };
+        let state_args = match &state {
+            Some(state) => vec!["--state", state.to_str().unwrap()],
+            None => Vec::new(),
+        };
+        agent.start(&state_args);
+        let client = server.client();
+        assert!(
+            eventually(Duration::from_secs(30), || async {
+                remote_listing(&client, "idle").await.len() == 20
+            })
+            .await,
+            "{kept}: {:?}",
+            remote_listing(&client, "idle").await.keys()
+        );
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let before = agent.log_text().matches("partial pass").count();
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        let log = agent.log_text();
+        assert_eq!(
+            log.matches("partial pass").count(),
+            before,
+            "{kept}: passes while idle:\n{log}"
+        );
+        // It still reacts to real changes, and syncs nothing of its own.
+        write(&agent.dir, "d1/new", b"new");
+        assert!(
+            eventually(FOLLOW, || async {
+                remote_bytes(&client, "idle/d1/new").await.as_deref() == Some(&b"new"[..])
+            })
+            .await
+        );
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let listed = remote_listing(&client, "idle").await;
+        assert_eq!(listed.len(), 21, "{kept}: {:?}", listed.keys());
+        agent.signal("TERM");
+        agent.wait(Duration::from_secs(10));
     }
-    agent.start(&[]);
-    let client = server.client();
-    assert!(
-        eventually(Duration::from_secs(30), || async {
-            remote_listing(&client, "idle").await.len() == 20
-        })
-        .await
-    );
-    tokio::time::sleep(Duration::from_secs(1)).await;
-    let before = agent.log_text().matches("partial pass").count();
-    tokio::time::sleep(Duration::from_secs(3)).await;
-    let log = agent.log_text();
-    assert_eq!(
-        log.matches("partial pass").count(),
-        before,
-        "passes while idle:\n{log}"
-    );
-    // It still reacts to real changes.
-    write(&agent.dir, "d1/new", b"new");
-    assert!(
-        eventually(FOLLOW, || async {
-            remote_bytes(&client, "idle/d1/new").await.as_deref() == Some(&b"new"[..])
-        })
-        .await
-    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

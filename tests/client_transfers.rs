@@ -653,6 +653,7 @@ async fn an_open_ended_session_is_sized_and_finished_by_the_upload() {
         sha256: None,
         sha256_at_complete: true,
         if_match: None,
+        if_none_match: None,
         mtime: None,
     };
     let chunk = |i: usize| bytes::Bytes::copy_from_slice(&data[i * MIB..(i + 1) * MIB]);

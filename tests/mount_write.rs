@@ -937,3 +937,41 @@ async fn a_file_changed_remotely_while_open_keeps_both_versions() {
         .expect("a conflict copy beside the file");
     assert_eq!(server.get_bytes(&conflict).await.1, b"LOCAL EDIT");
 }
+
+/// A new file, created elsewhere under the same name before this one is
+/// uploaded (here while it is still open; with write-behind, while its
+/// chunks are on their way): both are kept, as for an edited file.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_file_created_elsewhere_meanwhile_keeps_both_versions() {
+    if !fuse_available() {
+        return;
+    }
+    let server = Server::start();
+    let mount = MountProc::start(&server, &[]);
+    for (name, size) in [("small.txt", 1000), ("written-behind.bin", 40 * MIB + 3)] {
+        let ours = random_bytes(size);
+        let mut file = std::fs::File::create(mount.at(name)).unwrap();
+        file.write_all(&ours).unwrap();
+        server.put(name, "created elsewhere").await;
+        drop(file);
+        let mut found = None;
+        for _ in 0..100 {
+            found = server
+                .listed_names("")
+                .await
+                .into_iter()
+                .find(|n| n.starts_with(&format!("{name}.conflict-")));
+            if found.is_some() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let conflict = found.unwrap_or_else(|| panic!("{name}: a conflict copy beside it"));
+        assert!(server.get_bytes(&conflict).await.1 == ours, "{name}");
+        assert_eq!(
+            server.get_bytes(name).await.1,
+            b"created elsewhere",
+            "{name}: the other file is not clobbered"
+        );
+    }
+}

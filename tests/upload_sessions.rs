@@ -299,6 +299,44 @@ async fn stale_if_match_is_412(backend: Backend) {
     assert_eq!(code, 412);
 }
 
+/// `if_none_match: "*"`: a new file's session commits only where there is
+/// still no file, checked at creation and again at `complete`.
+async fn if_none_match_creates_only(backend: Backend) {
+    let s = Server::start_with(backend, &[]);
+    let data = b"a new file".to_vec();
+    let new_file = |path: &str| json!({"path": path, "size": data.len(), "if_none_match": "*"});
+    // Created elsewhere while the upload ran: nothing is replaced.
+    let (code, created) = create(&s, new_file("raced.txt")).await;
+    assert_eq!(code, 201, "{created}");
+    let id = created["id"].as_str().unwrap().to_owned();
+    assert_eq!(put_chunk(&s, &id, 0, &data, data.len()).await, 204);
+    s.put("raced.txt", "created elsewhere").await;
+    let (code, body) = complete(&s, &id).await;
+    assert_eq!(code, 412, "{body}");
+    assert_eq!(body["error"]["code"], "precondition_failed", "{body}");
+    assert_eq!(s.get_bytes("raced.txt").await.1, b"created elsewhere");
+    // There already: refused at once.
+    assert_eq!(create(&s, new_file("raced.txt")).await.0, 412);
+    // Still free: committed.
+    let id = session_with(&s, new_file("free.txt")).await;
+    assert_eq!(put_chunk(&s, &id, 0, &data, data.len()).await, 204);
+    assert_eq!(complete(&s, &id).await.0, 200);
+    assert_eq!(s.get_bytes("free.txt").await.1, data);
+    // Only `*` means anything here.
+    let (code, body) = create(
+        &s,
+        json!({"path": "x.txt", "size": 1, "if_none_match": "\"abc\""}),
+    )
+    .await;
+    assert_eq!(code, 400, "{body}");
+}
+
+async fn session_with(s: &Server, body: Value) -> String {
+    let (code, created) = create(s, body).await;
+    assert_eq!(code, 201, "{created}");
+    created["id"].as_str().unwrap().to_owned()
+}
+
 async fn create_validates_its_request(backend: Backend) {
     let s = Server::start_with(backend, &[]);
     s.put("dir/file", "x").await;
@@ -487,6 +525,7 @@ conformance!(
     wrong_sha256_commits_nothing,
     a_chunk_resent_with_other_bytes_never_commits_unverified_data,
     stale_if_match_is_412,
+    if_none_match_creates_only,
     create_validates_its_request,
     server_picks_a_chunk_size,
     abort_frees_the_session,

@@ -116,6 +116,7 @@ async fn a_session_started_over_http_finishes_over_the_websocket() {
             sha256: None,
             sha256_at_complete: false,
             if_match: None,
+            if_none_match: None,
             mtime: None,
         })
         .await

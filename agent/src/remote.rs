@@ -31,6 +31,8 @@ pub struct Push<'a> {
     pub target: &'a RemotePath,
     /// `None`: computed while the file is sent.
     pub sha256: Option<&'a str>,
+    /// Commit only over this remote version; without one, only where there
+    /// is no remote file (one created elsewhere meanwhile is a conflict).
     pub if_match: Option<String>,
     pub resume_id: Option<String>,
     pub on_session: SessionFn,
@@ -165,6 +167,7 @@ impl Remote {
         let size = std::fs::metadata(push.local).map_or(0, |m| m.len());
         let options = UploadOptions {
             parallel: Some(CHUNKS_PER_FILE),
+            create_only: push.if_match.is_none(),
             if_match: push.if_match,
             resume_id: push.resume_id,
             sha256: push.sha256.map(str::to_owned),

@@ -234,6 +234,50 @@ async fn a_change_on_both_sides_keeps_both_versions() {
     assert_eq!(remote_listing(&client, "cf").await.len(), 4);
 }
 
+/// A new local file whose name someone else creates on the server while it
+/// is being uploaded: theirs stays, this one becomes a conflict copy (it
+/// used to replace theirs at the commit).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_file_created_remotely_during_its_upload_keeps_both_versions() {
+    let tmp = tempfile::tempdir().unwrap();
+    let server = Server::start(&tmp.path().join("store"));
+    let agent = Agent::new(&tmp.path().join("folder"), &server, "race");
+    let ours = harness::random_bytes(6 << 20);
+    write(&agent.dir, "new.bin", &ours);
+    age(&agent.path("new.bin"));
+    // About 3 s at 2 MiB/s; theirs comes a second in.
+    let once = std::thread::spawn(move || {
+        let out = agent.once(&["--bwlimit", "2M"]);
+        (agent, out)
+    });
+    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+    let client = server.client();
+    client
+        .put_bytes(&RemotePath::parse("race/new.bin").unwrap(), "theirs".into())
+        .await
+        .unwrap();
+    let (agent, out) = once.join().unwrap();
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{log}");
+    let at_the_name = remote_bytes(&client, "race/new.bin").await.unwrap();
+    assert!(at_the_name == b"theirs", "theirs was replaced:\n{log}");
+    let listing = remote_listing(&client, "race").await;
+    let copies: Vec<&String> = listing
+        .keys()
+        .filter(|k| k.starts_with("new.bin.conflict-"))
+        .collect();
+    assert_eq!(copies.len(), 1, "{listing:?}");
+    assert!(
+        remote_bytes(&client, &format!("race/{}", copies[0]))
+            .await
+            .unwrap()
+            == ours
+    );
+    // Settled: the next pass changes nothing.
+    agent.once_ok(&[]);
+    assert_eq!(remote_listing(&client, "race").await.len(), 2);
+}
+
 #[tokio::test]
 async fn dry_run_prints_the_plan_and_changes_nothing() {
     let tmp = tempfile::tempdir().unwrap();

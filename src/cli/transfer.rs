@@ -118,7 +118,9 @@ pub async fn put(args: PutArgs) -> anyhow::Result<()> {
         throttle: args.bwlimit.map(|rate| Arc::new(Throttle::new(rate))),
         transport: args.transport,
         ws: None,
+        // `put` replaces what is there, as `cp` does.
         if_match: None,
+        create_only: false,
         chunk_size: args.chunk_size,
         stop: None,
         sha256_prefix: None,

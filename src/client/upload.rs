@@ -80,6 +80,9 @@ pub struct UploadOptions {
     pub chunk_size: Option<u64>,
     /// Commit only if the remote file still has this etag.
     pub if_match: Option<String>,
+    /// Commit only if there is no remote file (`if_none_match: "*"`): for
+    /// a new file, which must not replace one created elsewhere meanwhile.
+    pub create_only: bool,
     /// A session to continue (from an earlier, interrupted run).
     pub resume_id: Option<String>,
     /// The file's SHA-256 when already known (skips hashing).
@@ -148,6 +151,7 @@ pub async fn upload_file(
         sha256: options.sha256.clone(),
         sha256_at_complete: source.digest.is_some(),
         if_match: options.if_match.clone(),
+        if_none_match: options.create_only.then(|| "*".to_owned()),
         mtime: modified.map(DateTime::<Utc>::from),
     };
 

@@ -29,6 +29,10 @@ pub struct JournalEntry {
     pub local: PathBuf,
     /// Commit only over this version (the one the file was opened from).
     pub base_etag: Option<String>,
+    /// Commit only where there is no file: the file is new, and must not
+    /// replace one another client created meanwhile.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub create_only: bool,
     pub session_id: Option<String>,
     pub queued_at: DateTime<Utc>,
     /// Set when the staging file was not synced before this record was
@@ -56,12 +60,19 @@ impl JournalEntry {
             path,
             local,
             base_etag,
+            create_only: false,
             session_id: None,
             queued_at: Utc::now(),
             unsynced_boot: None,
             tail_copy: None,
             digest_prefix: None,
         }
+    }
+
+    /// Committed only where there is no file, if `create_only`.
+    pub fn create_only(mut self, create_only: bool) -> JournalEntry {
+        self.create_only = create_only;
+        self
     }
 
     /// Made durable as `copy` describes, if given: the upload continues the
@@ -391,6 +402,8 @@ impl UploadQueue {
             let size = std::fs::metadata(&source).map_or(0, |m| m.len());
             let options = UploadOptions {
                 if_match: entry.base_etag.clone().filter(|_| target == entry.path),
+                // A conflict's name is new (and its own).
+                create_only: entry.create_only && target == entry.path,
                 resume_id: entry.session_id.take(),
                 sha256: entry.tail_copy.as_ref().map(|copy| copy.sha256.clone()),
                 sha256_prefix: entry.digest_prefix.clone(),

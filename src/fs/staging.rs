@@ -19,6 +19,7 @@ use bytes::Bytes;
 use self::extents::Extents;
 use super::block_cache::{BLOCK_SIZE, FetchError};
 use super::core::{FsResult, errno};
+use super::pending::JournalEntry;
 use super::staging_space::{Charge, StagingSpace};
 use super::tail_copy::{self, TailCopy};
 use super::write_behind::{Handover, WriteBehind};
@@ -197,6 +198,9 @@ pub struct StagedState {
     /// How many uploads committed the file under its name since it was
     /// opened.
     commits: u64,
+    /// Renamed while open: its upload replaces whatever its new name holds,
+    /// as `rename(2)` does, rather than only creating the file.
+    pub renamed: bool,
 }
 
 /// A version of a staged file that one of its uploads committed.
@@ -273,6 +277,7 @@ impl Staged {
                 upload_session: None,
                 committed: None,
                 commits: 0,
+                renamed: false,
             }),
             gate: tokio::sync::RwLock::new(()),
             naming: Arc::default(),
@@ -289,14 +294,14 @@ impl Staged {
     /// local: new, or truncated at open.
     /// `server_pace`: see [`DEFAULT_SERVER_PACE`](super::write_behind::DEFAULT_SERVER_PACE).
     pub fn with_write_behind(mut self, client: Client, server_pace: u64) -> Staged {
+        let condition = (self.server_etag(), !self.exists_on_server());
         let state = self.state.get_mut().unwrap();
         debug_assert!(state.remote_size == 0);
-        let if_match = self.base.as_ref().and_then(|b| b.etag.clone());
         self.write_behind = WriteBehind::new(
             client,
             self.file.clone(),
             state.path.clone(),
-            if_match,
+            condition,
             server_pace,
         );
         self
@@ -367,6 +372,18 @@ impl Staged {
             Some(committed) => committed.etag.clone(),
             None => self.base.as_ref().and_then(|b| b.etag.clone()),
         }
+    }
+
+    /// A journal record of an upload of this file's content from `local`,
+    /// committed only over the version it replaces ([`server_etag`]), or
+    /// only where there is no file if the server has none of it (and it was
+    /// not renamed over another).
+    ///
+    /// [`server_etag`]: Self::server_etag
+    pub fn journal_entry(&self, local: PathBuf) -> JournalEntry {
+        let renamed = self.state.lock().unwrap().renamed;
+        JournalEntry::new(self.path(), local, self.server_etag())
+            .create_only(!self.exists_on_server() && !renamed)
     }
 
     /// Whether the server has a version of the file under its name (it was

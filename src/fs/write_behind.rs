@@ -79,6 +79,9 @@ pub struct WriteBehind {
     path: RemotePath,
     /// Commit only over this version (the one the file was opened from).
     if_match: Option<String>,
+    /// Commit only where there is no file (a new one, not on the server
+    /// when it was created).
+    create_only: bool,
     /// Bytes per second; see [`DEFAULT_SERVER_PACE`].
     server_pace: u64,
     state: Mutex<State>,
@@ -233,13 +236,15 @@ pub struct Handover {
 
 impl WriteBehind {
     /// Write-behind for a staged file of `path` whose content is entirely
-    /// local (new, or truncated at open), read from `file`; `server_pace`:
+    /// local (new, or truncated at open), read from `file`; committed only
+    /// over etag `if_match`, or only where there is no file if `create_only`;
+    /// `server_pace`:
     /// see [`DEFAULT_SERVER_PACE`].
     pub fn new(
         client: Client,
         file: Arc<File>,
         path: RemotePath,
-        if_match: Option<String>,
+        (if_match, create_only): (Option<String>, bool),
         server_pace: u64,
     ) -> Option<Arc<WriteBehind>> {
         let runtime = tokio::runtime::Handle::try_current().ok()?;
@@ -248,6 +253,7 @@ impl WriteBehind {
             file,
             path,
             if_match,
+            create_only,
             server_pace,
             state: Mutex::default(),
             wake: Notify::new(),
@@ -589,6 +595,7 @@ impl WriteBehind {
             sha256: None,
             sha256_at_complete: true,
             if_match: self.if_match.clone(),
+            if_none_match: self.create_only.then(|| "*".to_owned()),
             mtime: None,
         };
         let created = self.client.create_upload(&request).await;
@@ -780,7 +787,7 @@ mod tests {
             .unwrap();
         let _entered = runtime.enter();
         let client = Client::new("http://127.0.0.1:9").unwrap();
-        let wb = WriteBehind::new(client, file, path, None, DEFAULT_SERVER_PACE).unwrap();
+        let wb = WriteBehind::new(client, file, path, (None, true), DEFAULT_SERVER_PACE).unwrap();
         assert_eq!(wb.spared_locally(), None, "nothing on the server yet");
         {
             let mut state = wb.state.lock().unwrap();

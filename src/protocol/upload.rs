@@ -39,6 +39,10 @@ pub struct CreateUpload {
     /// Commit only if the destination still has this etag.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub if_match: Option<String>,
+    /// `*`: commit only if no file exists at the destination (a new file
+    /// never replaces one another client created meanwhile).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub if_none_match: Option<String>,
     /// Modification time to give the committed file, where the backend can.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mtime: Option<DateTime<Utc>>,

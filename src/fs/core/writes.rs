@@ -157,6 +157,7 @@ impl MountCore {
             map.remove(&state.path);
             map.insert(to.clone(), staged.clone());
             state.path = to.clone();
+            state.renamed = true;
             std::mem::take(&mut state.journaled) && state.dirty
         };
         if rejournal && let Ok(queue) = self.queue() {
@@ -356,7 +357,8 @@ impl MountCore {
         // Writes wait for the commit (the gate is held), so the upload reads
         // the staging file itself, through a second name the upload removes.
         let (local, link) = (staged.local.clone(), queue.new_staging_path());
-        let entry = JournalEntry::new(staged.path(), link.clone(), staged.server_etag())
+        let entry = staged
+            .journal_entry(link.clone())
             .continuing(staged.take_upload_session());
         let entry = tokio::task::spawn_blocking(move || {
             std::fs::hard_link(local, link)?;
@@ -433,13 +435,13 @@ impl MountCore {
             let tail_copy = staged.complete(self).await?;
             staged.state.lock().unwrap().tail_copy = tail_copy;
         }
-        let base = staged.server_etag();
         let session = match last_close {
             true => staged.upload_session(),
             false => staged.current_upload_session(),
         };
         let tail_copy = staged.state.lock().unwrap().tail_copy.clone();
-        let entry = JournalEntry::new(staged.path(), staged.local.clone(), base)
+        let entry = staged
+            .journal_entry(staged.local.clone())
             .continuing(session)
             .with_tail_copy(tail_copy);
         if journaled {

@@ -174,6 +174,18 @@ impl UploadSessions {
         if let Some(expected) = &if_match {
             self.check_if_match(&req.path, expected).await?;
         }
+        let create_only = match req.if_none_match.as_deref().map(str::trim) {
+            None => false,
+            Some("*") => true,
+            Some(other) => {
+                return Err(Error::BadRequest(format!(
+                    "if_none_match takes only \"*\" (no file at the path), not {other:?}"
+                )));
+            }
+        };
+        if create_only {
+            self.check_absent(&req.path).await?;
+        }
 
         let id = manifest::new_id();
         let staging = if let Some(store) = &self.store.multipart {
@@ -201,6 +213,7 @@ impl UploadSessions {
             sha256,
             sha256_at_complete: req.sha256_at_complete,
             if_match,
+            create_only,
             mtime: req.mtime,
             created_at: now,
             expires_at: now + self.ttl,
@@ -461,6 +474,9 @@ impl UploadSessions {
         self.store.check_file_writable(&manifest.path).await?;
         if let Some(expected) = &manifest.if_match {
             self.check_if_match(&manifest.path, expected).await?;
+        }
+        if manifest.create_only {
+            self.check_absent(&manifest.path).await?;
         }
         let existed = self.store.try_head_file(&manifest.path).await?.is_some();
         if matches!(manifest.staging, StagingRecord::LocalFile) {
@@ -785,6 +801,15 @@ impl UploadSessions {
         if current.as_ref().and_then(|m| m.etag.as_deref()) != Some(expected) {
             return Err(Error::PreconditionFailed(format!(
                 "{path} no longer has etag {expected}"
+            )));
+        }
+        Ok(())
+    }
+
+    async fn check_absent(&self, path: &crate::protocol::RemotePath) -> Result<()> {
+        if self.store.try_head_file(path).await?.is_some() {
+            return Err(Error::PreconditionFailed(format!(
+                "{path} exists (the upload was to create it)"
             )));
         }
         Ok(())

@@ -26,6 +26,9 @@ pub struct Manifest {
     #[serde(default)]
     pub sha256_at_complete: bool,
     pub if_match: Option<String>,
+    /// Commit only if no file exists at `path` (`if_none_match: "*"`).
+    #[serde(default)]
+    pub create_only: bool,
     pub mtime: Option<DateTime<Utc>>,
     pub created_at: DateTime<Utc>,
     pub expires_at: DateTime<Utc>,

@@ -21,7 +21,7 @@ use crate::filter::{Filter, IGNORE_FILE};
 use crate::journal::{Journal, PendingMove, Record, now_text};
 use crate::memory;
 use crate::pipeline::{Outcome, Pass, Pipeline};
-use crate::plan::{Candidate, Move, RemoteFile, plan, under};
+use crate::plan::{Candidate, Move, RemoteFile, plan, still_pushed, under};
 use crate::remote::Remote;
 use crate::scan::{scan, stat_file};
 use crate::settle::{Closed, QUIET, now_ns};
@@ -294,7 +294,13 @@ impl Folder {
             else {
                 continue;
             };
+            // A conflict copy's session: the path keeps the other version.
+            let conflict_copy = self
+                .remote
+                .path(&p.path)
+                .is_ok_and(|path| path.as_str() != p.target);
             let record = Record {
+                diverged: conflict_copy,
                 path: p.path.clone(),
                 stamp: p.stamp,
                 sha256: p.sha256,
@@ -551,7 +557,7 @@ impl Folder {
             .extend(moved_on.into_iter().map(|r| (r.path, Some(BUSY_RETRY))));
         let (ours, gone): (Vec<Record>, Vec<Record>) = vanished
             .into_iter()
-            .partition(|r| pass.remote.get(&r.path).is_some_and(|f| f.etag == r.etag));
+            .partition(|r| still_pushed(r, pass.remote.get(&r.path)));
         if !self.dry_run {
             for record in &gone {
                 // Deleted or replaced on the server already: nothing to delete.

@@ -35,6 +35,11 @@ pub struct Record {
     pub sha256: String,
     /// The remote file's etag right after the commit.
     pub etag: String,
+    /// The remote file at `path` is not this content: a conflict left the
+    /// other writer's version there (`etag` is its) and put ours beside it.
+    /// The agent never pushed it, so neither a local rename nor a delete is
+    /// passed on to it; a local edit is (see docs/AGENT.md, Conflicts).
+    pub diverged: bool,
 }
 
 /// An upload session that has been started and not yet committed.
@@ -66,6 +71,14 @@ pub struct ErrorEntry {
 
 pub struct Journal {
     conn: Mutex<Connection>,
+    /// False only for a journal opened read-only from before that column.
+    diverged_column: bool,
+}
+
+fn has_diverged_column(conn: &Connection) -> Result<bool> {
+    Ok(conn
+        .prepare("SELECT 1 FROM pragma_table_info('files') WHERE name = 'diverged'")?
+        .exists([])?)
 }
 
 const SCHEMA: &str = "
@@ -75,7 +88,8 @@ CREATE TABLE IF NOT EXISTS files (
     mtime_ns INTEGER NOT NULL,
     inode INTEGER NOT NULL,
     sha256 TEXT NOT NULL,
-    etag TEXT NOT NULL
+    etag TEXT NOT NULL,
+    diverged INTEGER NOT NULL DEFAULT 0
 );
 CREATE TABLE IF NOT EXISTS pending (
     path TEXT PRIMARY KEY,
@@ -117,8 +131,16 @@ impl Journal {
         conn.pragma_update(None, "synchronous", "NORMAL")?;
         conn.execute_batch(SCHEMA)
             .with_context(|| format!("preparing the state journal {}", path.display()))?;
+        if !has_diverged_column(&conn)? {
+            // A journal from before the column.
+            conn.execute(
+                "ALTER TABLE files ADD COLUMN diverged INTEGER NOT NULL DEFAULT 0",
+                [],
+            )?;
+        }
         Ok(Journal {
             conn: Mutex::new(conn),
+            diverged_column: true,
         })
     }
 
@@ -130,8 +152,11 @@ impl Journal {
         )
         .with_context(|| format!("opening the state journal {}", path.display()))?;
         conn.busy_timeout(std::time::Duration::from_secs(10))?;
+        // Read as it is: one from before the column has no diverged record.
+        let diverged_column = has_diverged_column(&conn)?;
         Ok(Journal {
             conn: Mutex::new(conn),
+            diverged_column,
         })
     }
 
@@ -141,6 +166,7 @@ impl Journal {
         conn.execute_batch(SCHEMA)?;
         Ok(Journal {
             conn: Mutex::new(conn),
+            diverged_column: true,
         })
     }
 
@@ -152,12 +178,14 @@ impl Journal {
     pub fn records_under(&self, scope: &str) -> Result<BTreeMap<String, Record>> {
         let conn = self.conn();
         // A key range ('0' follows '/'), so that the index serves it.
-        let mut stmt = conn.prepare_cached(
-            "SELECT path, size, mtime_ns, inode, sha256, etag FROM files
-             WHERE path = ?1 OR (path >= ?2 AND path < ?3)",
-        )?;
-        let mut stmt_all =
-            conn.prepare_cached("SELECT path, size, mtime_ns, inode, sha256, etag FROM files")?;
+        let columns = match self.diverged_column {
+            true => "path, size, mtime_ns, inode, sha256, etag, diverged",
+            false => "path, size, mtime_ns, inode, sha256, etag, 0",
+        };
+        let mut stmt = conn.prepare_cached(&format!(
+            "SELECT {columns} FROM files WHERE path = ?1 OR (path >= ?2 AND path < ?3)"
+        ))?;
+        let mut stmt_all = conn.prepare_cached(&format!("SELECT {columns} FROM files"))?;
         let from_row = |row: &rusqlite::Row<'_>| {
             Ok(Record {
                 path: row.get(0)?,
@@ -168,6 +196,7 @@ impl Journal {
                 },
                 sha256: row.get(4)?,
                 etag: row.get(5)?,
+                diverged: row.get(6)?,
             })
         };
         let rows = if scope.is_empty() {
@@ -204,15 +233,16 @@ impl Journal {
         let mut conn = self.conn();
         let tx = conn.transaction()?;
         tx.execute(
-            "INSERT OR REPLACE INTO files (path, size, mtime_ns, inode, sha256, etag)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            "INSERT OR REPLACE INTO files (path, size, mtime_ns, inode, sha256, etag, diverged)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
             params![
                 record.path,
                 record.stamp.size as i64,
                 record.stamp.mtime_ns,
                 record.stamp.inode as i64,
                 record.sha256,
-                record.etag
+                record.etag,
+                record.diverged
             ],
         )?;
         tx.execute("DELETE FROM pending WHERE path = ?1", [&record.path])?;
@@ -408,7 +438,35 @@ mod tests {
             },
             sha256: "ab".into(),
             etag: "e1".into(),
+            diverged: false,
         }
+    }
+
+    #[test]
+    fn a_journal_from_before_diverged_records_is_read_and_then_upgraded() {
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join("state.db");
+        {
+            let conn = Connection::open(&path).unwrap();
+            conn.execute_batch(
+                "CREATE TABLE files (path TEXT PRIMARY KEY, size INTEGER NOT NULL,
+                 mtime_ns INTEGER NOT NULL, inode INTEGER NOT NULL,
+                 sha256 TEXT NOT NULL, etag TEXT NOT NULL);
+                 INSERT INTO files VALUES ('a', 3, 7, 1, 'ab', 'e1');",
+            )
+            .unwrap();
+        }
+        let old = Journal::open_read_only(&path).unwrap();
+        assert_eq!(old.record("a").unwrap(), Some(record("a", 1)));
+        drop(old);
+        let journal = Journal::open(&path).unwrap();
+        assert_eq!(journal.record("a").unwrap(), Some(record("a", 1)));
+        let diverged = Record {
+            diverged: true,
+            ..record("b", 2)
+        };
+        journal.commit(&diverged).unwrap();
+        assert_eq!(journal.record("b").unwrap(), Some(diverged));
     }
 
     #[test]

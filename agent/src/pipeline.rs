@@ -23,7 +23,7 @@ use sha2::{Digest, Sha256};
 
 use crate::folder::{Busy, Folder};
 use crate::journal::{FileStamp, Pending, Record};
-use crate::plan::{Candidate, RemoteFile};
+use crate::plan::{Candidate, RemoteFile, still_pushed};
 use crate::remote::Push;
 use crate::scan::stat_file;
 use crate::settle::{QUIET, Settle, now_ns, settle};
@@ -82,9 +82,7 @@ impl Pass {
     fn claim(&self, sha256: &str, size: u64) -> Option<Record> {
         let mut vanished = self.vanished.lock().unwrap();
         let i = vanished.iter().position(|r| {
-            r.sha256 == sha256
-                && r.stamp.size == size
-                && self.remote.get(&r.path).is_some_and(|f| f.etag == r.etag)
+            r.sha256 == sha256 && r.stamp.size == size && still_pushed(r, self.remote.get(&r.path))
         })?;
         Some(vanished.swap_remove(i))
     }
@@ -328,23 +326,25 @@ fn decide(
             conflict_with,
         })
     };
-    let record = |etag: &str| {
+    // `diverged`: see `Record::diverged`.
+    let record = |etag: &str, diverged: bool| {
         Work::Record(Record {
             path: c.path.clone(),
             stamp,
             sha256: sha256.clone(),
             etag: etag.to_owned(),
+            diverged,
         })
     };
     match (&c.record, &c.remote) {
         // Touched, not changed.
-        (Some(rec), Some(_)) if rec.sha256 == sha256 => record(&rec.etag),
+        (Some(rec), Some(_)) if rec.sha256 == sha256 => record(&rec.etag, rec.diverged),
         (Some(_), None) => upload(None, None),
         // This very version, committed by a run that stopped before it
         // could record it. (With the remote still as recorded, a file of
         // the same size edited within the same second is a new version.)
         (Some(rec), Some(remote)) if remote.etag != rec.etag && same_file(remote, stamp) => {
-            record(&remote.etag)
+            record(&remote.etag, false)
         }
         (Some(rec), Some(remote)) if remote.etag != rec.etag => {
             upload(None, Some(remote.etag.clone()))
@@ -359,7 +359,7 @@ fn decide(
             None => upload(None, None),
         },
         // Already there (a journal lost, or a first sync onto a copy).
-        (None, Some(remote)) if same_file(remote, stamp) => record(&remote.etag),
+        (None, Some(remote)) if same_file(remote, stamp) => record(&remote.etag, false),
         (None, Some(remote)) => upload(None, Some(remote.etag.clone())),
     }
 }
@@ -409,6 +409,7 @@ fn run_transfer(folder: &Arc<Folder>, work: Work) {
                     stamp,
                     etag: meta.etag.unwrap_or_else(|| from.etag.clone()),
                     sha256: from.sha256.clone(),
+                    diverged: false,
                 };
                 let saved = folder
                     .journal
@@ -525,6 +526,7 @@ fn upload(folder: &Arc<Folder>, mut u: Upload) -> bool {
                     stamp: u.stamp,
                     sha256: u.sha256.clone().or(report.sha256).unwrap_or_default(),
                     etag,
+                    diverged: u.conflict_with.is_some(),
                 };
                 if let Err(e) = folder.journal.commit(&record) {
                     tracing::error!(path = u.path, error = %e, "writing the journal failed");
@@ -660,6 +662,7 @@ mod tests {
             stamp: stamp(3),
             sha256: sha.into(),
             etag: etag.into(),
+            diverged: false,
         }
     }
 

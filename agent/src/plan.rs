@@ -25,6 +25,13 @@ pub struct RemoteFile {
     pub mtime: Option<DateTime<Utc>>,
 }
 
+/// Whether the remote file `remote` at a record's path is still the version
+/// the agent pushed there: only then may a local rename or delete of it be
+/// passed on (a conflict's record names the other writer's version).
+pub fn still_pushed(record: &Record, remote: Option<&RemoteFile>) -> bool {
+    !record.diverged && remote.is_some_and(|r| r.etag == record.etag)
+}
+
 /// A server-side rename: one file, or a directory with everything under it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Move {
@@ -111,9 +118,7 @@ pub fn plan(
             .get(&stamp.inode)
             .filter(|from| gone.contains_key(**from))
             .map(|from| records[*from].clone())
-            .filter(|from| {
-                remote_now.is_none() && remote.get(&from.path).is_some_and(|r| r.etag == from.etag)
-            });
+            .filter(|from| remote_now.is_none() && still_pushed(from, remote.get(&from.path)));
         match renamed_from {
             Some(from) => {
                 gone.remove(from.path.as_str());
@@ -251,6 +256,7 @@ mod tests {
             stamp: stamp(inode, 10),
             sha256: format!("h{inode}"),
             etag: format!("e{inode}"),
+            diverged: false,
         }
     }
 

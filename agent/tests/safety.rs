@@ -232,6 +232,28 @@ async fn a_change_on_both_sides_keeps_both_versions() {
     // Nothing more happens on the next pass: no new conflict copies.
     agent.once_ok(&[]);
     assert_eq!(remote_listing(&client, "cf").await.len(), 4);
+
+    // Here the files are ours, there theirs: a local rename or delete is
+    // not passed on to theirs (the rename used to move theirs to the new
+    // name and call it in sync; the delete, to delete it).
+    std::fs::rename(agent.path("doc.txt"), agent.path("final.txt")).unwrap();
+    std::fs::remove_file(agent.path("other.txt")).unwrap();
+    agent.once_ok(&[]);
+    for (path, content) in [
+        ("cf/doc.txt", &b"their edit"[..]),
+        ("cf/final.txt", b"my local edit"),
+        ("cf/other.txt", b"remote other"),
+    ] {
+        assert_eq!(
+            remote_bytes(&client, path).await.unwrap(),
+            content,
+            "{path}"
+        );
+    }
+    // And the files pushed normally since go as usual.
+    std::fs::remove_file(agent.path("final.txt")).unwrap();
+    agent.once_ok(&[]);
+    assert_eq!(remote_bytes(&client, "cf/final.txt").await, None);
 }
 
 /// A new local file whose name someone else creates on the server while it

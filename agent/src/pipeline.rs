@@ -294,6 +294,9 @@ fn hash_and_decide(job: &HashJob) -> Option<Work> {
             Ok(sha) => sha,
             Err(e) => {
                 tracing::warn!(path = c.path, error = %e, "cannot read the file");
+                let _ = folder
+                    .journal
+                    .add_error(&c.path, &format!("cannot read the file: {e}"));
                 pass.retry(&c.path, None);
                 return None;
             }
@@ -565,6 +568,11 @@ fn upload(folder: &Arc<Folder>, mut u: Upload) -> bool {
                 }
             }
             Err(ferry::Error::Cancelled) => return false,
+            // Not a change under the upload: retried with backoff, and
+            // listed by `status` until it can be read.
+            Err(e) if is_unreadable(&e) => {
+                return failed(folder, &u.path, &format!("cannot read the file: {e}"));
+            }
             Err(e)
                 if e.code() == ErrorCode::ChecksumMismatch
                     || matches!(e, ferry::Error::Io { .. }) =>
@@ -625,6 +633,11 @@ fn failed(folder: &Folder, path: &str, message: &str) -> bool {
     let _ = folder.journal.add_error(path, message);
     folder.note_retry(path, None);
     false
+}
+
+/// The local file cannot be read (its permissions), as opposed to changed.
+fn is_unreadable(e: &ferry::Error) -> bool {
+    matches!(e, ferry::Error::Io { source, .. } if source.kind() == std::io::ErrorKind::PermissionDenied)
 }
 
 /// Hex SHA-256 of a file's content.

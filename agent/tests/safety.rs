@@ -56,6 +56,58 @@ async fn max_delete_stops_a_mass_delete_until_allowed() {
     assert!(!agent.status().contains("held deletes"));
 }
 
+/// `ferry-agent once` as `nobody` (permissions do not hold for root), the
+/// folder (in `tmp`) handed to it: whether it succeeded, and its log.
+fn as_nobody(agent: &Agent, tmp: &std::path::Path, extra: &[&str]) -> (bool, String) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(tmp, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let chown = std::process::Command::new("chown")
+        .args(["-R", "65534:65534"])
+        .arg(&agent.dir)
+        .status()
+        .unwrap();
+    assert!(chown.success());
+    let nobody = [
+        "setpriv",
+        "--reuid=65534",
+        "--regid=65534",
+        "--clear-groups",
+    ];
+    let out = agent.once_wrapped(&nobody, extra);
+    let log = String::from_utf8_lossy(&out.stderr).into_owned();
+    (out.status.success(), log)
+}
+
+/// A file the agent may not read is not taken for one being written (it
+/// was retried every two seconds as "changed during the upload"): its push
+/// fails, is retried with backoff, and `status` says why.
+#[tokio::test]
+async fn a_file_that_cannot_be_read_is_reported_not_retried_as_changing() {
+    use std::os::unix::fs::PermissionsExt;
+    let tmp = tempfile::tempdir().unwrap();
+    let server = Server::start(&tmp.path().join("store"));
+    let agent = Agent::new(&tmp.path().join("folder"), &server, "unread");
+    for rel in ["ok.txt", "secret.txt"] {
+        write(&agent.dir, rel, rel.as_bytes());
+        age(&agent.path(rel));
+    }
+    let secret = agent.path("secret.txt");
+    std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o000)).unwrap();
+    let (ok, log) = as_nobody(&agent, tmp.path(), &[]);
+    assert!(!ok, "{log}");
+    assert!(log.contains("cannot read the file"), "{log}");
+    assert!(!log.contains("changed during the upload"), "{log}");
+    assert_eq!(
+        names(&remote_listing(&server.client(), "unread").await),
+        BTreeSet::from(["ok.txt".to_string()])
+    );
+    let status = agent.status();
+    assert!(
+        status.contains("secret.txt: cannot read the file"),
+        "{status}"
+    );
+}
+
 /// A directory that can be listed but not entered (`chmod -R 644`, a
 /// common slip) hides its files' metadata, not the files: they are left as
 /// they are on the server, not deleted. The agent runs as `nobody` here,
@@ -78,24 +130,7 @@ async fn files_of_a_directory_that_cannot_be_entered_are_not_deleted() {
         write(&agent.dir, rel, rel.as_bytes());
         age(&agent.path(rel));
     }
-    std::fs::set_permissions(tmp.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
-    let chown = std::process::Command::new("chown")
-        .args(["-R", "65534:65534"])
-        .arg(&agent.dir)
-        .status()
-        .unwrap();
-    assert!(chown.success());
-    let nobody = [
-        "setpriv",
-        "--reuid=65534",
-        "--regid=65534",
-        "--clear-groups",
-    ];
-    let once = |extra: &[&str]| {
-        let out = agent.once_wrapped(&nobody, extra);
-        let log = String::from_utf8_lossy(&out.stderr).into_owned();
-        (out.status.success(), log)
-    };
+    let once = |extra: &[&str]| as_nobody(&agent, tmp.path(), extra);
     let (ok, log) = once(&[]);
     assert!(ok, "{log}");
     let client = server.client();

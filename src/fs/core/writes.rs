@@ -105,20 +105,8 @@ impl MountCore {
         }
     }
 
-    /// True while this mount is writing or uploading a file beneath `dir`.
-    pub(super) fn writes_beneath(&self, dir: &RemotePath) -> bool {
-        let staged = self.staged.lock().unwrap();
-        staged.keys().any(|p| is_beneath(p, dir))
-            || self
-                .queue()
-                .is_ok_and(|q| !q.pending_beneath(dir).is_empty())
-    }
-
-    /// Before a directory `dir` moves: lets every pending upload beneath it
-    /// land (each commits under the old name, which the move then takes
-    /// along), and returns the files beneath it still open, each held as
-    /// [`quiesce`](Self::quiesce) holds one, to move with it.
-    pub(super) async fn quiesce_beneath(&self, dir: &RemotePath) -> Vec<OpenStaged> {
+    /// Paths beneath `dir` that this mount is writing or uploading.
+    fn writes_beneath_paths(&self, dir: &RemotePath) -> Vec<RemotePath> {
         let mut paths: Vec<RemotePath> = self
             .staged
             .lock()
@@ -131,6 +119,20 @@ impl MountCore {
             // Uploads an earlier mount left have no staged file here.
             paths.extend(queue.pending_beneath(dir));
         }
+        paths
+    }
+
+    /// True while this mount is writing or uploading a file beneath `dir`.
+    pub(super) fn writes_beneath(&self, dir: &RemotePath) -> bool {
+        !self.writes_beneath_paths(dir).is_empty()
+    }
+
+    /// Before a directory `dir` moves: lets every pending upload beneath it
+    /// land (each commits under the old name, which the move then takes
+    /// along), and returns the files beneath it still open, each held as
+    /// [`quiesce`](Self::quiesce) holds one, to move with it.
+    pub(super) async fn quiesce_beneath(&self, dir: &RemotePath) -> Vec<OpenStaged> {
+        let mut paths = self.writes_beneath_paths(dir);
         // One order for every caller, so that two moves never wait on
         // each other's files.
         paths.sort_by(|a, b| a.as_str().cmp(b.as_str()));

@@ -17,7 +17,7 @@ use self::writes::staged_meta_of;
 use super::block_cache::{BLOCK_SIZE, BlockCache, BlockKey, FetchError, detach};
 use super::disk_cache::DiskCache;
 use super::inodes::{Inodes, ROOT_INO};
-use super::pending::{UploadQueue, is_beneath};
+use super::pending::UploadQueue;
 use super::readahead::Readahead;
 use super::staging::{RemoteBlocks, Staged};
 use crate::client::Client;
@@ -546,7 +546,7 @@ impl MountCore {
         }
         // Into itself: EINVAL, as the kernel answers before asking (and the
         // waits below would hold `to` while waiting for it).
-        if is_beneath(&to, &from) {
+        if to.is_beneath(&from) {
             return Err(errno::EINVAL);
         }
         // A pending upload to either name must land before the names move,

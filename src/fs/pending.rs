@@ -371,7 +371,7 @@ impl UploadQueue {
         let running = self.running.lock().unwrap();
         running
             .keys()
-            .filter(|p| is_beneath(p, dir))
+            .filter(|p| p.is_beneath(dir))
             .cloned()
             .collect()
     }
@@ -518,11 +518,6 @@ impl Drop for Reservation {
             let _ = tx.send(());
         }
     }
-}
-
-/// Whether `path` lies strictly beneath `dir`.
-pub fn is_beneath(path: &RemotePath, dir: &RemotePath) -> bool {
-    path.strip_prefix(dir).is_some_and(|rest| !rest.is_empty())
 }
 
 /// The remote version moved on (412), or the path can no longer hold a file.

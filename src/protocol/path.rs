@@ -170,6 +170,11 @@ impl RemotePath {
         self.strip_prefix(base).is_some()
     }
 
+    /// True when `self` lies beneath `dir` (and is not `dir` itself).
+    pub fn is_beneath(&self, dir: &RemotePath) -> bool {
+        self.strip_prefix(dir).is_some_and(|rest| !rest.is_empty())
+    }
+
     /// Where `self` is once `from` (itself or an ancestor) is moved to `to`;
     /// `None` when it is not beneath `from`.
     pub fn moved(&self, from: &RemotePath, to: &RemotePath) -> Option<RemotePath> {
@@ -343,6 +348,9 @@ mod tests {
         assert_eq!(path("a/b").moved(&from, &to), Some(path("x")));
         assert_eq!(path("a/bc").moved(&from, &to), None);
         assert_eq!(path("a").moved(&from, &to), None);
+        assert!(path("a/b/c").is_beneath(&from));
+        assert!(!path("a/b").is_beneath(&from));
+        assert!(!path("a/bc").is_beneath(&from));
         assert_eq!(path("f").moved(&RemotePath::root(), &to), Some(path("x/f")));
     }
 }

@@ -7,7 +7,7 @@ use std::sync::{Arc, Weak};
 use bytes::Bytes;
 
 use super::{FsResult, MountCore, errno};
-use crate::fs::pending::{JournalEntry, UploadQueue, is_beneath};
+use crate::fs::pending::{JournalEntry, UploadQueue};
 use crate::fs::staging::{Staged, discard};
 use crate::fs::staging_space::Charge;
 use crate::protocol::{EntryKind, FileMeta, RemotePath};
@@ -112,7 +112,7 @@ impl MountCore {
             .lock()
             .unwrap()
             .keys()
-            .filter(|p| is_beneath(p, dir))
+            .filter(|p| p.is_beneath(dir))
             .cloned()
             .collect();
         if let Ok(queue) = self.queue() {

@@ -10,6 +10,8 @@ use ferry::protocol::upload::crc32c_header_value;
 use harness::{Backend, Server, eventually, random_bytes};
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
 
 const MIB: usize = 1 << 20;
 
@@ -764,4 +766,72 @@ async fn readers_never_see_a_partial_object_while_an_upload_completes() {
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     assert!(reader.await.unwrap() >= 5);
     assert!(s.get_bytes("hot.bin").await.1 == new);
+}
+
+/// A chunk PUT sent by hand: its head, then the body as the test decides.
+async fn open_chunk_put(s: &Server, id: &str, n: u64, len: usize, crc_of: &[u8]) -> TcpStream {
+    let mut stream = TcpStream::connect(s.addr).await.unwrap();
+    let head = format!(
+        "PUT /v1/uploads/{id}/chunks/{n} HTTP/1.1\r\nHost: ferry\r\nContent-Length: {len}\r\nX-Ferry-Crc32c: {}\r\n\r\n",
+        crc32c_header_value(crc32c::crc32c(crc_of))
+    );
+    stream.write_all(head.as_bytes()).await.unwrap();
+    stream
+}
+
+/// The status of the answer on `stream`; 0 if the server closed it unanswered.
+async fn answer_status(stream: &mut TcpStream) -> u16 {
+    let mut answer = Vec::new();
+    let mut buf = [0u8; 1024];
+    while !answer.windows(2).any(|w| w == b"\r\n") {
+        match stream.read(&mut buf).await {
+            Ok(0) | Err(_) => return 0,
+            Ok(n) => answer.extend_from_slice(&buf[..n]),
+        }
+    }
+    let line = String::from_utf8_lossy(&answer);
+    line.split(' ').nth(1).unwrap().parse().unwrap()
+}
+
+/// Two copies of one chunk in flight at once (a client that retried while
+/// its first request was still arriving, say): the newer one is the chunk,
+/// whole. The older one, here damaged in transit but sent under the right
+/// CRC32C, is refused from then on and writes nothing more: not into the
+/// received chunk, and not into the file once committed.
+#[tokio::test]
+async fn an_older_copy_of_a_chunk_still_arriving_never_writes_over_the_newer() {
+    let s = Server::start();
+    for commit_first in [false, true] {
+        let path = format!("twice-{commit_first}.bin");
+        let good = random_bytes(4 * MIB);
+        let damaged = vec![b'X'; 4 * MIB];
+        let id = session(&s, &path, &good, 4 * MIB).await;
+        let mut older = open_chunk_put(&s, &id, 0, good.len(), &good).await;
+        older.write_all(&damaged[..3 * MIB / 2]).await.unwrap();
+        // The older copy's first piece is in the staged file.
+        let staged = s
+            .store_dir
+            .as_ref()
+            .unwrap()
+            .join(format!(".ferry/uploads/{id}/data"));
+        assert!(eventually(Duration::from_secs(10), || {
+            std::fs::read(&staged).is_ok_and(|d| d[0] == b'X')
+        }));
+        assert_eq!(put_chunk(&s, &id, 0, &good, 4 * MIB).await, 204);
+        if commit_first {
+            assert_eq!(complete(&s, &id).await.0, 200);
+        }
+        older.write_all(&damaged[3 * MIB / 2..]).await.unwrap();
+        assert_eq!(answer_status(&mut older).await, 409);
+        if !commit_first {
+            let (code, meta) = complete(&s, &id).await;
+            assert_eq!(code, 200, "{meta}");
+        }
+        let (_, stored) = s.get_bytes(&path).await;
+        assert!(
+            stored == good,
+            "the committed file holds {} bytes of the older copy",
+            stored.iter().filter(|b| **b == b'X').count()
+        );
+    }
 }

@@ -2,14 +2,15 @@
 //! with positioned writes, and a chunk map (one byte per chunk) persisted
 //! beside it. Every chunk lands once, where it belongs; commit is a rename.
 
-use std::collections::VecDeque;
+use std::collections::{BTreeMap, VecDeque};
 use std::fs::{File, OpenOptions};
 use std::hash::{Hash, Hasher};
 use std::io::IoSlice;
 use std::ops::Range;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use bytes::Bytes;
 use futures::StreamExt;
@@ -129,10 +130,13 @@ impl LocalStaging {
             return Ok(written.filter(|_| keep).map(|bytes| vec![bytes]));
         }
         let (data, map) = (self.data(), self.map());
-        let lock = write_lock(&data);
-        let file = blocking(move || match chunk_received(&map, index)? {
-            true => Ok(None),
-            false => open_data(&data).map(|f| Some(Arc::new(f))),
+        // `None`: received already, so only checked.
+        let claimed = blocking(move || {
+            let Some(claim) = ChunkClaim::take(&data, &map, index)? else {
+                return Ok(None);
+            };
+            let file = open_data(&data)?;
+            Ok(Some((Arc::new(claim), Arc::new(file))))
         })
         .await?;
         let mut crc = 0u32;
@@ -155,7 +159,7 @@ impl LocalStaging {
                 return Err(check.too_long());
             }
             crc = crc32c::crc32c_append(crc, &piece);
-            if keep && file.is_some() {
+            if keep && claimed.is_some() {
                 arrived.push(piece.clone());
             }
             held.push(piece);
@@ -163,18 +167,18 @@ impl LocalStaging {
             // piece, not per buffer.
             while held.len >= WRITE_PIECE {
                 let whole = held.take(WRITE_PIECE);
-                written += flush(&file, lock, start + written, whole).await?;
+                written += flush(&claimed, start + written, whole).await?;
             }
         }
         let rest = held.take(held.len);
-        written += flush(&file, lock, start + written, rest).await?;
+        written += flush(&claimed, start + written, rest).await?;
         check.verify(written, crc)?;
-        let Some(file) = file else {
+        let Some((claim, file)) = claimed else {
             return Ok(None);
         };
         let map = self.map();
         let range = start..start + written;
-        blocking(move || record_chunk(&file, &map, index, range, stay_cached)).await?;
+        blocking(move || claim.record(&file, &map, range, stay_cached)).await?;
         Ok(keep.then_some(arrived))
     }
 
@@ -197,13 +201,16 @@ impl LocalStaging {
         check.verify(bytes.len() as u64, crc32c::crc32c(&bytes))?;
         let (data, map, chunk) = (self.data(), self.map(), bytes.clone());
         let written = blocking(move || {
-            if chunk_received(&map, index)? {
+            let Some(claim) = ChunkClaim::take(&data, &map, index)? else {
                 return Ok(false);
-            }
+            };
             let file = open_data(&data)?;
-            write_at(&file, write_lock(&data), start, &chunk)?;
-            let range = start..start + chunk.len() as u64;
-            record_chunk(&file, &map, index, range, stay_cached)?;
+            let mut at = start;
+            for piece in chunk.chunks(WRITE_PIECE) {
+                claim.write(&file, at, &[piece])?;
+                at += piece.len() as u64;
+            }
+            claim.record(&file, &map, start..at, stay_cached)?;
             Ok(true)
         })
         .await?;
@@ -285,16 +292,17 @@ impl LocalStaging {
     }
 }
 
+/// Writes `pieces` at `offset` for the chunk's claim; with none (the chunk
+/// is received already), only counts them.
 async fn flush(
-    file: &Option<Arc<File>>,
-    lock: &'static Mutex<()>,
+    claimed: &Option<(Arc<ChunkClaim>, Arc<File>)>,
     offset: u64,
     pieces: Vec<Bytes>,
 ) -> Result<u64> {
     let len = pieces.iter().map(|p| p.len() as u64).sum();
-    if let (Some(file), true) = (file, len > 0) {
-        let file = file.clone();
-        blocking(move || write_piece(&file, lock, offset, &pieces)).await?;
+    if let (Some((claim, file)), true) = (claimed, len > 0) {
+        let (claim, file) = (claim.clone(), file.clone());
+        blocking(move || claim.write(&file, offset, &pieces)).await?;
     }
     Ok(len)
 }
@@ -333,33 +341,6 @@ impl Held {
 /// Size of each positioned write.
 const WRITE_PIECE: usize = 1 << 20;
 
-/// Writes `data` at `offset` of a staged file whose writes `lock` orders,
-/// one [`WRITE_PIECE`] at a time.
-fn write_at(file: &File, lock: &Mutex<()>, offset: u64, data: &[u8]) -> Result<()> {
-    let mut at = offset;
-    for piece in data.chunks(WRITE_PIECE) {
-        write_piece(file, lock, at, &[piece])?;
-        at += piece.len() as u64;
-    }
-    Ok(())
-}
-
-/// Writes one piece (at most [`WRITE_PIECE`] bytes, in the buffers it came
-/// in) at `offset`, in its turn.
-fn write_piece<P: AsRef<[u8]>>(
-    file: &File,
-    lock: &Mutex<()>,
-    offset: u64,
-    buffers: &[P],
-) -> Result<()> {
-    let _turn = lock.lock().unwrap_or_else(PoisonError::into_inner);
-    write_all_vectored_at(file, offset, buffers).map_err(Error::io("writing staged data"))?;
-    // On its way to the disk while the rest of the chunk arrives.
-    let len = buffers.iter().map(|b| b.as_ref().len() as u64).sum();
-    page_cache::write_back(file, offset, len, false);
-    Ok(())
-}
-
 /// Writes `buffers`, back to back, at `offset`: an HTTP body's many small
 /// buffers in one system call rather than one each.
 fn write_all_vectored_at<P: AsRef<[u8]>>(
@@ -387,20 +368,123 @@ fn write_all_vectored_at<P: AsRef<[u8]>>(
     Ok(())
 }
 
-/// The lock that orders the writes into the staged file `data`.
-///
-/// The filesystem takes the file's inode lock for every buffered write
-/// anyway, and a writer waiting for it spins for as long as the holder
-/// copies (up to [`WRITE_PIECE`] bytes): with a session's chunks written
-/// in parallel, that spinning was 6-17 % of the server's CPU in an upload
-/// (bench/RESULTS.md, ws notes). A writer waiting here sleeps instead.
-/// Striped by path, so unrelated sessions seldom share a lock.
-fn write_lock(data: &Path) -> &'static Mutex<()> {
+/// The right to write chunk `index` of the staged file `data`. The newest
+/// request for a chunk holds it; an older copy still arriving is refused
+/// from then on, so two copies of a chunk never mix in the file. Only the
+/// holder marks the chunk received, and a request that finds it received
+/// writes nothing: nothing is written into a received chunk, nor (after
+/// the commit, which needs every chunk received) into the committed file.
+struct ChunkClaim {
+    data: PathBuf,
+    index: u64,
+    ticket: u64,
+}
+
+/// Which claim holds each chunk being written: `(staged file, index)` →
+/// ticket.
+type Claims = BTreeMap<(PathBuf, u64), u64>;
+
+impl ChunkClaim {
+    /// Claims chunk `index`, taking it from an earlier request. `None` if it
+    /// is received already (and durably so, when this returns).
+    fn take(data: &Path, map: &Path, index: u64) -> Result<Option<Self>> {
+        static TICKETS: AtomicU64 = AtomicU64::new(0);
+        let ticket = TICKETS.fetch_add(1, Ordering::Relaxed);
+        let key = (data.to_owned(), index);
+        {
+            // The map is read under the lock it is marked under.
+            let mut claims = claims_of(data);
+            if !chunk_received(map, index)? {
+                claims.insert(key, ticket);
+                return Ok(Some(Self {
+                    data: data.to_owned(),
+                    index,
+                    ticket,
+                }));
+            }
+        }
+        // Its holder may not have synced the mark yet.
+        File::open(map)
+            .and_then(|m| m.sync_data())
+            .map_err(Error::io("syncing the chunk map"))?;
+        Ok(None)
+    }
+
+    fn check_held(&self, claims: &Claims) -> Result<()> {
+        match claims.get(&(self.data.clone(), self.index)) {
+            Some(ticket) if *ticket == self.ticket => Ok(()),
+            _ => Err(Error::Conflict(format!(
+                "chunk {} is being received again, by a newer request; this copy is dropped",
+                self.index
+            ))),
+        }
+    }
+
+    /// Writes one piece (at most [`WRITE_PIECE`] bytes, in the buffers it
+    /// came in) at `offset`, if the claim still holds.
+    fn write<P: AsRef<[u8]>>(&self, file: &File, offset: u64, buffers: &[P]) -> Result<()> {
+        let claims = claims_of(&self.data);
+        self.check_held(&claims)?;
+        write_all_vectored_at(file, offset, buffers).map_err(Error::io("writing staged data"))?;
+        // On its way to the disk while the rest of the chunk arrives.
+        let len = buffers.iter().map(|b| b.as_ref().len() as u64).sum();
+        page_cache::write_back(file, offset, len, false);
+        Ok(())
+    }
+
+    /// Makes the chunk's data (`range` of the file) durable, then marks it
+    /// received, if the claim still holds. Its pages then leave the cache
+    /// (see [`page_cache`]) unless they are to `stay_cached` for the
+    /// running digest, which drops them once it has read them.
+    fn record(&self, file: &File, map: &Path, range: Range<u64>, stay_cached: bool) -> Result<()> {
+        file.sync_data().map_err(Error::io("syncing staged data"))?;
+        if !stay_cached {
+            page_cache::forget_cached(file, range.start, range.end - range.start);
+        }
+        let map_file = OpenOptions::new()
+            .write(true)
+            .open(map)
+            .map_err(not_found_as_gone)?;
+        {
+            let claims = claims_of(&self.data);
+            self.check_held(&claims)?;
+            // Only after the data is durable does the chunk count as received.
+            map_file
+                .write_all_at(&[1], self.index)
+                .map_err(Error::io("updating the chunk map"))?;
+        }
+        map_file
+            .sync_data()
+            .map_err(Error::io("syncing the chunk map"))
+    }
+}
+
+impl Drop for ChunkClaim {
+    fn drop(&mut self) {
+        let mut claims = claims_of(&self.data);
+        let key = (std::mem::take(&mut self.data), self.index);
+        if claims.get(&key) == Some(&self.ticket) {
+            claims.remove(&key);
+        }
+    }
+}
+
+/// The claims of the chunks of staged file `data`, locked. The same lock
+/// orders the writes into the file: the filesystem takes the file's inode
+/// lock for every buffered write anyway, and a writer waiting for it spins
+/// for as long as the holder copies (up to [`WRITE_PIECE`] bytes); with a
+/// session's chunks written in parallel, that spinning was 6-17 % of the
+/// server's CPU in an upload (bench/RESULTS.md, ws notes). A writer waiting
+/// here sleeps instead. Striped by path, so unrelated sessions seldom share
+/// a lock.
+fn claims_of(data: &Path) -> MutexGuard<'static, Claims> {
     const STRIPES: usize = 256;
-    static LOCKS: [Mutex<()>; STRIPES] = [const { Mutex::new(()) }; STRIPES];
+    static CLAIMS: [Mutex<Claims>; STRIPES] = [const { Mutex::new(BTreeMap::new()) }; STRIPES];
     let mut hasher = std::hash::DefaultHasher::new();
     data.hash(&mut hasher);
-    &LOCKS[(hasher.finish() % STRIPES as u64) as usize]
+    CLAIMS[(hasher.finish() % STRIPES as u64) as usize]
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
 }
 
 fn open_data(data: &Path) -> Result<File> {
@@ -427,34 +511,6 @@ fn chunk_received(map: &Path, index: u64) -> Result<bool> {
         .read_at(&mut mark, index)
         .map_err(Error::io("reading the chunk map"))?;
     Ok(read == 1 && mark[0] == 1)
-}
-
-/// Makes the chunk's data (`range` of the file) durable, then marks it
-/// received. Its pages then leave the cache (see [`page_cache`]) unless they
-/// are to `stay_cached` for the running digest, which drops them once it
-/// has read them.
-fn record_chunk(
-    file: &File,
-    map: &Path,
-    index: u64,
-    range: Range<u64>,
-    stay_cached: bool,
-) -> Result<()> {
-    file.sync_data().map_err(Error::io("syncing staged data"))?;
-    if !stay_cached {
-        page_cache::forget_cached(file, range.start, range.end - range.start);
-    }
-    // Only after the data is durable does the chunk count as received.
-    let map_file = OpenOptions::new()
-        .write(true)
-        .open(map)
-        .map_err(not_found_as_gone)?;
-    map_file
-        .write_all_at(&[1], index)
-        .map_err(Error::io("updating the chunk map"))?;
-    map_file
-        .sync_data()
-        .map_err(Error::io("syncing the chunk map"))
 }
 
 fn sync_dir(dir: &Path) -> Result<()> {

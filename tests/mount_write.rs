@@ -975,3 +975,63 @@ async fn a_new_file_created_elsewhere_meanwhile_keeps_both_versions() {
         );
     }
 }
+
+/// Pages of a shared mapping written back together (an `msync`) land in
+/// one block of the remote version at once: each keeps its bytes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writes_through_a_shared_mapping_all_reach_the_server() {
+    if !fuse_available() {
+        return;
+    }
+    let server = Server::start();
+    for round in 0..8 {
+        store_file(&server, &format!("mapped/{round}.bin"), &[b'.'; 10_000]);
+    }
+    let mount = MountProc::start(&server, &[]);
+    for round in 0..8 {
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(mount.at(&format!("mapped/{round}.bin")))
+            .unwrap();
+        map_and_write(&file, &[(100, b"HELLO"), (9995, b"WORLD")]);
+        drop(file);
+        let mut want = vec![b'.'; 10_000];
+        want[100..105].copy_from_slice(b"HELLO");
+        want[9995..].copy_from_slice(b"WORLD");
+        let name = format!("mapped/{round}.bin");
+        assert!(server.eventually_has(&name, &want).await, "round {round}");
+    }
+}
+
+/// Maps all of `file` shared, makes `writes` through the mapping, a few
+/// milliseconds apart, and syncs them with `msync`.
+fn map_and_write(file: &std::fs::File, writes: &[(usize, &[u8])]) {
+    use std::os::fd::AsRawFd;
+    let len = file.metadata().unwrap().len() as usize;
+    // SAFETY: a fresh shared mapping of the whole file, written only within
+    // its length and unmapped before returning.
+    unsafe {
+        let at = libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_SHARED,
+            file.as_raw_fd(),
+            0,
+        );
+        assert_ne!(at, libc::MAP_FAILED, "{}", std::io::Error::last_os_error());
+        for (offset, data) in writes {
+            assert!(offset + data.len() <= len);
+            std::ptr::copy_nonoverlapping(data.as_ptr(), at.cast::<u8>().add(*offset), data.len());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert_eq!(
+            libc::msync(at, len, libc::MS_SYNC),
+            0,
+            "{}",
+            std::io::Error::last_os_error()
+        );
+        assert_eq!(libc::munmap(at, len), 0);
+    }
+}

@@ -41,7 +41,8 @@ pub struct Staged {
     file: Arc<File>,
     /// The remote version the file started from; `None` for a new file.
     pub base: Option<FileMeta>,
-    pub state: Mutex<StagedState>,
+    /// Shared with the blocking threads that write the staging file.
+    pub state: Arc<Mutex<StagedState>>,
     /// Held shared by writes; exclusively while the current content is
     /// completed and journaled (a close) or uploaded (fsync).
     pub gate: tokio::sync::RwLock<()>,
@@ -201,6 +202,9 @@ pub struct StagedState {
     /// Renamed while open: its upload replaces whatever its new name holds,
     /// as `rename(2)` does, rather than only creating the file.
     pub renamed: bool,
+    /// Ranges being written through the mount right now: a fill from the
+    /// remote version leaves them alone (see [`fill_gaps`]).
+    storing: Vec<(u64, u64)>,
 }
 
 /// A version of a staged file that one of its uploads committed.
@@ -263,7 +267,7 @@ impl Staged {
             local,
             file: Arc::new(file),
             base,
-            state: Mutex::new(StagedState {
+            state: Arc::new(Mutex::new(StagedState {
                 path,
                 size,
                 remote_size: size,
@@ -278,7 +282,8 @@ impl Staged {
                 committed: None,
                 commits: 0,
                 renamed: false,
-            }),
+                storing: Vec::new(),
+            })),
             gate: tokio::sync::RwLock::new(()),
             naming: Arc::default(),
             space: space.clone(),
@@ -295,7 +300,10 @@ impl Staged {
     /// `server_pace`: see [`DEFAULT_SERVER_PACE`](super::write_behind::DEFAULT_SERVER_PACE).
     pub fn with_write_behind(mut self, client: Client, server_pace: u64) -> Staged {
         let condition = (self.server_etag(), !self.exists_on_server());
-        let state = self.state.get_mut().unwrap();
+        let state = Arc::get_mut(&mut self.state)
+            .expect("not shared yet")
+            .get_mut()
+            .unwrap();
         debug_assert!(state.remote_size == 0);
         self.write_behind = WriteBehind::new(
             client,
@@ -416,6 +424,18 @@ impl Staged {
         (start < end && !state.content.covers(start, end)).then_some((start, end))
     }
 
+    /// The parts of remote block `block` within `offset..end` that the
+    /// staging file holds no content for: they read as the remote's.
+    fn remote_gaps(&self, block: u64, offset: u64, end: u64) -> Vec<(u64, u64)> {
+        let state = self.state.lock().unwrap();
+        let start = (block * BLOCK_SIZE).max(offset);
+        let stop = ((block + 1) * BLOCK_SIZE).min(state.remote_size).min(end);
+        match start < stop {
+            true => state.content.gaps(start, stop, &[]),
+            false => Vec::new(),
+        }
+    }
+
     /// Copies remote block `block` into the staging file if it is still missing.
     async fn fill(&self, remote: &dyn RemoteBlocks, block: u64) -> FsResult<()> {
         let Some((start, end)) = self.unfilled(block) else {
@@ -430,13 +450,12 @@ impl Staged {
             // The server sent less than the size promised.
             return Err(errno::EIO);
         }
-        // Only the part still within the remote region (a truncate may have cut it).
-        let end = end.min(self.state.lock().unwrap().remote_size);
-        if start >= end {
-            return Ok(());
-        }
-        self.store(start, data.slice(..(end - start) as usize))
-            .await
+        let growth = self.growth(start, end);
+        let reserved = self.space.reserve(growth).await?;
+        let (file, state) = (self.file.clone(), self.state.clone());
+        let data = data.slice(..(end - start) as usize);
+        let added = blocking(move || fill_gaps(&file, &state, start, &data)).await;
+        self.stored(end, growth, reserved, added)
     }
 
     /// Writes `data` at `offset` in the staging file, charging the bytes that
@@ -445,9 +464,11 @@ impl Staged {
         let end = offset + data.len() as u64;
         let growth = self.growth(offset, end);
         let reserved = self.space.reserve(growth).await?;
-        let file = self.file.clone();
-        let written = blocking(move || file.write_all_at(&data, offset)).await;
-        self.stored((offset, end), growth, reserved, written)
+        let (file, state) = (self.file.clone(), self.state.clone());
+        // On a blocking thread, which runs it to the end even if this
+        // request is dropped: the range is never left marked as storing.
+        let added = blocking(move || write_content(&file, &state, offset, &data)).await;
+        self.stored(end, growth, reserved, added)
     }
 
     /// [`store`](Self::store) on the calling thread, if the space is there
@@ -456,11 +477,9 @@ impl Staged {
         let end = offset + data.len() as u64;
         let growth = self.growth(offset, end);
         let reserved = self.space.try_reserve(growth)?;
-        let written = self
-            .file
-            .write_all_at(data, offset)
-            .map_err(|e| errno::of_io(&e));
-        Some(self.stored((offset, end), growth, reserved, written))
+        let added =
+            write_content(&self.file, &self.state, offset, data).map_err(|e| errno::of_io(&e));
+        Some(self.stored(end, growth, reserved, added))
     }
 
     /// Bytes of `offset..end` the staging file holds nothing for yet.
@@ -468,24 +487,26 @@ impl Staged {
         self.state.lock().unwrap().content.missing(offset, end)
     }
 
-    /// Accounts for the write of `offset..end` that charged `reserved` for
-    /// its `growth`.
+    /// Accounts for a write ending at `end` that charged `reserved` for its
+    /// `growth` and `added` that many bytes of content.
     fn stored(
         &self,
-        (offset, end): (u64, u64),
+        end: u64,
         growth: u64,
         reserved: Charge,
-        written: FsResult<()>,
+        added: FsResult<u64>,
     ) -> FsResult<()> {
-        if let Err(e) = written {
-            // A failed write leaves the size as it was, as on a local disk.
-            let size = self.state.lock().unwrap().size;
-            if end > size {
-                let _ = self.file.set_len(size);
+        let added = match added {
+            Ok(added) => added,
+            Err(e) => {
+                // A failed write leaves the size as it was, as on a local disk.
+                let size = self.state.lock().unwrap().size;
+                if end > size {
+                    let _ = self.file.set_len(size);
+                }
+                return Err(e);
             }
-            return Err(e);
-        }
-        let added = self.state.lock().unwrap().content.insert(offset, end);
+        };
         let mut charge = self.charge.lock().unwrap();
         charge.merge(reserved);
         // Concurrent stores of one range each reserved it; one kept it.
@@ -588,8 +609,11 @@ impl Staged {
         let end = (offset + len as u64).min(size);
         // Decided before the staging file is read: a block filled meanwhile
         // reads as its remote version, as if this read had come first.
-        let missing: Vec<(u64, u64, u64)> = (offset / BLOCK_SIZE..=(end - 1) / BLOCK_SIZE)
-            .filter_map(|block| self.unfilled(block).map(|(from, to)| (block, from, to)))
+        let missing: Vec<(u64, Vec<(u64, u64)>)> = (offset / BLOCK_SIZE..=(end - 1) / BLOCK_SIZE)
+            .filter_map(|block| {
+                let gaps = self.remote_gaps(block, offset, end);
+                (!gaps.is_empty()).then_some((block, gaps))
+            })
             .collect();
         let file = self.file.clone();
         let mut buf = blocking(move || {
@@ -598,22 +622,21 @@ impl Staged {
             Ok(buf)
         })
         .await?;
-        for (block, start, stop) in missing {
+        for (block, gaps) in missing {
             let base = self
                 .base
                 .as_ref()
                 .expect("only a file with a base has remote blocks");
             let data = remote.fetch(base, block).await.map_err(|e| e.errno)?;
-            let (from, to) = (start.max(offset), stop.min(end));
-            if from >= to {
-                continue;
+            let start = block * BLOCK_SIZE;
+            for (from, to) in gaps {
+                let Some(remote_bytes) = data.get((from - start) as usize..(to - start) as usize)
+                else {
+                    // The server sent less than the size promised.
+                    return Err(errno::EIO);
+                };
+                buf[(from - offset) as usize..(to - offset) as usize].copy_from_slice(remote_bytes);
             }
-            let Some(remote_bytes) = data.get((from - start) as usize..(to - start) as usize)
-            else {
-                // The server sent less than the size promised.
-                return Err(errno::EIO);
-            };
-            buf[(from - offset) as usize..(to - offset) as usize].copy_from_slice(remote_bytes);
         }
         Ok(Bytes::from(buf))
     }
@@ -695,12 +718,58 @@ impl Drop for Staged {
         if let Some(wb) = &self.write_behind {
             wb.cancel();
         }
-        let state = self.state.get_mut().unwrap();
-        if let (Some(handover), Some(wb)) = (state.upload_session.take(), &self.write_behind) {
+        // A blocking write may hold the state a moment longer.
+        let handover = self.state.lock().unwrap().upload_session.take();
+        if let (Some(handover), Some(wb)) = (handover, &self.write_behind) {
             // Handed over, but no upload took it (the file was discarded).
             wb.abort(handover.session);
         }
     }
+}
+
+/// Writes `data` at `offset` of the staging `file` and records it as
+/// content; how many bytes were not content before. While it writes, the
+/// range is marked as storing, so that a fill that runs meanwhile does not
+/// put the remote's bytes over it.
+fn write_content(
+    file: &File,
+    state: &Mutex<StagedState>,
+    offset: u64,
+    data: &[u8],
+) -> std::io::Result<u64> {
+    let range = (offset, offset + data.len() as u64);
+    state.lock().unwrap().storing.push(range);
+    let written = file.write_all_at(data, offset);
+    let mut state = state.lock().unwrap();
+    let at = state
+        .storing
+        .iter()
+        .position(|r| *r == range)
+        .expect("marked above");
+    state.storing.swap_remove(at);
+    written?;
+    Ok(state.content.insert(range.0, range.1))
+}
+
+/// Copies the remote bytes `data` of the block at `start` into the parts
+/// of it the staging file holds no content for and no write is storing;
+/// how many bytes that was. Under the state's lock, so that a write that
+/// starts later lands after it, and within the remote region only (a
+/// truncate may have cut it).
+fn fill_gaps(
+    file: &File,
+    state: &Mutex<StagedState>,
+    start: u64,
+    data: &[u8],
+) -> std::io::Result<u64> {
+    let mut state = state.lock().unwrap();
+    let end = (start + data.len() as u64).min(state.remote_size);
+    let mut added = 0;
+    for (from, to) in state.content.gaps(start, end, &state.storing) {
+        file.write_all_at(&data[(from - start) as usize..(to - start) as usize], from)?;
+        added += state.content.insert(from, to);
+    }
+    Ok(added)
 }
 
 /// Removes a staging file (and a copy of its tail), ignoring one already
@@ -790,6 +859,81 @@ mod tests {
         want[97] = b'z';
         assert_eq!(&back[..], &want[..]);
         assert_eq!(&staged.read(&remote, 0, 2).await.unwrap()[..], &[9, 9]);
+    }
+
+    /// A remote version whose fetches each wait for a permit, in the order
+    /// they were asked.
+    struct GatedRemote {
+        inner: Remote,
+        permits: tokio::sync::Semaphore,
+    }
+
+    impl RemoteBlocks for GatedRemote {
+        fn fetch(
+            &self,
+            meta: &FileMeta,
+            block: u64,
+        ) -> futures::future::BoxFuture<'_, Result<Bytes, FetchError>> {
+            let fetched = self.inner.fetch(meta, block);
+            Box::pin(async move {
+                self.permits.acquire().await.unwrap().forget();
+                fetched.await
+            })
+        }
+    }
+
+    async fn until(check: impl Fn() -> bool) {
+        while !check() {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    }
+
+    /// Writes into one block of the remote version at once (the pages of
+    /// an msync of a shared mapping, say): a fill that lands after another
+    /// write's data never puts the remote's bytes over it.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_late_fill_never_overwrites_what_a_write_stored() {
+        let dir = tempfile::tempdir().unwrap();
+        let (staged, inner) = staged(&dir, 2, None);
+        let staged = Arc::new(staged);
+        let remote = Arc::new(GatedRemote {
+            inner,
+            permits: tokio::sync::Semaphore::new(0),
+        });
+        let fetches = || remote.inner.fetched.load(Ordering::SeqCst);
+        let write = |offset: u64, data: &'static [u8]| {
+            let (staged, remote) = (staged.clone(), remote.clone());
+            tokio::spawn(async move {
+                staged
+                    .write(&*remote, offset, Bytes::from_static(data))
+                    .await
+            })
+        };
+        // Two writes in block 0, each waiting for its fill.
+        let hello = write(100, b"HELLO");
+        until(|| fetches() == 1).await;
+        let world = write(9995, b"WORLD");
+        until(|| fetches() == 2).await;
+        // A write of all of block 1 needs no fill, and lands while one waits.
+        let partial = write(MIB as u64 + 5, b"abc");
+        until(|| fetches() == 3).await;
+        assert_eq!(
+            staged.write_now(MIB as u64, &[9; MIB]),
+            Some(Ok(MIB as u32))
+        );
+        for pending in [hello, world, partial] {
+            remote.permits.add_permits(1);
+            assert!(pending.await.unwrap().is_ok());
+        }
+        let back = staged.read(&*remote, 0, 2 * MIB as u32).await.unwrap();
+        let mut want = vec![0u8; MIB];
+        want[100..105].copy_from_slice(b"HELLO");
+        want[9995..10000].copy_from_slice(b"WORLD");
+        want.extend_from_slice(&[9; MIB]);
+        want[MIB + 5..MIB + 8].copy_from_slice(b"abc");
+        let wrong = back.iter().zip(&want).filter(|(a, b)| a != b).count();
+        assert_eq!(wrong, 0, "bytes differ from the writes");
+        assert_eq!(staged.charge.lock().unwrap().bytes(), 2 * MIB as u64);
     }
 
     #[tokio::test]

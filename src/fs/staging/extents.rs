@@ -57,6 +57,37 @@ impl Extents {
         added
     }
 
+    /// The parts of `[start, end)` not covered, in order, leaving out
+    /// those inside any of `also` (ranges that may overlap one another).
+    pub fn gaps(&self, start: u64, end: u64, also: &[(u64, u64)]) -> Vec<(u64, u64)> {
+        let mut taken = Extents::default();
+        for &(s, e) in also {
+            taken.insert(s.max(start), e.min(end));
+        }
+        let before = self.ranges.range(..start).next_back();
+        let covered = before
+            .into_iter()
+            .chain(self.ranges.range(start..end))
+            .chain(taken.ranges.iter());
+        let mut covered: Vec<(u64, u64)> = covered.map(|(&s, &e)| (s, e)).collect();
+        covered.sort_unstable();
+        let mut gaps = Vec::new();
+        let mut at = start;
+        for (s, e) in covered {
+            if s > at {
+                gaps.push((at, s.min(end)));
+            }
+            at = at.max(e);
+            if at >= end {
+                break;
+            }
+        }
+        if at < end {
+            gaps.push((at, end));
+        }
+        gaps
+    }
+
     /// Forgets everything at or past `len`; returns how many bytes that was.
     pub fn truncate(&mut self, len: u64) -> u64 {
         let dropped = self.covered(len, u64::MAX);
@@ -104,6 +135,22 @@ mod tests {
         assert!(x.covers(0, 250));
         assert!(!x.covers(0, 251));
         assert_eq!(x.ranges.len(), 1);
+    }
+
+    #[test]
+    fn gaps_leave_out_what_is_covered_and_what_is_also_taken() {
+        let mut x = Extents::default();
+        x.insert(10, 20);
+        x.insert(40, 50);
+        assert_eq!(x.gaps(0, 60, &[]), [(0, 10), (20, 40), (50, 60)]);
+        assert_eq!(x.gaps(15, 45, &[]), [(20, 40)]);
+        assert_eq!(x.gaps(12, 18, &[]), []);
+        assert_eq!(
+            x.gaps(0, 60, &[(25, 30), (28, 35), (55, 70)]),
+            [(0, 10), (20, 25), (35, 40), (50, 55)]
+        );
+        assert_eq!(x.gaps(0, 60, &[(0, 100)]), []);
+        assert_eq!(Extents::default().gaps(5, 9, &[]), [(5, 9)]);
     }
 
     #[test]

@@ -976,6 +976,51 @@ async fn a_new_file_created_elsewhere_meanwhile_keeps_both_versions() {
     }
 }
 
+/// Two writers opening one existing file at the same moment (two `dd
+/// conv=notrunc` into one file, say) share it, as on a local disk: both
+/// writes reach the server, and no conflict copy appears.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_writers_opening_a_file_at_once_both_keep_their_writes() {
+    if !fuse_available() {
+        return;
+    }
+    let server = Server::start();
+    for round in 0..8 {
+        store_file(&server, &format!("shared/{round}.txt"), &[b'.'; 100]);
+    }
+    let mount = MountProc::start(&server, &[]);
+    for round in 0..8 {
+        let path = mount.at(&format!("shared/{round}.txt"));
+        let barrier = std::sync::Arc::new(std::sync::Barrier::new(2));
+        let writers: Vec<_> = [(10, b"AAAA"), (50, b"BBBB")]
+            .into_iter()
+            .map(|(offset, data)| {
+                let (path, barrier) = (path.clone(), barrier.clone());
+                std::thread::spawn(move || {
+                    barrier.wait();
+                    let file = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+                    file.write_all_at(data, offset).unwrap();
+                })
+            })
+            .collect();
+        for writer in writers {
+            writer.join().unwrap();
+        }
+        let mut want = [b'.'; 100];
+        want[10..14].copy_from_slice(b"AAAA");
+        want[50..54].copy_from_slice(b"BBBB");
+        assert_eq!(std::fs::read(&path).unwrap(), want, "round {round}");
+        let name = format!("shared/{round}.txt");
+        assert!(server.eventually_has(&name, &want).await, "round {round}");
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        server.listed_names("shared").await.len(),
+        8,
+        "no conflict copies"
+    );
+}
+
 /// Pages of a shared mapping written back together (an `msync`) land in
 /// one block of the remote version at once: each keeps its bytes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

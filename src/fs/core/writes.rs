@@ -242,11 +242,13 @@ impl MountCore {
             queue.space(),
         )?;
         let staged = Arc::new(self.writing_behind(staged));
+        // Counted open before anyone can find it: a file in the map with no
+        // handle open is one that is closed.
+        staged.state.lock().unwrap().open_handles += 1;
         self.staged
             .lock()
             .unwrap()
             .insert(path.clone(), staged.clone());
-        staged.state.lock().unwrap().open_handles += 1;
         let meta = staged_meta_of(&staged);
         let ino = self.inodes.ino(&path);
         Ok((ino, meta.clone(), self.add_handle(meta, Some(staged))))
@@ -254,50 +256,70 @@ impl MountCore {
 
     pub(super) async fn open_for_write(&self, ino: u64, truncate: bool) -> FsResult<(u64, bool)> {
         let staged = self.stage(ino, truncate).await?;
-        if truncate {
-            staged.truncate(self, 0).await?;
+        if truncate && let Err(e) = staged.truncate(self, 0).await {
+            self.release_staged(staged).await?;
+            return Err(e);
         }
-        staged.state.lock().unwrap().open_handles += 1;
         Ok((
             self.add_handle(staged_meta_of(&staged), Some(staged)),
             false,
         ))
     }
 
-    /// The staged file of `ino`, staging it from its remote version if needed.
+    /// The staged file of `ino`, staging it from its remote version if
+    /// needed, with one more handle counted open on it. Two opens of a file
+    /// at once get the same staged file, so neither's writes are lost.
     async fn stage(&self, ino: u64, truncate: bool) -> FsResult<Arc<Staged>> {
         let queue = self.queue()?.clone();
         let path = self.path(ino)?;
-        if let Some(staged) = self.staged_for(&path) {
-            let open = staged.state.lock().unwrap().open_handles > 0;
-            if open {
-                return Ok(staged);
+        loop {
+            if let Some(staged) = self.staged_for(&path) {
+                let opened = {
+                    let mut state = staged.state.lock().unwrap();
+                    let open = state.open_handles > 0;
+                    state.open_handles += u32::from(open);
+                    open
+                };
+                if opened {
+                    return Ok(staged);
+                }
+                // Closed and uploading: let that version land first.
+                queue.wait(&path).await;
+                let mut map = self.staged.lock().unwrap();
+                if map.get(&path).is_some_and(|s| Arc::ptr_eq(s, &staged)) {
+                    map.remove(&path);
+                    drop(map);
+                    // Gone with its upload, unless that never started (the
+                    // last close failed): the remote version is the truth now.
+                    drop_unuploaded(&queue, &staged);
+                }
+                continue;
             }
-            // Closed and uploading: let that version land first.
-            queue.wait(&path).await;
-            self.staged.lock().unwrap().remove(&path);
-            // Gone with its upload, unless that never started (the last
-            // close failed): the remote version is the truth now.
-            drop_unuploaded(&queue, &staged);
+            let base = self.client.stat(&path).await.map_err(|e| e.errno())?;
+            if base.kind == EntryKind::Dir {
+                return Err(21); // EISDIR
+            }
+            let mut map = self.staged.lock().unwrap();
+            if map.contains_key(&path) {
+                // Another open staged it while this one asked the server.
+                continue;
+            }
+            let staged = Staged::create(
+                queue.new_staging_path(),
+                path.clone(),
+                Some(base),
+                truncate,
+                queue.space(),
+            )?;
+            // Content from the remote version takes no write-behind.
+            let staged = Arc::new(match truncate {
+                true => self.writing_behind(staged),
+                false => staged,
+            });
+            staged.state.lock().unwrap().open_handles += 1;
+            map.insert(path, staged.clone());
+            return Ok(staged);
         }
-        let base = self.client.stat(&path).await.map_err(|e| e.errno())?;
-        if base.kind == EntryKind::Dir {
-            return Err(21); // EISDIR
-        }
-        let staged = Staged::create(
-            queue.new_staging_path(),
-            path.clone(),
-            Some(base),
-            truncate,
-            queue.space(),
-        )?;
-        // Content from the remote version takes no write-behind.
-        let staged = Arc::new(match truncate {
-            true => self.writing_behind(staged),
-            false => staged,
-        });
-        self.staged.lock().unwrap().insert(path, staged.clone());
-        Ok(staged)
     }
 
     /// `staged`, sending its chunks while it is written unless the mount
@@ -332,7 +354,6 @@ impl MountCore {
     /// the file just for this change (uploaded at once).
     pub async fn set_size(&self, ino: u64, size: u64) -> FsResult<FileMeta> {
         let staged = self.stage(ino, false).await?;
-        staged.state.lock().unwrap().open_handles += 1;
         let result = staged.truncate(self, size).await;
         let meta = staged_meta_of(&staged);
         self.release_staged(staged).await?;

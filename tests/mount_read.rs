@@ -463,6 +463,35 @@ fn unsupported_and_missing_give_honest_errnos() {
     assert_eq!(not_empty.raw_os_error(), Some(39), "ENOTEMPTY");
 }
 
+/// A handle open on a file that is then replaced on the server, or removed
+/// through the mount, cannot read its version any more: ESTALE, never
+/// ENOENT or other bytes.
+#[test]
+fn a_handle_on_a_replaced_or_removed_file_reads_estale() {
+    if !fuse_available() {
+        return;
+    }
+    let server = Server::start();
+    let data = random_bytes(64 << 20);
+    for name in ["replaced.bin", "removed.bin"] {
+        store_file(&server, name, &data);
+    }
+    let mount = MountProc::start(&server, &[]);
+    for name in ["replaced.bin", "removed.bin"] {
+        let file = std::fs::File::open(mount.at(name)).unwrap();
+        let mut head = vec![0u8; 64 << 10];
+        file.read_exact_at(&mut head, 0).unwrap();
+        assert!(head[..] == data[..head.len()]);
+        match name {
+            "replaced.bin" => store_file(&server, name, &random_bytes(64 << 20)),
+            _ => std::fs::remove_file(mount.at(name)).unwrap(),
+        }
+        let mut tail = vec![0u8; 64 << 10];
+        let err = file.read_exact_at(&mut tail, 60 << 20).unwrap_err();
+        assert_eq!(err.raw_os_error(), Some(116), "{name}: {err}");
+    }
+}
+
 #[test]
 fn a_stopped_server_gives_eio_and_reads_resume_when_it_returns() {
     if !fuse_available() {

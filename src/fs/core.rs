@@ -408,8 +408,12 @@ impl MountCore {
                     fetched.fetch_add(data.len() as u64, Ordering::Relaxed);
                 })
                 .map_err(|e| {
-                    if e.code() == ErrorCode::PreconditionFailed {
-                        // Replaced since it was opened: this handle's version is gone.
+                    if matches!(
+                        e.code(),
+                        ErrorCode::PreconditionFailed | ErrorCode::NotFound
+                    ) {
+                        // Replaced or removed since it was opened: this
+                        // handle's version is gone.
                         FetchError {
                             errno: errno::ESTALE,
                             message: e.to_string(),

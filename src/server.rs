@@ -303,11 +303,14 @@ fn cors(origins: &[String]) -> Option<CorsLayer> {
     let crc = HeaderName::from_static(crate::protocol::upload::CRC32C_HEADER);
     let layer = CorsLayer::new()
         .allow_origin(allow_origin)
+        // Every method a route of `router` takes (PATCH declares an
+        // open-ended upload's size).
         .allow_methods([
             Method::GET,
             Method::HEAD,
             Method::PUT,
             Method::POST,
+            Method::PATCH,
             Method::DELETE,
         ])
         .allow_headers([

@@ -127,6 +127,70 @@ async fn cors_answers_preflights_and_exposes_the_player_headers() {
     assert_eq!(header(&other, "access-control-allow-origin"), "");
 }
 
+/// Regression: the preflight left out PATCH, with which a page declares the
+/// size of an open-ended upload session (`PATCH /v1/uploads/{id}`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cors_preflights_allow_every_method_the_api_uses() {
+    let server =
+        Server::start_configured(&with_token("cors_origins = [\"https://app.example\"]"), &[]);
+    let session_route = "/v1/uploads/0123456789abcdef0123456789abcdef";
+    let routes = [
+        ("GET", "/v1/files/v.mp4"),
+        ("HEAD", "/v1/files/v.mp4"),
+        ("PUT", "/v1/files/v.mp4"),
+        ("POST", "/v1/uploads"),
+        ("DELETE", "/v1/files/v.mp4"),
+        ("PATCH", session_route),
+    ];
+    for (method, route) in routes {
+        let preflight = http()
+            .request(reqwest::Method::OPTIONS, format!("{}{route}", server.url))
+            .header("origin", "https://app.example")
+            .header("access-control-request-method", method)
+            .header("access-control-request-headers", "authorization")
+            .send()
+            .await
+            .unwrap();
+        assert!(preflight.status().is_success(), "{method}: {preflight:?}");
+        let allowed = preflight
+            .headers()
+            .get("access-control-allow-methods")
+            .map(|v| v.to_str().unwrap().to_owned())
+            .unwrap_or_default();
+        assert!(
+            allowed.split(',').any(|m| m.trim() == method),
+            "{method} {route}: allowed {allowed:?}"
+        );
+    }
+    // The PATCH itself, from the page's origin, sizes the session.
+    let created = http()
+        .post(format!("{}/v1/uploads", server.url))
+        .bearer_auth(TOKEN)
+        .header("origin", "https://app.example")
+        .json(&json!({"path": "open.bin"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(created.status(), 201);
+    let id = created.json::<Value>().await.unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let sized = http()
+        .patch(format!("{}/v1/uploads/{id}", server.url))
+        .bearer_auth(TOKEN)
+        .header("origin", "https://app.example")
+        .json(&json!({"size": 0}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(sized.status(), 200);
+    assert_eq!(
+        sized.headers()["access-control-allow-origin"],
+        "https://app.example"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_rate_limit_answers_429_with_retry_after_then_recovers() {
     let server =

@@ -73,6 +73,25 @@ async fn unsatisfiable_range_is_416_with_the_size() {
     assert_eq!(h(&headers, "content-range"), Some("bytes */10000"));
 }
 
+/// Regression: positions too big for a u64 were taken for a malformed
+/// header, so both requests got 200 and the whole body.
+#[tokio::test]
+async fn range_positions_beyond_u64_are_clamped_or_unsatisfiable() {
+    let (server, data) = server_with_file("clip.mp4").await;
+    let huge = "99999999999999999999999";
+    for range in [format!("bytes=0-{huge}"), format!("bytes=-{huge}")] {
+        let (status, headers, body) = get_with(&server, "clip.mp4", &[("Range", &range)]).await;
+        assert_eq!(status, 206, "{range}");
+        assert_eq!(h(&headers, "content-range"), Some("bytes 0-9999/10000"));
+        assert_entity_headers(&headers, SIZE);
+        assert_eq!(body, data, "{range}");
+    }
+    let range = format!("bytes={huge}-");
+    let (status, headers, _) = get_with(&server, "clip.mp4", &[("Range", &range)]).await;
+    assert_eq!(status, 416);
+    assert_eq!(h(&headers, "content-range"), Some("bytes */10000"));
+}
+
 #[tokio::test]
 async fn several_or_malformed_ranges_return_the_full_body() {
     let (server, data) = server_with_file("clip.mp4").await;

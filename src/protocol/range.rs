@@ -68,6 +68,10 @@ impl RangeRequest {
 
 /// Parses `bytes=a-b`, `bytes=a-` or `bytes=-n`. Anything else, several ranges
 /// included, yields `None` (the caller then serves the full body).
+///
+/// A number too big for a `u64` is well-formed (RFC 9110 sets no bound) and
+/// lies past the end of any file: it becomes `u64::MAX`, so a last byte is
+/// clamped, a first byte is unsatisfiable and a suffix is the whole file.
 fn parse_single(header: &str) -> Option<Spec> {
     let header = header.trim();
     let (unit, set) = header.split_once('=')?;
@@ -75,22 +79,34 @@ fn parse_single(header: &str) -> Option<Spec> {
         return None;
     }
     let (first, last) = set.trim().split_once('-')?;
-    let number = |s: &str| -> Option<u64> {
-        let s = s.trim();
-        if s.is_empty() || !s.bytes().all(|b| b.is_ascii_digit()) {
-            return None;
+    match (digits(first), digits(last)) {
+        (None, None) => None,
+        (None, Some(n)) if first.trim().is_empty() => Some(Spec::Suffix(saturating(n))),
+        (Some(a), None) if last.trim().is_empty() => Some(Spec::FromTo(saturating(a), None)),
+        // Compared as written: two numbers past u64::MAX are both u64::MAX.
+        (Some(a), Some(b)) if !exceeds(a, b) => {
+            Some(Spec::FromTo(saturating(a), Some(saturating(b))))
         }
-        s.parse().ok()
-    };
-    match (first.trim().is_empty(), last.trim().is_empty()) {
-        (true, true) => None,
-        (true, false) => Some(Spec::Suffix(number(last)?)),
-        (false, true) => Some(Spec::FromTo(number(first)?, None)),
-        (false, false) => {
-            let (a, b) = (number(first)?, number(last)?);
-            (a <= b).then_some(Spec::FromTo(a, Some(b)))
-        }
+        _ => None,
     }
+}
+
+/// `s` without surrounding whitespace, if it is a non-empty run of digits.
+fn digits(s: &str) -> Option<&str> {
+    let s = s.trim();
+    (!s.is_empty() && s.bytes().all(|b| b.is_ascii_digit())).then_some(s)
+}
+
+/// The value of a run of digits, `u64::MAX` when it is larger.
+fn saturating(digits: &str) -> u64 {
+    digits.parse().unwrap_or(u64::MAX)
+}
+
+/// Whether the number written `a` is greater than the one written `b`,
+/// however many digits either has.
+fn exceeds(a: &str, b: &str) -> bool {
+    let (a, b) = (a.trim_start_matches('0'), b.trim_start_matches('0'));
+    (a.len(), a) > (b.len(), b)
 }
 
 #[cfg(test)]
@@ -132,11 +148,46 @@ mod tests {
             "bytes=-",
             "0-1",
             "bytes=1-2-3",
-            "bytes=99999999999999999999999-",
+            "bytes=99999999999999999999999-5",
         ] {
             assert_eq!(r(bad), RangeRequest::Full, "{bad}");
         }
         assert_eq!(RangeRequest::resolve(None, 5), RangeRequest::Full);
+    }
+
+    /// Regression: positions too big for a u64 were taken for malformed,
+    /// which served the whole body instead of clamping or refusing.
+    #[test]
+    fn positions_beyond_u64_lie_past_any_end() {
+        let huge = "99999999999999999999999";
+        assert_eq!(r(&format!("bytes=0-{huge}")), p(0, 9999));
+        assert_eq!(r(&format!("bytes=9990-{huge}")), p(9990, 9999));
+        assert_eq!(r(&format!("bytes=-{huge}")), p(0, 9999));
+        assert_eq!(r(&format!("bytes={huge}-")), RangeRequest::Unsatisfiable);
+        assert_eq!(
+            r(&format!("bytes={huge}-{huge}")),
+            RangeRequest::Unsatisfiable
+        );
+        // u64::MAX itself, and one past it.
+        assert_eq!(r("bytes=0-18446744073709551615"), p(0, 9999));
+        assert_eq!(r("bytes=0-18446744073709551616"), p(0, 9999));
+        assert_eq!(
+            RangeRequest::resolve(Some(&format!("bytes=0-{huge}")), 0),
+            RangeRequest::Unsatisfiable
+        );
+        // Leading zeros are no overflow.
+        assert_eq!(
+            r("bytes=00000000000000000000000001-00000000000000000000002"),
+            p(1, 2)
+        );
+        // A last byte before the first is malformed however big both are.
+        for bad in [
+            format!("bytes={huge}-5"),
+            "bytes=18446744073709551617-18446744073709551616".to_owned(),
+            format!("bytes=1{huge}-{huge}"),
+        ] {
+            assert_eq!(r(&bad), RangeRequest::Full, "{bad}");
+        }
     }
 
     #[test]

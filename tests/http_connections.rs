@@ -165,6 +165,67 @@ async fn connection_close_and_other_protocol_versions_are_honoured() {
     assert_eq!(r.status, 400);
 }
 
+/// Regression: a stored page or SVG opened in a browser ran its scripts on
+/// the server's origin. Downloads carry `Content-Security-Policy: sandbox`
+/// whether the `sendfile` driver (HTTP/1.1) or hyper (HTTP/1.0) answers,
+/// ranges and `HEAD` included; PDFs go without, as browsers' viewers do not
+/// render under it.
+#[tokio::test]
+async fn downloads_are_sandboxed_whichever_path_answers_them() {
+    let server = Server::start();
+    let video = random_bytes(1000);
+    let files: [(&str, &[u8], Option<&str>); 4] = [
+        (
+            "page.html",
+            b"<html><script>alert(document.domain)</script></html>",
+            Some("sandbox"),
+        ),
+        (
+            "logo.svg",
+            b"<svg xmlns=\"http://www.w3.org/2000/svg\"><script>alert(1)</script></svg>",
+            Some("sandbox"),
+        ),
+        ("v.mp4", &video, Some("sandbox")),
+        ("doc.pdf", b"%PDF-1.4\n%%EOF\n", None),
+    ];
+    for (name, data, _) in files {
+        server.put(name, data.to_vec()).await;
+    }
+    for (name, data, policy) in files {
+        for version in ["HTTP/1.1", "HTTP/1.0"] {
+            let ask = |method: &str, range: &str| {
+                let request = format!(
+                    "{method} /v1/files/{name} {version}\r\nHost: t\r\n{range}Connection: close\r\n\r\n"
+                );
+                harness::raw_request(server.addr, request.as_bytes())
+            };
+            let full = ask("GET", "");
+            assert_eq!(
+                (full.status, &full.body[..]),
+                (200, data),
+                "{name} {version}"
+            );
+            let part = ask("GET", "Range: bytes=1-4\r\n");
+            assert_eq!(
+                (part.status, &part.body[..]),
+                (206, &data[1..5]),
+                "{name} {version}"
+            );
+            let head = ask("HEAD", "");
+            assert_eq!(head.status, 200, "{name} {version}");
+            for reply in [&full, &part, &head] {
+                assert_eq!(
+                    reply.header("content-security-policy"),
+                    policy,
+                    "{name} {version} {}",
+                    reply.status
+                );
+                assert_eq!(reply.header("x-content-type-options"), Some("nosniff"));
+            }
+        }
+    }
+}
+
 #[tokio::test]
 async fn a_file_not_in_the_page_cache_is_read_from_the_disk() {
     let server = Server::start();

@@ -108,7 +108,8 @@ fn requested_range(headers: &HeaderMap, meta: &FileMeta) -> RangeRequest {
     RangeRequest::resolve(value.to_str().ok(), meta.size)
 }
 
-/// Headers common to 200, 206 and HEAD.
+/// Headers common to 200, 206 and HEAD, whichever connection driver sends
+/// them.
 fn file_headers(meta: &FileMeta, range: Option<ByteRange>) -> HeaderMap {
     let mut h = validator_headers(meta);
     h.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
@@ -122,6 +123,17 @@ fn file_headers(meta: &FileMeta, range: Option<ByteRange>) -> HeaderMap {
         .first_raw()
         .unwrap_or("application/octet-stream");
     h.insert(header::CONTENT_TYPE, HeaderValue::from_static(mime));
+    // Anyone who can upload (or holds a signed URL) chooses these bytes: a
+    // page or an SVG opened from here runs no script and gets an opaque
+    // origin, never this server's, whose API it could call. Media and
+    // downloads are unaffected; browsers' PDF viewers refuse to render under
+    // a sandbox, and run no script on the origin anyway.
+    if mime != "application/pdf" {
+        h.insert(
+            header::CONTENT_SECURITY_POLICY,
+            HeaderValue::from_static("sandbox"),
+        );
+    }
     let length = range.map_or(meta.size, |r| r.len());
     h.insert(header::CONTENT_LENGTH, HeaderValue::from(length));
     if let Some(r) = range

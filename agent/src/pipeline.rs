@@ -18,6 +18,7 @@ use crossbeam_channel::{Receiver, Sender};
 use crossbeam_utils::sync::WaitGroup;
 use ferry::client::upload::SessionFn;
 use ferry::fs::pending::{conflict_path, is_conflict};
+use ferry::protocol::upload::UploadState;
 use ferry::protocol::{ErrorCode, RemotePath};
 use sha2::{Digest, Sha256};
 
@@ -307,17 +308,54 @@ fn hash_and_decide(job: &HashJob) -> Option<Work> {
         pass.retry(&c.path, Some(QUIET));
         return None;
     }
-    Some(decide(c, current, sha256, &mut |sha, size| {
-        pass.claim(sha, size)
-    }))
+    let ours = unrecorded_commit(folder, c);
+    Some(decide(
+        c,
+        current,
+        sha256,
+        ours.as_ref(),
+        &mut |sha, size| pass.claim(sha, size),
+    ))
 }
 
-/// The decision for a settled, hashed candidate. `claim` takes a vanished
-/// record with the same content, if any.
+/// The session of ours that committed the remote version at `c`'s path
+/// without the journal recording it (a run stopped between the two), if the
+/// server says so: the session is journaled for this path and committed the
+/// very version the remote has now. Size and mtime alike prove nothing:
+/// another writer's edit can share them.
+fn unrecorded_commit(folder: &Folder, c: &Candidate) -> Option<Pending> {
+    let (Some(record), Some(remote)) = (&c.record, &c.remote) else {
+        return None;
+    };
+    if remote.etag == record.etag {
+        return None;
+    }
+    let pending = folder.journal.pending(&c.path).ok().flatten()?;
+    let to_path = folder
+        .remote
+        .path(&c.path)
+        .is_ok_and(|path| path.as_str() == pending.target);
+    if !to_path || pending.session_id.is_empty() {
+        return None;
+    }
+    let status = folder
+        .rt
+        .block_on(folder.remote.upload_status(&pending.session_id))
+        .ok()?;
+    let committed = status.state == UploadState::Committed
+        && status.meta.and_then(|m| m.etag).as_deref() == Some(remote.etag.as_str());
+    committed.then_some(pending)
+}
+
+/// The decision for a settled, hashed candidate. `ours`: the session of
+/// ours that committed the remote version unrecorded (see
+/// [`unrecorded_commit`]). `claim` takes a vanished record with the same
+/// content, if any.
 fn decide(
     c: &Candidate,
     stamp: FileStamp,
     sha256: String,
+    ours: Option<&Pending>,
     claim: &mut dyn FnMut(&str, u64) -> Option<Record>,
 ) -> Work {
     let upload = |if_match: Option<String>, conflict_with: Option<String>| {
@@ -343,15 +381,14 @@ fn decide(
         // Touched, not changed.
         (Some(rec), Some(_)) if rec.sha256 == sha256 => record(&rec.etag, rec.diverged),
         (Some(_), None) => upload(None, None),
-        // This very version, committed by a run that stopped before it
-        // could record it. (With the remote still as recorded, a file of
-        // the same size edited within the same second is a new version.)
-        (Some(rec), Some(remote)) if remote.etag != rec.etag && same_file(remote, stamp) => {
-            record(&remote.etag, false)
-        }
-        (Some(rec), Some(remote)) if remote.etag != rec.etag => {
-            upload(None, Some(remote.etag.clone()))
-        }
+        (Some(rec), Some(remote)) if remote.etag != rec.etag => match ours {
+            // Committed by a session of ours that a stopped run could not
+            // record: this very version, or one the local file changed from.
+            Some(p) if p.sha256 == sha256 => record(&remote.etag, false),
+            Some(_) => upload(Some(remote.etag.clone()), None),
+            // Changed on both sides.
+            None => upload(None, Some(remote.etag.clone())),
+        },
         (Some(rec), Some(_)) => upload(Some(rec.etag.clone()), None),
         (None, None) => match claim(&sha256, stamp.size) {
             Some(from) => Work::Rename {
@@ -689,7 +726,18 @@ mod tests {
     }
 
     fn decision(c: &Candidate, sha: &str) -> Work {
-        decide(c, stamp(9), sha.into(), &mut |_, _| None)
+        decide(c, stamp(9), sha.into(), None, &mut |_, _| None)
+    }
+
+    /// A session of ours for `f` that committed content `sha`.
+    fn session_of(sha: &str) -> Pending {
+        Pending {
+            path: "f".into(),
+            target: "f".into(),
+            session_id: "s1".into(),
+            stamp: stamp(9),
+            sha256: sha.into(),
+        }
     }
 
     fn upload_of(work: Work) -> Upload {
@@ -730,9 +778,26 @@ mod tests {
 
     #[test]
     fn a_version_committed_but_not_recorded_is_recorded() {
-        // Size and mtime as the local file: the agent's own upload.
         let c = candidate(Some(record("e1", "h1")), Some(remote("e2", 9, Some(5))));
-        assert!(matches!(decision(&c, "h2"), Work::Record(r) if r.etag == "e2"));
+        let ours = session_of("h2");
+        let work = decide(&c, stamp(9), "h2".into(), Some(&ours), &mut |_, _| None);
+        assert!(matches!(work, Work::Record(r) if r.etag == "e2" && !r.diverged));
+        // Changed here since that session: pushed over it, no conflict.
+        let work = decide(&c, stamp(9), "h3".into(), Some(&ours), &mut |_, _| None);
+        let u = upload_of(work);
+        assert_eq!((u.if_match.as_deref(), u.conflict_with), (Some("e2"), None));
+    }
+
+    #[test]
+    fn an_edit_elsewhere_of_the_same_size_and_second_is_a_conflict() {
+        // Size and mtime as the local file, but no session of ours made it:
+        // another writer's version (it used to be recorded as ours, and
+        // the local edit was lost).
+        let c = candidate(Some(record("e1", "h1")), Some(remote("e2", 9, Some(5))));
+        assert_eq!(
+            upload_of(decision(&c, "h2")).conflict_with.as_deref(),
+            Some("e2")
+        );
     }
 
     #[test]
@@ -764,7 +829,7 @@ mod tests {
         let c = candidate(None, None);
         let gone = record("e1", "h1");
         let mut pool = vec![gone.clone()];
-        let work = decide(&c, stamp(9), "h1".into(), &mut |sha, _| {
+        let work = decide(&c, stamp(9), "h1".into(), None, &mut |sha, _| {
             pool.iter()
                 .position(|r| r.sha256 == sha)
                 .map(|i| pool.remove(i))

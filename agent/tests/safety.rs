@@ -6,7 +6,7 @@ mod harness;
 use std::collections::BTreeSet;
 
 use ferry::protocol::RemotePath;
-use harness::{Agent, Server, age, remote_bytes, remote_listing, write};
+use harness::{Agent, Server, age, remote_bytes, remote_listing, set_mtime, write};
 
 fn names(listing: &std::collections::BTreeMap<String, (u64, String)>) -> BTreeSet<String> {
     listing.keys().cloned().collect()
@@ -289,6 +289,54 @@ async fn a_change_on_both_sides_keeps_both_versions() {
     std::fs::remove_file(agent.path("final.txt")).unwrap();
     agent.once_ok(&[]);
     assert_eq!(remote_bytes(&client, "cf/final.txt").await, None);
+}
+
+/// Both sides change a file to the same size within the same second (here:
+/// the same mtime). Theirs used to be taken for an upload of ours that a
+/// stopped run had not recorded: the local edit was never pushed, and the
+/// next one replaced theirs without a conflict copy. Only a session of ours
+/// that committed that version makes it ours.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_same_size_change_on_both_sides_in_the_same_second_keeps_both_versions() {
+    let tmp = tempfile::tempdir().unwrap();
+    let server = Server::start(&tmp.path().join("store"));
+    let agent = Agent::new(&tmp.path().join("folder"), &server, "samesec");
+    write(&agent.dir, "f", b"AAAA");
+    age(&agent.path("f"));
+    agent.once_ok(&[]);
+
+    let when = std::time::SystemTime::now() - std::time::Duration::from_secs(30);
+    write(&agent.dir, "f", b"BBBB");
+    set_mtime(&agent.path("f"), when);
+    // Another client's edit: same size and mtime (`ferry put` keeps it).
+    let theirs = tmp.path().join("theirs");
+    std::fs::write(&theirs, b"CCCC").unwrap();
+    set_mtime(&theirs, when);
+    let client = server.client();
+    ferry::client::upload::upload_file(
+        &client,
+        &theirs,
+        &RemotePath::parse("samesec/f").unwrap(),
+        Default::default(),
+    )
+    .await
+    .unwrap();
+    let log = agent.once_ok(&[]);
+
+    assert_eq!(remote_bytes(&client, "samesec/f").await.unwrap(), b"CCCC");
+    let listing = remote_listing(&client, "samesec").await;
+    let copies: Vec<&String> = listing
+        .keys()
+        .filter(|k| k.starts_with("f.conflict-"))
+        .collect();
+    assert_eq!(copies.len(), 1, "{listing:?}\n{log}");
+    assert_eq!(
+        remote_bytes(&client, &format!("samesec/{}", copies[0]))
+            .await
+            .unwrap(),
+        b"BBBB"
+    );
+    assert!(agent.status().contains("f: changed on the server"));
 }
 
 /// A new local file whose name someone else creates on the server while it

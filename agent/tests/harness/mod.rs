@@ -403,9 +403,12 @@ pub fn write(dir: &Path, rel: &str, data: &[u8]) {
 /// Sets a file's mtime into the past, so the agent need not wait for it to
 /// settle.
 pub fn age(path: &Path) {
-    let old = std::time::SystemTime::now() - Duration::from_secs(60);
+    set_mtime(path, std::time::SystemTime::now() - Duration::from_secs(60));
+}
+
+pub fn set_mtime(path: &Path, mtime: std::time::SystemTime) {
     let file = std::fs::File::options().write(true).open(path).unwrap();
-    file.set_modified(old).unwrap();
+    file.set_modified(mtime).unwrap();
 }
 
 /// Shows which entries differ (a readable failure instead of two dumps).

@@ -21,7 +21,7 @@ use crate::filter::{Filter, IGNORE_FILE};
 use crate::journal::{Journal, PendingMove, Record, now_text};
 use crate::memory;
 use crate::pipeline::{Outcome, Pass, Pipeline};
-use crate::plan::{Candidate, Move, RemoteFile, plan, still_pushed, under};
+use crate::plan::{Candidate, Move, RemoteFile, plan, still_pushed, strictly_under, under};
 use crate::remote::Remote;
 use crate::scan::{scan, stat_file};
 use crate::settle::{Closed, QUIET, now_ns};
@@ -223,12 +223,64 @@ impl Folder {
             );
         }
 
+        // A file that takes the name of a directory of ours goes up after
+        // the files that were in it are deleted: until then the name is a
+        // directory on the server, and the upload a conflict with ourselves.
+        let (replacing, candidates): (Vec<Candidate>, Vec<Candidate>) = candidates
+            .into_iter()
+            .partition(|c| vanished.iter().any(|r| strictly_under(&r.path, &c.path)));
         let pass = Arc::new(Pass {
             folder: self.clone(),
             remote,
             vanished: Mutex::new(vanished),
             outcome: Mutex::new(outcome),
         });
+        self.submit(pipeline, &pass, candidates, seen_at);
+        let vanished = std::mem::take(&mut *pass.vanished.lock().unwrap());
+        let vanished = self.hold_for_renames(&pass, vanished, others_waiting);
+        if !self.stop.is_cancelled() {
+            self.delete(&pass, vanished, full);
+        }
+        let (ready, blocked): (Vec<Candidate>, Vec<Candidate>) =
+            replacing.into_iter().partition(|c| {
+                self.dry_run
+                    || self
+                        .journal
+                        .records_under(&c.path)
+                        .is_ok_and(|records| !records.keys().any(|p| strictly_under(p, &c.path)))
+            });
+        {
+            let mut outcome = pass.outcome.lock().unwrap();
+            for c in blocked {
+                // Back with the deletes held for renames; after a backoff
+                // when they failed or the delete limit held them.
+                let wait = outcome
+                    .retry
+                    .iter()
+                    .filter(|(p, _)| strictly_under(p, &c.path))
+                    .filter_map(|(_, w)| *w)
+                    .max();
+                tracing::debug!(
+                    path = c.path,
+                    "waits for the files of the directory it replaces to be deleted"
+                );
+                outcome.retry.push((c.path, wait));
+            }
+        }
+        self.submit(pipeline, &pass, ready, seen_at);
+        let outcome = std::mem::take(&mut *pass.outcome.lock().unwrap());
+        self.report(&outcome, full, started.elapsed());
+        Ok(outcome)
+    }
+
+    /// Hands the candidates to the pipeline; returns once each is decided.
+    fn submit(
+        self: &Arc<Self>,
+        pipeline: &Pipeline,
+        pass: &Arc<Pass>,
+        candidates: Vec<Candidate>,
+        seen_at: i64,
+    ) {
         let pending = WaitGroup::new();
         for candidate in candidates {
             if self.stop.is_cancelled() {
@@ -244,7 +296,7 @@ impl Folder {
                 continue;
             };
             match self.confirm(candidate) {
-                Some(candidate) => pipeline.submit(&pass, candidate, seen_at, busy, &pending),
+                Some(candidate) => pipeline.submit(pass, candidate, seen_at, busy, &pending),
                 None => {
                     let path = busy.path.clone();
                     drop(busy);
@@ -257,14 +309,6 @@ impl Folder {
             }
         }
         pending.wait();
-        let vanished = std::mem::take(&mut *pass.vanished.lock().unwrap());
-        let vanished = self.hold_for_renames(&pass, vanished, others_waiting);
-        if !self.stop.is_cancelled() {
-            self.delete(&pass, vanished, full);
-        }
-        let outcome = std::mem::take(&mut *pass.outcome.lock().unwrap());
-        self.report(&outcome, full, started.elapsed());
-        Ok(outcome)
     }
 
     /// Records the sessions a stopped or killed run saw committed on the

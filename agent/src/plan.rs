@@ -234,7 +234,8 @@ pub fn under(path: &str, dir: &str) -> bool {
     dir.is_empty() || path == dir || strictly_under(path, dir)
 }
 
-fn strictly_under(path: &str, dir: &str) -> bool {
+/// `path` lies below `dir`.
+pub fn strictly_under(path: &str, dir: &str) -> bool {
     path.len() > dir.len() && path.starts_with(dir) && path.as_bytes()[dir.len()] == b'/'
 }
 

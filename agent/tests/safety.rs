@@ -339,6 +339,45 @@ async fn a_same_size_change_on_both_sides_in_the_same_second_keeps_both_versions
     assert!(agent.status().contains("f: changed on the server"));
 }
 
+/// A directory of ours replaced by a file of the same name: the files that
+/// were in it are deleted on the server before the file is uploaded. The
+/// upload used to come first, found a directory there, and made the file a
+/// conflict copy; the name then stayed empty.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_directory_replaced_by_a_file_is_not_a_conflict() {
+    let tmp = tempfile::tempdir().unwrap();
+    let server = Server::start(&tmp.path().join("store"));
+    let agent = Agent::new(&tmp.path().join("folder"), &server, "dtf");
+    for (rel, data) in [
+        ("x/a", "a"),
+        ("x/b", "b"),
+        ("c", "c"),
+        ("d", "d"),
+        ("e", "e"),
+    ] {
+        write(&agent.dir, rel, data.as_bytes());
+        age(&agent.path(rel));
+    }
+    agent.once_ok(&[]);
+
+    std::fs::remove_dir_all(agent.path("x")).unwrap();
+    write(&agent.dir, "x", b"now a file");
+    age(&agent.path("x"));
+    let log = agent.once_ok(&[]);
+
+    let client = server.client();
+    assert_eq!(
+        names(&remote_listing(&client, "dtf").await),
+        BTreeSet::from(["c", "d", "e", "x"].map(String::from)),
+        "{log}"
+    );
+    assert_eq!(remote_bytes(&client, "dtf/x").await.unwrap(), b"now a file");
+    assert!(!log.contains("conflict"), "{log}");
+    // In sync: the next pass has nothing to do.
+    let log = agent.once_ok(&[]);
+    assert!(log.contains("0 to upload"), "{log}");
+}
+
 /// A new local file whose name someone else creates on the server while it
 /// is being uploaded: theirs stays, this one becomes a conflict copy (it
 /// used to replace theirs at the commit).

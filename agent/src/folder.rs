@@ -18,7 +18,7 @@ use tokio::runtime::Handle;
 use tokio_util::sync::CancellationToken;
 
 use crate::filter::{Filter, IGNORE_FILE};
-use crate::journal::{Journal, PendingMove, Record, now_text};
+use crate::journal::{Journal, Pending, PendingMove, Record, now_text};
 use crate::memory;
 use crate::pipeline::{Outcome, Pass, Pipeline};
 use crate::plan::{Candidate, Move, RemoteFile, plan, still_pushed, strictly_under, under};
@@ -311,52 +311,75 @@ impl Folder {
         pending.wait();
     }
 
-    /// Records the sessions a stopped or killed run saw committed on the
-    /// server but could not record: otherwise their versions would look like
-    /// changes made elsewhere, and later local deletes and renames of those
-    /// files would not be passed on.
-    fn record_committed_sessions(&self) {
+    /// Settles the upload sessions a stopped or killed run left.
+    ///
+    /// One the server committed is recorded: otherwise its version would
+    /// look like a change made elsewhere, and later local deletes and
+    /// renames of the file would not be passed on. One still open whose file
+    /// is gone or no longer the version it was sending is aborted and
+    /// forgotten: nothing would resume it, and the server would keep what it
+    /// staged until it expires.
+    fn settle_interrupted_uploads(&self) {
         let Ok(pending) = self.journal.all_pending() else {
             return;
         };
         for p in pending {
-            // A conflict copy commits under another name: not this path's.
-            let to_path = self
-                .remote
-                .path(&p.path)
-                .is_ok_and(|path| path.as_str() == p.target);
-            if !to_path || p.session_id.is_empty() {
+            let status = (!p.session_id.is_empty())
+                .then(|| self.rt.block_on(self.remote.upload_status(&p.session_id)));
+            tracing::debug!(path = p.path, session = p.session_id, status = ?status.as_ref().map(|s| s.as_ref().map(|s| s.state)), "upload left by the last run");
+            let open = match status {
+                Some(Ok(status)) if status.state == UploadState::Committed => {
+                    self.record_committed(p, status.meta.and_then(|m| m.etag));
+                    continue;
+                }
+                Some(Ok(_)) => true,
+                // Expired, or never created.
+                Some(Err(e)) if e.code() == ErrorCode::NotFound => false,
+                None => false,
+                // Not known now: settled on the next start.
+                Some(Err(_)) => continue,
+            };
+            if stat_file(&self.root.join(&p.path)) == Some(p.stamp) {
                 continue;
             }
-            let status = self.rt.block_on(self.remote.upload_status(&p.session_id));
-            tracing::debug!(path = p.path, session = p.session_id, status = ?status.as_ref().map(|s| s.state), "upload left by the last run");
-            let Ok(status) = status else {
-                continue;
-            };
-            let (UploadState::Committed, Some(etag)) =
-                (status.state, status.meta.and_then(|m| m.etag))
-            else {
-                continue;
-            };
-            // A conflict copy's session: the path keeps the other version.
-            let conflict_copy = self
-                .remote
-                .path(&p.path)
-                .is_ok_and(|path| path.as_str() != p.target);
-            let record = Record {
-                diverged: conflict_copy,
-                path: p.path.clone(),
-                stamp: p.stamp,
-                sha256: p.sha256,
-                etag,
-            };
-            match self.journal.commit(&record) {
+            if open {
+                self.rt.block_on(self.remote.abort(&p.session_id));
+            }
+            match self.journal.clear_pending(&p.path) {
                 Ok(()) => tracing::info!(
                     path = p.path,
-                    "recorded an upload committed before the last stop"
+                    session = p.session_id,
+                    "dropped an interrupted upload: the file is gone or changed since"
                 ),
                 Err(e) => tracing::warn!(path = p.path, error = %e, "writing the journal failed"),
             }
+        }
+    }
+
+    /// Records the version a session of a stopped run committed at its path
+    /// (a conflict copy's session is left to resume, which finds it
+    /// committed: the path keeps the other writer's version).
+    fn record_committed(&self, p: Pending, etag: Option<String>) {
+        let to_path = self
+            .remote
+            .path(&p.path)
+            .is_ok_and(|path| path.as_str() == p.target);
+        let Some(etag) = etag.filter(|_| to_path) else {
+            return;
+        };
+        let record = Record {
+            diverged: false,
+            path: p.path.clone(),
+            stamp: p.stamp,
+            sha256: p.sha256,
+            etag,
+        };
+        match self.journal.commit(&record) {
+            Ok(()) => tracing::info!(
+                path = p.path,
+                "recorded an upload committed before the last stop"
+            ),
+            Err(e) => tracing::warn!(path = p.path, error = %e, "writing the journal failed"),
         }
     }
 
@@ -747,7 +770,7 @@ impl Folder {
             }
         };
         if !self.dry_run {
-            self.record_committed_sessions();
+            self.settle_interrupted_uploads();
             self.record_made_renames();
         }
         let never = crossbeam_channel::never();

@@ -276,3 +276,73 @@ async fn a_rename_made_just_before_a_kill_is_recorded_as_ours() {
         "the deletes were not passed on: {left:?}\n{log}"
     );
 }
+
+/// Uploads interrupted by a kill, whose files are then deleted or renamed
+/// while the agent is stopped: the next start aborts their sessions (the
+/// server frees what they staged) and forgets them. They used to stay
+/// "pending" for good, and the sessions open until they expired.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn interrupted_uploads_of_files_removed_or_renamed_meanwhile_are_aborted() {
+    let tmp = tempfile::tempdir().unwrap();
+    let server = Server::start(&tmp.path().join("store"));
+    let mut agent = Agent::new(&tmp.path().join("folder"), &server, "gone");
+    for name in ["removed.bin", "renamed.bin"] {
+        write(&agent.dir, name, &random_bytes(16 << 20));
+        age(&agent.path(name));
+    }
+    agent.start(&["--bwlimit", "4M", "--transfers", "2"]);
+    let client = server.client();
+    let mut sessions = Vec::new();
+    for name in ["removed.bin", "renamed.bin"] {
+        let mut session = None;
+        assert!(
+            eventually(Duration::from_secs(30), || {
+                session = pending_session(&agent, name);
+                std::future::ready(session.is_some())
+            })
+            .await,
+            "no session for {name} was journaled:\n{}",
+            agent.log_text()
+        );
+        let session = session.unwrap();
+        assert!(
+            eventually(Duration::from_secs(30), || {
+                let (client, session) = (client.clone(), session.clone());
+                async move { client.upload_status(&session).await.unwrap().bytes_received > 0 }
+            })
+            .await
+        );
+        sessions.push(session);
+    }
+    agent.signal("KILL");
+    agent.wait(Duration::from_secs(10));
+    for session in &sessions {
+        let status = client.upload_status(session).await.unwrap();
+        assert_eq!(status.state, UploadState::Open, "finished before the kill");
+    }
+
+    std::fs::remove_file(agent.path("removed.bin")).unwrap();
+    std::fs::rename(agent.path("renamed.bin"), agent.path("renamed-later.bin")).unwrap();
+    let log = agent.once_ok(&[]);
+    for session in &sessions {
+        let status = client.upload_status(session).await;
+        assert_eq!(
+            status.err().map(|e| e.code()),
+            Some(ferry::protocol::ErrorCode::NotFound),
+            "session {session} was not aborted:\n{log}"
+        );
+    }
+    assert_eq!(
+        log.matches("dropped an interrupted upload").count(),
+        2,
+        "{log}"
+    );
+    assert!(
+        agent.status().contains("pending uploads: 0"),
+        "{}",
+        agent.status()
+    );
+    let local = local_tree(&agent.dir);
+    let remote = remote_tree(&client, "gone").await;
+    assert!(remote == local, "{}", diff(&local, &remote));
+}

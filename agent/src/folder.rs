@@ -49,6 +49,8 @@ const BACKOFF: RetryPolicy = RetryPolicy {
 const VERIFY_AFTER: Duration = Duration::from_secs(10);
 /// When a path still being pushed is looked at again.
 const BUSY_RETRY: Duration = Duration::from_secs(1);
+/// How often a folder that was moved or removed is looked for again.
+const REWATCH_RETRY: Duration = Duration::from_secs(2);
 /// Attempts per failing path before `once` gives up.
 const ONCE_ATTEMPTS: u32 = 4;
 
@@ -751,7 +753,7 @@ impl Folder {
     ) -> Result<bool> {
         let mut fallback = false;
         let fallback_every = options.rescan_interval.min(FALLBACK_RESCAN);
-        let watch = if options.once || self.dry_run {
+        let mut watch = if options.once || self.dry_run {
             None
         } else {
             match watch::start(&self.root) {
@@ -773,8 +775,11 @@ impl Folder {
             self.settle_interrupted_uploads();
             self.record_made_renames();
         }
-        let never = crossbeam_channel::never();
-        let events = watch.as_ref().map_or(&never, |w| &w.events);
+        let mut events = watch
+            .as_ref()
+            .map_or_else(crossbeam_channel::never, |w| w.events.clone());
+        // When to watch the folder anew, after it was moved or removed.
+        let mut rewatch_at: Option<Instant> = None;
         let mut dirty: HashMap<String, Instant> = HashMap::new();
         let mut failures: HashMap<String, u32> = HashMap::new();
         let mut pass_failures = 0u32;
@@ -796,6 +801,33 @@ impl Folder {
                 return Ok(stopped);
             }
             let now = Instant::now();
+            if rewatch_at.is_some_and(|at| at <= now) {
+                rewatch_at = None;
+                // The old watches follow the directory that was moved away.
+                drop(watch.take());
+                events = crossbeam_channel::never();
+                match watch::start(&self.root) {
+                    Ok(w) => {
+                        tracing::info!(folder = %self.root.display(), "watching the folder again");
+                        events = watch.insert(w).events.clone();
+                        next_full = now;
+                    }
+                    Err(e) if watch::is_watch_limit(&e) => {
+                        tracing::error!(
+                            folder = %self.root.display(),
+                            "{}; until then the folder is rescanned every {} s",
+                            watch::watch_limit_message(),
+                            fallback_every.as_secs()
+                        );
+                        fallback = true;
+                        next_full = now;
+                    }
+                    Err(e) => {
+                        tracing::debug!(folder = %self.root.display(), error = %e, "cannot watch the folder yet");
+                        rewatch_at = Some(now + REWATCH_RETRY);
+                    }
+                }
+            }
             if verify_at.is_some_and(|at| at <= now) {
                 verify_at = None;
                 next_full = now;
@@ -912,6 +944,7 @@ impl Folder {
                 .values()
                 .copied()
                 .chain(verify_at)
+                .chain(rewatch_at)
                 .min()
                 .unwrap_or(next_full)
                 .min(next_full);
@@ -925,13 +958,21 @@ impl Folder {
                 }
                 recv(events) -> delivery => {
                     let Ok(delivery) = delivery else { continue };
-                    let mut notices = watch::interpret(delivery);
+                    let mut notices = watch::interpret(&self.root, delivery);
                     while let Ok(more) = events.try_recv() {
-                        notices.extend(watch::interpret(more));
+                        notices.extend(watch::interpret(&self.root, more));
                     }
                     for notice in notices {
                         if matches!(notice, Notice::Recheck(_)) {
                             verify_at = Some(Instant::now() + VERIFY_AFTER);
+                        }
+                        if notice == Notice::RootGone {
+                            tracing::warn!(
+                                folder = %self.root.display(),
+                                "the folder was moved or removed; watching what is at its path again and comparing it"
+                            );
+                            rewatch_at = Some(Instant::now());
+                            continue;
                         }
                         self.notice(notice, &mut dirty, &mut next_full, &mut fallback, fallback_every);
                     }
@@ -1009,6 +1050,8 @@ impl Folder {
                 tracing::warn!(folder = %self.root.display(), "{why}");
                 *next_full = now;
             }
+            // Handled by the loop, which holds the watch.
+            Notice::RootGone => {}
             Notice::WatchLimit(why) => {
                 tracing::error!(
                     folder = %self.root.display(),

@@ -34,6 +34,10 @@ pub enum Notice {
     Rescan(String),
     /// New directories can no longer be watched: rescan periodically.
     WatchLimit(String),
+    /// The folder itself was moved away or removed. Its watches follow the
+    /// old directory, if anything: a new one at its path goes unseen until
+    /// watched anew.
+    RootGone,
 }
 
 pub struct FolderWatch {
@@ -52,11 +56,17 @@ pub fn start(root: &Path) -> Result<FolderWatch, notify::Error> {
     })
 }
 
-/// Turns one delivery of the debouncer into notices.
-pub fn interpret(result: DebounceEventResult) -> Vec<Notice> {
+/// Turns one delivery of the debouncer for the folder `root` into notices.
+pub fn interpret(root: &Path, result: DebounceEventResult) -> Vec<Notice> {
     match result {
         Ok(events) => {
             let mut notices = Vec::new();
+            if events
+                .iter()
+                .any(|e| leaves(&e.kind) && e.paths.iter().any(|p| p == root))
+            {
+                notices.push(Notice::RootGone);
+            }
             let mut paths = Vec::new();
             let mut parents = Vec::new();
             // Whether each path's last change was its writer closing it.
@@ -120,6 +130,15 @@ fn changes_content(kind: &EventKind) -> bool {
     }
 }
 
+/// The path was removed or renamed away (inotify's `IN_DELETE_SELF` and
+/// `IN_MOVE_SELF` for a watched directory).
+fn leaves(kind: &EventKind) -> bool {
+    matches!(
+        kind,
+        EventKind::Remove(_) | EventKind::Modify(ModifyKind::Name(RenameMode::From))
+    )
+}
+
 /// A directory removed, or a rename that may concern one (its new name is a
 /// directory, or only one side of it was seen).
 fn moves_a_directory(kind: &EventKind, paths: &[PathBuf]) -> bool {
@@ -175,10 +194,13 @@ mod tests {
         assert!(is_watch_limit(&enospc));
 
         let overflow = Event::new(EventKind::Other).set_flag(Flag::Rescan);
-        let notices = interpret(Ok(vec![DebouncedEvent::new(
-            overflow,
-            std::time::Instant::now(),
-        )]));
+        let notices = interpret(
+            Path::new("/root"),
+            Ok(vec![DebouncedEvent::new(
+                overflow,
+                std::time::Instant::now(),
+            )]),
+        );
         match &notices[..] {
             [Notice::Rescan(text)] => assert!(text.contains("fs.inotify.max_queued_events")),
             other => panic!("{other:?}"),
@@ -197,7 +219,7 @@ mod tests {
         for kind in quiet {
             let event = Event::new(kind).add_path("/a".into());
             assert_eq!(
-                interpret(Ok(vec![DebouncedEvent::new(event, at)])),
+                interpret(Path::new("/root"), Ok(vec![DebouncedEvent::new(event, at)])),
                 [],
                 "{kind:?}"
             );
@@ -205,7 +227,10 @@ mod tests {
         let written = Event::new(EventKind::Access(AccessKind::Close(AccessMode::Write)))
             .add_path("/a".into());
         assert_eq!(
-            interpret(Ok(vec![DebouncedEvent::new(written, at)])),
+            interpret(
+                Path::new("/root"),
+                Ok(vec![DebouncedEvent::new(written, at)])
+            ),
             [
                 Notice::Changed(vec!["/a".into()]),
                 Notice::Closed(vec!["/a".into()])
@@ -221,15 +246,21 @@ mod tests {
                 .add_path("/a".into())
         };
         let write = || Event::new(EventKind::Modify(ModifyKind::Any)).add_path("/a".into());
-        let reopened = interpret(Ok(vec![
-            DebouncedEvent::new(close(), at),
-            DebouncedEvent::new(write(), at),
-        ]));
+        let reopened = interpret(
+            Path::new("/root"),
+            Ok(vec![
+                DebouncedEvent::new(close(), at),
+                DebouncedEvent::new(write(), at),
+            ]),
+        );
         assert_eq!(reopened, [Notice::Changed(vec!["/a".into(), "/a".into()])]);
-        let finished = interpret(Ok(vec![
-            DebouncedEvent::new(write(), at),
-            DebouncedEvent::new(close(), at),
-        ]));
+        let finished = interpret(
+            Path::new("/root"),
+            Ok(vec![
+                DebouncedEvent::new(write(), at),
+                DebouncedEvent::new(close(), at),
+            ]),
+        );
         assert_eq!(finished[1], Notice::Closed(vec!["/a".into()]));
     }
 
@@ -238,7 +269,7 @@ mod tests {
         let at = std::time::Instant::now();
         let event = Event::new(EventKind::Remove(RemoveKind::Folder)).add_path("/a/b/gone".into());
         assert_eq!(
-            interpret(Ok(vec![DebouncedEvent::new(event, at)])),
+            interpret(Path::new("/root"), Ok(vec![DebouncedEvent::new(event, at)])),
             [
                 Notice::Changed(vec!["/a/b/gone".into()]),
                 Notice::Recheck(vec!["/a/b".into()])
@@ -246,9 +277,28 @@ mod tests {
         );
         let file = Event::new(EventKind::Remove(RemoveKind::File)).add_path("/a/b/f".into());
         assert_eq!(
-            interpret(Ok(vec![DebouncedEvent::new(file, at)])),
+            interpret(Path::new("/root"), Ok(vec![DebouncedEvent::new(file, at)])),
             [Notice::Changed(vec!["/a/b/f".into()])]
         );
+    }
+
+    #[test]
+    fn the_folder_moved_or_removed_is_noticed() {
+        let at = std::time::Instant::now();
+        let root = Path::new("/home/me/folder");
+        for kind in [
+            EventKind::Modify(ModifyKind::Name(RenameMode::From)),
+            EventKind::Remove(RemoveKind::Folder),
+        ] {
+            let event = Event::new(kind).add_path(root.into());
+            let notices = interpret(root, Ok(vec![DebouncedEvent::new(event, at)]));
+            assert_eq!(notices.first(), Some(&Notice::RootGone), "{kind:?}");
+        }
+        // Something in it renamed away is not the folder.
+        let inner = Event::new(EventKind::Modify(ModifyKind::Name(RenameMode::From)))
+            .add_path(root.join("sub"));
+        let notices = interpret(root, Ok(vec![DebouncedEvent::new(inner, at)]));
+        assert!(!notices.contains(&Notice::RootGone), "{notices:?}");
     }
 
     #[test]
@@ -256,10 +306,10 @@ mod tests {
         let event = Event::new(EventKind::Any)
             .add_path("/a/x".into())
             .add_path("/a/y".into());
-        let notices = interpret(Ok(vec![DebouncedEvent::new(
-            event,
-            std::time::Instant::now(),
-        )]));
+        let notices = interpret(
+            Path::new("/root"),
+            Ok(vec![DebouncedEvent::new(event, std::time::Instant::now())]),
+        );
         assert_eq!(
             notices,
             [Notice::Changed(vec!["/a/x".into(), "/a/y".into()])]

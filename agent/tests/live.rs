@@ -421,6 +421,71 @@ async fn a_small_change_is_pushed_while_a_big_upload_runs() {
     );
 }
 
+/// The synced folder itself moved away and a new one made at its path
+/// (`mv D D.old; mkdir D`): the agent says so, watches the new one and
+/// follows its changes. It used to go on watching the old one, silently,
+/// and saw the new one's changes only at the next rescan (hourly).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_folder_moved_away_and_made_again_is_watched_again() {
+    let tmp = tempfile::tempdir().unwrap();
+    let server = Server::start(&tmp.path().join("store"));
+    let mut agent = Agent::new(&tmp.path().join("folder"), &server, "again");
+    for i in 0..4 {
+        let rel = format!("pad{i}");
+        write(&agent.dir, &rel, format!("pad {i}").as_bytes());
+        age(&agent.path(&rel));
+    }
+    let state = tmp.path().join("state");
+    agent.start(&[
+        "--state",
+        state.to_str().unwrap(),
+        "--rescan-interval",
+        "1h",
+    ]);
+    let client = server.client();
+    assert!(
+        eventually(Duration::from_secs(60), || async {
+            remote_listing(&client, "again").await.len() == 4
+        })
+        .await,
+        "initial sync did not finish:\n{}",
+        agent.log_text()
+    );
+
+    std::fs::rename(&agent.dir, tmp.path().join("folder.old")).unwrap();
+    std::fs::create_dir(&agent.dir).unwrap();
+    for i in 0..4 {
+        write(
+            &agent.dir,
+            &format!("pad{i}"),
+            format!("new pad {i}").as_bytes(),
+        );
+    }
+    assert!(
+        eventually(FOLLOW, || std::future::ready(
+            agent.log_text().contains("watching the folder again")
+        ))
+        .await,
+        "{}",
+        agent.log_text()
+    );
+    write(&agent.dir, "later.txt", b"written in the new folder");
+    assert!(
+        eventually(FOLLOW, || async {
+            remote_bytes(&client, "again/later.txt").await.as_deref()
+                == Some(&b"written in the new folder"[..])
+        })
+        .await,
+        "{}",
+        agent.log_text()
+    );
+    assert!(
+        agent.log_text().contains("the folder was moved or removed"),
+        "{}",
+        agent.log_text()
+    );
+}
+
 #[test]
 fn log_fields_are_read_as_the_agent_writes_them() {
     let waiting = "2026-11-22T00:48:26.680051Z DEBUG ferry_agent::pipeline: still being written; waiting path=\"notes.txt\" wait=1.686132505s";

@@ -46,6 +46,11 @@ pub enum Error {
     Conflict(String),
     #[error("storage backend failed: {0}")]
     Storage(String),
+    /// The storage backend failed, by its own account (`detail`), which may
+    /// name the server's paths (a local store's absolute ones) or a cloud
+    /// store's URLs: only the server's log gets it; clients get `cause`.
+    #[error("storage backend failed: {cause}")]
+    Backend { cause: String, detail: String },
     #[error("network error: {0}")]
     Network(String),
     #[error("{context}: {source}")]
@@ -84,7 +89,7 @@ impl Error {
             Error::ChecksumMismatch(_) => ErrorCode::ChecksumMismatch,
             Error::MissingChunks(_) => ErrorCode::MissingChunks,
             Error::Conflict(_) => ErrorCode::Conflict,
-            Error::Storage(_) => ErrorCode::StorageError,
+            Error::Storage(_) | Error::Backend { .. } => ErrorCode::StorageError,
             Error::Network(_) | Error::Io { .. } | Error::Cancelled => ErrorCode::Internal,
             Error::Remote { code, .. } => *code,
         }
@@ -122,6 +127,41 @@ impl Error {
         let context = context.into();
         move |source| Error::Io { context, source }
     }
+
+    /// A failure of a local store's filesystem at `path` while `doing`
+    /// something: a name too long for it is the request's fault; anything
+    /// else is the backend's, and `path` goes only to the log.
+    pub(crate) fn local_store(doing: &str, path: &std::path::Path, e: std::io::Error) -> Error {
+        if name_too_long(&e) {
+            return Error::InvalidPath(PathError::NameTooLongForFilesystem);
+        }
+        Error::Backend {
+            cause: format!("{doing}: {}", io_cause(&e)),
+            detail: format!("{doing} ({}): {e}", path.display()),
+        }
+    }
+
+    /// What the server's log says of an error beyond its message, if anything.
+    pub fn log_detail(&self) -> Option<&str> {
+        match self {
+            Error::Backend { detail, .. } => Some(detail),
+            _ => None,
+        }
+    }
+}
+
+/// `ENAMETOOLONG`: a name (or the whole path) longer than the filesystem takes.
+fn name_too_long(e: &std::io::Error) -> bool {
+    e.raw_os_error() == Some(libc_errno::ENAMETOOLONG)
+}
+
+/// What a client may be told of an I/O error: the system's text for an OS
+/// error (which names no path), else only its kind.
+fn io_cause(e: &std::io::Error) -> String {
+    match e.raw_os_error() {
+        Some(_) => e.to_string(),
+        None => e.kind().to_string(),
+    }
 }
 
 fn describe_runs(runs: &[[u64; 2]]) -> String {
@@ -137,29 +177,42 @@ fn describe_runs(runs: &[[u64; 2]]) -> String {
         .join(", ")
 }
 
+/// The backend's own paths (a local store's are absolute) stay out of the
+/// messages: callers know the logical path, and the log has the rest.
 impl From<object_store::Error> for Error {
     fn from(e: object_store::Error) -> Self {
         use object_store::Error as E;
+        use std::io::ErrorKind;
         match e {
-            E::NotFound { path, .. } => Error::NotFound(path),
-            E::AlreadyExists { path, .. } => Error::AlreadyExists(path),
-            E::Precondition { path, .. } => Error::PreconditionFailed(path),
-            E::InvalidPath { source } => Error::BadRequest(source.to_string()),
-            // A local path through a file ("a.txt/b") does not exist.
-            other if io_kind(&other) == Some(std::io::ErrorKind::NotADirectory) => {
-                Error::NotFound(other.to_string())
+            E::NotFound { .. } => Error::NotFound("the store has no such object".into()),
+            E::AlreadyExists { .. } => Error::AlreadyExists("the store has an object there".into()),
+            E::Precondition { .. } => {
+                Error::PreconditionFailed("the object changed meanwhile".into())
             }
-            other => Error::Storage(other.to_string()),
+            E::InvalidPath { source } => Error::BadRequest(source.to_string()),
+            other => match first_io_error(&other) {
+                // A local path through a file ("a.txt/b") does not exist.
+                Some(io) if io.kind() == ErrorKind::NotADirectory => {
+                    Error::NotFound("the store has no such object".into())
+                }
+                Some(io) if name_too_long(io) => {
+                    Error::InvalidPath(PathError::NameTooLongForFilesystem)
+                }
+                io => Error::Backend {
+                    cause: io.map_or_else(|| "the server's log has the details".into(), io_cause),
+                    detail: other.to_string(),
+                },
+            },
         }
     }
 }
 
-/// The kind of the first I/O error in `e`'s source chain.
-fn io_kind(e: &(dyn std::error::Error + 'static)) -> Option<std::io::ErrorKind> {
+/// The first I/O error in `e`'s source chain.
+fn first_io_error<'a>(e: &'a (dyn std::error::Error + 'static)) -> Option<&'a std::io::Error> {
     let mut current = Some(e);
     while let Some(err) = current {
         if let Some(io) = err.downcast_ref::<std::io::Error>() {
-            return Some(io.kind());
+            return Some(io);
         }
         current = err.source();
     }
@@ -178,5 +231,6 @@ mod libc_errno {
     pub const EISDIR: i32 = 21;
     pub const EINVAL: i32 = 22;
     pub const EFBIG: i32 = 27;
+    pub const ENAMETOOLONG: i32 = 36;
     pub const ENOTEMPTY: i32 = 39;
 }

@@ -319,6 +319,76 @@ async fn writes_that_would_mix_files_and_directories_are_409() {
     assert_eq!(server.get_bytes("a/b.txt").await.1, b"x");
 }
 
+/// The status, code and message of an answer, after checking that its body
+/// does not name the store's absolute path.
+async fn error_naming_no_server_path(server: &Server, resp: reqwest::Response) -> (u16, String) {
+    let status = resp.status().as_u16();
+    let body = resp.text().await.unwrap();
+    let root = std::fs::canonicalize(server.store_dir.as_ref().unwrap()).unwrap();
+    assert!(!body.contains(root.to_str().unwrap()), "{body}");
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    (status, v["error"]["code"].as_str().unwrap().to_owned())
+}
+
+/// Regression: the local backend's errors went to clients with the store's
+/// absolute path in them.
+#[tokio::test]
+async fn a_failing_store_names_no_server_path() {
+    let server = Server::start();
+    let store = server.store_dir.as_ref().unwrap();
+    std::os::unix::fs::symlink("loop.txt", store.join("loop.txt")).unwrap();
+    let client = server.client();
+    // Read through ferry's own local reader, written through the backend.
+    let resp = client
+        .get(server.file_url("loop.txt"))
+        .send()
+        .await
+        .unwrap();
+    let refused = error_naming_no_server_path(&server, resp).await;
+    assert_eq!(refused, (503, "storage_error".to_owned()));
+    let resp = client
+        .put(server.file_url("loop.txt"))
+        .body("x")
+        .send()
+        .await
+        .unwrap();
+    let refused = error_naming_no_server_path(&server, resp).await;
+    assert_eq!(refused, (503, "storage_error".to_owned()));
+}
+
+/// A name the filesystem refuses partway through an operation (here one of
+/// 255 bytes, left by a server that let upload sessions write such names,
+/// whose copy goes through a temporary `{name}#0`) is a 400, not a 503.
+#[tokio::test]
+async fn a_name_the_filesystem_refuses_is_a_400() {
+    let server = Server::start();
+    let long = "a".repeat(255);
+    let legacy = server.store_dir.as_ref().unwrap().join("legacy");
+    std::fs::create_dir_all(&legacy).unwrap();
+    std::fs::write(legacy.join(&long), "old").unwrap();
+    // It can still be read and deleted.
+    assert_eq!(
+        server.get_bytes(&format!("legacy/{long}")).await,
+        (200, b"old".to_vec())
+    );
+    let resp = server
+        .client()
+        .post(format!("{}/v1/ops/copy", server.url))
+        .json(&serde_json::json!({"from": "legacy", "to": "copied", "recursive": true}))
+        .send()
+        .await
+        .unwrap();
+    let refused = error_naming_no_server_path(&server, resp).await;
+    assert_eq!(refused, (400, "invalid_path".to_owned()));
+    let resp = server
+        .client()
+        .delete(server.file_url(&format!("legacy/{long}")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 204);
+}
+
 /// Regression: with SIGPIPE at its default disposition, a client closing its
 /// connection in the middle of a download killed the server.
 #[tokio::test]

@@ -357,6 +357,181 @@ async fn put_replaces_atomically_and_reports_metadata(backend: Backend) {
     assert_eq!(s.get_bytes("empty").await, (200, vec![]));
 }
 
+/// An answer's status, error code, error message and body.
+type Answer = (u16, String, String, String);
+
+async fn answer(resp: reqwest::Response) -> Answer {
+    let status = resp.status().as_u16();
+    let body = resp.text().await.unwrap();
+    let v: Value = serde_json::from_str(&body).unwrap_or(Value::Null);
+    let code = v["error"]["code"].as_str().unwrap_or_default().to_owned();
+    let message = v["error"]["message"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    (status, code, message, body)
+}
+
+/// Writes `name` by every route that can create it: PUT, form upload,
+/// upload session, mkdir, rename and copy, each into a directory of its own
+/// under `top`.
+async fn write_name_every_way(s: &Server, top: &str, name: &str) -> Vec<(&'static str, Answer)> {
+    let url = |p: &str| ferry::protocol::RemotePath::parse(p).unwrap().to_url_path();
+    let mut answers = Vec::new();
+    let put = s
+        .client()
+        .put(s.file_url(&url(&format!("{top}/put/{name}"))))
+        .body("put");
+    answers.push(("put", answer(put.send().await.unwrap()).await));
+
+    let boundary = "XyZ";
+    let form = format!(
+        "--{boundary}\r\nContent-Disposition: form-data; name=\"f\"; filename=\"{name}\"\r\n\r\nform\r\n--{boundary}--\r\n"
+    );
+    let form = s
+        .client()
+        .post(s.file_url(&format!("{top}/form")))
+        .header(
+            "content-type",
+            format!("multipart/form-data; boundary={boundary}"),
+        )
+        .body(form);
+    answers.push(("form", answer(form.send().await.unwrap()).await));
+
+    let created = s
+        .client()
+        .post(format!("{}/v1/uploads", s.url))
+        .json(&json!({"path": format!("{top}/session/{name}"), "size": 7}))
+        .send()
+        .await
+        .unwrap();
+    let created = answer(created).await;
+    if created.0 == 201 {
+        let id = serde_json::from_str::<Value>(&created.3).unwrap()["id"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        let chunk = s
+            .client()
+            .put(format!("{}/v1/uploads/{id}/chunks/0", s.url))
+            .header(
+                "X-Ferry-Crc32c",
+                ferry::protocol::upload::crc32c_header_value(crc32c::crc32c(b"session")),
+            )
+            .body("session")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(chunk.status(), 204);
+        let done = s
+            .client()
+            .post(format!("{}/v1/uploads/{id}/complete", s.url))
+            .send()
+            .await
+            .unwrap();
+        answers.push(("session", answer(done).await));
+    } else {
+        answers.push(("session", created));
+    }
+
+    for (op, body) in [
+        (
+            "mkdir",
+            json!({"path": format!("{top}/mkdir/{name}"), "parents": true}),
+        ),
+        (
+            "rename",
+            json!({"from": "source.txt", "to": format!("{top}/rename/{name}")}),
+        ),
+        (
+            "copy",
+            json!({"from": "source.txt", "to": format!("{top}/copy/{name}")}),
+        ),
+    ] {
+        s.put("source.txt", "source").await;
+        let resp = s
+            .client()
+            .post(format!("{}/v1/ops/{op}", s.url))
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        answers.push((op, answer(resp).await));
+    }
+    answers
+}
+
+/// Regression: on a local store, valid names near the 255-byte segment limit
+/// failed with 503 and the store's absolute path for PUT (and, once
+/// percent-encoded on disk, for mkdir, rename and copy) while an upload
+/// session took them. Every route now writes a name, or refuses it with the
+/// same 400, and no answer names a server path.
+async fn long_names_are_written_by_every_route_or_refused_alike(backend: Backend) {
+    let s = Server::start_with(backend, &[]);
+    let local = matches!(backend, Backend::Local);
+    // (name, bytes it takes on a local store's disk)
+    let names = [
+        ("a".repeat(253), 253),
+        ("a".repeat(255), 255),
+        (format!("{}a", "é".repeat(42)), 253),
+        ("é".repeat(127), 762),
+        (format!("{}x", "#".repeat(84)), 253),
+        ("%".repeat(85), 255),
+    ];
+    let mut bodies = Vec::new();
+    for (i, (name, stored)) in names.iter().enumerate() {
+        let answers = write_name_every_way(&s, &i.to_string(), name).await;
+        let fits = !local || *stored <= 253;
+        let refusal = &answers[0].1;
+        for (route, (status, code, message, body)) in &answers {
+            let short = &name[..name.char_indices().nth(8).unwrap().0];
+            if fits {
+                assert!(
+                    (200..300).contains(status),
+                    "{route} {short}… ({stored} bytes stored): {status} {body}"
+                );
+            } else {
+                assert_eq!(
+                    (*status, code.as_str()),
+                    (400, "invalid_path"),
+                    "{route} {short}… ({stored} bytes stored): {body}"
+                );
+                assert_eq!(message, &refusal.2, "{route}: the same refusal as PUT's");
+                assert!(message.contains(&stored.to_string()), "{message}");
+            }
+            bodies.push(body.clone());
+        }
+        let url = ferry::protocol::RemotePath::parse(&format!("{i}/put/{name}"))
+            .unwrap()
+            .to_url_path();
+        let (status, data) = s.get_bytes(&url).await;
+        if fits {
+            assert_eq!((status, &data[..]), (200, &b"put"[..]));
+            for dir in ["session", "mkdir", "rename", "copy", "form"] {
+                let listed = s.listed_names(&format!("{i}/{dir}")).await;
+                assert_eq!(listed, [name.as_str()], "{dir}");
+            }
+        } else if *stored <= 255 {
+            // The filesystem could hold the name: nothing is there.
+            assert_eq!(status, 404);
+        } else {
+            // It could not: the read is refused as the writes were.
+            assert_eq!(status, 400);
+        }
+    }
+    if let Some(dir) = &s.store_dir {
+        let root = std::fs::canonicalize(dir).unwrap();
+        for body in &bodies {
+            assert!(!body.contains(root.to_str().unwrap()), "{body}");
+        }
+        // Nothing was left of the refused writes, temporary files included.
+        for file in s.files_on_disk() {
+            assert!(!file.contains('#'), "{file}");
+            assert!(!file.contains(&"a".repeat(254)), "{file}");
+        }
+    }
+}
+
 macro_rules! conformance {
     ($($name:ident),* $(,)?) => {
         mod local {
@@ -377,4 +552,5 @@ conformance!(
     copy_files_and_directories,
     multipart_form_upload,
     put_replaces_atomically_and_reports_metadata,
+    long_names_are_written_by_every_route_or_refused_alike,
 );

@@ -38,6 +38,16 @@ pub enum PathError {
     Reserved(&'static str),
     #[error("a name must be a single path segment")]
     NotASegment,
+    /// A name longer than the server's store can write, counted as the
+    /// store keeps it (see docs/API.md, Paths).
+    #[error(
+        "a name takes {stored} bytes as this store keeps it on disk, more than the {max} it can write \
+         (bytes outside ASCII, control characters and each of % # \" < > [ ] {{ }} | ^ ` ~ * ? take 3 bytes)"
+    )]
+    NameTooLongForStore { stored: usize, max: usize },
+    /// The store's filesystem refused a name as too long.
+    #[error("a name is too long for the store's filesystem")]
+    NameTooLongForFilesystem,
 }
 
 /// A validated logical path: UTF-8, `/`-separated, relative to the store root.

@@ -184,6 +184,8 @@ pub async fn put_file(
     if declared.is_some_and(|n| n > limit) {
         return Err(Error::PayloadTooLarge { limit });
     }
+    // Before the preconditions look the file up: refused as every write is.
+    app.store().check_writable_names(&path)?;
     let before = check_write_preconditions(&app, &headers, &path).await?;
     let mut writer = app.store().writer(&path).await?;
     copy_body(&mut writer, body.into_data_stream(), limit).await?;

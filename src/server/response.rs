@@ -12,9 +12,7 @@ impl IntoResponse for Error {
     fn into_response(self) -> Response {
         let status =
             StatusCode::from_u16(self.status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-        if status.is_server_error() {
-            tracing::error!(error = %self, "request failed");
-        }
+        log_failure(&self, "request failed");
         let mut body = ErrorBody::new(self.code(), self.to_string());
         if let Error::MissingChunks(runs) = &self {
             body.error.missing = Some(runs.clone());
@@ -43,6 +41,17 @@ impl IntoResponse for Error {
             response.headers_mut().insert(header::CONTENT_RANGE, value);
         }
         response
+    }
+}
+
+/// Logs a failure that is the server's, not the request's, with what its
+/// message to the client leaves out.
+pub(super) fn log_failure(e: &Error, what: &str) {
+    if (500..600).contains(&e.status()) {
+        match e.log_detail() {
+            Some(detail) => tracing::error!(error = %e, detail, "{what}"),
+            None => tracing::error!(error = %e, "{what}"),
+        }
     }
 }
 

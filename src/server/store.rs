@@ -5,7 +5,9 @@
 //! Guarantees: a file write is atomic (a reader sees the old object or the new
 //! one, never a part); a read streams bytes of the one version whose metadata
 //! it reported ([`Store::open_read`]); nothing is ever read or written outside
-//! the store's root, because every key is built from a validated [`RemotePath`].
+//! the store's root, because every key is built from a validated [`RemotePath`];
+//! a path with a name the backend cannot hold is refused (`invalid_path`)
+//! before anything is read or written, the same way by every operation.
 
 mod backend;
 mod keys;
@@ -27,7 +29,14 @@ use object_store::{GetOptions, GetRange, ObjectMeta, ObjectStore, ObjectStoreExt
 
 use super::file_region::FileRegion;
 use crate::error::{Error, Result};
-use crate::protocol::{ByteRange, EntryKind, FileMeta, RemotePath};
+use crate::protocol::{ByteRange, EntryKind, FileMeta, PathError, RemotePath};
+
+/// Longest name, in bytes, a local store's filesystem holds (`NAME_MAX`).
+const LOCAL_NAME_MAX: usize = 255;
+/// Longest name, in bytes as stored, written to a local store: a write goes
+/// through a temporary file beside its target, named `{name}#1` (or another
+/// number) for a `PUT` and `{name}#0` for a copy.
+const LOCAL_WRITTEN_NAME_MAX: usize = LOCAL_NAME_MAX - 2;
 
 pub use writer::StoreWriter;
 
@@ -83,6 +92,7 @@ impl Store {
         if path.is_root() {
             return Ok(None);
         }
+        self.check_names(path, LOCAL_NAME_MAX)?;
         let meta = missing_as_none(self.objects.head(&keys::object_path(path)).await)?;
         Ok(meta.map(|meta| file_meta(path.clone(), &meta)))
     }
@@ -97,6 +107,7 @@ impl Store {
         if path.is_root() {
             return Err(Error::IsADirectory("/".into()));
         }
+        self.check_names(path, LOCAL_NAME_MAX)?;
         let key = keys::object_path(path);
         let found = if let Some(local) = self.local_path(path) {
             match local_read::open(local).await? {
@@ -153,6 +164,33 @@ impl Store {
             Ok(false) => Error::NotFound(path.to_string()),
             Err(e) => e,
         }
+    }
+
+    /// Refuses a path to be written (a file, a directory, the destination of
+    /// a rename or copy) with a name the backend cannot write.
+    pub(crate) fn check_writable_names(&self, path: &RemotePath) -> Result<()> {
+        self.check_names(path, LOCAL_WRITTEN_NAME_MAX)
+    }
+
+    /// Refuses `path` if the backend cannot hold one of its names: on a local
+    /// directory, one that takes more than `max` bytes as stored
+    /// ([`keys::stored_len`]: non-ASCII and some characters percent-encoded).
+    /// Other backends take any valid path.
+    fn check_names(&self, path: &RemotePath, max: usize) -> Result<()> {
+        if self.local_root.is_none() {
+            return Ok(());
+        }
+        for segment in path.segments() {
+            // A byte takes at most three: most names need no count.
+            if segment.len() * 3 <= max {
+                continue;
+            }
+            let stored = keys::stored_len(segment);
+            if stored > max {
+                return Err(PathError::NameTooLongForStore { stored, max }.into());
+            }
+        }
+        Ok(())
     }
 
     /// Where the file or directory `path` lies on disk, for a local backend:

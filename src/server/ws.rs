@@ -611,6 +611,7 @@ fn protocol_error(ch: Option<Channel>, code: ProtocolErrorCode, message: String)
 }
 
 fn api_error(ch: Option<Channel>, e: &Error, index: Option<u64>) -> ServerMessage {
+    super::response::log_failure(e, "WebSocket request failed");
     let missing = match e {
         Error::MissingChunks(runs) => Some(runs.clone()),
         _ => None,

@@ -13,6 +13,11 @@ pub fn object_path(path: &RemotePath) -> Path {
     Path::from_iter(path.segments())
 }
 
+/// Bytes the name `segment` takes in a key (and on a local store's disk).
+pub fn stored_len(segment: &str) -> usize {
+    PathPart::from(segment).as_ref().len()
+}
+
 /// Key of the marker that keeps the directory `dir` alive.
 pub fn marker_path(dir: &RemotePath) -> Path {
     object_path(dir).join(DIR_MARKER)
@@ -61,6 +66,14 @@ mod tests {
             let key = object_path(&p);
             assert_eq!(relative_segments(&key, &base).unwrap(), ["d", name]);
         }
+    }
+
+    #[test]
+    fn stored_lengths_count_escapes() {
+        assert_eq!(stored_len("plain name.txt"), 14);
+        assert_eq!(stored_len("é"), 6);
+        assert_eq!(stored_len("50%#1"), 9);
+        assert_eq!(stored_len(&"a".repeat(255)), 255);
     }
 
     #[test]

@@ -59,7 +59,7 @@ fn open_cached(path: &Path) -> std::io::Result<File> {
 
 fn with_metadata(opened: std::io::Result<File>, path: &Path) -> Result<Option<(File, Metadata)>> {
     use std::io::ErrorKind::{NotADirectory, NotFound};
-    let cannot = |e: std::io::Error| Error::Storage(format!("cannot open {}: {e}", path.display()));
+    let cannot = |e: std::io::Error| Error::local_store("cannot open the file", path, e);
     let file = match opened {
         Ok(file) => file,
         Err(e) if matches!(e.kind(), NotFound | NotADirectory) => return Ok(None),

@@ -45,6 +45,7 @@ impl Store {
         if path.is_root() {
             return Ok(true);
         }
+        self.check_names(path, super::LOCAL_NAME_MAX)?;
         if let Some(dir) = self.local_path(path) {
             return Ok(tokio::fs::metadata(&dir).await.is_ok_and(|m| m.is_dir()));
         }
@@ -141,6 +142,7 @@ impl Store {
 
     /// Creates the directory `path`; with `parents`, missing ancestors too.
     pub async fn mkdir(&self, path: &RemotePath, parents: bool) -> Result<FileMeta> {
+        self.check_writable_names(path)?;
         if path.is_root() || self.try_head_file(path).await?.is_some() || self.is_dir(path).await? {
             return Err(Error::AlreadyExists(path.to_string()));
         }
@@ -185,7 +187,11 @@ impl Store {
             // Left over: empty subdirectories the object store does not see.
             match tokio::fs::remove_dir_all(&dir).await {
                 Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-                    return Err(Error::Storage(format!("removing {}: {e}", dir.display())));
+                    return Err(Error::local_store(
+                        &format!("cannot remove {path}"),
+                        &dir,
+                        e,
+                    ));
                 }
                 _ => {}
             }
@@ -227,6 +233,7 @@ impl Store {
         recursive: bool,
         how: Transfer,
     ) -> Result<FileMeta> {
+        self.check_writable_names(to)?;
         if from.is_root() || to.is_root() {
             return Err(Error::BadRequest(
                 "the root directory cannot be moved or copied".into(),
@@ -292,13 +299,13 @@ impl Store {
         {
             // One rename(2): atomic, and no file contents move.
             if let Some(parent) = dst.parent() {
-                tokio::fs::create_dir_all(parent)
-                    .await
-                    .map_err(|e| Error::Storage(e.to_string()))?;
+                tokio::fs::create_dir_all(parent).await.map_err(|e| {
+                    Error::local_store(&format!("cannot create the parents of {to}"), parent, e)
+                })?;
             }
-            return tokio::fs::rename(&src, &dst)
-                .await
-                .map_err(|e| Error::Storage(format!("renaming {from} to {to}: {e}")));
+            return tokio::fs::rename(&src, &dst).await.map_err(|e| {
+                Error::local_store(&format!("cannot rename {from} to {to}"), &dst, e)
+            });
         }
         let objects: Vec<ObjectMeta> = self
             .objects
@@ -323,6 +330,7 @@ impl Store {
     /// Refuses a file write at `path` when a directory is there or a file
     /// stands where one of its parent directories should be.
     pub(crate) async fn check_file_writable(&self, path: &RemotePath) -> Result<()> {
+        self.check_writable_names(path)?;
         if path.is_root() || self.is_dir(path).await? {
             return Err(Error::IsADirectory(path.to_string()));
         }

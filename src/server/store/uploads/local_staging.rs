@@ -258,8 +258,12 @@ impl LocalStaging {
             }
             file.sync_all().map_err(Error::io("syncing staged data"))?;
             let parent = target.parent().expect("a file has a parent directory");
-            std::fs::create_dir_all(parent).map_err(Error::io("creating parent directories"))?;
-            std::fs::rename(&data, &target).map_err(not_found_as_gone)?;
+            std::fs::create_dir_all(parent)
+                .map_err(|e| Error::local_store("cannot create the file's parents", parent, e))?;
+            std::fs::rename(&data, &target).map_err(|e| match e.kind() {
+                std::io::ErrorKind::NotFound => not_found_as_gone(e),
+                _ => Error::local_store("cannot move the staged file into place", &target, e),
+            })?;
             sync_dir(parent)?;
             let _ = std::fs::remove_file(&map);
             Ok(())

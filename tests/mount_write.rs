@@ -243,6 +243,132 @@ async fn files_open_or_uploading_in_a_renamed_directory_follow_it() {
     );
 }
 
+/// `ls`, `find` and `rm -r` see the files the mount is writing or has yet
+/// to upload, with their sizes, each name once. readdir listed only what
+/// the server had: the file just written was missing from `ls`, and `rm -r`
+/// of a directory holding one failed with ENOTEMPTY.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readdir_lists_files_being_written_or_uploaded() {
+    if !fuse_available() {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let (store, state) = (tmp.path().join("store"), tmp.path().join("state"));
+    // Uploads of more than 16 bytes are refused (and retried) until the
+    // server comes back without the limit.
+    let server = Server::start_on(store.to_str().unwrap(), &["--max-body-bytes", "16"]);
+    assert_eq!(
+        server.op("mkdir", serde_json::json!({"path": "d"})).await.0,
+        201
+    );
+    server.put("d/on-server", "both").await;
+    // A directory only its one file keeps.
+    server.put("lone/last", "x").await;
+    // An upload an earlier mount left: it has no staged file.
+    drop(MountProc::start_with_state(&server.url, &state, &[]));
+    let left = mount_state_dir(&state).join("staging").join("left");
+    std::fs::write(&left, b"left by an earlier mount").unwrap();
+    let record = serde_json::json!({
+        "path": "d/left.txt", "local": left, "base_etag": null, "session_id": null,
+        "queued_at": "2026-12-07T00:00:00Z",
+    });
+    let journal = mount_state_dir(&state).join("journal");
+    std::fs::write(journal.join("left.json"), record.to_string()).unwrap();
+    let mount = MountProc::start_with_state(&server.url, &state, &[]);
+
+    let held = b"closed, its upload refused for now";
+    std::fs::write(mount.at("d/held.txt"), held).unwrap();
+    std::fs::create_dir_all(mount.at("d/sub/deeper")).unwrap();
+    std::fs::write(mount.at("d/sub/deeper/held.txt"), held).unwrap();
+    let mut open = std::fs::File::create(mount.at("d/open.txt")).unwrap();
+    open.write_all(b"open, being written").unwrap();
+    let mut rewritten = std::fs::OpenOptions::new()
+        .append(true)
+        .open(mount.at("d/on-server"))
+        .unwrap();
+    rewritten.write_all(b" and more").unwrap();
+    // A directory the server loses with its last file still holds the file
+    // being written in it.
+    let mut lone = std::fs::File::create(mount.at("lone/new.txt")).unwrap();
+    lone.write_all(b"new").unwrap();
+    std::fs::remove_file(mount.at("lone/last")).unwrap();
+    assert_eq!(server.listed_names("").await, ["d"]);
+
+    let listing = |rel: &str| {
+        let mut entries: Vec<(String, bool, u64)> = std::fs::read_dir(mount.at(rel))
+            .unwrap()
+            .map(|e| {
+                let e = e.unwrap();
+                let meta = e.metadata().unwrap();
+                let name = e.file_name().into_string().unwrap();
+                (name, meta.is_dir(), meta.len())
+            })
+            .collect();
+        entries.sort();
+        entries
+    };
+    let file = |name: &str, len: usize| (name.to_owned(), false, len as u64);
+    let dir = |name: &str| (name.to_owned(), true, 0);
+    assert_eq!(listing(""), [dir("d"), dir("lone")]);
+    assert_eq!(
+        listing("d"),
+        [
+            file("held.txt", held.len()),
+            file("left.txt", 24),
+            file("on-server", 13),
+            file("open.txt", 19),
+            dir("sub"),
+        ]
+    );
+    assert_eq!(listing("d/sub"), [dir("deeper")]);
+    assert_eq!(listing("d/sub/deeper"), [file("held.txt", held.len())]);
+    assert_eq!(listing("lone"), [file("new.txt", 3)]);
+    let found = Command::new("find")
+        .arg(".")
+        .arg("-type")
+        .arg("f")
+        .current_dir(&mount.path)
+        .output()
+        .unwrap();
+    let mut found: Vec<_> = String::from_utf8(found.stdout)
+        .unwrap()
+        .lines()
+        .map(str::to_owned)
+        .collect();
+    found.sort();
+    assert_eq!(
+        found,
+        [
+            "./d/held.txt",
+            "./d/left.txt",
+            "./d/on-server",
+            "./d/open.txt",
+            "./d/sub/deeper/held.txt",
+            "./lone/new.txt",
+        ]
+    );
+
+    // `rm -r` removes the open files at once and the others once their
+    // uploads land, which the server lets them do when it comes back.
+    let (addr, top) = (server.addr.to_string(), mount.at("d"));
+    let removal =
+        std::thread::spawn(move || Command::new("rm").arg("-r").arg(top).output().unwrap());
+    drop(server);
+    let server = Server::spawn(store.to_str().unwrap(), &addr, &[]);
+    let removal = removal.join().unwrap();
+    assert!(
+        removal.status.success(),
+        "{}",
+        String::from_utf8_lossy(&removal.stderr)
+    );
+    open.write_all(b", and after its removal").unwrap();
+    drop((open, rewritten, lone));
+    assert!(server.eventually_has("lone/new.txt", b"new").await);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(server.listed_names("").await, ["lone"]);
+    assert_eq!(listing(""), [dir("lone")]);
+}
+
 /// Writes after an `fsync` are the same writer's: their upload commits
 /// over the version that `fsync` committed, with no conflict.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -178,6 +178,11 @@ impl MountCore {
             Err(e) => {
                 if e.code() == ErrorCode::NotFound {
                     self.inodes.invalidate(path);
+                    if self.writes_beneath(path) {
+                        // Gone on the server (its last file removed), but
+                        // it holds what this mount writes there.
+                        return Ok((self.inodes.ino(path), unlisted_dir(path)));
+                    }
                 }
                 Err(errno_of(&e))
             }
@@ -194,17 +199,21 @@ impl MountCore {
         self.stat(&path).await.map(|(_, meta)| meta)
     }
 
-    /// Every entry of the directory (paged from the server), with inodes.
+    /// Every entry of the directory (paged from the server, with the files
+    /// this mount is writing or uploading there), with inodes, by name.
     pub async fn readdir(&self, ino: u64) -> FsResult<Vec<(u64, String, EntryKind)>> {
         let dir = self.path(ino)?;
         let version = self.inodes.version();
-        let entries = self
-            .client
-            .list(&dir, false)
-            .await
-            .map_err(|e| errno_of(&e))?;
-        let mut out = Vec::with_capacity(entries.len());
+        let mut written = self.entries_written_in(&dir);
+        let entries = match self.client.list(&dir, false).await {
+            Ok(entries) => entries,
+            // See `stat`: the directory holds only what this mount writes.
+            Err(e) if e.code() == ErrorCode::NotFound && !written.is_empty() => Vec::new(),
+            Err(e) => return Err(errno_of(&e)),
+        };
+        let mut out = Vec::with_capacity(entries.len() + written.len());
         for entry in entries {
+            written.remove(&entry.name);
             let Ok(path) = dir.join(&entry.name) else {
                 continue;
             };
@@ -218,6 +227,14 @@ impl MountCore {
             let ino = self.inodes.remember_unless_changed(&meta, version);
             out.push((ino, entry.name, entry.kind));
         }
+        for (name, kind) in written {
+            if let Ok(path) = dir.join(&name) {
+                out.push((self.inodes.ino(&path), name, kind));
+            }
+        }
+        // One order whichever side lists a name, so that a kernel reading
+        // the directory in parts misses none while an upload lands.
+        out.sort_by(|a, b| a.1.cmp(&b.1));
         Ok(out)
     }
 
@@ -611,6 +628,17 @@ impl MountCore {
 
     pub fn root_ino(&self) -> u64 {
         ROOT_INO
+    }
+}
+
+/// A directory the server does not have, as the mount shows it.
+fn unlisted_dir(path: &RemotePath) -> FileMeta {
+    FileMeta {
+        path: path.clone(),
+        kind: EntryKind::Dir,
+        size: 0,
+        mtime: None,
+        etag: None,
     }
 }
 

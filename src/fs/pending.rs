@@ -376,6 +376,21 @@ impl UploadQueue {
             .collect()
     }
 
+    /// The file the running upload to `path` commits, as the mount shows
+    /// it until then; `None` when no upload to `path` has started.
+    pub fn pending_file(&self, path: &RemotePath) -> Option<FileMeta> {
+        let record = self.running.lock().unwrap().get(path)?.record.clone()?;
+        let source = record.lock().unwrap().as_ref()?.source().to_owned();
+        let local = std::fs::metadata(source).ok()?;
+        Some(FileMeta {
+            path: path.clone(),
+            kind: crate::protocol::EntryKind::File,
+            size: local.len(),
+            mtime: local.modified().ok().map(DateTime::<Utc>::from),
+            etag: None,
+        })
+    }
+
     pub fn is_pending(&self, path: &RemotePath) -> bool {
         self.running.lock().unwrap().contains_key(path)
     }

@@ -2,6 +2,7 @@
 //! truncate, fsync, flush and the last close, over [`Staged`] files and the
 //! [`UploadQueue`].
 
+use std::collections::BTreeMap;
 use std::sync::{Arc, Weak};
 
 use bytes::Bytes;
@@ -76,8 +77,14 @@ impl MountCore {
         self.staged_for(path).is_some()
     }
 
+    /// The file at `path` as this mount writes it: being written, or
+    /// closed and not yet committed (also by an upload an earlier mount
+    /// left, which has no staged file here).
     pub(super) fn staged_meta(&self, path: &RemotePath) -> Option<FileMeta> {
-        self.staged_for(path).map(|s| staged_meta_of(&s))
+        match self.staged_for(path) {
+            Some(staged) => Some(staged_meta_of(&staged)),
+            None => self.queue().ok()?.pending_file(path),
+        }
     }
 
     /// Before a namespace change of `path`: lets a pending upload to it
@@ -87,7 +94,13 @@ impl MountCore {
     /// the change is done and then uploads under the name it leaves.
     pub(super) async fn quiesce(&self, path: &RemotePath) -> Option<OpenStaged> {
         loop {
-            let staged = self.staged_for(path)?;
+            let Some(staged) = self.staged_for(path) else {
+                // An upload an earlier mount left has no staged file.
+                if let Ok(queue) = self.queue() {
+                    queue.wait(path).await;
+                }
+                return None;
+            };
             let naming = staged.naming.clone().lock_owned().await;
             if staged.path() != *path {
                 // Renamed while this waited: whatever has the name now.
@@ -120,6 +133,26 @@ impl MountCore {
             paths.extend(queue.pending_beneath(dir));
         }
         paths
+    }
+
+    /// The entries of `dir` that this mount's writes make, by name: each
+    /// file it is writing or uploading there, and each directory holding
+    /// such a file further down. The server may not list them yet.
+    pub(super) fn entries_written_in(&self, dir: &RemotePath) -> BTreeMap<String, EntryKind> {
+        let mut entries = BTreeMap::new();
+        for path in self.writes_beneath_paths(dir) {
+            match path.strip_prefix(dir).and_then(|rest| rest.split_once('/')) {
+                Some((child, _)) => {
+                    entries.entry(child.to_owned()).or_insert(EntryKind::Dir);
+                }
+                None => {
+                    if let Some(name) = path.name() {
+                        entries.insert(name.to_owned(), EntryKind::File);
+                    }
+                }
+            }
+        }
+        entries
     }
 
     /// True while this mount is writing or uploading a file beneath `dir`.

@@ -478,6 +478,134 @@ async fn retries_5xx_and_429_honouring_retry_after() {
     );
 }
 
+type Connection = std::io::BufReader<std::net::TcpStream>;
+
+/// A stand-in server on loopback that accepts every connection and hands
+/// each, with its first request's head read, to `serve` on a thread.
+fn fake_server(serve: fn(Connection, String)) -> String {
+    use std::io::BufRead;
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let mut connection = Connection::new(stream.unwrap());
+            std::thread::spawn(move || {
+                let mut head = String::new();
+                while connection.read_line(&mut head).unwrap_or(0) > 2 {}
+                serve(connection, head);
+            });
+        }
+    });
+    url
+}
+
+/// A server that accepts connections and never answers: each call fails
+/// about `give_up_after` after it began (the request in flight included),
+/// not after the 60 s read timeout of each attempt. So does one that sends
+/// a response's head and then nothing.
+#[tokio::test]
+async fn a_server_that_never_answers_fails_calls_after_the_give_up_time() {
+    let mut config = ClientConfig::default();
+    config.retry.give_up_after = Duration::from_secs(2);
+    let silent = fake_server(|stream, _| {
+        std::thread::sleep(Duration::from_secs(600));
+        drop(stream);
+    });
+    let client = Client::with_config(&silent, config.clone()).unwrap();
+    let started = std::time::Instant::now();
+    let err = client.stat(&remote("x")).await.unwrap_err();
+    assert!(matches!(err, ferry::Error::Network(_)), "{err:?}");
+    assert!(
+        started.elapsed() < Duration::from_secs(30),
+        "{:?}",
+        started.elapsed()
+    );
+    let started = std::time::Instant::now();
+    let err = client
+        .read_range(&remote("x"), 0, 10, None)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, ferry::Error::Network(_)), "{err:?}");
+    assert!(
+        started.elapsed() < Duration::from_secs(30),
+        "{:?}",
+        started.elapsed()
+    );
+
+    let mute_body = fake_server(|mut stream, _| {
+        use std::io::Write;
+        let _ = stream
+            .get_mut()
+            .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\n");
+        std::thread::sleep(Duration::from_secs(600));
+    });
+    let client = Client::with_config(&mute_body, config).unwrap();
+    let started = std::time::Instant::now();
+    let err = client
+        .read_range(&remote("x"), 0, 10, None)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, ferry::Error::Network(_)), "{err:?}");
+    assert!(
+        started.elapsed() < Duration::from_secs(30),
+        "{:?}",
+        started.elapsed()
+    );
+}
+
+/// A chunk the server takes slowly, for longer than `give_up_after` in
+/// all, is not cut: only waiting without progress counts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_chunk_the_server_takes_slowly_is_sent_whole() {
+    static RECEIVED: std::sync::Mutex<Option<(String, Vec<u8>)>> = std::sync::Mutex::new(None);
+    let slow = fake_server(|mut stream, head| {
+        use std::io::{Read, Write};
+        let len: usize = head
+            .lines()
+            .find_map(|l| {
+                l.to_ascii_lowercase()
+                    .strip_prefix("content-length:")
+                    .map(|v| v.trim().parse().unwrap())
+            })
+            .unwrap_or(0);
+        // 8 MiB/s: 4 s for the chunk, half a second for what the sockets'
+        // buffers hold at the end.
+        let mut body = Vec::with_capacity(len);
+        let mut piece = vec![0u8; 64 << 10];
+        while body.len() < len {
+            let n = stream.read(&mut piece).unwrap();
+            assert!(n > 0, "the client stopped sending");
+            body.extend_from_slice(&piece[..n]);
+            std::thread::sleep(Duration::from_millis(8));
+        }
+        *RECEIVED.lock().unwrap() = Some((head, body));
+        let _ = stream
+            .get_mut()
+            .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n");
+    });
+    let mut config = ClientConfig::default();
+    config.retry.give_up_after = Duration::from_secs(2);
+    let client = Client::with_config(&slow, config).unwrap();
+    let data = random_bytes(32 * MIB);
+    let started = std::time::Instant::now();
+    client
+        .put_chunk("session", 0, data.clone().into())
+        .await
+        .unwrap();
+    assert!(
+        started.elapsed() > Duration::from_secs(2),
+        "{:?}",
+        started.elapsed()
+    );
+    let (head, body) = RECEIVED.lock().unwrap().take().unwrap();
+    assert!(
+        head.to_ascii_lowercase()
+            .contains(&format!("content-length: {}", data.len())),
+        "{head}"
+    );
+    assert!(body == data, "the chunk arrived changed");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stopped_upload_finishes_its_chunks_in_flight_and_resumes_later() {
     use ferry::client::upload::Transport;

@@ -520,6 +520,60 @@ fn a_stopped_server_gives_eio_and_reads_resume_when_it_returns() {
     assert!(buf[..] == data[12 * MIB..12 * MIB + 4096]);
 }
 
+/// A server that accepts connections but never answers (stopped with
+/// SIGSTOP) makes calls fail with EIO after about `--retry-for`, the
+/// request in flight included, not after the 60 s the HTTP client waits
+/// for each answer: `stat` of the mount point, `cat` of a file not yet
+/// looked up, and a read of an open file.
+#[test]
+fn a_frozen_server_gives_eio_after_retry_for() {
+    if !fuse_available() {
+        return;
+    }
+    let server = Server::start();
+    let data = random_bytes(4 * MIB);
+    store_file(&server, "open.bin", &data);
+    store_file(&server, "uncached.txt", b"never looked up");
+    let mount = MountProc::start(&server, &["--retry-for", "2"]);
+    let open = std::fs::File::open(mount.at("open.bin")).unwrap();
+    server.pause();
+    // What the kernel and the mount know of the root expires (1 s).
+    std::thread::sleep(Duration::from_millis(1500));
+    let bound = Duration::from_secs(30);
+    let started = std::time::Instant::now();
+    let err = std::fs::metadata(&mount.path).unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(5), "EIO: {err}");
+    assert!(
+        started.elapsed() < bound,
+        "stat took {:?}",
+        started.elapsed()
+    );
+    let started = std::time::Instant::now();
+    let err = std::fs::read(mount.at("uncached.txt")).unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(5), "EIO: {err}");
+    assert!(
+        started.elapsed() < bound,
+        "cat took {:?}",
+        started.elapsed()
+    );
+    let started = std::time::Instant::now();
+    let mut buf = vec![0u8; 4096];
+    let err = open.read_exact_at(&mut buf, 3 * MIB as u64).unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(5), "EIO: {err}");
+    assert!(
+        started.elapsed() < bound,
+        "read took {:?}",
+        started.elapsed()
+    );
+    server.resume();
+    assert_eq!(
+        std::fs::read(mount.at("uncached.txt")).unwrap(),
+        b"never looked up"
+    );
+    open.read_exact_at(&mut buf, 3 * MIB as u64).unwrap();
+    assert!(buf[..] == data[3 * MIB..3 * MIB + 4096]);
+}
+
 #[test]
 fn sigterm_unmounts_and_bad_mount_points_are_clear_errors() {
     if !fuse_available() {

@@ -61,8 +61,9 @@ pub struct MountArgs {
     /// down.
     #[arg(long, default_value_t = 1)]
     attr_ttl: u64,
-    /// Seconds a request keeps retrying an unreachable server before the
-    /// filesystem call fails with EIO.
+    /// Seconds a request keeps retrying an unreachable server (or waiting
+    /// on one that does not answer) before the filesystem call fails with
+    /// EIO.
     #[arg(long, default_value_t = 10)]
     retry_for: u64,
     /// Stay in the foreground (otherwise the mount runs in the background

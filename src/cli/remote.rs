@@ -19,7 +19,8 @@ pub struct ServerArgs {
         global = true
     )]
     pub server: String,
-    /// Give up on an unreachable server after this many seconds of retrying.
+    /// Give up on an unreachable server (or one that stops answering)
+    /// after this many seconds of retrying.
     #[arg(long, default_value_t = 120, global = true)]
     pub retry_for: u64,
     /// A file holding the access token (else `FERRY_TOKEN`).

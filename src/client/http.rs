@@ -155,36 +155,95 @@ impl Client {
 
     /// Sends the request built by `build` (called once per attempt), retrying
     /// connection failures, timeouts, 5xx and 429 with backoff. Any other
-    /// error status becomes an [`Error`].
+    /// error status becomes an [`Error`]. Gives up once the server has gone
+    /// `give_up_after` without answering or taking any of the request's
+    /// body, the attempt in flight included.
     pub(crate) async fn send(&self, build: impl Fn() -> RequestBuilder) -> Result<Response> {
-        let started = Instant::now();
+        self.send_tracked(|_| build()).await
+    }
+
+    /// [`send`](Self::send) of a request whose body `build` makes with
+    /// [`tracked_body`], so that a large body the server is still taking
+    /// counts as progress, not as waiting.
+    async fn send_tracked(
+        &self,
+        build: impl Fn(&BodyProgress) -> RequestBuilder,
+    ) -> Result<Response> {
+        // Since when the server has made no progress.
+        let mut quiet_since = Instant::now();
         let mut attempt = 0;
         loop {
             attempt += 1;
+            let progress = BodyProgress::default();
             let outcome = tokio::select! {
-                r = build().send() => r,
+                r = build(&progress).send() => Some(r),
+                () = self.stalled(&progress, quiet_since) => None,
                 _ = self.cancel.cancelled() => return Err(Error::Cancelled),
             };
+            if let Some(last) = progress.last() {
+                quiet_since = quiet_since.max(last);
+            }
             let (error, retry_after) = match outcome {
-                Ok(resp)
+                None => (
+                    Error::Network(format!(
+                        "no answer from the server in {:.1?}",
+                        quiet_since.elapsed()
+                    )),
+                    None,
+                ),
+                Some(Ok(resp))
                     if resp.status().is_success() || resp.status() == StatusCode::NOT_MODIFIED =>
                 {
                     return Ok(resp);
                 }
-                Ok(resp) if retryable_status(resp.status()) => {
+                Some(Ok(resp)) if retryable_status(resp.status()) => {
                     let retry_after = retry_after(&resp);
                     (error_from_response(resp).await, retry_after)
                 }
-                Ok(resp) => return Err(error_from_response(resp).await),
-                Err(e) if retryable_transport(&e) => (Error::Network(describe(&e)), None),
-                Err(e) => return Err(Error::Network(describe(&e))),
+                Some(Ok(resp)) => return Err(error_from_response(resp).await),
+                Some(Err(e)) if retryable_transport(&e) => (Error::Network(describe(&e)), None),
+                Some(Err(e)) => return Err(Error::Network(describe(&e))),
             };
-            if started.elapsed() >= self.retry.give_up_after {
+            if quiet_since.elapsed() >= self.retry.give_up_after {
                 return Err(error);
             }
             let delay = self.retry.delay(attempt, retry_after);
             tracing::debug!(attempt, ?delay, %error, "retrying");
             self.sleep(delay).await?;
+        }
+    }
+
+    /// Resolves once an attempt started now has waited past the give-up
+    /// time, counted from `quiet_since` or from the last piece of its body
+    /// the connection took, whichever is later. Every attempt gets at
+    /// least [`SHORTEST_ATTEMPT`].
+    async fn stalled(&self, progress: &BodyProgress, quiet_since: Instant) {
+        let floor = Instant::now() + SHORTEST_ATTEMPT;
+        loop {
+            let since = progress.last().map_or(quiet_since, |t| t.max(quiet_since));
+            let Some(give_up) = since.checked_add(self.retry.give_up_after) else {
+                return std::future::pending().await;
+            };
+            let at = give_up.max(floor);
+            if Instant::now() >= at {
+                return;
+            }
+            tokio::time::sleep_until(at.into()).await;
+        }
+    }
+
+    /// The whole body of `resp`. Fails once the server sends nothing for
+    /// the give-up time (a body still arriving is never cut).
+    async fn body(&self, mut resp: Response) -> std::result::Result<Bytes, String> {
+        let patience = self.retry.give_up_after.max(SHORTEST_ATTEMPT);
+        let mut body = bytes::BytesMut::new();
+        loop {
+            match tokio::time::timeout(patience, resp.chunk()).await {
+                Ok(Ok(Some(piece))) => body.extend_from_slice(&piece),
+                Ok(Ok(None)) => return Ok(body.freeze()),
+                Ok(Err(e)) => return Err(describe(&e)),
+                Err(_) => return Err(format!("the server sent nothing for {patience:?}")),
+            }
         }
     }
 
@@ -197,10 +256,20 @@ impl Client {
     }
 
     async fn json<T: DeserializeOwned>(&self, build: impl Fn() -> RequestBuilder) -> Result<T> {
-        let resp = self.send(build).await?;
-        resp.json()
+        self.json_tracked(|_| build()).await
+    }
+
+    async fn json_tracked<T: DeserializeOwned>(
+        &self,
+        build: impl Fn(&BodyProgress) -> RequestBuilder,
+    ) -> Result<T> {
+        let resp = self.send_tracked(build).await?;
+        let body = self
+            .body(resp)
             .await
-            .map_err(|e| Error::Network(format!("reading the response: {}", describe(&e))))
+            .map_err(|e| Error::Network(format!("reading the response: {e}")))?;
+        serde_json::from_slice(&body)
+            .map_err(|e| Error::Network(format!("reading the response: {e}")))
     }
 
     fn request(&self, method: Method, url: &str) -> RequestBuilder {
@@ -309,8 +378,12 @@ impl Client {
     /// One-shot upload of a small body.
     pub async fn put_bytes(&self, path: &RemotePath, data: Bytes) -> Result<FileMeta> {
         let url = self.url("files", path);
-        self.json(|| self.request(Method::PUT, &url).body(data.clone()))
-            .await
+        self.json_tracked(|progress| {
+            self.request(Method::PUT, &url)
+                .header(header::CONTENT_LENGTH, data.len())
+                .body(tracked_body(data.clone(), progress))
+        })
+        .await
     }
 
     /// Bytes `[start, start + len)` of the version `etag` (any version when `None`).
@@ -328,9 +401,9 @@ impl Client {
         let resp = self
             .get_range(path, start, Some(start + len - 1), etag)
             .await?;
-        resp.bytes()
+        self.body(resp)
             .await
-            .map_err(|e| Error::Network(format!("reading {path}: {}", describe(&e))))
+            .map_err(|e| Error::Network(format!("reading {path}: {e}")))
     }
 
     /// A GET of `start..=end` (to the end when `None`), pinned to `etag`.
@@ -408,11 +481,12 @@ impl Client {
         let url = format!("{}/v1/uploads/{id}/chunks/{index}", self.base);
         let crc = crc32c_header_value(crc32c::crc32c(&data));
         let len = data.len() as u64;
-        self.send(|| {
+        self.send_tracked(|progress| {
             self.chunk_bytes_sent.fetch_add(len, Ordering::Relaxed);
             self.request(Method::PUT, &url)
                 .header(CRC32C_HEADER, &crc)
-                .body(data.clone())
+                .header(header::CONTENT_LENGTH, len)
+                .body(tracked_body(data.clone(), progress))
         })
         .await?;
         Ok(())
@@ -431,6 +505,37 @@ impl Client {
         self.send(|| self.request(Method::DELETE, &url)).await?;
         Ok(())
     }
+}
+
+/// However little of the give-up time is left, an attempt waits this long
+/// for the server: a retry made at the last moment is still a real one.
+const SHORTEST_ATTEMPT: Duration = Duration::from_secs(1);
+
+/// When the connection last took a piece of a request's body.
+#[derive(Clone, Default)]
+struct BodyProgress(Arc<std::sync::Mutex<Option<Instant>>>);
+
+impl BodyProgress {
+    fn note(&self) {
+        *self.0.lock().unwrap() = Some(Instant::now());
+    }
+
+    fn last(&self) -> Option<Instant> {
+        *self.0.lock().unwrap()
+    }
+}
+
+/// `data` as a request body handed over in pieces, each noted in
+/// `progress` as the connection takes it. The caller sets its
+/// `Content-Length`.
+fn tracked_body(data: Bytes, progress: &BodyProgress) -> reqwest::Body {
+    const PIECE: usize = 64 << 10;
+    let progress = progress.clone();
+    let pieces = (0..data.len()).step_by(PIECE).map(move |start| {
+        progress.note();
+        Ok::<_, std::convert::Infallible>(data.slice(start..(start + PIECE).min(data.len())))
+    });
+    reqwest::Body::wrap_stream(futures::stream::iter(pieces))
 }
 
 fn retryable_status(status: StatusCode) -> bool {

@@ -1206,3 +1206,24 @@ fn map_and_write(file: &std::fs::File, writes: &[(usize, &[u8])]) {
         assert_eq!(libc::munmap(at, len), 0);
     }
 }
+
+/// A directory the server has only through the files in it (made by a PUT,
+/// not `mkdir`) goes with its last file: `rm -r` of it still succeeds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rm_r_of_a_directory_that_only_its_files_made_succeeds() {
+    if !fuse_available() {
+        return;
+    }
+    let server = Server::start();
+    server.put("implicit/a.txt", "a").await;
+    server.put("implicit/sub/b.txt", "b").await;
+    let mount = MountProc::start(&server, &[]);
+    let status = Command::new("rm")
+        .arg("-r")
+        .arg(mount.at("implicit"))
+        .status()
+        .unwrap();
+    assert!(status.success(), "rm -r failed");
+    assert!(!mount.at("implicit").exists());
+    assert!(server.listed_names("").await.is_empty());
+}

@@ -517,7 +517,17 @@ impl MountCore {
     pub async fn rmdir(&self, parent: u64, name: &str) -> FsResult<()> {
         self.writable()?;
         let path = self.child(parent, name)?;
-        let (_, meta) = self.stat(&path).await?;
+        let meta = match self.stat(&path).await {
+            Ok((_, meta)) => meta,
+            // A directory that existed only through its files (no `mkdir`)
+            // went with the last of them, which `rm -r` has just removed:
+            // the kernel still has it, so it was here.
+            Err(errno::ENOENT) if self.inodes.known(&path).is_some() => {
+                self.inodes.remove(&path);
+                return Ok(());
+            }
+            Err(e) => return Err(e),
+        };
         if meta.kind != EntryKind::Dir {
             return Err(20); // ENOTDIR
         }
@@ -526,10 +536,12 @@ impl MountCore {
         if self.writes_beneath(&path) {
             return Err(39); // ENOTEMPTY
         }
-        self.client
-            .rmdir(&path, false)
-            .await
-            .map_err(|e| errno_of(&e))?;
+        match self.client.rmdir(&path, false).await {
+            Ok(()) => {}
+            // Gone since the stat, with its last file.
+            Err(e) if e.code() == ErrorCode::NotFound => {}
+            Err(e) => return Err(errno_of(&e)),
+        }
         self.inodes.remove(&path);
         Ok(())
     }

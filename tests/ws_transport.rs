@@ -535,3 +535,267 @@ async fn the_upgrade_requires_the_subprotocol() {
     assert_eq!(resp.status(), 400);
     let _ = crc32c_header_value(0);
 }
+
+async fn send_json(socket: &mut Socket, message: Value) {
+    socket
+        .send(Message::Text(message.to_string().into()))
+        .await
+        .unwrap();
+}
+
+/// One message from the server: a JSON message or a binary frame.
+enum Received {
+    Json(Value),
+    Frame {
+        ch: u32,
+        offset: u64,
+        payload: Vec<u8>,
+    },
+}
+
+impl std::fmt::Debug for Received {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Received::Json(m) => write!(f, "{m}"),
+            Received::Frame {
+                ch,
+                offset,
+                payload,
+            } => write!(
+                f,
+                "a frame on channel {ch} at offset {offset}, {} bytes",
+                payload.len()
+            ),
+        }
+    }
+}
+
+async fn next_received(socket: &mut Socket) -> Received {
+    loop {
+        let message = tokio::time::timeout(Duration::from_secs(10), socket.next())
+            .await
+            .expect("a message within 10 s")
+            .unwrap()
+            .unwrap();
+        match message {
+            Message::Text(text) => return Received::Json(serde_json::from_str(&text).unwrap()),
+            Message::Binary(data) => {
+                let (header, payload) = FrameHeader::decode(&data).expect("a frame header");
+                return Received::Frame {
+                    ch: header.ch,
+                    offset: header.offset,
+                    payload: payload.to_vec(),
+                };
+            }
+            _ => {}
+        }
+    }
+}
+
+/// Reads a whole download of `data` on `ch` (already asked for): every frame
+/// in order, then `eof`. Anything else on `ch` fails the test, with `after`
+/// saying what came before; other channels' messages are skipped.
+async fn read_download(socket: &mut Socket, ch: u32, data: &[u8], after: &str) {
+    let mut expected = 0u64;
+    loop {
+        match next_received(socket).await {
+            Received::Frame {
+                ch: c,
+                offset,
+                payload,
+            } if c == ch => {
+                assert_eq!(
+                    offset, expected,
+                    "{after}: a frame at offset {offset} on channel {ch}, where the new \
+                     download was at {expected}"
+                );
+                let end = offset as usize + payload.len();
+                assert!(
+                    payload[..] == data[offset as usize..end],
+                    "{after}: bytes differ"
+                );
+                expected = end as u64;
+            }
+            Received::Json(m) if m["op"] == "eof" && m["ch"] == ch => break,
+            Received::Frame { ch: c, .. } if c != ch => {}
+            Received::Json(m) if m["ch"].is_u64() && m["ch"] != ch => {}
+            other => panic!("{after}: unexpected {other:?}"),
+        }
+    }
+    assert_eq!(expected, data.len() as u64, "{after}: the whole file");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_frame_of_a_cancelled_download_arrives_after_its_cancelled() {
+    let server = Server::start();
+    let big = random_bytes(64 * MIB);
+    server.put("big.bin", big.clone()).await;
+    let small = random_bytes(10_000);
+    server.put("small.bin", small.clone()).await;
+    let mut ws = raw_socket(&server).await;
+    for round in 0..40u64 {
+        send_json(
+            &mut ws,
+            json!({"op": "download", "ch": 3, "path": "big.bin"}),
+        )
+        .await;
+        let mut expected = 0u64;
+        let mut frames = 0;
+        let mut cancelled = false;
+        loop {
+            match next_received(&mut ws).await {
+                Received::Frame {
+                    ch: 3,
+                    offset,
+                    payload,
+                } => {
+                    assert_eq!(
+                        offset, expected,
+                        "round {round}: a frame at offset {offset} where the download was at \
+                         {expected}: one of an earlier download, cancelled?"
+                    );
+                    let end = offset as usize + payload.len();
+                    assert!(payload[..] == big[offset as usize..end], "round {round}");
+                    expected = end as u64;
+                    frames += 1;
+                }
+                Received::Json(m) if m == json!({"op": "cancelled", "ch": 3}) => break,
+                other => panic!("round {round}: unexpected {other:?}"),
+            }
+            if frames == 3 && !cancelled {
+                // Vary the moment of the cancel against the server's sends.
+                tokio::time::sleep(Duration::from_micros(round % 8 * 250)).await;
+                send_json(&mut ws, json!({"op": "cancel", "ch": 3})).await;
+                cancelled = true;
+            }
+        }
+        // The channel is free again: what arrives on it now is the new download's.
+        send_json(
+            &mut ws,
+            json!({"op": "download", "ch": 3, "path": "small.bin"}),
+        )
+        .await;
+        let after = format!("round {round}, after cancelled");
+        read_download(&mut ws, 3, &small, &after).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_ack_of_a_cancelled_upload_arrives_after_its_cancelled() {
+    let server = Server::start();
+    let chunk = random_bytes(MIB);
+    let mut ws = raw_socket(&server).await;
+    for round in 0..8 {
+        let create = json!({"op": "upload.create", "ch": 5, "path": format!("big{round}.bin"),
+                            "size": 12 * MIB, "chunk_size": MIB});
+        send_json(&mut ws, create).await;
+        match next_received(&mut ws).await {
+            Received::Json(m) if m["op"] == "ready" => {}
+            other => panic!("round {round}: {other:?}"),
+        }
+        for index in 0..12 {
+            ws.send(Message::Binary(
+                FrameHeader::frame(5, (index * MIB) as u64, &chunk).into(),
+            ))
+            .await
+            .unwrap();
+        }
+        // Chunks are still being written: their acks must come before `cancelled` or not at all.
+        send_json(&mut ws, json!({"op": "cancel", "ch": 5})).await;
+        loop {
+            match next_received(&mut ws).await {
+                Received::Json(m) if m == json!({"op": "cancelled", "ch": 5}) => break,
+                Received::Json(m) if m["op"] == "ack" || m["op"] == "progress" => {}
+                other => panic!("round {round}: unexpected {other:?}"),
+            }
+        }
+        let after = format!("round {round}, after cancelled");
+        let create = json!({"op": "upload.create", "ch": 5, "path": format!("small{round}.bin"),
+                            "size": 1000});
+        send_json(&mut ws, create).await;
+        match next_received(&mut ws).await {
+            Received::Json(m) if m["op"] == "ready" => {}
+            other => panic!("{after}: {other:?}"),
+        }
+        ws.send(Message::Binary(
+            FrameHeader::frame(5, 0, &chunk[..1000]).into(),
+        ))
+        .await
+        .unwrap();
+        let mut acks = 0;
+        send_json(&mut ws, json!({"op": "upload.complete", "ch": 5})).await;
+        loop {
+            match next_received(&mut ws).await {
+                Received::Json(m) if m == json!({"op": "ack", "ch": 5, "index": 0}) => acks += 1,
+                Received::Json(m) if m["op"] == "progress" && m["chunk_count"] == 1 => {}
+                Received::Json(m) if m["op"] == "done" => break,
+                other => panic!("{after}: unexpected {other:?}"),
+            }
+        }
+        assert_eq!(acks, 1, "{after}: one ack for the new upload's one chunk");
+        assert!(server.get_bytes(&format!("small{round}.bin")).await.1 == chunk[..1000]);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_change_of_a_cancelled_watch_arrives_after_its_cancelled() {
+    let server = Server::start();
+    server.put("big.bin", random_bytes(64 * MIB)).await;
+    let small = random_bytes(10_000);
+    server.put("small.bin", small.clone()).await;
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut writers = Vec::new();
+    for w in 0..4 {
+        let (url, stop) = (server.file_url(&format!("w/{w}.txt")), stop.clone());
+        writers.push(tokio::spawn(async move {
+            let client = reqwest::Client::new();
+            while !stop.load(Ordering::Relaxed) {
+                if client.put(&url).body("x").send().await.is_err() {
+                    break;
+                }
+            }
+        }));
+    }
+    let mut ws = raw_socket(&server).await;
+    for round in 0..40 {
+        // An unread download fills the server's queue, and changes back up
+        // behind it. Both are cancelled at once: as the queue drains, the
+        // watch is busy sending its backlog when its cancel is handled. (The
+        // download's frames are checked by the test above.)
+        send_json(
+            &mut ws,
+            json!({"op": "download", "ch": 50, "path": "big.bin"}),
+        )
+        .await;
+        send_json(&mut ws, json!({"op": "watch", "ch": 7, "prefix": "w"})).await;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        send_json(&mut ws, json!({"op": "cancel", "ch": 50})).await;
+        send_json(&mut ws, json!({"op": "cancel", "ch": 7})).await;
+        let (mut download_cancelled, mut watch_cancelled) = (false, false);
+        while !(download_cancelled && watch_cancelled) {
+            match next_received(&mut ws).await {
+                Received::Frame { ch: 50, .. } => {}
+                Received::Json(m) if m == json!({"op": "cancelled", "ch": 50}) => {
+                    download_cancelled = true
+                }
+                Received::Json(m) if m == json!({"op": "cancelled", "ch": 7}) => {
+                    watch_cancelled = true
+                }
+                Received::Json(m) if !watch_cancelled && m["op"] == "change" => {}
+                other => panic!("round {round}: unexpected {other:?}"),
+            }
+        }
+        // Channel 7 now carries a download, and nothing of the watch.
+        send_json(
+            &mut ws,
+            json!({"op": "download", "ch": 7, "path": "small.bin"}),
+        )
+        .await;
+        let after = format!("round {round}, after cancelled");
+        read_download(&mut ws, 7, &small, &after).await;
+    }
+    stop.store(true, Ordering::Relaxed);
+    for writer in writers {
+        writer.await.unwrap();
+    }
+}

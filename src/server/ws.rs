@@ -5,12 +5,19 @@
 //! reader stalls the downloads feeding it instead of growing memory; incoming
 //! chunks are written by at most a few tasks at once, and while those are busy
 //! the connection stops reading.
+//!
+//! A channel's binding ends at `cancel`, `done`, `eof` or a download's error,
+//! and nothing of the op it bound is sent after that: every message of an op
+//! is queued only while its binding is the channel's current one (see
+//! [`BindingOut`]), so a client may reuse the channel at once.
 
 use super::auth::{Caller, Grant, Scope};
 use super::limits::TransferSlot;
 use super::uploads::authorize;
 use axum::Extension;
 use std::collections::{HashMap, HashSet};
+use std::future::Future;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
@@ -23,7 +30,7 @@ use bytes::Bytes;
 use futures::{SinkExt, StreamExt};
 use tokio::sync::broadcast::error::RecvError;
 use tokio::sync::{Semaphore, mpsc};
-use tokio::task::AbortHandle;
+use tokio::task::JoinHandle;
 
 use super::AppState;
 use crate::error::{Error, Result};
@@ -73,11 +80,36 @@ pub async fn upgrade(
         }))
 }
 
-/// What a channel is bound to.
-enum Binding {
+/// What a channel is bound to, from the message that claimed it to its end.
+struct Binding {
+    /// Tells this binding from earlier and later ones on the same channel:
+    /// an op that has ended can neither speak for nor end its successor.
+    id: u64,
+    op: Op,
+}
+
+enum Op {
     Upload(Arc<UploadChannel>),
     /// A download or a watch, running as a task.
-    Task(AbortHandle),
+    Task(JoinHandle<()>),
+}
+
+impl Binding {
+    /// Stops the op; returns once its task has let go of what it held (a
+    /// file, a subscription).
+    async fn stop(self) {
+        if let Op::Task(task) = self.op {
+            task.abort();
+            let _ = task.await;
+        }
+    }
+}
+
+/// A channel's reservation for a new op, made before the op starts (an
+/// upload's session is created only once its channel is reserved).
+struct Claim {
+    ch: Channel,
+    id: u64,
 }
 
 struct UploadChannel {
@@ -121,6 +153,51 @@ impl Received {
 }
 
 type Channels = Arc<Mutex<HashMap<Channel, Binding>>>;
+
+/// Sends for one binding: a message is queued only while the binding is its
+/// channel's current one, checked under the channels' lock. So once
+/// `cancelled` (or `done`, `eof`) is queued, nothing of the op can follow it;
+/// what the op queued before stays ahead of it.
+#[derive(Clone)]
+struct BindingOut {
+    out: mpsc::Sender<Message>,
+    channels: Channels,
+    ch: Channel,
+    id: u64,
+}
+
+impl BindingOut {
+    /// Queues `message`; false once the binding has ended or the connection
+    /// is closing (the op should stop).
+    async fn send(&self, message: &ServerMessage) -> bool {
+        self.queue(text(message), false).await
+    }
+
+    async fn send_frame(&self, frame: Vec<u8>) -> bool {
+        self.queue(Message::Binary(frame.into()), false).await
+    }
+
+    /// Queues the op's last message and ends its binding, in one step: the
+    /// channel is free from the moment the peer can learn that it is.
+    async fn finish(&self, message: &ServerMessage) {
+        self.queue(text(message), true).await;
+    }
+
+    async fn queue(&self, message: Message, last: bool) -> bool {
+        let Ok(permit) = self.out.reserve().await else {
+            return false;
+        };
+        let mut channels = self.channels.lock().unwrap();
+        if channels.get(&self.ch).is_none_or(|b| b.id != self.id) {
+            return false;
+        }
+        permit.send(message);
+        if last {
+            channels.remove(&self.ch);
+        }
+        true
+    }
+}
 
 async fn serve(app: AppState, socket: WebSocket, grant: Grant) {
     let _open = app.metrics().stream();
@@ -167,6 +244,7 @@ async fn serve(app: AppState, socket: WebSocket, grant: Grant) {
         grant,
         out: out.clone(),
         channels: Arc::default(),
+        bindings_made: AtomicU64::new(0),
         writers: Arc::new(Semaphore::new(CHUNK_WRITERS)),
     };
     // A peer that sends nothing, not even pongs, for this long is gone.
@@ -241,6 +319,8 @@ struct Connection {
     grant: Grant,
     out: mpsc::Sender<Message>,
     channels: Channels,
+    /// Numbers the bindings (see [`Binding::id`]).
+    bindings_made: AtomicU64,
     writers: Arc<Semaphore>,
 }
 
@@ -261,19 +341,19 @@ impl Connection {
         };
         match message {
             ClientMessage::UploadCreate { ch, request } => {
-                if self.claim(ch).await {
+                if let Some(claim) = self.claim(ch).await {
                     let opened = match self.grant.allow(&request.path, Scope::Write) {
                         Ok(()) if request.size.is_none() => Err(needs_size()),
                         Ok(()) => self.app.uploads().create(request, self.grant.owner()).await,
                         Err(e) => Err(e),
                     };
-                    self.bind_upload(ch, opened.map(|c| c.id)).await;
+                    self.bind_upload(claim, opened.map(|c| c.id)).await;
                 }
             }
             ClientMessage::UploadOpen { ch, id } => {
-                if self.claim(ch).await {
+                if let Some(claim) = self.claim(ch).await {
                     let allowed = authorize(&self.app, &self.grant, &id).await;
-                    self.bind_upload(ch, allowed.map(|()| id)).await;
+                    self.bind_upload(claim, allowed.map(|()| id)).await;
                 }
             }
             ClientMessage::UploadComplete { ch, sha256 } => self.complete(ch, sha256).await,
@@ -286,17 +366,9 @@ impl Connection {
                 if let Err(e) = self.grant.allow(&path, Scope::Read) {
                     return send(&self.out, api_error(Some(ch), &e, None)).await;
                 }
-                if self.claim(ch).await {
-                    let task = tokio::spawn(download(
-                        self.app.clone(),
-                        self.out.clone(),
-                        self.channels.clone(),
-                        ch,
-                        path,
-                        offset,
-                        length,
-                    ));
-                    self.bind_task(ch, task.abort_handle());
+                if let Some(claim) = self.claim(ch).await {
+                    let app = self.app.clone();
+                    self.start(claim, |out| download(app, out, path, offset, length));
                 }
             }
             ClientMessage::Status { ch, id } => {
@@ -311,8 +383,10 @@ impl Connection {
                 send(&self.out, reply).await;
             }
             ClientMessage::Cancel { ch } => {
-                if let Some(Binding::Task(task)) = self.channels.lock().unwrap().remove(&ch) {
-                    task.abort();
+                // Unbound first: from here on nothing of the op is queued.
+                let ended = self.channels.lock().unwrap().remove(&ch);
+                if let Some(binding) = ended {
+                    binding.stop().await;
                 }
                 send(&self.out, ServerMessage::Cancelled { ch }).await;
             }
@@ -321,9 +395,9 @@ impl Connection {
                     Ok(p) => p,
                     Err(e) => return send(&self.out, api_error(Some(ch), &e, None)).await,
                 };
-                if self.claim(ch).await {
-                    let task = tokio::spawn(watch(self.app.clone(), self.out.clone(), ch, prefix));
-                    self.bind_task(ch, task.abort_handle());
+                if let Some(claim) = self.claim(ch).await {
+                    let app = self.app.clone();
+                    self.start(claim, |out| watch(app, out, prefix));
                 }
             }
         }
@@ -335,27 +409,49 @@ impl Connection {
         send(&self.out, protocol_error(ch, code, message)).await;
     }
 
-    /// Reserves `ch` for a new transfer, or says it is taken.
-    async fn claim(&self, ch: Channel) -> bool {
-        if !self.channels.lock().unwrap().contains_key(&ch) {
-            return true;
+    /// Reserves `ch` for a new op, or tells the peer it is in use. Messages
+    /// are handled one at a time, so the reservation holds until the op is
+    /// bound.
+    async fn claim(&self, ch: Channel) -> Option<Claim> {
+        if self.channels.lock().unwrap().contains_key(&ch) {
+            let message = format!("channel {ch} is in use; cancel it or pick another");
+            self.refuse(Some(ch), ProtocolErrorCode::ChannelBusy, message)
+                .await;
+            return None;
         }
-        let message = format!("channel {ch} is in use; cancel it or pick another");
-        self.refuse(Some(ch), ProtocolErrorCode::ChannelBusy, message)
-            .await;
-        false
+        Some(Claim {
+            ch,
+            id: self.bindings_made.fetch_add(1, Ordering::Relaxed),
+        })
     }
 
-    fn bind_task(&self, ch: Channel, task: AbortHandle) {
+    /// Binds `claim`'s channel to a task running `op`.
+    fn start<F>(&self, claim: Claim, op: impl FnOnce(BindingOut) -> F)
+    where
+        F: Future<Output = ()> + Send + 'static,
+    {
+        let out = self.binding_out(claim.ch, claim.id);
         let mut channels = self.channels.lock().unwrap();
-        // A task that already finished has removed nothing yet; keep it simple:
-        // the entry is replaced when the task ends (see `release`).
-        if !task.is_finished() {
-            channels.insert(ch, Binding::Task(task));
+        // Spawned under the lock, so the op cannot end before it is bound.
+        let task = tokio::spawn(op(out));
+        let binding = Binding {
+            id: claim.id,
+            op: Op::Task(task),
+        };
+        channels.insert(claim.ch, binding);
+    }
+
+    fn binding_out(&self, ch: Channel, id: u64) -> BindingOut {
+        BindingOut {
+            out: self.out.clone(),
+            channels: self.channels.clone(),
+            ch,
+            id,
         }
     }
 
-    async fn bind_upload(&self, ch: Channel, id: Result<String>) {
+    async fn bind_upload(&self, claim: Claim, id: Result<String>) {
+        let ch = claim.ch;
         let status = match id {
             Ok(id) => self.app.uploads().status(&id).await,
             Err(e) => Err(e),
@@ -380,10 +476,11 @@ impl Connection {
             layout,
             received: Mutex::new(received),
         });
-        self.channels
-            .lock()
-            .unwrap()
-            .insert(ch, Binding::Upload(channel));
+        let binding = Binding {
+            id: claim.id,
+            op: Op::Upload(channel),
+        };
+        self.channels.lock().unwrap().insert(ch, binding);
         let ready = ServerMessage::Ready {
             ch,
             id: status.id,
@@ -396,15 +493,20 @@ impl Connection {
         send(&self.out, ready).await;
     }
 
-    fn upload(&self, ch: Channel) -> Option<Arc<UploadChannel>> {
+    /// The upload bound to `ch`, and its binding's number.
+    fn upload(&self, ch: Channel) -> Option<(Arc<UploadChannel>, u64)> {
         match self.channels.lock().unwrap().get(&ch) {
-            Some(Binding::Upload(u)) => Some(u.clone()),
+            Some(Binding {
+                id,
+                op: Op::Upload(u),
+                ..
+            }) => Some((u.clone(), *id)),
             _ => None,
         }
     }
 
     /// The upload open on `ch`; without one, the peer is told so.
-    async fn open_upload(&self, ch: Channel) -> Option<Arc<UploadChannel>> {
+    async fn open_upload(&self, ch: Channel) -> Option<(Arc<UploadChannel>, u64)> {
         let upload = self.upload(ch);
         if upload.is_none() {
             let message = format!("channel {ch} has no upload open");
@@ -425,7 +527,7 @@ impl Connection {
                 .await;
         };
         let ch = header.ch;
-        let Some(upload) = self.open_upload(ch).await else {
+        let Some((upload, id)) = self.open_upload(ch).await else {
             return;
         };
         let layout = upload.layout;
@@ -451,7 +553,9 @@ impl Connection {
             .acquire_owned()
             .await
             .expect("never closed");
-        let (app, out) = (self.app.clone(), self.out.clone());
+        // Replies go to this binding only: after a `cancel` the chunk is
+        // still written (the session stays), but not acknowledged.
+        let (app, out) = (self.app.clone(), self.binding_out(ch, id));
         tokio::spawn(async move {
             let _permit = permit;
             let len = payload.len() as u64;
@@ -463,7 +567,9 @@ impl Connection {
                 .await
             {
                 Ok(()) => {
-                    send(&out, ServerMessage::Ack { ch, index }).await;
+                    if !out.send(&ServerMessage::Ack { ch, index }).await {
+                        return;
+                    }
                     let mut received = upload.received.lock().unwrap();
                     received.add(index, &layout);
                     if !received.progress_due(&layout) {
@@ -478,12 +584,12 @@ impl Connection {
                 }
                 Err(e) => api_error(Some(ch), &e, Some(index)),
             };
-            send(&out, reply).await;
+            out.send(&reply).await;
         });
     }
 
     async fn complete(&self, ch: Channel, sha256: Option<String>) {
-        let Some(upload) = self.open_upload(ch).await else {
+        let Some((upload, _)) = self.open_upload(ch).await else {
             return;
         };
         // Chunks still being written on this connection land first.
@@ -505,7 +611,7 @@ impl Connection {
 
     fn stop_all(&self) {
         for (_, binding) in self.channels.lock().unwrap().drain() {
-            if let Binding::Task(task) = binding {
+            if let Op::Task(task) = binding.op {
                 task.abort();
             }
         }
@@ -514,26 +620,22 @@ impl Connection {
 
 async fn download(
     app: AppState,
-    out: mpsc::Sender<Message>,
-    channels: Channels,
-    ch: Channel,
+    out: BindingOut,
     path: RemotePath,
     offset: u64,
     length: Option<u64>,
 ) {
-    let sent = stream_file(&app, &out, ch, &path, offset, length).await;
-    channels.lock().unwrap().remove(&ch);
-    let reply = match sent {
+    let ch = out.ch;
+    let last = match stream_file(&app, &out, &path, offset, length).await {
         Ok(meta) => ServerMessage::Eof { ch, meta },
         Err(e) => api_error(Some(ch), &e, None),
     };
-    send(&out, reply).await;
+    out.finish(&last).await;
 }
 
 async fn stream_file(
     app: &AppState,
-    out: &mpsc::Sender<Message>,
-    ch: Channel,
+    out: &BindingOut,
     path: &RemotePath,
     offset: u64,
     length: Option<u64>,
@@ -556,18 +658,19 @@ async fn stream_file(
     while let Some(piece) = stream.next().await {
         let piece = piece?;
         for part in piece.chunks(crate::protocol::ws::MAX_DOWNLOAD_FRAME) {
-            let frame = FrameHeader::frame(ch, position, part);
+            let frame = FrameHeader::frame(out.ch, position, part);
             position += part.len() as u64;
-            app.metrics().sent(part.len());
-            if out.send(Message::Binary(frame.into())).await.is_err() {
-                return Err(Error::Network("connection closed".into()));
+            if !out.send_frame(frame).await {
+                return Err(Error::Network("cancelled or connection closed".into()));
             }
+            app.metrics().sent(part.len());
         }
     }
     Ok(meta)
 }
 
-async fn watch(app: AppState, out: mpsc::Sender<Message>, ch: Channel, prefix: RemotePath) {
+async fn watch(app: AppState, out: BindingOut, prefix: RemotePath) {
+    let ch = out.ch;
     let mut changes = app.store().subscribe();
     loop {
         let message = match changes.recv().await {
@@ -581,7 +684,7 @@ async fn watch(app: AppState, out: mpsc::Sender<Message>, ch: Channel, prefix: R
             }
             Err(RecvError::Closed) => return,
         };
-        if out.send(text(&message)).await.is_err() {
+        if !out.send(&message).await {
             return;
         }
     }

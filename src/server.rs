@@ -68,6 +68,9 @@ pub struct ServerConfig {
     pub ws_ping_interval: Duration,
     /// Largest WebSocket message accepted.
     pub ws_max_message: usize,
+    /// Channels (uploads, downloads, watches) one WebSocket connection may
+    /// have in use at once.
+    pub ws_max_channels: usize,
     /// Tokens and the URL-signing key; without tokens, anyone is served.
     pub auth: Arc<Authenticator>,
     /// The address clients reach this server at (for signed URLs); without
@@ -105,6 +108,9 @@ impl Default for ServerConfig {
             gc_interval: Duration::from_secs(600),
             ws_ping_interval: Duration::from_secs(30),
             ws_max_message: (MAX_CHUNK_SIZE as usize) + (1 << 20),
+            // A download its reader does not keep up with holds a file and
+            // about 400 KB (a read and its frame): 64 of them, about 25 MB.
+            ws_max_channels: 64,
             auth: Arc::default(),
             public_url: None,
             listening: Listening::default(),

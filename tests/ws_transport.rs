@@ -799,3 +799,99 @@ async fn no_change_of_a_cancelled_watch_arrives_after_its_cancelled() {
         writer.await.unwrap();
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn channels_beyond_the_connections_limit_are_refused_until_one_is_freed() {
+    let server = Server::start_with(harness::Backend::Local, &["--ws-max-channels", "3"]);
+    let small = random_bytes(10_000);
+    server.put("small.bin", small.clone()).await;
+    let mut ws = raw_socket(&server).await;
+    // Three channels in use: two watches and an upload (messages are handled
+    // in order, so `ready` means the watches are in place too).
+    send_json(&mut ws, json!({"op": "watch", "ch": 1, "prefix": "a"})).await;
+    send_json(&mut ws, json!({"op": "watch", "ch": 3, "prefix": "b"})).await;
+    send_json(
+        &mut ws,
+        json!({"op": "upload.create", "ch": 2, "path": "up.bin", "size": 1000}),
+    )
+    .await;
+    let ready = next_json(&mut ws).await;
+    assert_eq!(ready["op"], "ready", "{ready}");
+    let refused = [
+        json!({"op": "download", "ch": 4, "path": "small.bin"}),
+        json!({"op": "upload.create", "ch": 5, "path": "other.bin", "size": 10}),
+        json!({"op": "watch", "ch": 6}),
+    ];
+    for message in refused {
+        send_json(&mut ws, message.clone()).await;
+        let reply = next_json(&mut ws).await;
+        assert_eq!(
+            (&reply["op"], &reply["ch"], &reply["code"]),
+            (&json!("error"), &message["ch"], &json!("rate_limited")),
+            "{message} → {reply}"
+        );
+        assert!(
+            reply["message"].as_str().unwrap().contains("3 channels"),
+            "{reply}"
+        );
+    }
+    // The refused upload made no session; what needs no channel still works.
+    assert_eq!(server.json("/v1/stat/other.bin").await.0, 404);
+    send_json(&mut ws, json!({"op": "status", "ch": 9, "id": ready["id"]})).await;
+    let status = next_json(&mut ws).await;
+    assert_eq!(
+        (&status["op"], &status["ch"]),
+        (&json!("status"), &json!(9)),
+        "{status}"
+    );
+    // A cancelled channel frees its place, and so does a finished download.
+    send_json(&mut ws, json!({"op": "cancel", "ch": 1})).await;
+    assert_eq!(
+        next_json(&mut ws).await,
+        json!({"op": "cancelled", "ch": 1})
+    );
+    send_json(
+        &mut ws,
+        json!({"op": "download", "ch": 4, "path": "small.bin"}),
+    )
+    .await;
+    read_download(&mut ws, 4, &small, "after a cancel").await;
+    send_json(
+        &mut ws,
+        json!({"op": "download", "ch": 6, "path": "small.bin"}),
+    )
+    .await;
+    read_download(&mut ws, 6, &small, "after an eof").await;
+    // And so does a completed upload: then two more fit, not three.
+    let data = random_bytes(1000);
+    ws.send(Message::Binary(FrameHeader::frame(2, 0, &data).into()))
+        .await
+        .unwrap();
+    send_json(&mut ws, json!({"op": "upload.complete", "ch": 2})).await;
+    loop {
+        let reply = next_json(&mut ws).await;
+        match reply["op"].as_str() {
+            Some("ack" | "progress") => {}
+            Some("done") => break,
+            _ => panic!("{reply}"),
+        }
+    }
+    send_json(&mut ws, json!({"op": "watch", "ch": 10})).await;
+    send_json(
+        &mut ws,
+        json!({"op": "upload.create", "ch": 11, "path": "up2.bin", "size": 10}),
+    )
+    .await;
+    assert_eq!(next_json(&mut ws).await["op"], "ready");
+    send_json(
+        &mut ws,
+        json!({"op": "download", "ch": 12, "path": "small.bin"}),
+    )
+    .await;
+    let reply = next_json(&mut ws).await;
+    assert_eq!(
+        (&reply["ch"], &reply["code"]),
+        (&json!(12), &json!("rate_limited")),
+        "{reply}"
+    );
+}

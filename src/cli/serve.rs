@@ -57,6 +57,10 @@ pub struct ServeArgs {
     /// Largest WebSocket message, in bytes. [default: the largest chunk + 1 MiB]
     #[arg(long)]
     ws_max_message: Option<usize>,
+    /// Channels (uploads, downloads, watches) one WebSocket connection may
+    /// have in use at once. [default: 64]
+    #[arg(long)]
+    ws_max_channels: Option<usize>,
     /// Seconds a client has to send a request's headers. [default: 30]
     #[arg(long)]
     header_timeout: Option<u64>,
@@ -130,6 +134,11 @@ fn settings(args: &ServeArgs) -> anyhow::Result<Settings> {
             .ws_max_message
             .or(file.ws_max_message)
             .unwrap_or(defaults.ws_max_message),
+        ws_max_channels: args
+            .ws_max_channels
+            .or(file.ws_max_channels)
+            .unwrap_or(defaults.ws_max_channels)
+            .max(1),
         auth: Arc::new(auth),
         public_url: args.public_url.clone().or(file.public_url),
         listening: Listening {

@@ -4,7 +4,9 @@
 //! Backpressure: outgoing messages go through a bounded queue, so a slow
 //! reader stalls the downloads feeding it instead of growing memory; incoming
 //! chunks are written by at most a few tasks at once, and while those are busy
-//! the connection stops reading.
+//! the connection stops reading. A connection has at most
+//! `ws_max_channels` channels in use, so what a stalled reader holds (a file
+//! and a read buffer per download) is bounded too.
 //!
 //! A channel's binding ends at `cancel`, `done`, `eof` or a download's error,
 //! and nothing of the op it bound is sent after that: every message of an op
@@ -245,6 +247,7 @@ async fn serve(app: AppState, socket: WebSocket, grant: Grant) {
         out: out.clone(),
         channels: Arc::default(),
         bindings_made: AtomicU64::new(0),
+        max_channels: app.config().ws_max_channels,
         writers: Arc::new(Semaphore::new(CHUNK_WRITERS)),
     };
     // A peer that sends nothing, not even pongs, for this long is gone.
@@ -321,6 +324,8 @@ struct Connection {
     channels: Channels,
     /// Numbers the bindings (see [`Binding::id`]).
     bindings_made: AtomicU64,
+    /// Channels in use at once, at most.
+    max_channels: usize,
     writers: Arc<Semaphore>,
 }
 
@@ -409,14 +414,28 @@ impl Connection {
         send(&self.out, protocol_error(ch, code, message)).await;
     }
 
-    /// Reserves `ch` for a new op, or tells the peer it is in use. Messages
+    /// Reserves `ch` for a new op, or tells the peer why not: the channel is
+    /// in use, or the connection has all the channels it may have. Messages
     /// are handled one at a time, so the reservation holds until the op is
     /// bound.
     async fn claim(&self, ch: Channel) -> Option<Claim> {
-        if self.channels.lock().unwrap().contains_key(&ch) {
+        let (busy, in_use) = {
+            let channels = self.channels.lock().unwrap();
+            (channels.contains_key(&ch), channels.len())
+        };
+        if busy {
             let message = format!("channel {ch} is in use; cancel it or pick another");
             self.refuse(Some(ch), ProtocolErrorCode::ChannelBusy, message)
                 .await;
+            return None;
+        }
+        if in_use >= self.max_channels {
+            let e = Error::LimitReached(format!(
+                "this connection has {} channels in use, its limit; \
+                 wait for one to end or cancel one",
+                self.max_channels
+            ));
+            send(&self.out, api_error(Some(ch), &e, None)).await;
             return None;
         }
         Some(Claim {

@@ -22,6 +22,7 @@ pub struct ServeFile {
     pub gc_interval: Option<u64>,
     pub ws_ping_interval: Option<u64>,
     pub ws_max_message: Option<usize>,
+    pub ws_max_channels: Option<usize>,
     pub header_timeout: Option<u64>,
     pub body_timeout: Option<u64>,
     #[serde(default)]

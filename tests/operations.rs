@@ -413,7 +413,9 @@ async fn per_token_limits_on_sessions_and_transfers() {
         .await
         .unwrap();
     assert_eq!(aborted.status(), 204);
-    assert_eq!(create().await.status(), 201, "a freed slot is usable");
+    let usable = create().await;
+    assert_eq!(usable.status(), 201, "a freed slot is usable");
+    let usable: Value = usable.json().await.unwrap();
 
     // One transfer at a time: a download whose body is not read holds it.
     http()
@@ -448,43 +450,212 @@ async fn per_token_limits_on_sessions_and_transfers() {
     assert_eq!(holding.bytes().await.unwrap().len(), 32 << 20);
     let freed = slot_frees_up(&server).await;
     assert!(freed, "the slot is released when the download ends");
-    // A WebSocket holds a slot for as long as it is open.
+    // Over a WebSocket, each download and upload channel is a transfer, as
+    // its HTTP counterpart is; the connection itself is none.
     let url = format!("{}/v1/ws", server.url.replacen("http", "ws", 1));
-    let request = || {
-        let mut request = url.as_str().into_client_request().unwrap();
-        request
-            .headers_mut()
-            .insert("sec-websocket-protocol", "ferry.v1".parse().unwrap());
-        request
-            .headers_mut()
-            .insert("authorization", format!("Bearer {TOKEN}").parse().unwrap());
-        request
-    };
+    let mut request = url.as_str().into_client_request().unwrap();
+    request
+        .headers_mut()
+        .insert("sec-websocket-protocol", "ferry.v1".parse().unwrap());
+    request
+        .headers_mut()
+        .insert("authorization", format!("Bearer {TOKEN}").parse().unwrap());
+    let (mut socket, _) = tokio_tungstenite::connect_async(request).await.unwrap();
+    assert!(
+        slot_frees_up(&server).await,
+        "an open WebSocket holds no slot"
+    );
     // The probe that found the slot free held it itself until its response
     // ended, which the server notes a moment after the client has it all.
     let mut tries = 0;
-    let socket = loop {
-        match tokio_tungstenite::connect_async(request()).await {
-            Ok((socket, _)) => break socket,
-            Err(tokio_tungstenite::tungstenite::Error::Http(refused))
-                if refused.status() == 429 && tries < 20 =>
-            {
-                tries += 1;
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-            Err(e) => panic!("the WebSocket was refused: {e}"),
+    let ready = loop {
+        let open = json!({"op": "upload.open", "ch": 1, "id": usable["id"]});
+        let reply = ws_request(&mut socket, open).await;
+        if reply["code"] == "rate_limited" && tries < 20 {
+            tries += 1;
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            continue;
         }
+        break reply;
     };
+    assert_eq!(ready["op"], "ready", "{ready}");
     let during = http()
         .get(server.file_url("big.bin"))
         .bearer_auth(TOKEN)
         .send()
         .await
         .unwrap();
-    assert_eq!(during.status(), 429);
-    drop(socket);
+    assert_eq!(during.status(), 429, "the upload channel holds the slot");
+    for refused in [
+        json!({"op": "download", "ch": 2, "path": "big.bin"}),
+        json!({"op": "upload.open", "ch": 3, "id": usable["id"]}),
+    ] {
+        let reply = ws_request(&mut socket, refused.clone()).await;
+        assert_eq!(
+            (&reply["op"], &reply["ch"], &reply["code"]),
+            (&json!("error"), &refused["ch"], &json!("rate_limited")),
+            "{refused} → {reply}"
+        );
+        assert!(
+            reply["message"].as_str().unwrap().contains("transfers"),
+            "{reply}"
+        );
+    }
+    // A watch is no transfer; the reply to the next message shows it was taken.
+    socket
+        .send(Message::Text(
+            json!({"op": "watch", "ch": 4}).to_string().into(),
+        ))
+        .await
+        .unwrap();
+    let cancelled = ws_request(&mut socket, json!({"op": "cancel", "ch": 1})).await;
+    assert_eq!(cancelled, json!({"op": "cancelled", "ch": 1}));
+    // A download channel holds the slot while it runs (its frames unread).
+    let download = json!({"op": "download", "ch": 2, "path": "big.bin"});
+    socket
+        .send(Message::Text(download.to_string().into()))
+        .await
+        .unwrap();
+    match next_ws(&mut socket).await {
+        WsReceived::Frame(2) => {}
+        other => panic!("the download did not start: {other:?}"),
+    }
+    let during = http()
+        .get(server.file_url("big.bin"))
+        .bearer_auth(TOKEN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(during.status(), 429, "the download channel holds the slot");
+    socket
+        .send(Message::Text(
+            json!({"op": "cancel", "ch": 2}).to_string().into(),
+        ))
+        .await
+        .unwrap();
+    loop {
+        match next_ws(&mut socket).await {
+            WsReceived::Frame(2) => {}
+            WsReceived::Json(m) if m == json!({"op": "cancelled", "ch": 2}) => break,
+            other => panic!("{other:?}"),
+        }
+    }
     let freed = slot_frees_up(&server).await;
-    assert!(freed, "the slot is released when the WebSocket closes");
+    assert!(freed, "the slot is released when the download is cancelled");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_websocket_upload_refused_its_transfer_slot_goes_on_over_http() {
+    use ferry::client::upload::{Transport, UploadOptions, upload_file};
+    let server = Server::start_configured(&with_token(""), &["--max-transfers-per-token", "1"]);
+    let put = http()
+        .put(server.file_url("big.bin"))
+        .bearer_auth(TOKEN)
+        .body(vec![3u8; 32 << 20])
+        .send()
+        .await
+        .unwrap();
+    assert!(put.status().is_success());
+    // The token's one transfer: a download whose body is not read yet.
+    let holding = http()
+        .get(server.file_url("big.bin"))
+        .bearer_auth(TOKEN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(holding.status(), 200);
+    let config = ferry::client::ClientConfig {
+        token: Some(TOKEN.into()),
+        ..Default::default()
+    };
+    let client = ferry::client::Client::with_config(&server.url, config).unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let data = harness::random_bytes(2 << 20);
+    let file = tmp.path().join("up.bin");
+    std::fs::write(&file, &data).unwrap();
+    let options = UploadOptions {
+        transport: Transport::Auto,
+        chunk_size: Some(1 << 20),
+        ..Default::default()
+    };
+    let mut upload = tokio::spawn(async move {
+        let target = "up.bin".parse().unwrap();
+        upload_file(&client, &file, &target, options).await
+    });
+    // Refused over the WebSocket, the client goes on over HTTP, where chunk
+    // PUTs are refused too (429) until the slot is free, and retried.
+    let refused_chunk = "ferry_http_requests_total{route=\"/v1/uploads/{id}/chunks/{index}\",method=\"PUT\",status=\"429\"}";
+    while sample(&metrics(&server).await, refused_chunk) == 0.0 {
+        if upload.is_finished() {
+            panic!(
+                "the upload ended without trying HTTP: {:?}",
+                (&mut upload).await
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(holding.bytes().await.unwrap().len(), 32 << 20);
+    let report = upload.await.unwrap().unwrap();
+    assert_eq!(report.meta.size, data.len() as u64);
+    // The upload's last chunk PUT frees its slot a moment after it ends.
+    let mut tries = 0;
+    let got = loop {
+        let got = http()
+            .get(server.file_url("up.bin"))
+            .bearer_auth(TOKEN)
+            .send()
+            .await
+            .unwrap();
+        if got.status() != 429 || tries == 50 {
+            break got;
+        }
+        tries += 1;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(got.status(), 200);
+    assert!(got.bytes().await.unwrap() == data);
+}
+
+type Socket =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+#[derive(Debug)]
+enum WsReceived {
+    Json(Value),
+    /// A binary frame, on this channel.
+    Frame(u32),
+}
+
+async fn next_ws(socket: &mut Socket) -> WsReceived {
+    use futures::StreamExt;
+    loop {
+        let message = tokio::time::timeout(Duration::from_secs(10), socket.next())
+            .await
+            .expect("a message within 10 s")
+            .unwrap()
+            .unwrap();
+        match message {
+            Message::Text(text) => return WsReceived::Json(serde_json::from_str(&text).unwrap()),
+            Message::Binary(data) => {
+                let ch = u32::from_be_bytes(data[..4].try_into().unwrap());
+                return WsReceived::Frame(ch);
+            }
+            _ => {}
+        }
+    }
+}
+
+/// Sends `message` and returns the next JSON message.
+async fn ws_request(socket: &mut Socket, message: Value) -> Value {
+    socket
+        .send(Message::Text(message.to_string().into()))
+        .await
+        .unwrap();
+    loop {
+        if let WsReceived::Json(reply) = next_ws(socket).await {
+            return reply;
+        }
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -241,10 +241,17 @@ async fn drive_session(
             Ok(meta) => {
                 return Ok(report(meta));
             }
-            Err(e @ (Error::Network(_) | Error::MissingChunks(_)))
-                if options.transport == Transport::Auto =>
-            {
-                tracing::info!(error = %e, "WebSocket upload interrupted; continuing over HTTP");
+            // Also when the server's limits refused the channel: HTTP goes on
+            // and waits out its 429s.
+            Err(
+                e @ (Error::Network(_)
+                | Error::MissingChunks(_)
+                | Error::Remote {
+                    code: ErrorCode::RateLimited,
+                    ..
+                }),
+            ) if options.transport == Transport::Auto => {
+                tracing::info!(error = %e, "WebSocket upload interrupted or refused; continuing over HTTP");
                 status = client.upload_status(id).await?;
             }
             Err(e) => return Err(e),

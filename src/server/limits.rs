@@ -86,8 +86,8 @@ fn peer_ip(request: &Request) -> Option<IpAddr> {
         .map(|c| c.0.ip())
 }
 
-/// Concurrent transfers (file downloads and uploads, chunk uploads, WebSocket
-/// connections) one token may have at once.
+/// Concurrent transfers (file downloads and uploads, chunk uploads, and
+/// WebSocket download and upload channels) one token may have at once.
 pub struct TransferLimiter {
     per_token: usize,
     active: Mutex<HashMap<String, Arc<Semaphore>>>,
@@ -128,45 +128,48 @@ pub async fn limit_transfers(
     request: Request,
     next: Next,
 ) -> Response {
-    let (Some(limiter), Some(Grant::Token { name, .. })) =
-        (app.transfer_limiter(), request.extensions().get::<Grant>())
-    else {
+    let Some(grant) = request.extensions().get::<Grant>() else {
         return next.run(request).await;
     };
     if !is_transfer(request.method(), request.uri().path()) {
         return next.run(request).await;
     }
-    match limiter.start(name) {
-        Ok(permit) => {
-            let slot = TransferSlot {
-                _permit: Arc::new(permit),
-            };
-            // A WebSocket keeps it for the connection's life.
-            let mut request = request;
-            request.extensions_mut().insert(slot.clone());
+    match TransferSlot::take(&app, grant) {
+        Ok(Some(slot)) => {
             let response = next.run(request).await;
-            // The body's closure owns the last clone: the slot frees when
-            // the body is done.
+            // The body's closure owns the slot: it frees when the body is done.
             response.map(|body| {
                 Body::new(ObservedBody::new(body, move |_| {
                     let _held = &slot;
                 }))
             })
         }
+        Ok(None) => next.run(request).await,
         Err(e) => e.into_response(),
     }
 }
 
-/// A transfer slot held by a request (see [`limit_transfers`]); freed when
-/// the last clone is dropped.
-#[derive(Clone)]
+/// One of a token's transfers in flight (a request, see [`limit_transfers`],
+/// or a WebSocket channel); freed when dropped.
 pub struct TransferSlot {
-    _permit: Arc<OwnedSemaphorePermit>,
+    _permit: OwnedSemaphorePermit,
+}
+
+impl TransferSlot {
+    /// A slot for one more transfer by `grant`'s token: `None` when its
+    /// transfers are not limited (no limit set, or no token), 429
+    /// (`rate_limited`) when all its slots are in use.
+    pub fn take(app: &AppState, grant: &Grant) -> Result<Option<Self>, Error> {
+        let (Some(limiter), Grant::Token { name, .. }) = (app.transfer_limiter(), grant) else {
+            return Ok(None);
+        };
+        let permit = limiter.start(name)?;
+        Ok(Some(Self { _permit: permit }))
+    }
 }
 
 fn is_transfer(method: &Method, path: &str) -> bool {
     let files = path.starts_with("/v1/files/");
     (files && (method == Method::GET || method == Method::PUT || method == Method::POST))
         || (path.starts_with("/v1/uploads/") && path.contains("/chunks/"))
-        || path == "/v1/ws"
 }

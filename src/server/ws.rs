@@ -16,7 +16,6 @@
 use super::auth::{Caller, Grant, Scope};
 use super::limits::TransferSlot;
 use super::uploads::authorize;
-use axum::Extension;
 use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -54,7 +53,6 @@ const CLOSE_HANDSHAKE: std::time::Duration = std::time::Duration::from_secs(2);
 pub async fn upgrade(
     State(app): State<AppState>,
     Caller(grant): Caller,
-    slot: Option<Extension<TransferSlot>>,
     headers: HeaderMap,
     upgrade: std::result::Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> Result<Response> {
@@ -76,10 +74,7 @@ pub async fn upgrade(
         .protocols([SUBPROTOCOL])
         .max_message_size(max)
         .max_frame_size(max)
-        .on_upgrade(move |socket| async move {
-            serve(app, socket, grant).await;
-            drop(slot);
-        }))
+        .on_upgrade(move |socket| serve(app, socket, grant)))
 }
 
 /// What a channel is bound to, from the message that claimed it to its end.
@@ -88,6 +83,8 @@ struct Binding {
     /// an op that has ended can neither speak for nor end its successor.
     id: u64,
     op: Op,
+    /// Held by a download or an upload: one of its token's transfers.
+    _slot: Option<TransferSlot>,
 }
 
 enum Op {
@@ -98,9 +95,10 @@ enum Op {
 
 impl Binding {
     /// Stops the op; returns once its task has let go of what it held (a
-    /// file, a subscription).
+    /// file, a subscription). Then the transfer slot is freed.
     async fn stop(self) {
-        if let Op::Task(task) = self.op {
+        let Binding { op, _slot, .. } = self;
+        if let Op::Task(task) = op {
             task.abort();
             let _ = task.await;
         }
@@ -112,6 +110,7 @@ impl Binding {
 struct Claim {
     ch: Channel,
     id: u64,
+    slot: Option<TransferSlot>,
 }
 
 struct UploadChannel {
@@ -346,7 +345,7 @@ impl Connection {
         };
         match message {
             ClientMessage::UploadCreate { ch, request } => {
-                if let Some(claim) = self.claim(ch).await {
+                if let Some(claim) = self.claim(ch, true).await {
                     let opened = match self.grant.allow(&request.path, Scope::Write) {
                         Ok(()) if request.size.is_none() => Err(needs_size()),
                         Ok(()) => self.app.uploads().create(request, self.grant.owner()).await,
@@ -356,7 +355,7 @@ impl Connection {
                 }
             }
             ClientMessage::UploadOpen { ch, id } => {
-                if let Some(claim) = self.claim(ch).await {
+                if let Some(claim) = self.claim(ch, true).await {
                     let allowed = authorize(&self.app, &self.grant, &id).await;
                     self.bind_upload(claim, allowed.map(|()| id)).await;
                 }
@@ -371,7 +370,7 @@ impl Connection {
                 if let Err(e) = self.grant.allow(&path, Scope::Read) {
                     return send(&self.out, api_error(Some(ch), &e, None)).await;
                 }
-                if let Some(claim) = self.claim(ch).await {
+                if let Some(claim) = self.claim(ch, true).await {
                     let app = self.app.clone();
                     self.start(claim, |out| download(app, out, path, offset, length));
                 }
@@ -400,7 +399,7 @@ impl Connection {
                     Ok(p) => p,
                     Err(e) => return send(&self.out, api_error(Some(ch), &e, None)).await,
                 };
-                if let Some(claim) = self.claim(ch).await {
+                if let Some(claim) = self.claim(ch, false).await {
                     let app = self.app.clone();
                     self.start(claim, |out| watch(app, out, prefix));
                 }
@@ -414,11 +413,12 @@ impl Connection {
         send(&self.out, protocol_error(ch, code, message)).await;
     }
 
-    /// Reserves `ch` for a new op, or tells the peer why not: the channel is
-    /// in use, or the connection has all the channels it may have. Messages
-    /// are handled one at a time, so the reservation holds until the op is
-    /// bound.
-    async fn claim(&self, ch: Channel) -> Option<Claim> {
+    /// Reserves `ch` for a new op (a `transfer`: a download or an upload),
+    /// or tells the peer why not: the channel is in use, the connection has
+    /// all the channels it may have, or the token all its transfers (counted
+    /// as HTTP transfers are). Messages are handled one at a time, so the
+    /// reservation holds until the op is bound.
+    async fn claim(&self, ch: Channel, transfer: bool) -> Option<Claim> {
         let (busy, in_use) = {
             let channels = self.channels.lock().unwrap();
             (channels.contains_key(&ch), channels.len())
@@ -438,10 +438,22 @@ impl Connection {
             send(&self.out, api_error(Some(ch), &e, None)).await;
             return None;
         }
-        Some(Claim {
-            ch,
-            id: self.bindings_made.fetch_add(1, Ordering::Relaxed),
-        })
+        let slot = if transfer {
+            TransferSlot::take(&self.app, &self.grant)
+        } else {
+            Ok(None)
+        };
+        match slot {
+            Ok(slot) => Some(Claim {
+                ch,
+                id: self.bindings_made.fetch_add(1, Ordering::Relaxed),
+                slot,
+            }),
+            Err(e) => {
+                send(&self.out, api_error(Some(ch), &e, None)).await;
+                None
+            }
+        }
     }
 
     /// Binds `claim`'s channel to a task running `op`.
@@ -456,6 +468,7 @@ impl Connection {
         let binding = Binding {
             id: claim.id,
             op: Op::Task(task),
+            _slot: claim.slot,
         };
         channels.insert(claim.ch, binding);
     }
@@ -498,6 +511,7 @@ impl Connection {
         let binding = Binding {
             id: claim.id,
             op: Op::Upload(channel),
+            _slot: claim.slot,
         };
         self.channels.lock().unwrap().insert(ch, binding);
         let ready = ServerMessage::Ready {

@@ -759,12 +759,7 @@ impl Folder {
             match watch::start(&self.root) {
                 Ok(w) => Some(w),
                 Err(e) if watch::is_watch_limit(&e) => {
-                    tracing::error!(
-                        folder = %self.root.display(),
-                        "{}; until then the folder is rescanned every {} s",
-                        watch::watch_limit_message(),
-                        fallback_every.as_secs()
-                    );
+                    report_watch_limit(&self.root, fallback_every);
                     fallback = true;
                     None
                 }
@@ -813,12 +808,7 @@ impl Folder {
                         next_full = now;
                     }
                     Err(e) if watch::is_watch_limit(&e) => {
-                        tracing::error!(
-                            folder = %self.root.display(),
-                            "{}; until then the folder is rescanned every {} s",
-                            watch::watch_limit_message(),
-                            fallback_every.as_secs()
-                        );
+                        report_watch_limit(&self.root, fallback_every);
                         fallback = true;
                         next_full = now;
                     }
@@ -1109,6 +1099,17 @@ fn collapse(mut paths: Vec<String>) -> Vec<String> {
         }
     }
     out
+}
+
+/// The folder cannot be watched for the kernel's limit: it is rescanned
+/// every `every` instead.
+fn report_watch_limit(root: &Path, every: Duration) {
+    tracing::error!(
+        folder = %root.display(),
+        "{}; until then the folder is rescanned every {} s",
+        watch::watch_limit_message(),
+        every.as_secs()
+    );
 }
 
 #[cfg(test)]

@@ -72,6 +72,7 @@ pub enum Error {
 impl Error {
     pub fn code(&self) -> ErrorCode {
         match self {
+            Error::InvalidPath(e) if e.is_too_long() => ErrorCode::NameTooLong,
             Error::InvalidPath(_) => ErrorCode::InvalidPath,
             Error::BadRequest(_) => ErrorCode::BadRequest,
             Error::Unauthorized(_) => ErrorCode::Unauthorized,
@@ -106,6 +107,7 @@ impl Error {
     pub fn errno(&self) -> i32 {
         match self.code() {
             ErrorCode::BadRequest | ErrorCode::InvalidPath => libc_errno::EINVAL,
+            ErrorCode::NameTooLong => libc_errno::ENAMETOOLONG,
             ErrorCode::Unauthorized | ErrorCode::Forbidden => libc_errno::EACCES,
             ErrorCode::NotFound => libc_errno::ENOENT,
             ErrorCode::AlreadyExists => libc_errno::EEXIST,

@@ -49,7 +49,13 @@ async fn traversal_and_malformed_paths_are_refused() {
         let resp = raw_get(server.addr, target);
         let shown = String::from_utf8_lossy(target);
         assert_eq!(resp.status, 400, "{shown}");
-        assert_eq!(resp.error_code(), "invalid_path", "{shown}");
+        // Too long is told apart (a mount reports it as ENAMETOOLONG).
+        let code = if target == long_segment.as_bytes() {
+            "name_too_long"
+        } else {
+            "invalid_path"
+        };
+        assert_eq!(resp.error_code(), code, "{shown}");
         assert!(!String::from_utf8_lossy(&resp.body).contains("top secret"));
     }
     // A raw backslash or NUL in the request line is refused by the HTTP parser
@@ -379,7 +385,7 @@ async fn a_name_the_filesystem_refuses_is_a_400() {
         .await
         .unwrap();
     let refused = error_naming_no_server_path(&server, resp).await;
-    assert_eq!(refused, (400, "invalid_path".to_owned()));
+    assert_eq!(refused, (400, "name_too_long".to_owned()));
     let resp = server
         .client()
         .delete(server.file_url(&format!("legacy/{long}")))

@@ -493,7 +493,7 @@ async fn long_names_are_written_by_every_route_or_refused_alike(backend: Backend
             } else {
                 assert_eq!(
                     (*status, code.as_str()),
-                    (400, "invalid_path"),
+                    (400, "name_too_long"),
                     "{route} {short}… ({stored} bytes stored): {body}"
                 );
                 assert_eq!(message, &refusal.2, "{route}: the same refusal as PUT's");

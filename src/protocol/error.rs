@@ -9,6 +9,9 @@ use serde::{Deserialize, Serialize};
 pub enum ErrorCode {
     BadRequest,
     InvalidPath,
+    /// A valid-looking path with a name (or the whole path) longer than the
+    /// path rules or the store allow.
+    NameTooLong,
     Unauthorized,
     Forbidden,
     NotFound,
@@ -37,7 +40,7 @@ impl ErrorCode {
     /// The HTTP status that carries this code.
     pub fn status(self) -> u16 {
         match self {
-            ErrorCode::BadRequest | ErrorCode::InvalidPath => 400,
+            ErrorCode::BadRequest | ErrorCode::InvalidPath | ErrorCode::NameTooLong => 400,
             ErrorCode::Unauthorized => 401,
             ErrorCode::Forbidden => 403,
             ErrorCode::NotFound => 404,

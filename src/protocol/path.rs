@@ -50,6 +50,20 @@ pub enum PathError {
     NameTooLongForFilesystem,
 }
 
+impl PathError {
+    /// Whether the path is refused only for its length (a name or the whole
+    /// path): `name_too_long` on the wire, ENAMETOOLONG in a mount.
+    pub fn is_too_long(&self) -> bool {
+        matches!(
+            self,
+            PathError::SegmentTooLong
+                | PathError::TooLong
+                | PathError::NameTooLongForStore { .. }
+                | PathError::NameTooLongForFilesystem
+        )
+    }
+}
+
 /// A validated logical path: UTF-8, `/`-separated, relative to the store root.
 ///
 /// The empty path is the root directory. Every other value has only non-empty

@@ -363,7 +363,8 @@ pub async fn run(
     served
 }
 
-/// Frees abandoned upload sessions, at start-up and then periodically.
+/// Frees abandoned upload sessions and the temporaries of writes a killed
+/// server left, at start-up and then periodically.
 async fn collect_expired_uploads(state: AppState) {
     let mut ticks = tokio::time::interval(state.config().gc_interval);
     loop {
@@ -375,6 +376,11 @@ async fn collect_expired_uploads(state: AppState) {
             Ok(0) => {}
             Ok(n) => tracing::info!(sessions = n, "collected expired upload sessions"),
             Err(e) => tracing::warn!(error = %e, "collecting expired upload sessions failed"),
+        }
+        match state.store().collect_stray_temporaries().await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(temporaries = n, "removed temporaries left by interrupted writes"),
+            Err(e) => tracing::warn!(error = %e, "removing leftover temporaries failed"),
         }
     }
 }

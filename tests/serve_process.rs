@@ -92,3 +92,43 @@ fn sigterm_lets_an_in_flight_upload_finish_then_exits_cleanly() {
         assert_eq!(std::fs::read(on_disk).unwrap(), b"helloworld");
     }
 }
+
+/// A server killed in the middle of a `PUT` leaves the write's temporary
+/// (`{name}#1`) beside its target. The next server on that store removes it
+/// once it has gone unwritten for an hour, with the directory only it kept;
+/// a fresh one, which may be another node's write in progress, is kept.
+#[test]
+fn temporaries_of_writes_a_killed_server_left_are_removed() {
+    let mut server = Server::start();
+    let store = server.store_dir.clone().unwrap();
+    let mut stream = TcpStream::connect(server.addr).unwrap();
+    write!(
+        stream,
+        "PUT /v1/files/deep/dir/big.bin HTTP/1.1\r\nHost: t\r\nContent-Length: 20000000\r\n\r\n"
+    )
+    .unwrap();
+    // More than a part (5 MiB), which the server writes out as it fills.
+    stream.write_all(&vec![7u8; 8 << 20]).unwrap();
+    stream.flush().unwrap();
+    let temporary = store.join("deep/dir/big.bin#1");
+    assert!(eventually(Duration::from_secs(10), || {
+        std::fs::metadata(&temporary).is_ok_and(|m| m.len() > 0)
+    }));
+    server.signal("KILL");
+    server.child.wait().unwrap();
+    drop(stream);
+    // Another temporary, just written (as by a write under way elsewhere).
+    std::fs::write(store.join("deep/fresh.bin#1"), "in progress").unwrap();
+    let old = std::time::SystemTime::now() - Duration::from_secs(2 * 3600);
+    let leftover = std::fs::File::options()
+        .write(true)
+        .open(&temporary)
+        .unwrap();
+    leftover.set_modified(old).unwrap();
+    drop(leftover);
+
+    let _next = Server::start_on(store.to_str().unwrap(), &[]);
+    assert!(eventually(Duration::from_secs(10), || !temporary.exists()));
+    assert!(!store.join("deep/dir").exists(), "the directory it alone kept");
+    assert!(store.join("deep/fresh.bin#1").exists());
+}

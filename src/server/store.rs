@@ -13,6 +13,7 @@ mod backend;
 mod keys;
 mod local_read;
 pub mod namespace;
+mod stray_temps;
 pub mod uploads;
 mod writer;
 
@@ -69,6 +70,20 @@ impl Store {
     /// directory is created.
     pub fn open(spec: &str) -> Result<Store> {
         backend::open(spec)
+    }
+
+    /// On a local store, removes the temporaries of writes a killed server
+    /// left behind (see [`stray_temps`]), and the directories only they
+    /// kept. Returns how many were removed; other backends have none.
+    pub async fn collect_stray_temporaries(&self) -> Result<usize> {
+        let Some(root) = self.local_root.clone() else {
+            return Ok(0);
+        };
+        let cutoff = std::time::SystemTime::now() - stray_temps::STRAY_AFTER;
+        tokio::task::spawn_blocking(move || stray_temps::collect(&root, cutoff))
+            .await
+            .map_err(|e| Error::Storage(format!("sweeping temporaries: {e}")))?
+            .map_err(|e| Error::Storage(format!("sweeping temporaries: {}", e.kind())))
     }
 
     /// Human-readable description of the backend, for logs.

@@ -12,6 +12,19 @@ const ERRORS_SHOWN: usize = 10;
 /// Pending uploads listed by name.
 const PENDING_SHOWN: usize = 20;
 
+/// Whether an agent is syncing the folder now: it holds the folder's lock
+/// for as long as it runs. (The journaled pid alone could have been reused
+/// by another process since an agent was killed.)
+fn agent_holds_lock(spec: &FolderSpec) -> bool {
+    use std::os::fd::AsRawFd;
+    let Ok(file) = std::fs::File::open(spec.lock_path()) else {
+        return false;
+    };
+    // SAFETY: flock on a descriptor we own; a lock we get goes with the file.
+    let free = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_SH | libc::LOCK_NB) } == 0;
+    !free
+}
+
 pub fn describe(spec: &FolderSpec) -> Result<String> {
     let mut out = String::new();
     writeln!(out, "folder:          {}", spec.dir.display())?;
@@ -30,9 +43,7 @@ pub fn describe(spec: &FolderSpec) -> Result<String> {
     }
     writeln!(out, "state:           {}", spec.state.display())?;
     let agent = match meta("pid") {
-        Some(pid) if std::path::Path::new(&format!("/proc/{pid}")).exists() => {
-            format!("running (pid {pid})")
-        }
+        Some(pid) if agent_holds_lock(spec) => format!("running (pid {pid})"),
         _ => "not running".to_owned(),
     };
     writeln!(out, "agent:           {agent}")?;

@@ -632,4 +632,18 @@ async fn a_second_agent_on_the_same_folder_is_refused() {
         "{err}"
     );
     assert!(agent.status().contains("agent:           running (pid"));
+
+    // Killed, its pid left in the journal and taken by another process (this
+    // one, here): it is not running.
+    agent.signal("KILL");
+    agent.wait(std::time::Duration::from_secs(10));
+    let journal = rusqlite::Connection::open(agent.state_db()).unwrap();
+    journal
+        .execute(
+            "UPDATE meta SET value = ?1 WHERE key = 'pid'",
+            [std::process::id().to_string()],
+        )
+        .unwrap();
+    let status = agent.status();
+    assert!(status.contains("agent:           not running"), "{status}");
 }

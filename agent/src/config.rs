@@ -218,6 +218,21 @@ impl Settings {
                         b.dir.display()
                     );
                 }
+                // Each folder's deletes and renames mirror it alone: two
+                // folders writing one remote tree would undo each other.
+                let same_server = a.server.trim_end_matches('/') == b.server.trim_end_matches('/');
+                if same_server && (a.prefix.starts_with(&b.prefix) || b.prefix.starts_with(&a.prefix))
+                {
+                    bail!(
+                        "folders {} and {} sync to overlapping places on {} (prefixes {:?} and {:?}); \
+                         each remote file must belong to one folder",
+                        a.dir.display(),
+                        b.dir.display(),
+                        a.server,
+                        a.prefix.as_str(),
+                        b.prefix.as_str()
+                    );
+                }
             }
         }
         Ok(settings)
@@ -402,5 +417,45 @@ max_delete = 10
 
         let err = Settings::resolve(&Overrides::default()).unwrap_err();
         assert!(err.to_string().contains("--dir"));
+    }
+
+    #[test]
+    fn two_folders_syncing_to_one_remote_tree_are_refused() {
+        let tmp = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(tmp.path().join("a")).unwrap();
+        std::fs::create_dir_all(tmp.path().join("b")).unwrap();
+        let file = tmp.path().join("agent.toml");
+        let resolve = |a: &str, b: &str, b_server: &str| {
+            std::fs::write(
+                &file,
+                format!(
+                    "server = \"http://h:7070\"\n\
+                     [[folder]]\ndir = \"a\"\n{a}\n\
+                     [[folder]]\ndir = \"b\"\n{b}\n{b_server}\n"
+                ),
+            )
+            .unwrap();
+            Settings::resolve(&Overrides {
+                config: Some(file.clone()),
+                ..Default::default()
+            })
+        };
+        for (a, b) in [
+            ("prefix = \"x\"", "prefix = \"/x/\""),
+            ("prefix = \"x\"", "prefix = \"x/y\""),
+            ("prefix = \"x/y\"", "prefix = \"x\""),
+            ("", "prefix = \"x\""),
+            ("", ""),
+        ] {
+            let err = resolve(a, b, "").unwrap_err();
+            assert!(format!("{err:#}").contains("overlapping"), "{a} / {b}: {err:#}");
+            // The same server however its URL ends.
+            let err = resolve(a, b, "server = \"http://h:7070/\"").unwrap_err();
+            assert!(format!("{err:#}").contains("overlapping"), "{a} / {b}: {err:#}");
+        }
+        // Siblings, a name that only begins alike, or another server: fine.
+        resolve("prefix = \"x\"", "prefix = \"y\"", "").unwrap();
+        resolve("prefix = \"x\"", "prefix = \"xy\"", "").unwrap();
+        resolve("prefix = \"x\"", "prefix = \"x\"", "server = \"http://other:7070\"").unwrap();
     }
 }

@@ -15,7 +15,7 @@ pub mod ws;
 pub use error::{ErrorBody, ErrorCode};
 pub use meta::{
     Access, EntryKind, FileMeta, ListEntry, ListPage, MkdirRequest, MoveRequest, RmdirRequest,
-    SignRequest, SignedUrl,
+    SignRequest, SignedUrl, WriteLimits,
 };
 pub use path::{PathError, RemotePath};
 pub use range::{ByteRange, RangeRequest};

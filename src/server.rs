@@ -34,7 +34,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
-use axum::extract::DefaultBodyLimit;
+use axum::extract::{DefaultBodyLimit, State};
 use axum::middleware::from_fn_with_state;
 use axum::routing::{get, post, put};
 use limits::{RateLimit, RateLimiter, TransferLimiter};
@@ -245,12 +245,17 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/sign", post(sign::sign))
         .route(
             "/v1/whoami",
-            get(|auth::Caller(grant): auth::Caller| async move {
-                grant
-                    .access()
-                    .map(axum::Json)
-                    .ok_or_else(|| Error::Forbidden("a signed URL only reads its file".into()))
-            }),
+            get(
+                |State(app): State<AppState>, auth::Caller(grant): auth::Caller| async move {
+                    let mut access = grant.access().ok_or_else(|| {
+                        Error::Forbidden("a signed URL only reads its file".into())
+                    })?;
+                    access.limits = Some(crate::protocol::WriteLimits {
+                        max_stored_name_bytes: app.store().max_written_name_bytes(),
+                    });
+                    Ok::<_, Error>(axum::Json(access))
+                },
+            ),
         )
         .route("/v1/ws", get(ws::upgrade))
         .route("/v1/events", get(events::events))
@@ -379,7 +384,10 @@ async fn collect_expired_uploads(state: AppState) {
         }
         match state.store().collect_stray_temporaries().await {
             Ok(0) => {}
-            Ok(n) => tracing::info!(temporaries = n, "removed temporaries left by interrupted writes"),
+            Ok(n) => tracing::info!(
+                temporaries = n,
+                "removed temporaries left by interrupted writes"
+            ),
             Err(e) => tracing::warn!(error = %e, "removing leftover temporaries failed"),
         }
     }

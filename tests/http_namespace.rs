@@ -469,6 +469,22 @@ async fn write_name_every_way(s: &Server, top: &str, name: &str) -> Vec<(&'stati
 async fn long_names_are_written_by_every_route_or_refused_alike(backend: Backend) {
     let s = Server::start_with(backend, &[]);
     let local = matches!(backend, Backend::Local);
+    // `whoami` tells clients the limit, so that a mount refuses such a name
+    // when it is made.
+    let access: serde_json::Value = s
+        .client()
+        .get(format!("{}/v1/whoami", s.url))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let limit = &access["limits"]["max_stored_name_bytes"];
+    match local {
+        true => assert_eq!(limit, 253, "{access}"),
+        false => assert!(access["limits"].is_object() && limit.is_null(), "{access}"),
+    }
     // (name, bytes it takes on a local store's disk)
     let names = [
         ("a".repeat(253), 253),

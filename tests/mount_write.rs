@@ -1227,3 +1227,43 @@ async fn rm_r_of_a_directory_that_only_its_files_made_succeeds() {
     assert!(!mount.at("implicit").exists());
     assert!(server.listed_names("").await.is_empty());
 }
+
+/// A name the server's local store cannot hold (254 bytes: its limit is 253)
+/// is refused with ENAMETOOLONG when it is made, as a local filesystem
+/// answers: a file created under it was staged and its upload refused, and
+/// retried, for good, its fsync never returning.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_name_too_long_for_the_store_is_enametoolong() {
+    if !fuse_available() {
+        return;
+    }
+    let server = Server::start();
+    server.put("dir/short.txt", "short").await;
+    let mount = MountProc::start(&server, &[]);
+    let long = "a".repeat(254);
+    let too_long = |e: std::io::Error| {
+        assert_eq!(e.raw_os_error(), Some(36), "{e}");
+    };
+    too_long(std::fs::create_dir(mount.at(&format!("dir/{long}"))).unwrap_err());
+    too_long(
+        std::fs::rename(mount.at("dir/short.txt"), mount.at(&format!("dir/{long}"))).unwrap_err(),
+    );
+    assert_eq!(std::fs::read(mount.at("dir/short.txt")).unwrap(), b"short");
+
+    too_long(std::fs::File::create(mount.at(&format!("dir/{long}"))).unwrap_err());
+    let accented = "é".repeat(127);
+    too_long(std::fs::File::create(mount.at(&format!("dir/{accented}"))).unwrap_err());
+    let mut names: Vec<String> = std::fs::read_dir(mount.at("dir"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    names.sort();
+    assert_eq!(names, ["short.txt"]);
+    assert_eq!(server.listed_names("dir").await, ["short.txt"]);
+    // A name that fits is written as usual.
+    let fits = "b".repeat(253);
+    let mut file = std::fs::File::create(mount.at(&format!("dir/{fits}"))).unwrap();
+    file.write_all(b"fits").unwrap();
+    file.sync_all().unwrap();
+    assert_eq!(server.get_bytes(&format!("dir/{fits}")).await.1, b"fits");
+}

@@ -129,6 +129,9 @@ fn temporaries_of_writes_a_killed_server_left_are_removed() {
 
     let _next = Server::start_on(store.to_str().unwrap(), &[]);
     assert!(eventually(Duration::from_secs(10), || !temporary.exists()));
-    assert!(!store.join("deep/dir").exists(), "the directory it alone kept");
+    assert!(
+        !store.join("deep/dir").exists(),
+        "the directory it alone kept"
+    );
     assert!(store.join("deep/fresh.bin#1").exists());
 }

@@ -156,6 +156,7 @@ pub async fn mount(args: MountArgs) -> anyhow::Result<()> {
         attr_ttl: Duration::from_secs(args.attr_ttl),
         write_behind: !args.no_write_behind,
         server_pace: args.server_pace,
+        limits: access.limits,
     };
     let mount = Mount::start(client, &mountpoint, options)?;
     if let Some(addr) = args.metrics_addr {

@@ -22,7 +22,7 @@ use super::readahead::Readahead;
 use super::staging::{RemoteBlocks, Staged};
 use crate::client::Client;
 use crate::error::Error;
-use crate::protocol::{EntryKind, ErrorCode, FileMeta, MoveRequest, RemotePath};
+use crate::protocol::{EntryKind, ErrorCode, FileMeta, MoveRequest, RemotePath, WriteLimits};
 use std::sync::OnceLock;
 
 /// Linux errno values the mount returns.
@@ -75,6 +75,9 @@ pub struct MountOptions {
     /// chunks this fast, a close waits for them rather than syncing the
     /// file locally as well (see `fs::write_behind`); 0: never.
     pub server_pace: u64,
+    /// What the server writes (from `whoami`): a name it would refuse is
+    /// refused at once rather than its upload after the close.
+    pub limits: Option<WriteLimits>,
 }
 
 impl Default for MountOptions {
@@ -88,6 +91,7 @@ impl Default for MountOptions {
             attr_ttl: Duration::from_secs(1),
             write_behind: true,
             server_pace: crate::fs::write_behind::DEFAULT_SERVER_PACE,
+            limits: None,
         }
     }
 }
@@ -161,6 +165,17 @@ impl MountCore {
         }
         // Names the server can never hold (reserved, `..`) simply do not exist.
         self.path(parent)?.join(name).map_err(|_| errno::ENOENT)
+    }
+
+    /// [`child`](Self::child) for a name being made (a file, a directory, a
+    /// rename's target): one the server would not write is ENAMETOOLONG
+    /// now, as a local filesystem answers, not a refused upload later.
+    fn new_child(&self, parent: u64, name: &str) -> FsResult<RemotePath> {
+        let path = self.child(parent, name)?;
+        match self.options.limits {
+            Some(limits) if !limits.name_fits(name) => Err(errno::ENAMETOOLONG),
+            _ => Ok(path),
+        }
     }
 
     async fn stat(&self, path: &RemotePath) -> FsResult<(u64, FileMeta)> {
@@ -504,7 +519,7 @@ impl MountCore {
 
     pub async fn mkdir(&self, parent: u64, name: &str) -> FsResult<(u64, FileMeta)> {
         self.writable()?;
-        let path = self.child(parent, name)?;
+        let path = self.new_child(parent, name)?;
         let meta = self
             .client
             .mkdir(&path, false)
@@ -573,7 +588,7 @@ impl MountCore {
     ) -> FsResult<()> {
         self.writable()?;
         let from = self.child(parent, name)?;
-        let to = self.child(new_parent, new_name)?;
+        let to = self.new_child(new_parent, new_name)?;
         if from == to {
             return Ok(());
         }

@@ -108,4 +108,30 @@ pub struct Access {
     pub write: bool,
     /// The only part of the store reachable (`""`: all of it).
     pub prefix: RemotePath,
+    /// What the server writes; absent from servers older than this field.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limits: Option<WriteLimits>,
+}
+
+/// What a server writes, so that a client can refuse at once what the server
+/// would refuse later (a mount: ENAMETOOLONG when the file is made, not a
+/// failed upload after its close).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WriteLimits {
+    /// The longest name written, counted in bytes as a local-directory store
+    /// keeps it ([`stored_name_len`](super::path::stored_name_len)); absent
+    /// when any valid name is written.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_stored_name_bytes: Option<usize>,
+}
+
+impl WriteLimits {
+    /// Whether a file or directory named `name` can be written.
+    pub fn name_fits(&self, name: &str) -> bool {
+        match self.max_stored_name_bytes {
+            // A byte takes at most three: most names need no count.
+            Some(max) => name.len() * 3 <= max || super::path::stored_name_len(name) <= max,
+            None => true,
+        }
+    }
 }

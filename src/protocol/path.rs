@@ -64,6 +64,12 @@ impl PathError {
     }
 }
 
+/// Bytes a name takes as a local-directory store keeps it on disk: the
+/// object-store key's own percent-encoding (docs/API.md, Paths).
+pub fn stored_name_len(name: &str) -> usize {
+    object_store::path::PathPart::from(name).as_ref().len()
+}
+
 /// A validated logical path: UTF-8, `/`-separated, relative to the store root.
 ///
 /// The empty path is the root directory. Every other value has only non-empty

@@ -123,6 +123,7 @@ impl Grant {
                 read: true,
                 write: true,
                 prefix: RemotePath::root(),
+                limits: None,
             }),
             Grant::Token {
                 name,
@@ -134,6 +135,7 @@ impl Grant {
                 read: *read,
                 write: *write,
                 prefix: prefix.clone(),
+                limits: None,
             }),
             Grant::Signed { .. } => None,
         }

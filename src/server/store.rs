@@ -30,6 +30,7 @@ use object_store::{GetOptions, GetRange, ObjectMeta, ObjectStore, ObjectStoreExt
 
 use super::file_region::FileRegion;
 use crate::error::{Error, Result};
+use crate::protocol::path::stored_name_len;
 use crate::protocol::{ByteRange, EntryKind, FileMeta, PathError, RemotePath};
 
 /// Longest name, in bytes, a local store's filesystem holds (`NAME_MAX`).
@@ -187,9 +188,15 @@ impl Store {
         self.check_names(path, LOCAL_WRITTEN_NAME_MAX)
     }
 
+    /// The longest name written, in bytes as stored, on a backend with a
+    /// limit (a local directory); `None`: any valid name.
+    pub fn max_written_name_bytes(&self) -> Option<usize> {
+        self.local_root.is_some().then_some(LOCAL_WRITTEN_NAME_MAX)
+    }
+
     /// Refuses `path` if the backend cannot hold one of its names: on a local
     /// directory, one that takes more than `max` bytes as stored
-    /// ([`keys::stored_len`]: non-ASCII and some characters percent-encoded).
+    /// ([`stored_name_len`]: non-ASCII and some characters percent-encoded).
     /// Other backends take any valid path.
     fn check_names(&self, path: &RemotePath, max: usize) -> Result<()> {
         if self.local_root.is_none() {
@@ -200,7 +207,7 @@ impl Store {
             if segment.len() * 3 <= max {
                 continue;
             }
-            let stored = keys::stored_len(segment);
+            let stored = stored_name_len(segment);
             if stored > max {
                 return Err(PathError::NameTooLongForStore { stored, max }.into());
             }

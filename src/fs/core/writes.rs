@@ -261,7 +261,7 @@ impl MountCore {
     /// Creates (or truncates) `name` in `parent` and opens it for writing.
     pub async fn create(&self, parent: u64, name: &str) -> FsResult<(u64, FileMeta, u64)> {
         let queue = self.queue()?.clone();
-        let path = self.child(parent, name)?;
+        let path = self.new_child(parent, name)?;
         let (_, dir) = self.stat(&self.path(parent)?).await?;
         if dir.kind != EntryKind::Dir {
             return Err(20); // ENOTDIR

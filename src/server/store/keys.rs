@@ -13,11 +13,6 @@ pub fn object_path(path: &RemotePath) -> Path {
     Path::from_iter(path.segments())
 }
 
-/// Bytes the name `segment` takes in a key (and on a local store's disk).
-pub fn stored_len(segment: &str) -> usize {
-    PathPart::from(segment).as_ref().len()
-}
-
 /// Key of the marker that keeps the directory `dir` alive.
 pub fn marker_path(dir: &RemotePath) -> Path {
     object_path(dir).join(DIR_MARKER)
@@ -70,10 +65,22 @@ mod tests {
 
     #[test]
     fn stored_lengths_count_escapes() {
-        assert_eq!(stored_len("plain name.txt"), 14);
-        assert_eq!(stored_len("é"), 6);
-        assert_eq!(stored_len("50%#1"), 9);
-        assert_eq!(stored_len(&"a".repeat(255)), 255);
+        use crate::protocol::path::stored_name_len;
+        assert_eq!(stored_name_len("plain name.txt"), 14);
+        assert_eq!(stored_name_len("é"), 6);
+        assert_eq!(stored_name_len("50%#1"), 9);
+        assert_eq!(stored_name_len(&"a".repeat(255)), 255);
+        for (name, fits) in [
+            ("a".repeat(253), true),
+            ("a".repeat(254), false),
+            ("é".repeat(42), true),
+            ("é".repeat(43), false),
+        ] {
+            let limits = crate::protocol::WriteLimits {
+                max_stored_name_bytes: Some(253),
+            };
+            assert_eq!(limits.name_fits(&name), fits, "{name}");
+        }
     }
 
     #[test]

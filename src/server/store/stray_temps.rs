@@ -68,7 +68,10 @@ fn sweep(root: &Path, dir: &Path, cutoff: SystemTime, removed: &mut usize) -> io
             }
         }
     }
-    let kept = dir == root || dir.strip_prefix(root).is_ok_and(|rel| rel.starts_with(STATE_DIR));
+    let kept = dir == root
+        || dir
+            .strip_prefix(root)
+            .is_ok_and(|rel| rel.starts_with(STATE_DIR));
     Ok(emptied && !kept && std::fs::read_dir(dir)?.next().is_none())
 }
 

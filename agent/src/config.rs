@@ -221,7 +221,8 @@ impl Settings {
                 // Each folder's deletes and renames mirror it alone: two
                 // folders writing one remote tree would undo each other.
                 let same_server = a.server.trim_end_matches('/') == b.server.trim_end_matches('/');
-                if same_server && (a.prefix.starts_with(&b.prefix) || b.prefix.starts_with(&a.prefix))
+                if same_server
+                    && (a.prefix.starts_with(&b.prefix) || b.prefix.starts_with(&a.prefix))
                 {
                     bail!(
                         "folders {} and {} sync to overlapping places on {} (prefixes {:?} and {:?}); \
@@ -448,14 +449,25 @@ max_delete = 10
             ("", ""),
         ] {
             let err = resolve(a, b, "").unwrap_err();
-            assert!(format!("{err:#}").contains("overlapping"), "{a} / {b}: {err:#}");
+            assert!(
+                format!("{err:#}").contains("overlapping"),
+                "{a} / {b}: {err:#}"
+            );
             // The same server however its URL ends.
             let err = resolve(a, b, "server = \"http://h:7070/\"").unwrap_err();
-            assert!(format!("{err:#}").contains("overlapping"), "{a} / {b}: {err:#}");
+            assert!(
+                format!("{err:#}").contains("overlapping"),
+                "{a} / {b}: {err:#}"
+            );
         }
         // Siblings, a name that only begins alike, or another server: fine.
         resolve("prefix = \"x\"", "prefix = \"y\"", "").unwrap();
         resolve("prefix = \"x\"", "prefix = \"xy\"", "").unwrap();
-        resolve("prefix = \"x\"", "prefix = \"x\"", "server = \"http://other:7070\"").unwrap();
+        resolve(
+            "prefix = \"x\"",
+            "prefix = \"x\"",
+            "server = \"http://other:7070\"",
+        )
+        .unwrap();
     }
 }

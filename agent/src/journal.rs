@@ -91,6 +91,7 @@ CREATE TABLE IF NOT EXISTS files (
     etag TEXT NOT NULL,
     diverged INTEGER NOT NULL DEFAULT 0
 );
+CREATE INDEX IF NOT EXISTS files_by_inode ON files (inode);
 CREATE TABLE IF NOT EXISTS pending (
     path TEXT PRIMARY KEY,
     target TEXT NOT NULL,
@@ -174,37 +175,29 @@ impl Journal {
         self.conn.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// The columns of a record, as [`record_from_row`] reads them.
+    fn record_columns(&self) -> &'static str {
+        match self.diverged_column {
+            true => "path, size, mtime_ns, inode, sha256, etag, diverged",
+            false => "path, size, mtime_ns, inode, sha256, etag, 0",
+        }
+    }
+
     /// Records at `scope` or below it (`""` is everything).
     pub fn records_under(&self, scope: &str) -> Result<BTreeMap<String, Record>> {
         let conn = self.conn();
+        let columns = self.record_columns();
         // A key range ('0' follows '/'), so that the index serves it.
-        let columns = match self.diverged_column {
-            true => "path, size, mtime_ns, inode, sha256, etag, diverged",
-            false => "path, size, mtime_ns, inode, sha256, etag, 0",
-        };
         let mut stmt = conn.prepare_cached(&format!(
             "SELECT {columns} FROM files WHERE path = ?1 OR (path >= ?2 AND path < ?3)"
         ))?;
         let mut stmt_all = conn.prepare_cached(&format!("SELECT {columns} FROM files"))?;
-        let from_row = |row: &rusqlite::Row<'_>| {
-            Ok(Record {
-                path: row.get(0)?,
-                stamp: FileStamp {
-                    size: row.get::<_, i64>(1)? as u64,
-                    mtime_ns: row.get(2)?,
-                    inode: row.get::<_, i64>(3)? as u64,
-                },
-                sha256: row.get(4)?,
-                etag: row.get(5)?,
-                diverged: row.get(6)?,
-            })
-        };
         let rows = if scope.is_empty() {
-            stmt_all.query_map([], from_row)?
+            stmt_all.query_map([], record_from_row)?
         } else {
             stmt.query_map(
                 params![scope, format!("{scope}/"), format!("{scope}0")],
-                from_row,
+                record_from_row,
             )?
         };
         let mut out = BTreeMap::new();
@@ -213,6 +206,19 @@ impl Journal {
             out.insert(record.path.clone(), record);
         }
         Ok(out)
+    }
+
+    /// Records whose file had inode `inode` when it was pushed: the other
+    /// names of a hard-linked file (or, on another file system below the
+    /// folder, unrelated files that share the number).
+    pub fn records_with_inode(&self, inode: u64) -> Result<Vec<Record>> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare_cached(&format!(
+            "SELECT {} FROM files WHERE inode = ?1 ORDER BY path",
+            self.record_columns()
+        ))?;
+        let rows = stmt.query_map([inode as i64], record_from_row)?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
     }
 
     pub fn record(&self, path: &str) -> Result<Option<Record>> {
@@ -403,6 +409,20 @@ impl Journal {
     }
 }
 
+fn record_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<Record> {
+    Ok(Record {
+        path: row.get(0)?,
+        stamp: FileStamp {
+            size: row.get::<_, i64>(1)? as u64,
+            mtime_ns: row.get(2)?,
+            inode: row.get::<_, i64>(3)? as u64,
+        },
+        sha256: row.get(4)?,
+        etag: row.get(5)?,
+        diverged: row.get(6)?,
+    })
+}
+
 fn pending_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<Pending> {
     Ok(Pending {
         path: row.get(0)?,
@@ -514,6 +534,22 @@ mod tests {
         j.clear_move("c").unwrap();
         assert!(j.pending_moves().unwrap().is_empty());
         assert!(j.record("b").unwrap().is_some());
+    }
+
+    #[test]
+    fn records_are_found_by_inode() {
+        let j = Journal::in_memory().unwrap();
+        for (p, i) in [("a", 1), ("b/link", 1), ("c", 2)] {
+            j.commit(&record(p, i)).unwrap();
+        }
+        let linked: Vec<String> = j
+            .records_with_inode(1)
+            .unwrap()
+            .into_iter()
+            .map(|r| r.path)
+            .collect();
+        assert_eq!(linked, ["a", "b/link"]);
+        assert!(j.records_with_inode(3).unwrap().is_empty());
     }
 
     #[test]

@@ -371,6 +371,59 @@ mod tests {
     }
 
     #[test]
+    fn a_new_hard_link_is_a_new_file_not_a_rename() {
+        let recs = [record("a", 1)];
+        // `ln a b`: the same inode under a second name, the first one kept.
+        let local = [
+            ("a".to_string(), recs[0].stamp),
+            ("b".to_string(), recs[0].stamp),
+        ]
+        .into();
+        let p = plan(
+            &everything(),
+            &local,
+            &index(&recs),
+            &remote_of(&recs),
+            &|_| false,
+        );
+        assert!(p.moves.is_empty() && p.vanished.is_empty());
+        assert_eq!(p.unchanged, 1);
+        assert_eq!(p.candidates.len(), 1);
+        assert_eq!(
+            (p.candidates[0].path.as_str(), &p.candidates[0].record),
+            ("b", &None)
+        );
+
+        // `ln a b; rm a`: a rename, as `mv a b` is.
+        let local = [("b".to_string(), recs[0].stamp)].into();
+        let p = plan(
+            &everything(),
+            &local,
+            &index(&recs),
+            &remote_of(&recs),
+            &|_| false,
+        );
+        assert_eq!(p.moves.len(), 1);
+        assert!(p.vanished.is_empty() && p.candidates.is_empty());
+    }
+
+    #[test]
+    fn removing_one_of_two_hard_links_deletes_only_it() {
+        let recs = [record("a", 1), record("b", 1)];
+        let local = [("a".to_string(), recs[0].stamp)].into();
+        let p = plan(
+            &everything(),
+            &local,
+            &index(&recs),
+            &remote_of(&recs),
+            &|_| false,
+        );
+        assert_eq!(p.vanished, [recs[1].clone()]);
+        assert_eq!(p.unchanged, 1);
+        assert!(p.moves.is_empty() && p.candidates.is_empty());
+    }
+
+    #[test]
     fn a_renamed_and_edited_file_is_moved_then_a_candidate() {
         let recs = [record("old", 1)];
         let mut s = recs[0].stamp;

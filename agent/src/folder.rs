@@ -3,6 +3,7 @@
 //! periodically.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -18,7 +19,7 @@ use tokio::runtime::Handle;
 use tokio_util::sync::CancellationToken;
 
 use crate::filter::{Filter, IGNORE_FILE};
-use crate::journal::{Journal, Pending, PendingMove, Record, now_text};
+use crate::journal::{FileStamp, Journal, Pending, PendingMove, Record, now_text};
 use crate::memory;
 use crate::pipeline::{Outcome, Pass, Pipeline};
 use crate::plan::{Candidate, Move, RemoteFile, plan, still_pushed, strictly_under, under};
@@ -177,21 +178,48 @@ impl Folder {
                 false
             }
         };
+        let mut all_scopes = scopes.to_vec();
         let mut local = BTreeMap::new();
         let mut unreadable = Vec::new();
         let mut records = BTreeMap::new();
         let mut remote = BTreeMap::new();
-        for scope in scopes {
-            let tree = scan(&self.root, scope, &self.filter, &accept);
-            local.extend(tree.files);
-            unreadable.extend(tree.unreadable);
-            records.extend(self.journal.records_under(scope)?);
-            let listed = self
-                .rt
-                .block_on(self.remote.index(scope))
-                .with_context(|| format!("listing {}", self.remote.describe()))?;
-            remote.extend(listed);
+        let mut looked = 0;
+        loop {
+            for scope in &all_scopes[looked..] {
+                let tree = scan(&self.root, scope, &self.filter, &accept);
+                local.extend(tree.files);
+                unreadable.extend(tree.unreadable);
+                records.extend(self.journal.records_under(scope)?);
+                let listed = self
+                    .rt
+                    .block_on(self.remote.index(scope))
+                    .with_context(|| format!("listing {}", self.remote.describe()))?;
+                remote.extend(listed);
+            }
+            if looked > 0 || all_scopes.iter().any(|s| s.is_empty()) {
+                break;
+            }
+            // A file written through one of its hard links changed under
+            // every name, but the events name only the one written to: its
+            // other names join this pass.
+            looked = all_scopes.len();
+            let covered = |path: &str| all_scopes.iter().any(|s| under(path, s));
+            let linked = other_links(&self.root, &self.journal, &local, &records, &covered)?;
+            if linked.is_empty() {
+                break;
+            }
+            for (path, changed) in linked {
+                tracing::debug!(
+                    path,
+                    changed,
+                    "another name (hard link) of a changed file; looked at too"
+                );
+                // A close of the file is a close of it under every name.
+                self.closed.share(&changed, &path);
+                all_scopes.push(path);
+            }
         }
+        let scopes = all_scopes.as_slice();
         let kept = |path: &str| {
             unreadable.iter().any(|dir| under(path, dir))
                 || self.is_busy(path)
@@ -487,7 +515,7 @@ impl Folder {
         &self,
         moves: &[Move],
         records: &BTreeMap<String, Record>,
-        local: &BTreeMap<String, crate::journal::FileStamp>,
+        local: &BTreeMap<String, FileStamp>,
         remote: &BTreeMap<String, RemoteFile>,
         candidates: &mut Vec<Candidate>,
         vanished: &mut Vec<Record>,
@@ -1083,6 +1111,52 @@ fn schedule(
         .or_insert(at);
 }
 
+/// The other names of files that changed, when a pass covers only part of
+/// the folder: a file written through one of its hard links changed under
+/// every name. For each file of `local` that is new or differs from its
+/// record and has more than one link, the paths the journal holds with its
+/// inode, outside what the pass `covered`, that are still that very file
+/// (same device and inode: not an unrelated file of another file system
+/// below the folder) and whose record is not this version yet. Links
+/// outside the folder are not in the journal and play no part. Each comes
+/// with the changed path it was found through.
+fn other_links(
+    root: &Path,
+    journal: &Journal,
+    local: &BTreeMap<String, FileStamp>,
+    records: &BTreeMap<String, Record>,
+    covered: &dyn Fn(&str) -> bool,
+) -> Result<Vec<(String, String)>> {
+    let mut found: BTreeMap<String, String> = BTreeMap::new();
+    for (path, stamp) in local {
+        if records.get(path).is_some_and(|r| r.stamp == *stamp) {
+            continue;
+        }
+        let Ok(meta) = std::fs::symlink_metadata(root.join(path)) else {
+            continue;
+        };
+        if meta.nlink() < 2 || meta.ino() != stamp.inode {
+            continue;
+        }
+        for record in journal.records_with_inode(stamp.inode)? {
+            if record.stamp == *stamp
+                || record.path == *path
+                || covered(&record.path)
+                || found.contains_key(&record.path)
+            {
+                continue;
+            }
+            let same_file = std::fs::symlink_metadata(root.join(&record.path)).is_ok_and(|m| {
+                m.file_type().is_file() && m.dev() == meta.dev() && m.ino() == meta.ino()
+            });
+            if same_file {
+                found.insert(record.path, path.clone());
+            }
+        }
+    }
+    Ok(found.into_iter().collect())
+}
+
 /// Deletes allowed in one pass: `--max-delete`, or half of the files known
 /// on the remote.
 pub fn delete_limit(max_delete: Option<u64>, tracked: u64, remote_files: u64) -> u64 {
@@ -1122,6 +1196,76 @@ mod tests {
         assert_eq!(delete_limit(None, 10, 30), 15);
         assert_eq!(delete_limit(None, 1, 0), 0);
         assert_eq!(delete_limit(Some(3), 1000, 1000), 3);
+    }
+
+    #[test]
+    fn the_other_links_of_a_changed_file_are_found() {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path();
+        std::fs::create_dir(root.join("b")).unwrap();
+        std::fs::write(root.join("a"), b"old").unwrap();
+        std::fs::hard_link(root.join("a"), root.join("b/link")).unwrap();
+        std::fs::hard_link(root.join("a"), root.join("b/new-link")).unwrap();
+        std::fs::write(root.join("single"), b"old").unwrap();
+        let stamp_of = |rel: &str| stat_file(&root.join(rel)).unwrap();
+        let journal = Journal::in_memory().unwrap();
+        let record = |path: &str, stamp: FileStamp| Record {
+            path: path.into(),
+            stamp,
+            sha256: "h".into(),
+            etag: "e".into(),
+            diverged: false,
+        };
+        for path in ["a", "b/link", "single"] {
+            journal.commit(&record(path, stamp_of(path))).unwrap();
+        }
+        // A record of a file gone since, which had the same inode number.
+        journal
+            .commit(&record(
+                "gone",
+                FileStamp {
+                    size: 9,
+                    ..stamp_of("a")
+                },
+            ))
+            .unwrap();
+        let nothing_covered = |_: &str| false;
+        let others = |changed: &[&str]| {
+            let local: BTreeMap<String, FileStamp> = changed
+                .iter()
+                .map(|p| (p.to_string(), stamp_of(p)))
+                .collect();
+            let records = changed
+                .iter()
+                .filter_map(|p| journal.record(p).unwrap().map(|r| (p.to_string(), r)))
+                .collect();
+            other_links(root, &journal, &local, &records, &nothing_covered).unwrap()
+        };
+        assert!(others(&["a"]).is_empty(), "unchanged: nothing to look at");
+
+        std::fs::write(root.join("a"), b"new content").unwrap();
+        std::fs::write(root.join("single"), b"new content").unwrap();
+        assert_eq!(others(&["a", "single"]), [("b/link".into(), "a".into())]);
+        // Written through the link: the first name is found the same way.
+        assert_eq!(others(&["b/link"]), [("a".into(), "b/link".into())]);
+        // A new link of a changed file finds the recorded ones.
+        assert_eq!(
+            others(&["b/new-link"]),
+            [
+                ("a".into(), "b/new-link".into()),
+                ("b/link".into(), "b/new-link".into())
+            ]
+        );
+        // What the pass covers already is not added again.
+        let local: BTreeMap<String, FileStamp> = [("a".to_string(), stamp_of("a"))].into();
+        let covered = |p: &str| under(p, "b");
+        let found = other_links(root, &journal, &local, &BTreeMap::new(), &covered).unwrap();
+        assert!(found.is_empty(), "{found:?}");
+
+        // The other name removed: nothing to look at but the changed file.
+        std::fs::remove_file(root.join("b/link")).unwrap();
+        std::fs::remove_file(root.join("b/new-link")).unwrap();
+        assert!(others(&["a"]).is_empty());
     }
 
     #[test]

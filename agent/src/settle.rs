@@ -34,6 +34,15 @@ impl Closed {
         closed.insert(path, at_ns);
     }
 
+    /// `other` is another name (a hard link) of the file at `path`: a close
+    /// of `path` noted and not used yet counts for it too.
+    pub fn share(&self, path: &str, other: &str) {
+        let mut closed = self.0.lock().unwrap();
+        if let Some(at) = closed.get(path).copied() {
+            closed.insert(other.to_owned(), at);
+        }
+    }
+
     /// The quiet time `path` needs, now that it was observed as `seen` and
     /// then as `current`. Uses up a noted close.
     pub fn quiet_time(&self, path: &str, seen: FileStamp, current: FileStamp) -> Duration {
@@ -156,6 +165,18 @@ mod tests {
             settle(s, 101 * S, s, 101 * S, Duration::ZERO),
             Settle::Ready
         );
+    }
+
+    #[test]
+    fn a_close_counts_for_the_other_links_of_the_file() {
+        let closed = Closed::default();
+        let s = stamp(10, 100);
+        closed.share("a", "b");
+        assert_eq!(closed.quiet_time("b", s, s), QUIET, "a was never closed");
+        closed.note("a".into(), 101 * S);
+        closed.share("a", "b");
+        assert_eq!(closed.quiet_time("b", s, s), Duration::ZERO);
+        assert_eq!(closed.quiet_time("a", s, s), Duration::ZERO);
     }
 
     #[test]

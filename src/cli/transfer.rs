@@ -124,6 +124,7 @@ pub async fn put(args: PutArgs) -> anyhow::Result<()> {
         chunk_size: args.chunk_size,
         stop: None,
         sha256_prefix: None,
+        length: None,
     };
     let report = upload_file(&client, &args.local, &remote, options)
         .await

@@ -89,6 +89,12 @@ pub struct UploadOptions {
     pub sha256: Option<String>,
     /// The hash of the file's start when already known (not read again).
     pub sha256_prefix: Option<DigestPrefix>,
+    /// Send only the file's first this many bytes: a snapshot of a file
+    /// that keeps growing, committed even though it grew meanwhile. Give
+    /// `sha256` with it (the digest of those bytes, read earlier): the
+    /// server's check of it at commit is what shows that the bytes sent are
+    /// the ones hashed. A file now shorter than this fails to read.
+    pub length: Option<u64>,
     pub progress: Option<ProgressFn>,
     /// Called with the session id as soon as it exists, to persist it.
     pub on_session: Option<SessionFn>,
@@ -125,7 +131,7 @@ pub async fn upload_file(
     let metadata = file
         .metadata()
         .map_err(Error::io(format!("reading {}", local.display())))?;
-    let size = metadata.len();
+    let size = options.length.unwrap_or(metadata.len());
     let modified = metadata.modified().ok();
     // Unless the caller knows the digest, it is computed from the chunks as
     // they are read and sent with `complete`.

@@ -5,6 +5,7 @@
 //! transfers = 4
 //! bwlimit = "10M"
 //! rescan_interval = "1h"
+//! max_settle_delay = "60s"
 //!
 //! [[folder]]
 //! dir = "/home/me/Documents"
@@ -74,6 +75,9 @@ pub struct Settings {
     pub transfers: usize,
     pub bwlimit: Option<u64>,
     pub rescan_interval: Duration,
+    /// How long a file that keeps changing waits before a snapshot of it is
+    /// pushed anyway.
+    pub max_settle_delay: Duration,
 }
 
 /// The TOML file.
@@ -84,6 +88,7 @@ struct ConfigFile {
     transfers: Option<usize>,
     bwlimit: Option<ByteCount>,
     rescan_interval: Option<String>,
+    max_settle_delay: Option<String>,
     max_delete: Option<u64>,
     #[serde(default, rename = "folder")]
     folders: Vec<FolderEntry>,
@@ -117,6 +122,7 @@ pub struct Overrides {
     pub transfers: Option<usize>,
     pub bwlimit: Option<u64>,
     pub rescan_interval: Option<Duration>,
+    pub max_settle_delay: Option<Duration>,
     pub max_delete: Option<u64>,
 }
 
@@ -137,6 +143,7 @@ impl Settings {
             transfers: DEFAULT_TRANSFERS,
             bwlimit: None,
             rescan_interval: DEFAULT_RESCAN,
+            max_settle_delay: crate::settle::DEFAULT_MAX_DELAY,
         };
         match (&o.config, &o.dir) {
             (Some(_), Some(_)) => bail!("give either --config or --dir, not both"),
@@ -165,6 +172,11 @@ impl Settings {
                 if let Some(text) = &parsed.rescan_interval {
                     settings.rescan_interval = parse_duration(text)
                         .map_err(|e| anyhow::anyhow!("{}: rescan_interval: {e}", file.display()))?;
+                }
+                if let Some(text) = &parsed.max_settle_delay {
+                    settings.max_settle_delay = parse_duration(text).map_err(|e| {
+                        anyhow::anyhow!("{}: max_settle_delay: {e}", file.display())
+                    })?;
                 }
                 for entry in parsed.folders {
                     let server = o.server.clone().or(entry.server).or(parsed.server.clone());
@@ -208,6 +220,9 @@ impl Settings {
         }
         if let Some(every) = o.rescan_interval {
             settings.rescan_interval = every;
+        }
+        if let Some(delay) = o.max_settle_delay {
+            settings.max_settle_delay = delay;
         }
         for (i, a) in settings.folders.iter().enumerate() {
             for b in &settings.folders[i + 1..] {
@@ -355,6 +370,7 @@ server = "http://127.0.0.1:7070"
 transfers = 8
 bwlimit = "2M"
 rescan_interval = "30m"
+max_settle_delay = "5m"
 
 [[folder]]
 dir = "a"
@@ -376,6 +392,7 @@ max_delete = 10
         assert_eq!(s.transfers, 8);
         assert_eq!(s.bwlimit, Some(2 << 20));
         assert_eq!(s.rescan_interval, Duration::from_secs(1800));
+        assert_eq!(s.max_settle_delay, Duration::from_secs(300));
         let a = &s.folders[0];
         assert_eq!(a.prefix.as_str(), "backup/a");
         assert_eq!(a.server, "http://127.0.0.1:7070");

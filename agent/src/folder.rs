@@ -25,7 +25,7 @@ use crate::pipeline::{Outcome, Pass, Pipeline};
 use crate::plan::{Candidate, Move, RemoteFile, plan, still_pushed, strictly_under, under};
 use crate::remote::Remote;
 use crate::scan::{scan, stat_file};
-use crate::settle::{Closed, QUIET, now_ns};
+use crate::settle::{Closed, QUIET, Waiting, now_ns};
 use crate::watch::{self, Notice};
 
 /// Past this many separate changed paths, one full pass is cheaper.
@@ -34,8 +34,12 @@ const MAX_SCOPES: usize = 256;
 const PARALLEL_DELETES: usize = 8;
 /// Rescan interval while file watching is unavailable.
 const FALLBACK_RESCAN: Duration = Duration::from_secs(60);
-/// How long `once` waits for a file to stop changing.
-const ONCE_SETTLE_LIMIT: Duration = Duration::from_secs(60);
+/// How long `once` waits for a file to stop changing, beyond the maximum
+/// delay (after which a snapshot of it is pushed; this is for one whose
+/// snapshot cannot be read consistently either).
+const ONCE_SETTLE_GRACE: Duration = Duration::from_secs(30);
+/// Files pushed as snapshots listed for `status`.
+const SNAPSHOTS_LISTED: usize = 20;
 /// Longest a deletion waits for a new file that may be the same file.
 const RENAME_HOLD: Duration = Duration::from_secs(30);
 /// Waits between attempts at a failing path or pass: 1 s doubling up to a
@@ -70,6 +74,16 @@ pub struct Folder {
     busy: Mutex<HashSet<String>>,
     /// Files whose writer closed them, pushed without waiting to settle.
     pub closed: Closed,
+    /// How long a file that keeps changing waits before a snapshot of it is
+    /// pushed anyway.
+    pub max_settle_delay: Duration,
+    /// Files waiting to settle, and since when.
+    pub waiting: Waiting,
+    /// Files whose last push was a snapshot taken while they kept changing,
+    /// with what it was (for `status`), until a settled version is pushed.
+    snapshots: Mutex<BTreeMap<String, String>>,
+    /// `once`: a file pushed as a snapshot is not waited for afterwards.
+    pub once: bool,
     notes: (Sender<Note>, Receiver<Note>),
 }
 
@@ -104,6 +118,8 @@ pub struct FolderParts {
     pub max_delete: Option<u64>,
     pub rt: Handle,
     pub stop: CancellationToken,
+    pub max_settle_delay: Duration,
+    pub once: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -127,6 +143,10 @@ impl Folder {
             held_for_renames: Mutex::default(),
             busy: Mutex::default(),
             closed: Closed::default(),
+            max_settle_delay: parts.max_settle_delay,
+            waiting: Waiting::default(),
+            snapshots: Mutex::default(),
+            once: parts.once,
             notes: crossbeam_channel::unbounded(),
         })
     }
@@ -150,6 +170,77 @@ impl Folder {
     /// Whether no work is queued or running.
     pub fn idle(&self) -> bool {
         self.busy.lock().unwrap().is_empty()
+    }
+
+    /// A snapshot of `path`, still changing, was committed: `status` lists
+    /// it until a settled version is pushed.
+    pub fn note_snapshot(&self, path: &str, bytes: u64) {
+        let mut snapshots = self.snapshots.lock().unwrap();
+        snapshots.insert(path.to_owned(), format!("{bytes} bytes at {}", now_text()));
+        self.save_snapshots(&snapshots);
+    }
+
+    /// `path` was pushed settled, or is gone: no longer a snapshot.
+    pub fn note_settled(&self, path: &str) {
+        self.waiting.settled(path);
+        let mut snapshots = self.snapshots.lock().unwrap();
+        if snapshots.remove(path).is_some() {
+            self.save_snapshots(&snapshots);
+        }
+    }
+
+    /// Files pushed as snapshots, within `scopes`, that have settled since
+    /// as their snapshot (a pass finds them unchanged): no longer listed.
+    /// Returns those unchanged but not quiet for long enough yet, with when
+    /// to look again.
+    fn forget_settled_snapshots(&self, scopes: &[String]) -> Vec<(String, Option<Duration>)> {
+        let mut again = Vec::new();
+        let paths: Vec<String> = self
+            .snapshots
+            .lock()
+            .unwrap()
+            .keys()
+            .filter(|p| scopes.iter().any(|s| under(p, s)))
+            .cloned()
+            .collect();
+        for path in paths {
+            if self.is_busy(&path) {
+                continue;
+            }
+            let current = stat_file(&self.root.join(&path));
+            let recorded = self.journal.record(&path).ok().flatten().map(|r| r.stamp);
+            match current {
+                None => self.note_settled(&path),
+                // Changed since: the pass, or a later one, pushes it.
+                Some(stamp) if Some(stamp) != recorded => {}
+                Some(stamp) => {
+                    let quiet_for = now_ns() - stamp.mtime_ns;
+                    let quiet = QUIET.as_nanos() as i64;
+                    if quiet_for >= quiet {
+                        self.note_settled(&path);
+                    } else if !self.once {
+                        let rest = Duration::from_nanos((quiet - quiet_for) as u64);
+                        again.push((path, Some(rest)));
+                    }
+                }
+            }
+        }
+        again
+    }
+
+    fn save_snapshots(&self, snapshots: &BTreeMap<String, String>) {
+        let mut text = format!("{}", snapshots.len());
+        for (path, what) in snapshots.iter().take(SNAPSHOTS_LISTED) {
+            // One line each (no remote path has a backslash to confuse).
+            let path = path
+                .replace('\n', "\\n")
+                .replace('\r', "\\r")
+                .replace('\t', "\\t");
+            text.push_str(&format!("\n{path}\t{what}"));
+        }
+        if let Err(e) = self.journal.set_meta("snapshots", &text) {
+            tracing::warn!(error = %e, "writing the journal failed");
+        }
     }
 
     /// Asks the loop to look at `path` again (after `after`, or with backoff).
@@ -227,11 +318,17 @@ impl Folder {
         };
         let seen_at = now_ns();
         let plan = plan(scopes, &local, &records, &remote, &kept);
+        let snapshots_to_recheck = if self.dry_run {
+            Vec::new()
+        } else {
+            self.forget_settled_snapshots(scopes)
+        };
         for path in &plan.changed_elsewhere {
             tracing::debug!(path, "changed on the server, unchanged here; left as it is");
         }
         let mut outcome = Outcome {
             unchanged: plan.unchanged,
+            retry: snapshots_to_recheck,
             ..Outcome::default()
         };
         let mut candidates = plan.candidates;
@@ -646,6 +743,10 @@ impl Folder {
                             .flatten()
                             .is_some_and(|now| now.etag == r.etag))
             });
+        for record in &vanished {
+            // Gone here: no longer a file that keeps changing.
+            self.note_settled(&record.path);
+        }
         // Looked at again once that work is done.
         pass.outcome
             .lock()
@@ -797,6 +898,8 @@ impl Folder {
         if !self.dry_run {
             self.settle_interrupted_uploads();
             self.record_made_renames();
+            // Snapshots listed by an earlier run: this one has seen none.
+            self.save_snapshots(&self.snapshots.lock().unwrap());
         }
         let mut events = watch
             .as_ref()
@@ -934,13 +1037,14 @@ impl Folder {
                 }
             }
             if options.once && full_done {
+                let limit = self.max_settle_delay + ONCE_SETTLE_GRACE;
                 changing_since.retain(|path, since| {
-                    let stuck = since.elapsed() >= ONCE_SETTLE_LIMIT;
+                    let stuck = since.elapsed() >= limit;
                     if stuck {
                         tracing::warn!(
                             path,
-                            "still changing after {} s; not pushed this time",
-                            ONCE_SETTLE_LIMIT.as_secs()
+                            "still changing after {} s, and no consistent snapshot of it could be read; not pushed this time",
+                            limit.as_secs()
                         );
                         dirty.remove(path);
                         gave_up = true;

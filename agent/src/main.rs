@@ -104,6 +104,10 @@ struct SyncArgs {
     /// How often the whole folder is rescanned to catch missed events (e.g. 30m, 1h).
     #[arg(long, value_parser = config::parse_duration)]
     rescan_interval: Option<Duration>,
+    /// How long a file that keeps changing (a log being appended) waits to
+    /// settle before a snapshot of it is pushed anyway (default 60s).
+    #[arg(long, value_parser = config::parse_duration)]
+    max_settle_delay: Option<Duration>,
     /// Print what would be done, change nothing (one pass, then exit).
     #[arg(long)]
     dry_run: bool,
@@ -202,6 +206,7 @@ fn sync(args: &SyncArgs, once: bool) -> Result<bool> {
         bwlimit: args.bwlimit,
         max_delete: args.max_delete,
         rescan_interval: args.rescan_interval,
+        max_settle_delay: args.max_settle_delay,
         ..overrides(&args.folder)
     })?;
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -267,6 +272,8 @@ fn sync(args: &SyncArgs, once: bool) -> Result<bool> {
             max_delete: spec.max_delete,
             rt: rt.handle().clone(),
             stop: stop.clone(),
+            max_settle_delay: settings.max_settle_delay,
+            once: once || args.dry_run,
         }));
     }
     if let Some(addr) = args.metrics_addr {

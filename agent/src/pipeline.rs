@@ -9,10 +9,18 @@
 //! settled, its stamp is checked again after hashing and after the upload,
 //! and the server checks the hash at commit, so content that changed under
 //! the upload fails and is retried.
+//!
+//! A file that keeps changing past the maximum delay is pushed as a
+//! snapshot instead: its first `size` bytes, as its stamp had them, hashed
+//! and then sent with that hash, so the server commits them only if they
+//! read the same both times (what a file that is appended to gives). The
+//! journal records the stamp as of the snapshot: the file, changed since,
+//! is pushed again once it settles or once it has waited the delay again.
 
+use std::io::Read;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender};
 use crossbeam_utils::sync::WaitGroup;
@@ -121,6 +129,9 @@ pub struct Upload {
     /// The remote file at `path` changed elsewhere (this is its etag): the
     /// local version goes beside it under a conflict name.
     pub conflict_with: Option<String>,
+    /// The file keeps changing: its first `stamp.size` bytes are sent, with
+    /// `sha256` as they were hashed, and committed though it changed since.
+    pub snapshot: bool,
 }
 
 impl Upload {
@@ -227,6 +238,7 @@ fn hasher(jobs: Receiver<HashJob>, lanes: Lanes) {
                     sha256: Some(from.sha256.clone()),
                     if_match: None,
                     conflict_with: None,
+                    snapshot: false,
                 });
             }
         }
@@ -260,15 +272,42 @@ fn hash_and_decide(job: &HashJob) -> Option<Work> {
     let folder = &pass.folder;
     let abs = folder.root.join(&c.path);
     // Gone already: the event that removed it brings it back to a pass.
-    let current = stat_file(&abs)?;
-    let quiet = folder.closed.quiet_time(&c.path, c.stamp, current);
-    if let Settle::Wait(wait) = settle(c.stamp, job.seen_at_ns, current, now_ns(), quiet) {
-        tracing::debug!(path = c.path, ?wait, "still being written; waiting");
-        pass.retry(&c.path, Some(wait));
-        if c.record.is_none() {
-            pass.outcome.lock().unwrap().new_file_settling = true;
-        }
+    let Some(current) = stat_file(&abs) else {
+        folder.note_settled(&c.path);
         return None;
+    };
+    let quiet = folder.closed.quiet_time(&c.path, c.stamp, current);
+    let now = now_ns();
+    let snapshot = match settle(c.stamp, job.seen_at_ns, current, now, quiet) {
+        Settle::Ready => {
+            folder.note_settled(&c.path);
+            false
+        }
+        Settle::Wait(_)
+            if folder
+                .waiting
+                .overdue(&c.path, now, folder.max_settle_delay) =>
+        {
+            let waited = folder.waiting.waited(&c.path, now).unwrap_or_default();
+            tracing::info!(
+                path = c.path,
+                bytes = current.size,
+                waited_s = waited.as_secs(),
+                "still changing after the maximum delay; pushing a snapshot of it as it is"
+            );
+            true
+        }
+        Settle::Wait(wait) => {
+            tracing::debug!(path = c.path, ?wait, "still being written; waiting");
+            pass.retry(&c.path, Some(wait));
+            if c.record.is_none() {
+                pass.outcome.lock().unwrap().new_file_settling = true;
+            }
+            return None;
+        }
+    };
+    if snapshot {
+        return snapshot_and_decide(job, current, Instant::now());
     }
     if c.record.is_none() && c.remote.is_none() && !pass.may_be_renamed(current.size) {
         // New here and on the server: the digest is computed while the file
@@ -280,6 +319,7 @@ fn hash_and_decide(job: &HashJob) -> Option<Work> {
             sha256: None,
             if_match: None,
             conflict_with: None,
+            snapshot: false,
         }));
     }
     let known = folder
@@ -316,6 +356,66 @@ fn hash_and_decide(job: &HashJob) -> Option<Work> {
         ours.as_ref(),
         &mut |sha, size| pass.claim(sha, size),
     ))
+}
+
+/// The decision for a file that keeps changing, pushed as it is: its first
+/// `current.size` bytes are hashed now and sent with that hash later, so
+/// the server commits them only if they read the same both times.
+fn snapshot_and_decide(job: &HashJob, current: FileStamp, started: Instant) -> Option<Work> {
+    let (pass, c) = (&job.pass, &job.candidate);
+    let folder = &pass.folder;
+    let abs = folder.root.join(&c.path);
+    // Whatever comes of it, the next snapshot waits the delay again (and
+    // as long as reading this one took); the upload, if any, sets the
+    // clock again when it ends.
+    let ended = || {
+        folder.waiting.snapshot_ended(
+            &c.path,
+            now_ns(),
+            started.elapsed(),
+            folder.max_settle_delay,
+        );
+    };
+    let sha256 = match hash_prefix(&abs, current.size) {
+        Ok(sha) => sha,
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+            tracing::info!(
+                path = c.path,
+                "truncated while its snapshot was read; trying again later"
+            );
+            ended();
+            pass.retry(&c.path, Some(QUIET));
+            return None;
+        }
+        Err(e) => {
+            tracing::warn!(path = c.path, error = %e, "cannot read the file");
+            let _ = folder
+                .journal
+                .add_error(&c.path, &format!("cannot read the file: {e}"));
+            pass.retry(&c.path, None);
+            return None;
+        }
+    };
+    ended();
+    let ours = unrecorded_commit(folder, c);
+    let work = decide(c, current, sha256, ours.as_ref(), &mut |sha, size| {
+        pass.claim(sha, size)
+    });
+    Some(match work {
+        Work::Upload(u) => Work::Upload(Upload {
+            snapshot: true,
+            ..u
+        }),
+        Work::Record(r) => {
+            // Touched, not changed: looked at again, as it keeps changing
+            // (`once` is done with it).
+            if !folder.once {
+                pass.retry(&c.path, Some(QUIET));
+            }
+            Work::Record(r)
+        }
+        other => other,
+    })
 }
 
 /// The session of ours that committed the remote version at `c`'s path
@@ -365,6 +465,7 @@ fn decide(
             sha256: Some(sha256.clone()),
             if_match,
             conflict_with,
+            snapshot: false,
         })
     };
     // `diverged`: see `Record::diverged`.
@@ -470,6 +571,7 @@ fn run_transfer(folder: &Arc<Folder>, work: Work) {
                         sha256: Some(from.sha256.clone()),
                         if_match: None,
                         conflict_with: None,
+                        snapshot: false,
                     },
                 );
                 if pushed {
@@ -507,10 +609,24 @@ fn delete_replaced(folder: &Folder, from: &Record) {
 
 /// Uploads and records; returns whether the file was committed.
 fn upload(folder: &Arc<Folder>, mut u: Upload) -> bool {
+    let started = Instant::now();
+    let pushed = upload_attempts(folder, &mut u);
+    if u.snapshot {
+        folder.waiting.snapshot_ended(
+            &u.path,
+            now_ns(),
+            started.elapsed(),
+            folder.max_settle_delay,
+        );
+    }
+    pushed
+}
+
+fn upload_attempts(folder: &Arc<Folder>, u: &mut Upload) -> bool {
     let abs = folder.root.join(&u.path);
     // At most: the upload, a retry after a 412 over a deleted file, the conflict copy.
     for _ in 0..3 {
-        let Some(target) = target_of(folder, &u) else {
+        let Some(target) = target_of(folder, u) else {
             return false;
         };
         let resume_id = match folder.journal.pending(&u.path).ok().flatten() {
@@ -536,7 +652,7 @@ fn upload(folder: &Arc<Folder>, mut u: Upload) -> bool {
             );
         }
         let on_session: SessionFn = {
-            let (folder, pending) = (folder.clone(), pending_of(&u, &target));
+            let (folder, pending) = (folder.clone(), pending_of(u, &target));
             Arc::new(move |id: &str| {
                 let pending = Pending {
                     session_id: id.to_owned(),
@@ -552,6 +668,7 @@ fn upload(folder: &Arc<Folder>, mut u: Upload) -> bool {
             target: &target,
             sha256: u.sha256.as_deref(),
             if_match: u.if_match.clone(),
+            length: u.snapshot.then_some(u.stamp.size),
             resume_id,
             on_session,
         }));
@@ -577,6 +694,13 @@ fn upload(folder: &Arc<Folder>, mut u: Upload) -> bool {
                     );
                     tracing::warn!(path = u.path, kept_as = %target, "conflict: the remote file changed elsewhere; keeping both");
                     let _ = folder.journal.add_error(&u.path, &message);
+                } else if u.snapshot {
+                    tracing::info!(
+                        path = u.path,
+                        bytes = u.stamp.size,
+                        resumed_bytes = report.resumed_bytes,
+                        "uploaded a snapshot; the file is still changing"
+                    );
                 } else {
                     tracing::info!(
                         path = u.path,
@@ -585,7 +709,17 @@ fn upload(folder: &Arc<Folder>, mut u: Upload) -> bool {
                         "uploaded"
                     );
                 }
-                if stat_file(&abs) != Some(u.stamp) {
+                if u.snapshot {
+                    folder.note_snapshot(&u.path, u.stamp.size);
+                }
+                if u.snapshot {
+                    // Looked at again even if unchanged since: a pass then
+                    // finds it settled. `once` pushes a file that keeps
+                    // changing once, as a snapshot, and is done with it.
+                    if !folder.once {
+                        folder.note_retry(&u.path, Some(QUIET));
+                    }
+                } else if stat_file(&abs) != Some(u.stamp) {
                     // What the server has is whole and recorded as such;
                     // the newer local version goes in a later pass.
                     folder.note_retry(&u.path, Some(QUIET));
@@ -614,8 +748,13 @@ fn upload(folder: &Arc<Folder>, mut u: Upload) -> bool {
                 if e.code() == ErrorCode::ChecksumMismatch
                     || matches!(e, ferry::Error::Io { .. }) =>
             {
-                // The file changed under the upload: start over once it settles.
-                tracing::info!(path = u.path, error = %e, "the file changed during the upload; trying again");
+                // The file changed under the upload: start over once it
+                // settles (a snapshot: once it has waited the delay again).
+                if u.snapshot {
+                    tracing::info!(path = u.path, error = %e, "the snapshot's bytes changed while they were read (the file is rewritten, not only appended to); trying again later");
+                } else {
+                    tracing::info!(path = u.path, error = %e, "the file changed during the upload; trying again");
+                }
                 if let Ok(Some(p)) = folder.journal.pending(&u.path) {
                     folder.rt.block_on(folder.remote.abort(&p.session_id));
                 }
@@ -675,6 +814,18 @@ fn failed(folder: &Folder, path: &str, message: &str) -> bool {
 /// The local file cannot be read (its permissions), as opposed to changed.
 fn is_unreadable(e: &ferry::Error) -> bool {
     matches!(e, ferry::Error::Io { source, .. } if source.kind() == std::io::ErrorKind::PermissionDenied)
+}
+
+/// Hex SHA-256 of a file's first `len` bytes (an `UnexpectedEof` error if
+/// it is shorter).
+pub fn hash_prefix(path: &Path, len: u64) -> std::io::Result<String> {
+    let file = std::fs::File::open(path)?;
+    let mut hasher = Sha256::new();
+    let mut reader = std::io::BufReader::with_capacity(1 << 20, file).take(len);
+    if std::io::copy(&mut reader, &mut hasher)? < len {
+        return Err(std::io::ErrorKind::UnexpectedEof.into());
+    }
+    Ok(hex::encode(hasher.finalize()))
 }
 
 /// Hex SHA-256 of a file's content.

@@ -34,6 +34,9 @@ pub struct Push<'a> {
     /// Commit only over this remote version; without one, only where there
     /// is no remote file (one created elsewhere meanwhile is a conflict).
     pub if_match: Option<String>,
+    /// Send only the first this many bytes (a snapshot of a file that keeps
+    /// changing; `sha256` is then theirs).
+    pub length: Option<u64>,
     pub resume_id: Option<String>,
     pub on_session: SessionFn,
 }
@@ -164,13 +167,16 @@ impl Remote {
     /// A chunk-session upload; on stop, chunks on the wire finish and the
     /// session stays open for the next run.
     pub async fn upload(&self, push: Push<'_>) -> Result<UploadReport> {
-        let size = std::fs::metadata(push.local).map_or(0, |m| m.len());
+        let size = push
+            .length
+            .unwrap_or_else(|| std::fs::metadata(push.local).map_or(0, |m| m.len()));
         let options = UploadOptions {
             parallel: Some(CHUNKS_PER_FILE),
             create_only: push.if_match.is_none(),
             if_match: push.if_match,
             resume_id: push.resume_id,
             sha256: push.sha256.map(str::to_owned),
+            length: push.length,
             on_session: Some(push.on_session),
             throttle: self.throttle.clone(),
             transport: Transport::for_file_of(size),

@@ -4,6 +4,11 @@
 //! inode) and it has been quiet for the settle time: either its mtime is that
 //! old, or the first observation is (for files whose mtime lies in the
 //! future or was set by an archiver).
+//!
+//! A file that never stays quiet that long (a log appended every second, a
+//! database written all the time) is pushed anyway once it has waited the
+//! maximum delay: as a snapshot of its content as it is then (see
+//! [`Waiting`]).
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -13,6 +18,9 @@ use crate::journal::FileStamp;
 
 /// How long a file must stay unchanged before it is pushed.
 pub const QUIET: Duration = Duration::from_secs(2);
+/// How long a file that keeps changing waits before a snapshot of it is
+/// pushed anyway (`--max-settle-delay`).
+pub const DEFAULT_MAX_DELAY: Duration = Duration::from_secs(60);
 
 /// Files whose writer has closed them. Closing is the writer saying it is
 /// done, so such a file is pushed as soon as two observations agree,
@@ -51,6 +59,70 @@ impl Closed {
             Some(at) if seen == current && current.mtime_ns <= at => Duration::ZERO,
             _ => QUIET,
         }
+    }
+}
+
+/// Paths waiting to settle, and since when: one that has waited the
+/// maximum delay is pushed as it is, a snapshot, instead of waiting on.
+///
+/// After a snapshot the clock starts again, from the snapshot's end and no
+/// sooner than it took to push: a file that keeps changing is pushed at
+/// most once per maximum delay, and a large one whose upload takes longer
+/// than that spends at most half of the time being uploaded.
+#[derive(Default)]
+pub struct Waiting(Mutex<HashMap<String, Since>>);
+
+#[derive(Debug, Clone, Copy)]
+struct Since {
+    /// When the path began to wait (nanoseconds since the epoch).
+    since_ns: i64,
+    /// When it was last found waiting.
+    seen_ns: i64,
+}
+
+/// A path not found waiting for this long is forgotten (it settled or went
+/// away unnoticed): its clock starts again if it waits once more.
+const FORGET_WAITING_NS: i64 = 600_000_000_000;
+
+impl Waiting {
+    /// `path` has not settled at `now_ns`. Whether it has waited
+    /// `max_delay` or longer, and is to be pushed as it is.
+    pub fn overdue(&self, path: &str, now_ns: i64, max_delay: Duration) -> bool {
+        let mut waiting = self.0.lock().unwrap();
+        if waiting.len() >= 1024 {
+            waiting.retain(|_, w| now_ns - w.seen_ns < FORGET_WAITING_NS);
+        }
+        let w = waiting.entry(path.to_owned()).or_insert(Since {
+            since_ns: now_ns,
+            seen_ns: now_ns,
+        });
+        w.seen_ns = now_ns;
+        now_ns - w.since_ns >= max_delay.as_nanos() as i64
+    }
+
+    /// `path` settled or is gone: it waits no longer.
+    pub fn settled(&self, path: &str) {
+        self.0.lock().unwrap().remove(path);
+    }
+
+    /// A snapshot of `path` ended at `now_ns` (pushed or not), after
+    /// `took`: the next waits `max_delay` from now, and at least `took`.
+    pub fn snapshot_ended(&self, path: &str, now_ns: i64, took: Duration, max_delay: Duration) {
+        let extra = took.saturating_sub(max_delay).as_nanos() as i64;
+        self.0.lock().unwrap().insert(
+            path.to_owned(),
+            Since {
+                since_ns: now_ns + extra,
+                seen_ns: now_ns,
+            },
+        );
+    }
+
+    /// How long `path` has been waiting at `now_ns`, if it is.
+    pub fn waited(&self, path: &str, now_ns: i64) -> Option<Duration> {
+        let waiting = self.0.lock().unwrap();
+        let w = waiting.get(path)?;
+        Some(Duration::from_nanos((now_ns - w.since_ns).max(0) as u64))
     }
 }
 
@@ -187,6 +259,66 @@ mod tests {
         }
         closed.note("new".into(), 61 * S);
         assert_eq!(closed.0.lock().unwrap().len(), 1);
+    }
+
+    #[test]
+    fn a_file_that_keeps_changing_is_overdue_after_the_maximum_delay() {
+        let waiting = Waiting::default();
+        let max = Duration::from_secs(60);
+        // Found waiting every two seconds, never settling.
+        for t in (1000..1060).step_by(2) {
+            assert!(!waiting.overdue("log", t * S, max), "at {t} s");
+        }
+        assert!(waiting.overdue("log", 1060 * S, max));
+        assert_eq!(
+            waiting.waited("log", 1061 * S),
+            Some(Duration::from_secs(61))
+        );
+        // Another path has its own clock.
+        assert!(!waiting.overdue("db", 1060 * S, max));
+    }
+
+    #[test]
+    fn a_file_that_settles_starts_its_clock_again() {
+        let waiting = Waiting::default();
+        let max = Duration::from_secs(60);
+        assert!(!waiting.overdue("log", 1000 * S, max));
+        waiting.settled("log");
+        assert_eq!(waiting.waited("log", 1059 * S), None);
+        assert!(!waiting.overdue("log", 1059 * S, max));
+        assert!(!waiting.overdue("log", 1100 * S, max));
+        assert!(waiting.overdue("log", 1119 * S, max));
+    }
+
+    #[test]
+    fn after_a_snapshot_the_next_waits_the_delay_and_at_least_as_long_as_it_took() {
+        let waiting = Waiting::default();
+        let max = Duration::from_secs(60);
+        assert!(!waiting.overdue("log", 1000 * S, max));
+        assert!(waiting.overdue("log", 1060 * S, max));
+        // A quick snapshot: the next one a maximum delay after it ended.
+        waiting.snapshot_ended("log", 1061 * S, Duration::from_secs(1), max);
+        assert!(!waiting.overdue("log", 1062 * S, max));
+        assert!(!waiting.overdue("log", 1120 * S, max));
+        assert!(waiting.overdue("log", 1121 * S, max));
+        // A snapshot that took ten minutes to upload: the next one ten
+        // minutes after it ended, not one.
+        waiting.snapshot_ended("big", 2000 * S, Duration::from_secs(600), max);
+        assert!(!waiting.overdue("big", 2060 * S, max));
+        assert!(!waiting.overdue("big", 2599 * S, max));
+        assert!(waiting.overdue("big", 2600 * S, max));
+    }
+
+    #[test]
+    fn paths_no_longer_waiting_are_forgotten() {
+        let waiting = Waiting::default();
+        let max = Duration::from_secs(60);
+        for i in 0..1024 {
+            waiting.overdue(&format!("old{i}"), 0, max);
+        }
+        waiting.overdue("recent", 599 * S, max);
+        waiting.overdue("new", 601 * S, max);
+        assert_eq!(waiting.0.lock().unwrap().len(), 2);
     }
 
     #[test]

@@ -67,6 +67,26 @@ pub fn describe(spec: &FolderSpec) -> Result<String> {
             "waiting:         {n} paths (still being written, or retrying)"
         )?;
     }
+    if let Some(text) = meta("snapshots") {
+        let mut lines = text.lines();
+        let n = lines.next().unwrap_or("0");
+        if n != "0" {
+            writeln!(
+                out,
+                "still changing:  {n} files, pushed as snapshots (the latest version goes once they settle, or after the next maximum delay)"
+            )?;
+            for line in lines {
+                let (path, what) = line.split_once('\t').unwrap_or((line, ""));
+                writeln!(out, "  {path} (snapshot of {what})")?;
+            }
+            let shown = text.lines().count() - 1;
+            if let Ok(total) = n.parse::<usize>()
+                && total > shown
+            {
+                writeln!(out, "  … and {} more", total - shown)?;
+            }
+        }
+    }
     if let Some(n) = meta("held_deletes").filter(|n| n != "0") {
         writeln!(
             out,

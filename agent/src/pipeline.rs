@@ -333,14 +333,7 @@ fn hash_and_decide(job: &HashJob) -> Option<Work> {
         Some(sha) => sha,
         None => match hash_file(&abs) {
             Ok(sha) => sha,
-            Err(e) => {
-                tracing::warn!(path = c.path, error = %e, "cannot read the file");
-                let _ = folder
-                    .journal
-                    .add_error(&c.path, &format!("cannot read the file: {e}"));
-                pass.retry(&c.path, None);
-                return None;
-            }
+            Err(e) => return unreadable(pass, &c.path, &e),
         },
     };
     if stat_file(&abs) != Some(current) {
@@ -356,6 +349,18 @@ fn hash_and_decide(job: &HashJob) -> Option<Work> {
         ours.as_ref(),
         &mut |sha, size| pass.claim(sha, size),
     ))
+}
+
+/// A file that cannot be read (its permissions, an I/O error): logged,
+/// journaled for `status` and tried again later. Nothing to do now.
+fn unreadable(pass: &Pass, path: &str, e: &std::io::Error) -> Option<Work> {
+    tracing::warn!(path, error = %e, "cannot read the file");
+    let _ = pass
+        .folder
+        .journal
+        .add_error(path, &format!("cannot read the file: {e}"));
+    pass.retry(path, None);
+    None
 }
 
 /// The decision for a file that keeps changing, pushed as it is: its first
@@ -387,14 +392,7 @@ fn snapshot_and_decide(job: &HashJob, current: FileStamp, started: Instant) -> O
             pass.retry(&c.path, Some(QUIET));
             return None;
         }
-        Err(e) => {
-            tracing::warn!(path = c.path, error = %e, "cannot read the file");
-            let _ = folder
-                .journal
-                .add_error(&c.path, &format!("cannot read the file: {e}"));
-            pass.retry(&c.path, None);
-            return None;
-        }
+        Err(e) => return unreadable(pass, &c.path, &e),
     };
     ended();
     let ours = unrecorded_commit(folder, c);

@@ -1267,3 +1267,33 @@ async fn a_name_too_long_for_the_store_is_enametoolong() {
     file.sync_all().unwrap();
     assert_eq!(server.get_bytes(&format!("dir/{fits}")).await.1, b"fits");
 }
+
+/// A server that refuses a file's upload for its name, though the mount
+/// learnt no limit at its start (another store came up behind the same
+/// address): `fsync` returns the reason instead of waiting for good, and
+/// the file, kept, is tried again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fsync_returns_when_the_server_refuses_the_name_for_good() {
+    if !fuse_available() {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let first = Server::spawn("memory://", "127.0.0.1:0", &[]);
+    let addr = first.addr.to_string();
+    let mount = MountProc::start(&first, &[]);
+    drop(first);
+    let store = tmp.path().join("store");
+    let server = Server::spawn(store.to_str().unwrap(), &addr, &[]);
+    let long = mount.at(&"a".repeat(254));
+    let mut file = std::fs::File::create(&long).unwrap();
+    file.write_all(b"kept").unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || tx.send(file.sync_all()));
+    let synced = rx
+        .recv_timeout(Duration::from_secs(60))
+        .expect("fsync returned");
+    assert_eq!(synced.unwrap_err().raw_os_error(), Some(36));
+    // Still there, its upload still tried.
+    assert_eq!(std::fs::read(&long).unwrap(), b"kept");
+    assert_eq!(server.listed_names("").await, Vec::<String>::new());
+}

@@ -13,6 +13,7 @@ use futures::FutureExt;
 use futures::future::{BoxFuture, Shared};
 use serde::{Deserialize, Serialize};
 
+use super::core::errno::EIO;
 use super::staging_space::{Charge, StagingSpace};
 use super::tail_copy::{self, TailCopy};
 use super::write_behind::Handover;
@@ -140,7 +141,12 @@ struct Running {
     done: Done,
     /// Once started.
     record: Option<LiveRecord>,
+    /// Set (to the errno) once the server refused the upload for good
+    /// ([`refused_for_good`]): it is retried still, but `fsync` waits no more.
+    refusal: Refusal,
 }
+
+type Refusal = Arc<tokio::sync::watch::Sender<Option<i32>>>;
 
 pub struct UploadQueue {
     client: Client,
@@ -198,7 +204,11 @@ impl UploadQueue {
         }
         .boxed()
         .shared();
-        let running = Running { done, record: None };
+        let running = Running {
+            done,
+            record: None,
+            refusal: Arc::new(tokio::sync::watch::channel(None).0),
+        };
         self.running.lock().unwrap().insert(path.clone(), running);
         Reservation {
             queue: self.clone(),
@@ -366,6 +376,25 @@ impl UploadQueue {
         }
     }
 
+    /// Waits until `path`'s upload is over, as [`UploadQueue::wait`] does,
+    /// or until the server refused it for good: then its errno.
+    pub async fn wait_unless_refused(&self, path: &RemotePath) -> Result<(), i32> {
+        let Some((done, refusal)) = self
+            .running
+            .lock()
+            .unwrap()
+            .get(path)
+            .map(|r| (r.done.clone(), r.refusal.subscribe()))
+        else {
+            return Ok(());
+        };
+        let mut refusal = refusal;
+        tokio::select! {
+            () = done => Ok(()),
+            Ok(errno) = refusal.wait_for(Option::is_some) => Err((*errno).unwrap_or(EIO)),
+        }
+    }
+
     /// Paths strictly beneath `dir` with an upload on its way.
     pub fn pending_beneath(&self, dir: &RemotePath) -> Vec<RemotePath> {
         let running = self.running.lock().unwrap();
@@ -395,7 +424,13 @@ impl UploadQueue {
         self.running.lock().unwrap().contains_key(path)
     }
 
-    async fn run(self: &Arc<Self>, record: &Path, live: &LiveRecord, mut entry: JournalEntry) {
+    async fn run(
+        self: &Arc<Self>,
+        record: &Path,
+        live: &LiveRecord,
+        refusal: &Refusal,
+        mut entry: JournalEntry,
+    ) {
         let mut attempt = 0u32;
         let mut target = entry.path.clone();
         let mut committed = None;
@@ -450,6 +485,12 @@ impl UploadQueue {
                     break;
                 }
                 Err(e) => {
+                    if let Some(errno) = refused_for_good(&e, target != entry.path) {
+                        // Kept, and tried again: the server may change its
+                        // mind (another store behind it); an fsync waiting
+                        // for it returns now with the reason.
+                        refusal.send_replace(Some(errno));
+                    }
                     self.space.upload_failed();
                     attempt += 1;
                     let delay = self
@@ -511,11 +552,15 @@ impl Reservation {
         let settled = self.settled.take();
         let (queue, path) = (self.queue.clone(), self.path.clone());
         let live: LiveRecord = Arc::new(Mutex::new(Some(entry.clone())));
-        if let Some(running) = queue.running.lock().unwrap().get_mut(&path) {
-            running.record = Some(live.clone());
-        }
+        let refusal = match queue.running.lock().unwrap().get_mut(&path) {
+            Some(running) => {
+                running.record = Some(live.clone());
+                running.refusal.clone()
+            }
+            None => Arc::new(tokio::sync::watch::channel(None).0),
+        };
         tokio::spawn(async move {
-            queue.run(&record, &live, entry).await;
+            queue.run(&record, &live, &refusal, entry).await;
             // The staged file is gone: its space is free.
             drop(charge);
             queue.running.lock().unwrap().remove(&path);
@@ -533,6 +578,19 @@ impl Drop for Reservation {
             let _ = tx.send(());
         }
     }
+}
+
+/// The errno of an upload the server refuses for what it is (its name), not
+/// for now (an outage, a limit an operator may raise): asking
+/// again gets the same answer. `conflict_copy`: the upload is already going
+/// to a conflict copy's name, so a conflict there is no longer one to step
+/// aside from.
+fn refused_for_good(e: &Error, conflict_copy: bool) -> Option<i32> {
+    let for_good = match e.code() {
+        ErrorCode::NameTooLong | ErrorCode::InvalidPath => true,
+        _ => conflict_copy && is_conflict(e),
+    };
+    for_good.then(|| e.errno())
 }
 
 /// The remote version moved on (412), or the path can no longer hold a file.

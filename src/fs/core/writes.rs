@@ -402,8 +402,7 @@ impl MountCore {
         let queue = self.queue()?.clone();
         let _exclusive = staged.gate.write().await;
         if !staged.state.lock().unwrap().dirty {
-            queue.wait(&staged.path()).await;
-            return Ok(());
+            return queue.wait_unless_refused(&staged.path()).await;
         }
         // Not synced locally: what fsync waits for is the commit on the
         // server, so syncing here too would write the file to the local disk
@@ -433,7 +432,7 @@ impl MountCore {
         // journals the file itself (after waiting for this fsync), one after
         // makes the upload's file durable.
         staged.state.lock().unwrap().dirty = false;
-        queue.wait(&path).await;
+        queue.wait_unless_refused(&path).await?;
         if staged.commits() > commits {
             // A record an earlier close of the file left (with `> file`, a
             // shell's) is of no use now. Kept, a crash of the machine would

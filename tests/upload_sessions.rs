@@ -835,3 +835,98 @@ async fn an_older_copy_of_a_chunk_still_arriving_never_writes_over_the_newer() {
         );
     }
 }
+
+/// The names in `dir` (none when it does not exist), sorted.
+fn entries(dir: &std::path::Path) -> Vec<String> {
+    let mut names: Vec<String> = match std::fs::read_dir(dir) {
+        Ok(read) => read
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect(),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+        Err(e) => panic!("reading {}: {e}", dir.display()),
+    };
+    names.sort();
+    names
+}
+
+/// Fills the filesystem holding `dir` with one file, `dir/fill`, until it
+/// has no room left.
+fn fill_disk(dir: &std::path::Path) -> std::path::PathBuf {
+    use std::io::Write;
+    let path = dir.join("fill");
+    let mut file = std::fs::File::create(&path).unwrap();
+    let block = vec![7u8; 64 << 10];
+    loop {
+        if let Err(e) = file.write_all(&block) {
+            assert_eq!(e.raw_os_error(), Some(28), "{e}");
+            return path;
+        }
+    }
+}
+
+/// Regression: on a full disk every refused session creation left an empty
+/// session directory behind (a mount retrying its files made thousands
+/// within a minute), which no sweep removed. A creation refused for lack of
+/// space now says why and leaves nothing; sessions already open are kept.
+#[tokio::test]
+async fn a_session_refused_for_lack_of_space_leaves_nothing_behind() {
+    if !harness::mount::is_root() {
+        return;
+    }
+    // Declared first, so dropped last: the server stops before the unmount.
+    let disk = harness::mount::Tmpfs::mount("2m");
+    let store = disk.path.join("store");
+    let s = Server::start_on(store.to_str().unwrap(), &[]);
+    let data = random_bytes(64 << 10);
+    let kept = session(&s, "kept.bin", &data, MIB).await;
+    let waiting = session(&s, "waiting.bin", &data, MIB).await;
+    assert_eq!(put_chunk(&s, &waiting, 0, &data, MIB).await, 204);
+    let fill = fill_disk(&disk.path);
+    let uploads = store.join(".ferry/uploads");
+    let before = entries(&uploads);
+    let mut sessions = vec![kept.clone(), waiting.clone()];
+    sessions.sort();
+    assert_eq!(before, sessions);
+    // Neither a chunk nor a commit fits: refused, and the sessions stay as
+    // they were.
+    let (code, body) = put_chunk_raw(&s, &kept, 0, data.clone(), &data).await;
+    assert!(code >= 500, "{code} {body}");
+    assert!(
+        body.to_string().contains("No space left on device"),
+        "{body}"
+    );
+    let (code, body) = complete(&s, &waiting).await;
+    assert_eq!(code, 503, "{body}");
+    assert_eq!(body["error"]["code"], "storage_error", "{body}");
+    for (id, received) in [(&kept, json!([])), (&waiting, json!([[0, 0]]))] {
+        let (code, st) = status(&s, id).await;
+        assert_eq!(code, 200, "{st}");
+        assert_eq!((&st["state"], &st["received"]), (&json!("open"), &received));
+    }
+    let requests = [
+        json!({"path": "new.bin", "size": 1000}),
+        json!({"path": "sha.bin", "size": 1000, "sha256": sha(b"x")}),
+        json!({"path": "open-ended.bin"}),
+    ];
+    for attempt in 0..30 {
+        let (code, body) = create(&s, requests[attempt % requests.len()].clone()).await;
+        assert_eq!(code, 503, "{body}");
+        assert_eq!(body["error"]["code"], "storage_error", "{body}");
+        let message = body["error"]["message"].as_str().unwrap_or_default();
+        assert!(message.contains("No space left on device"), "{body}");
+    }
+    assert_eq!(entries(&uploads), before, "a refused creation left debris");
+    assert_eq!(s.metric("ferry_active_upload_sessions"), 2.0);
+
+    // Room again: the sessions complete, new ones are created.
+    std::fs::remove_file(fill).unwrap();
+    assert_eq!(put_chunk(&s, &kept, 0, &data, MIB).await, 204);
+    for id in [&kept, &waiting] {
+        let (code, meta) = complete(&s, id).await;
+        assert_eq!(code, 200, "{meta}");
+    }
+    assert!(s.get_bytes("kept.bin").await.1 == data);
+    assert!(s.get_bytes("waiting.bin").await.1 == data);
+    let (code, body) = create(&s, requests[0].clone()).await;
+    assert_eq!(code, 201, "{body}");
+}

@@ -187,23 +187,10 @@ impl UploadSessions {
             self.check_absent(&req.path).await?;
         }
 
+        // The staging first, the manifest last: a session exists once its
+        // manifest does, and a creation that fails undoes what it staged.
         let id = manifest::new_id();
-        let staging = if let Some(store) = &self.store.multipart {
-            // With a checksum to verify, the parts assemble at a private key
-            // first; without one, straight at the destination.
-            let key = if verify {
-                manifest::session_prefix(&id).join("object")
-            } else {
-                keys::object_path(&req.path)
-            };
-            let upload_id = store.create_multipart(&key).await?;
-            StagingRecord::Multipart {
-                key: key.to_string(),
-                upload_id,
-            }
-        } else {
-            StagingRecord::LocalFile
-        };
+        let staging = self.stage(&id, &req.path, verify, layout).await?;
         let now = Utc::now();
         let manifest = Manifest {
             id: id.clone(),
@@ -223,7 +210,10 @@ impl UploadSessions {
             owner: owner.map(str::to_owned),
             committing: None,
         };
-        manifest::write(&self.store, &manifest).await?;
+        if let Err(e) = manifest::write(&self.store, &manifest).await {
+            self.unstage(&id, &manifest.staging).await;
+            return Err(e);
+        }
         self.open.lock().unwrap().insert(
             id.clone(),
             OpenSession {
@@ -231,15 +221,12 @@ impl UploadSessions {
                 created_at: manifest.created_at,
             },
         );
-        if let Some(local) = self.local_staging(&id) {
-            local.create(layout).await?;
-            if verify {
-                let digest = RunningDigest::new(self.chunks_of(&manifest), self.held.clone());
-                self.digests
-                    .lock()
-                    .unwrap()
-                    .insert(id.clone(), Arc::new(digest));
-            }
+        if verify && self.local_staging(&id).is_some() {
+            let digest = RunningDigest::new(self.chunks_of(&manifest), self.held.clone());
+            self.digests
+                .lock()
+                .unwrap()
+                .insert(id.clone(), Arc::new(digest));
         }
         let created = UploadCreated {
             id: id.clone(),
@@ -252,6 +239,57 @@ impl UploadSessions {
             .unwrap()
             .insert(id, Arc::new(manifest));
         Ok(created)
+    }
+
+    /// Prepares where a new session's chunks go: on a local directory its
+    /// staging file and chunk map, on a multipart backend the multipart
+    /// upload. On failure nothing of it is left.
+    async fn stage(
+        &self,
+        id: &str,
+        path: &RemotePath,
+        verify: bool,
+        layout: Option<ChunkLayout>,
+    ) -> Result<StagingRecord> {
+        let Some(store) = &self.store.multipart else {
+            let local = self.local_staging(id).expect("a local backend");
+            if let Err(e) = local.create(layout).await {
+                self.unstage(id, &StagingRecord::LocalFile).await;
+                return Err(e);
+            }
+            return Ok(StagingRecord::LocalFile);
+        };
+        // With a checksum to verify, the parts assemble at a private key
+        // first; without one, straight at the destination.
+        let key = if verify {
+            manifest::session_prefix(id).join("object")
+        } else {
+            keys::object_path(path)
+        };
+        let upload_id = store.create_multipart(&key).await?;
+        Ok(StagingRecord::Multipart {
+            key: key.to_string(),
+            upload_id,
+        })
+    }
+
+    /// Frees what [`Self::stage`] prepared for a session whose creation
+    /// failed. What cannot be freed now is logged.
+    async fn unstage(&self, id: &str, staging: &StagingRecord) {
+        let freed = match staging {
+            StagingRecord::LocalFile => match self.local_staging(id) {
+                Some(local) => local.remove().await,
+                None => Ok(()),
+            },
+            StagingRecord::Multipart { key, upload_id } => {
+                MultipartStaging::new(&self.store, id, key, upload_id)
+                    .abort()
+                    .await
+            }
+        };
+        if let Err(e) = freed {
+            tracing::warn!(upload = id, error = %e, "freeing what a failed session creation staged failed");
+        }
     }
 
     pub async fn put_chunk(

@@ -378,8 +378,20 @@ async fn collect_expired_uploads(state: AppState) {
             limiter.forget_idle();
         }
         match state.uploads().collect_expired().await {
-            Ok(0) => {}
-            Ok(n) => tracing::info!(sessions = n, "collected expired upload sessions"),
+            Ok(swept) => {
+                if swept.expired > 0 {
+                    tracing::info!(
+                        sessions = swept.expired,
+                        "collected expired upload sessions"
+                    );
+                }
+                if swept.debris > 0 {
+                    tracing::info!(
+                        sessions = swept.debris,
+                        "removed the leftovers of upload sessions without a manifest"
+                    );
+                }
+            }
             Err(e) => tracing::warn!(error = %e, "collecting expired upload sessions failed"),
         }
         match state.store().collect_stray_temporaries().await {

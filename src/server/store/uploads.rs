@@ -36,6 +36,24 @@ use crate::protocol::{FileMeta, RemotePath};
 /// Bytes of arrived chunks all sessions together hold for hashing.
 const HELD_BY_ALL_SESSIONS: usize = 256 << 20;
 
+/// How long the state of a session without a manifest must have gone
+/// untouched before the sweep removes it. A session's manifest is written
+/// last at creation (after its staging file and chunk map) and removed with
+/// the rest of it, so such state is either a creation under way, on this
+/// node or another on the store, or what a server killed during a creation
+/// or a removal left. A creation takes moments; an hour leaves room for a
+/// stalled disk and for the clocks of other nodes.
+pub const DEBRIS_AFTER: Duration = Duration::from_secs(3600);
+
+/// What one sweep of the sessions removed.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Swept {
+    /// Sessions past their expiry.
+    pub expired: usize,
+    /// Leftovers of sessions without a manifest (see [`DEBRIS_AFTER`]).
+    pub debris: usize,
+}
+
 /// What a chunk must be: its length and CRC32C.
 #[derive(Debug, Clone, Copy)]
 pub struct ChunkCheck {
@@ -274,7 +292,8 @@ impl UploadSessions {
     }
 
     /// Frees what [`Self::stage`] prepared for a session whose creation
-    /// failed. What cannot be freed now is logged.
+    /// failed. What cannot be freed now is logged; the sweep removes a
+    /// local session's leftovers later (see [`Self::collect_expired`]).
     async fn unstage(&self, id: &str, staging: &StagingRecord) {
         let freed = match staging {
             StagingRecord::LocalFile => match self.local_staging(id) {
@@ -676,15 +695,16 @@ impl UploadSessions {
         self.forget(id).await
     }
 
-    /// Removes every session past its expiry; returns how many.
-    pub async fn collect_expired(&self) -> Result<usize> {
+    /// Removes every session past its expiry, and the leftovers of sessions
+    /// whose creation or removal was cut short (see [`DEBRIS_AFTER`]).
+    pub async fn collect_expired(&self) -> Result<Swept> {
         let listing = self
             .store
             .objects
             .list_with_delimiter(Some(&object_store::path::Path::from(UPLOADS_PREFIX)))
             .await?;
         let now = Utc::now();
-        let mut collected = 0;
+        let mut swept = Swept::default();
         let mut open = HashMap::new();
         for prefix in listing.common_prefixes {
             let Some(id) = prefix.filename().filter(|id| manifest::valid_id(id)) else {
@@ -695,7 +715,7 @@ impl UploadSessions {
                     if let Err(e) = self.abort(id).await {
                         tracing::warn!(upload = id, error = %e, "collecting an expired upload failed");
                     } else {
-                        collected += 1;
+                        swept.expired += 1;
                     }
                 }
                 Ok(Some(m)) if m.state == UploadState::Open => {
@@ -705,7 +725,14 @@ impl UploadSessions {
                     };
                     open.insert(m.id, session);
                 }
-                Ok(_) => {}
+                Ok(Some(_)) => {}
+                Ok(None) => match self.collect_debris(id, now - DEBRIS_AFTER).await {
+                    Ok(true) => swept.debris += 1,
+                    Ok(false) => {}
+                    Err(e) => {
+                        tracing::warn!(upload = id, error = %e, "removing a session's leftovers failed")
+                    }
+                },
                 Err(e) => {
                     tracing::warn!(upload = id, error = %e, "reading an upload manifest failed")
                 }
@@ -715,7 +742,26 @@ impl UploadSessions {
         let mut known = self.open.lock().unwrap();
         known.retain(|id, session| open.contains_key(id) || session.created_at >= now);
         known.extend(open);
-        Ok(collected)
+        Ok(swept)
+    }
+
+    /// Removes what session `id`, found without a manifest, holds, if
+    /// nothing of it changed since `cutoff`; whether it did.
+    async fn collect_debris(&self, id: &str, cutoff: DateTime<Utc>) -> Result<bool> {
+        if let Some(local) = self.local_staging(id) {
+            return local.remove_if_untouched_since(cutoff.into()).await;
+        }
+        let listed: Vec<ObjectMeta> = self
+            .store
+            .objects
+            .list(Some(&manifest::session_prefix(id)))
+            .try_collect()
+            .await?;
+        if listed.is_empty() || listed.iter().any(|o| o.last_modified >= cutoff) {
+            return Ok(false);
+        }
+        self.delete_session_objects(id, |_| true).await?;
+        Ok(true)
     }
 
     /// Chunks received and persisted; of an open-ended session whose size
@@ -914,5 +960,39 @@ fn parse_sha256(sha256: Option<String>) -> Result<Option<String>> {
         }
         Some(_) => Err(Error::BadRequest("sha256 must be 64 hex digits".into())),
         None => Ok(None),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use object_store::PutPayload;
+
+    use super::*;
+
+    /// On an object store, what a session without a manifest holds goes
+    /// once all of it is older than the cutoff; a real session stays.
+    #[tokio::test]
+    async fn objects_of_a_session_without_a_manifest_go_once_old() {
+        let store = Store::open("memory://").unwrap();
+        let sessions = UploadSessions::new(store.clone(), Duration::from_secs(60), 1 << 30, None);
+        let req = serde_json::from_value(serde_json::json!({"path": "real.bin", "size": 10}));
+        let real = sessions.create(req.unwrap(), None).await.unwrap().id;
+        let orphan = manifest::new_id();
+        let part = manifest::session_prefix(&orphan).join("parts").join("0");
+        store
+            .objects
+            .put(&part, PutPayload::from_static(b"id"))
+            .await
+            .unwrap();
+
+        let just_before = Utc::now() - chrono::Duration::seconds(1);
+        assert!(!sessions.collect_debris(&orphan, just_before).await.unwrap());
+        assert!(store.objects.head(&part).await.is_ok());
+        assert_eq!(sessions.collect_expired().await.unwrap(), Swept::default());
+
+        let later = Utc::now() + chrono::Duration::seconds(1);
+        assert!(sessions.collect_debris(&orphan, later).await.unwrap());
+        assert!(store.objects.head(&part).await.is_err());
+        assert!(sessions.status(&real).await.is_ok());
     }
 }

@@ -11,6 +11,7 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::SystemTime;
 
 use bytes::Bytes;
 use futures::StreamExt;
@@ -291,6 +292,40 @@ impl LocalStaging {
                 Err(Error::io("removing the staging directory")(e))
             }
             _ => Ok(()),
+        })
+        .await
+    }
+}
+
+impl LocalStaging {
+    /// Removes the session's directory if neither it nor anything in it
+    /// was modified since `cutoff`; whether it did.
+    pub async fn remove_if_untouched_since(&self, cutoff: SystemTime) -> Result<bool> {
+        let dir = self.dir.clone();
+        blocking(move || {
+            let untouched = || -> std::io::Result<bool> {
+                if std::fs::metadata(&dir)?.modified()? >= cutoff {
+                    return Ok(false);
+                }
+                for entry in std::fs::read_dir(&dir)? {
+                    if entry?.metadata()?.modified()? >= cutoff {
+                        return Ok(false);
+                    }
+                }
+                Ok(true)
+            };
+            let gone = |e: &std::io::Error| e.kind() == std::io::ErrorKind::NotFound;
+            match untouched() {
+                Ok(true) => {}
+                Ok(false) => return Ok(false),
+                Err(e) if gone(&e) => return Ok(false),
+                Err(e) => return Err(Error::io("examining a session's leftovers")(e)),
+            }
+            match std::fs::remove_dir_all(&dir) {
+                Ok(()) => Ok(true),
+                Err(e) if gone(&e) => Ok(false),
+                Err(e) => Err(Error::io("removing a session's leftovers")(e)),
+            }
         })
         .await
     }

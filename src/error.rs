@@ -130,6 +130,16 @@ impl Error {
         move |source| Error::Io { context, source }
     }
 
+    /// A failure of the server's own storage (a session's staged data) while
+    /// `doing`: the backend's, with the system's reason (`No space left on
+    /// device`) for the client.
+    pub(crate) fn storage_io(doing: &str) -> impl FnOnce(std::io::Error) -> Error + '_ {
+        move |e| Error::Backend {
+            cause: format!("{doing}: {}", io_cause(&e)),
+            detail: format!("{doing}: {e}"),
+        }
+    }
+
     /// A failure of a local store's filesystem at `path` while `doing`
     /// something: a name too long for it is the request's fault; anything
     /// else is the backend's, and `path` goes only to the log.

@@ -890,7 +890,11 @@ async fn a_session_refused_for_lack_of_space_leaves_nothing_behind() {
     // Neither a chunk nor a commit fits: refused, and the sessions stay as
     // they were.
     let (code, body) = put_chunk_raw(&s, &kept, 0, data.clone(), &data).await;
-    assert!(code >= 500, "{code} {body}");
+    assert_eq!(
+        (code, &body["error"]["code"]),
+        (503, &json!("storage_error")),
+        "{body}"
+    );
     assert!(
         body.to_string().contains("No space left on device"),
         "{body}"

@@ -43,7 +43,7 @@ impl LocalStaging {
         blocking(move || match std::fs::symlink_metadata(&data) {
             Ok(_) => Ok(true),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
-            Err(e) => Err(Error::io("looking for staged data")(e)),
+            Err(e) => Err(Error::storage_io("looking for staged data")(e)),
         })
         .await
     }
@@ -57,15 +57,18 @@ impl LocalStaging {
     pub async fn create(&self, layout: Option<ChunkLayout>) -> Result<()> {
         let (dir, data, map) = (self.dir.clone(), self.data(), self.map());
         blocking(move || {
-            std::fs::create_dir_all(&dir).map_err(Error::io("creating the staging directory"))?;
-            let file = File::create(&data).map_err(Error::io("creating the staging file"))?;
-            let map_file = File::create(&map).map_err(Error::io("creating the chunk map"))?;
+            std::fs::create_dir_all(&dir)
+                .map_err(Error::storage_io("creating the staging directory"))?;
+            let file =
+                File::create(&data).map_err(Error::storage_io("creating the staging file"))?;
+            let map_file =
+                File::create(&map).map_err(Error::storage_io("creating the chunk map"))?;
             if let Some(layout) = layout {
                 size_files(&file, &map_file, layout)?;
             }
             map_file
                 .sync_all()
-                .map_err(Error::io("syncing the chunk map"))?;
+                .map_err(Error::storage_io("syncing the chunk map"))?;
             sync_dir(&dir)
         })
         .await
@@ -83,7 +86,7 @@ impl LocalStaging {
             size_files(&file, &map_file, layout)?;
             map_file
                 .sync_all()
-                .map_err(Error::io("syncing the chunk map"))
+                .map_err(Error::storage_io("syncing the chunk map"))
         })
         .await
     }
@@ -223,7 +226,8 @@ impl LocalStaging {
         blocking(move || {
             let mut file = File::open(&data).map_err(not_found_as_gone)?;
             let mut hasher = Sha256::new();
-            std::io::copy(&mut file, &mut hasher).map_err(Error::io("hashing staged data"))?;
+            std::io::copy(&mut file, &mut hasher)
+                .map_err(Error::storage_io("hashing staged data"))?;
             Ok(hex::encode(hasher.finalize()))
         })
         .await
@@ -246,18 +250,19 @@ impl LocalStaging {
                 .map_err(not_found_as_gone)?;
             if file
                 .metadata()
-                .map_err(Error::io("reading staged data"))?
+                .map_err(Error::storage_io("reading staged data"))?
                 .len()
                 > size
             {
                 file.set_len(size)
-                    .map_err(Error::io("sizing the staging file"))?;
+                    .map_err(Error::storage_io("sizing the staging file"))?;
             }
             if let Some(t) = mtime {
                 file.set_modified(t)
-                    .map_err(Error::io("setting the modification time"))?;
+                    .map_err(Error::storage_io("setting the modification time"))?;
             }
-            file.sync_all().map_err(Error::io("syncing staged data"))?;
+            file.sync_all()
+                .map_err(Error::storage_io("syncing staged data"))?;
             let parent = target.parent().expect("a file has a parent directory");
             std::fs::create_dir_all(parent)
                 .map_err(|e| Error::local_store("cannot create the file's parents", parent, e))?;
@@ -277,7 +282,7 @@ impl LocalStaging {
         let map = self.map();
         blocking(move || match std::fs::remove_file(&map) {
             Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-                Err(Error::io("removing the chunk map")(e))
+                Err(Error::storage_io("removing the chunk map")(e))
             }
             _ => Ok(()),
         })
@@ -289,7 +294,7 @@ impl LocalStaging {
         let dir = self.dir.clone();
         blocking(move || match std::fs::remove_dir_all(&dir) {
             Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-                Err(Error::io("removing the staging directory")(e))
+                Err(Error::storage_io("removing the staging directory")(e))
             }
             _ => Ok(()),
         })
@@ -319,12 +324,12 @@ impl LocalStaging {
                 Ok(true) => {}
                 Ok(false) => return Ok(false),
                 Err(e) if gone(&e) => return Ok(false),
-                Err(e) => return Err(Error::io("examining a session's leftovers")(e)),
+                Err(e) => return Err(Error::storage_io("examining a session's leftovers")(e)),
             }
             match std::fs::remove_dir_all(&dir) {
                 Ok(()) => Ok(true),
                 Err(e) if gone(&e) => Ok(false),
-                Err(e) => Err(Error::io("removing a session's leftovers")(e)),
+                Err(e) => Err(Error::storage_io("removing a session's leftovers")(e)),
             }
         })
         .await
@@ -445,7 +450,7 @@ impl ChunkClaim {
         // Its holder may not have synced the mark yet.
         File::open(map)
             .and_then(|m| m.sync_data())
-            .map_err(Error::io("syncing the chunk map"))?;
+            .map_err(Error::storage_io("syncing the chunk map"))?;
         Ok(None)
     }
 
@@ -464,7 +469,8 @@ impl ChunkClaim {
     fn write<P: AsRef<[u8]>>(&self, file: &File, offset: u64, buffers: &[P]) -> Result<()> {
         let claims = claims_of(&self.data);
         self.check_held(&claims)?;
-        write_all_vectored_at(file, offset, buffers).map_err(Error::io("writing staged data"))?;
+        write_all_vectored_at(file, offset, buffers)
+            .map_err(Error::storage_io("writing staged data"))?;
         // On its way to the disk while the rest of the chunk arrives.
         let len = buffers.iter().map(|b| b.as_ref().len() as u64).sum();
         page_cache::write_back(file, offset, len, false);
@@ -476,7 +482,8 @@ impl ChunkClaim {
     /// (see [`page_cache`]) unless they are to `stay_cached` for the
     /// running digest, which drops them once it has read them.
     fn record(&self, file: &File, map: &Path, range: Range<u64>, stay_cached: bool) -> Result<()> {
-        file.sync_data().map_err(Error::io("syncing staged data"))?;
+        file.sync_data()
+            .map_err(Error::storage_io("syncing staged data"))?;
         if !stay_cached {
             page_cache::forget_cached(file, range.start, range.end - range.start);
         }
@@ -490,11 +497,11 @@ impl ChunkClaim {
             // Only after the data is durable does the chunk count as received.
             map_file
                 .write_all_at(&[1], self.index)
-                .map_err(Error::io("updating the chunk map"))?;
+                .map_err(Error::storage_io("updating the chunk map"))?;
         }
         map_file
             .sync_data()
-            .map_err(Error::io("syncing the chunk map"))
+            .map_err(Error::storage_io("syncing the chunk map"))
     }
 }
 
@@ -536,9 +543,9 @@ fn open_data(data: &Path) -> Result<File> {
 /// Sizes the staging file and the chunk map (one byte per chunk) for `layout`.
 fn size_files(data: &File, map: &File, layout: ChunkLayout) -> Result<()> {
     data.set_len(layout.size)
-        .map_err(Error::io("sizing the staging file"))?;
+        .map_err(Error::storage_io("sizing the staging file"))?;
     map.set_len(layout.chunk_count())
-        .map_err(Error::io("sizing the chunk map"))
+        .map_err(Error::storage_io("sizing the chunk map"))
 }
 
 /// Whether the chunk map marks chunk `index` received. An open-ended
@@ -548,14 +555,14 @@ fn chunk_received(map: &Path, index: u64) -> Result<bool> {
     let read = File::open(map)
         .map_err(not_found_as_gone)?
         .read_at(&mut mark, index)
-        .map_err(Error::io("reading the chunk map"))?;
+        .map_err(Error::storage_io("reading the chunk map"))?;
     Ok(read == 1 && mark[0] == 1)
 }
 
 fn sync_dir(dir: &Path) -> Result<()> {
     File::open(dir)
         .and_then(|d| d.sync_all())
-        .map_err(Error::io("syncing a directory"))
+        .map_err(Error::storage_io("syncing a directory"))
 }
 
 /// The staging file vanishes when another request committed or aborted the
@@ -564,7 +571,7 @@ fn not_found_as_gone(e: std::io::Error) -> Error {
     if e.kind() == std::io::ErrorKind::NotFound {
         Error::NotFound("staged data of the upload".into())
     } else {
-        Error::io("staged data")(e)
+        Error::storage_io("staged data")(e)
     }
 }
 

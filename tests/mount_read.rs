@@ -419,10 +419,26 @@ async fn the_change_feed_invalidates_the_kernels_caches() {
     let server = Server::start();
     server.put("feed/n.txt", "first").await;
     server.put("feed/old.txt", "x").await;
+    server.put("lone/b/last.txt", "z").await;
     let mount = MountProc::start(&server, &["--attr-ttl", "600"]);
     let file = mount.at("feed/n.txt");
     assert_eq!(std::fs::read(&file).unwrap(), b"first");
     assert!(mount.at("feed/old.txt").exists());
+    assert!(mount.at("lone/b/last.txt").exists());
+    assert_eq!(std::fs::read_dir(mount.at("lone")).unwrap().count(), 1);
+    // The directories that existed only through it go with it, though no
+    // event names them.
+    let deleted = server
+        .client()
+        .delete(server.file_url("lone/b/last.txt"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(deleted.status(), 204);
+    assert!(
+        eventually(Duration::from_secs(2), || !mount.at("lone").exists()),
+        "lone is still there"
+    );
     // Same length: only dropped pages can show the new bytes.
     server.put("feed/n.txt", "later").await;
     server

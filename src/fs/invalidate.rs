@@ -9,14 +9,26 @@ use fuser::{INodeNo, Notifier};
 use super::core::MountCore;
 use crate::client::watch::{WatchEvent, Watcher};
 use crate::protocol::RemotePath;
+use crate::protocol::events::ChangeKind;
 
 pub async fn run(core: Arc<MountCore>, notifier: Notifier, mut watcher: Watcher) {
     let notifier = Arc::new(notifier);
     while let Some(event) = watcher.next().await {
         match event {
             WatchEvent::Change(change) => {
+                // A directory that existed only through its entries goes
+                // with the last of them, and no event names it: whatever was
+                // above a removed path may have gone too.
+                let gone = match change.kind {
+                    ChangeKind::Deleted => Some(&change.path),
+                    ChangeKind::Renamed => change.from.as_ref(),
+                    ChangeKind::Created | ChangeKind::Modified => None,
+                };
+                let ancestors: Vec<RemotePath> =
+                    gone.map(|p| p.ancestors().collect()).unwrap_or_default();
                 let mut paths = vec![change.path];
                 paths.extend(change.from);
+                paths.extend(ancestors);
                 for path in paths {
                     forget(&core, &notifier, &path).await;
                 }

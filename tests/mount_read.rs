@@ -10,6 +10,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use harness::mount::{MountProc, fuse_available, is_mounted, probe_duration, store_file};
+use harness::proxy::CuttingProxy;
 use harness::{Server, eventually, random_bytes};
 use sha2::{Digest, Sha256};
 
@@ -752,4 +753,73 @@ fn the_disk_cache_serves_blocks_memory_evicted_and_stays_in_budget() {
     let mut tail = vec![0u8; 2 * MIB];
     file.read_exact_at(&mut tail, 10 * MIB as u64).unwrap();
     assert!(tail[..] == data[10 * MIB..], "served from the disk cache");
+}
+
+/// A link that drops every connection after 100 kB of response (fewer
+/// than a block): each block, and each read after a seek, is asked for
+/// again from where the cut left it, and reads return the right bytes.
+#[test]
+fn connections_cut_mid_response_are_retried_for_the_rest() {
+    if !fuse_available() {
+        return;
+    }
+    let server = Server::start();
+    let data = random_bytes(24 * MIB + 4321);
+    store_file(&server, "cut.bin", &data);
+    let proxy = CuttingProxy::start(server.addr, 100_000);
+    let mount = MountProc::start_url(&proxy.url, &[]);
+    let expected = hex::encode(Sha256::digest(&data));
+    let file = std::fs::File::open(mount.at("cut.bin")).unwrap();
+    assert_eq!(sha_of_reader(&file), expected);
+    // Reads after seeks, on a handle with no readahead yet.
+    let file = std::fs::File::open(mount.at("cut.bin")).unwrap();
+    std::fs::write("/proc/sys/vm/drop_caches", "3").ok();
+    for offset in [20 * MIB + 77, 3 * MIB + 5, 11 * MIB] {
+        let mut buf = vec![0u8; 300_000];
+        file.read_exact_at(&mut buf, offset as u64).unwrap();
+        assert!(buf[..] == data[offset..offset + buf.len()], "at {offset}");
+    }
+    assert!(
+        proxy.cuts() >= 24 * MIB as u64 / 100_000,
+        "{}",
+        proxy.cuts()
+    );
+}
+
+/// The same with connections cut after 3000 bytes, in the middle of small
+/// answers: listing (short enough to fit in one connection), `stat`,
+/// `open` and reads of small files, and a rewrite of one, all succeed.
+#[test]
+fn metadata_calls_cut_mid_response_are_retried() {
+    if !fuse_available() {
+        return;
+    }
+    let server = Server::start();
+    let mut files = Vec::new();
+    for i in 0..15 {
+        let data = random_bytes(500 + i * 601);
+        store_file(&server, &format!("d/f{i:02}"), &data);
+        files.push(data);
+    }
+    let proxy = CuttingProxy::start(server.addr, 3000);
+    let mount = MountProc::start_url(&proxy.url, &["--attr-ttl", "0"]);
+    for round in 0..4 {
+        let mut listed: Vec<_> = std::fs::read_dir(mount.at("d"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        listed.sort();
+        let expected: Vec<_> = (0..files.len()).map(|i| format!("f{i:02}")).collect();
+        assert_eq!(listed, expected, "round {round}");
+        for (i, data) in files.iter().enumerate() {
+            let path = mount.at(&format!("d/f{i:02}"));
+            let meta = std::fs::metadata(&path).unwrap();
+            assert_eq!(meta.len(), data.len() as u64, "f{i:02}");
+            assert!(std::fs::read(&path).unwrap() == *data, "f{i:02}");
+        }
+    }
+    std::fs::write(mount.at("d/f07"), b"rewritten").unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    assert!(rt.block_on(server.eventually_has("d/f07", b"rewritten")));
+    assert!(proxy.cuts() > 0);
 }

@@ -14,7 +14,7 @@ use reqwest::StatusCode;
 use serde::{Deserialize, Serialize};
 use tokio::io::AsyncWriteExt;
 
-use super::http::describe;
+use super::http::{describe, header_etag};
 use super::throttle::Throttle;
 use super::{Client, Progress, ProgressFn};
 use crate::error::{Error, Result};
@@ -214,9 +214,4 @@ async fn finish(part: &Path, record_path: &Path, local: &Path) -> Result<()> {
         )))?;
     let _ = tokio::fs::remove_file(record_path).await;
     Ok(())
-}
-
-fn header_etag(resp: &reqwest::Response) -> Option<String> {
-    let value = resp.headers().get(reqwest::header::ETAG)?.to_str().ok()?;
-    Some(value.trim_start_matches("W/").trim_matches('"').to_owned())
 }

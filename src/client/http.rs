@@ -54,6 +54,8 @@ pub struct Client {
     retry: RetryPolicy,
     cancel: CancellationToken,
     chunk_bytes_sent: Arc<AtomicU64>,
+    /// When the server last answered a request or sent a piece of a body.
+    heard: Arc<Heard>,
     /// The `Authorization` value, also sent at WebSocket upgrades.
     authorization: Option<reqwest::header::HeaderValue>,
     /// For `https://` servers: also used by WebSocket connections.
@@ -109,6 +111,7 @@ impl Client {
             retry: config.retry,
             cancel: CancellationToken::new(),
             chunk_bytes_sent: Arc::default(),
+            heard: Arc::new(Heard::default()),
             authorization,
             tls,
         })
@@ -145,6 +148,13 @@ impl Client {
         self.chunk_bytes_sent.load(Ordering::Relaxed)
     }
 
+    /// When the server last answered a request of this client or its
+    /// clones, or sent a piece of an answer's body; the client's creation
+    /// before that.
+    pub fn last_heard(&self) -> Instant {
+        self.heard.last()
+    }
+
     pub(crate) fn count_chunk_bytes(&self, bytes: u64) {
         self.chunk_bytes_sent.fetch_add(bytes, Ordering::Relaxed);
     }
@@ -169,31 +179,39 @@ impl Client {
         &self,
         build: impl Fn(&BodyProgress) -> RequestBuilder,
     ) -> Result<Response> {
-        // Since when the server has made no progress.
-        let mut quiet_since = Instant::now();
-        let mut attempt = 0;
+        self.send_retrying(&mut Retries::new(self), build).await
+    }
+
+    /// [`send_tracked`](Self::send_tracked) as part of a longer exchange:
+    /// `retries` holds since when the server has made no progress and how
+    /// many attempts were made, across the requests of the exchange.
+    async fn send_retrying(
+        &self,
+        retries: &mut Retries<'_>,
+        build: impl Fn(&BodyProgress) -> RequestBuilder,
+    ) -> Result<Response> {
         loop {
-            attempt += 1;
             let progress = BodyProgress::default();
             let outcome = tokio::select! {
                 r = build(&progress).send() => Some(r),
-                () = self.stalled(&progress, quiet_since) => None,
+                () = self.stalled(&progress, retries.quiet_since) => None,
                 _ = self.cancel.cancelled() => return Err(Error::Cancelled),
             };
             if let Some(last) = progress.last() {
-                quiet_since = quiet_since.max(last);
+                retries.quiet_since = retries.quiet_since.max(last);
             }
             let (error, retry_after) = match outcome {
                 None => (
                     Error::Network(format!(
                         "no answer from the server in {:.1?}",
-                        quiet_since.elapsed()
+                        retries.quiet_since.elapsed()
                     )),
                     None,
                 ),
                 Some(Ok(resp))
                     if resp.status().is_success() || resp.status() == StatusCode::NOT_MODIFIED =>
                 {
+                    self.heard.note();
                     return Ok(resp);
                 }
                 Some(Ok(resp)) if retryable_status(resp.status()) => {
@@ -204,12 +222,7 @@ impl Client {
                 Some(Err(e)) if retryable_transport(&e) => (Error::Network(describe(&e)), None),
                 Some(Err(e)) => return Err(Error::Network(describe(&e))),
             };
-            if quiet_since.elapsed() >= self.retry.give_up_after {
-                return Err(error);
-            }
-            let delay = self.retry.delay(attempt, retry_after);
-            tracing::debug!(attempt, ?delay, %error, "retrying");
-            self.sleep(delay).await?;
+            retries.again(error, retry_after).await?;
         }
     }
 
@@ -232,19 +245,38 @@ impl Client {
         }
     }
 
-    /// The whole body of `resp`. Fails once the server sends nothing for
-    /// the give-up time (a body still arriving is never cut).
-    async fn body(&self, mut resp: Response) -> std::result::Result<Bytes, String> {
+    /// Appends the body of `resp` to `body`, up to `limit` bytes in all.
+    /// Fails once the server sends nothing for the give-up time (a body
+    /// still arriving is never cut), or when the connection breaks.
+    /// Returns when the last piece arrived, if any did.
+    async fn body_into(
+        &self,
+        mut resp: Response,
+        body: &mut bytes::BytesMut,
+        limit: usize,
+    ) -> (Option<Instant>, std::result::Result<(), String>) {
         let patience = self.retry.give_up_after.max(SHORTEST_ATTEMPT);
-        let mut body = bytes::BytesMut::new();
-        loop {
-            match tokio::time::timeout(patience, resp.chunk()).await {
-                Ok(Ok(Some(piece))) => body.extend_from_slice(&piece),
-                Ok(Ok(None)) => return Ok(body.freeze()),
-                Ok(Err(e)) => return Err(describe(&e)),
-                Err(_) => return Err(format!("the server sent nothing for {patience:?}")),
-            }
+        let mut last_piece = None;
+        while body.len() < limit {
+            let piece = tokio::select! {
+                piece = tokio::time::timeout(patience, resp.chunk()) => piece,
+                _ = self.cancel.cancelled() => return (last_piece, Err("cancelled".into())),
+            };
+            let outcome = match piece {
+                Ok(Ok(Some(piece))) => {
+                    last_piece = Some(Instant::now());
+                    self.heard.note();
+                    let room = limit - body.len();
+                    body.extend_from_slice(&piece[..piece.len().min(room)]);
+                    continue;
+                }
+                Ok(Ok(None)) => Ok(()),
+                Ok(Err(e)) => Err(describe(&e)),
+                Err(_) => Err(format!("the server sent nothing for {patience:?}")),
+            };
+            return (last_piece, outcome);
         }
+        (last_piece, Ok(()))
     }
 
     /// Sleeps unless cancelled first.
@@ -255,6 +287,8 @@ impl Client {
         }
     }
 
+    /// The JSON answer to a request that may be sent again: an answer cut
+    /// short is asked for again, within the same give-up time.
     async fn json<T: DeserializeOwned>(&self, build: impl Fn() -> RequestBuilder) -> Result<T> {
         self.json_tracked(|_| build()).await
     }
@@ -263,13 +297,37 @@ impl Client {
         &self,
         build: impl Fn(&BodyProgress) -> RequestBuilder,
     ) -> Result<T> {
-        let resp = self.send_tracked(build).await?;
-        let body = self
-            .body(resp)
+        let mut retries = Retries::new(self);
+        loop {
+            let resp = self.send_retrying(&mut retries, &build).await?;
+            let mut body = bytes::BytesMut::new();
+            // What came of a body cut short is dropped: not progress.
+            match self.body_into(resp, &mut body, usize::MAX).await.1 {
+                Ok(()) => return parse_json(&body),
+                Err(e) => {
+                    retries
+                        .again(Error::Network(format!("reading the response: {e}")), None)
+                        .await?
+                }
+            }
+        }
+    }
+
+    /// The JSON answer to a request that must not be carried out twice
+    /// (creating something): an answer cut short fails the call, since the
+    /// server may have done what was asked.
+    async fn json_once<T: DeserializeOwned>(
+        &self,
+        build: impl Fn() -> RequestBuilder,
+    ) -> Result<T> {
+        let mut retries = Retries::new(self);
+        let resp = self.send_retrying(&mut retries, |_| build()).await?;
+        let mut body = bytes::BytesMut::new();
+        self.body_into(resp, &mut body, usize::MAX)
             .await
+            .1
             .map_err(|e| Error::Network(format!("reading the response: {e}")))?;
-        serde_json::from_slice(&body)
-            .map_err(|e| Error::Network(format!("reading the response: {e}")))
+        parse_json(&body)
     }
 
     fn request(&self, method: Method, url: &str) -> RequestBuilder {
@@ -371,7 +429,7 @@ impl Client {
 
     async fn op<B: serde::Serialize, T: DeserializeOwned>(&self, op: &str, body: &B) -> Result<T> {
         let url = format!("{}/v1/ops/{op}", self.base);
-        self.json(|| self.request(Method::POST, &url).json(body))
+        self.json_once(|| self.request(Method::POST, &url).json(body))
             .await
     }
 
@@ -387,7 +445,11 @@ impl Client {
     }
 
     /// Bytes `[start, start + len)` of the version `etag` (any version when `None`).
-    /// A changed file fails with `precondition_failed`.
+    /// A changed file fails with `precondition_failed`. A body cut short is
+    /// asked for again from where it stopped, pinned to the version the
+    /// first answer came from (its whole range again when the server named
+    /// none), within the same give-up time: the bytes returned are always
+    /// of one version.
     pub async fn read_range(
         &self,
         path: &RemotePath,
@@ -398,17 +460,54 @@ impl Client {
         if len == 0 {
             return Ok(Bytes::new());
         }
-        let resp = self
-            .get_range(path, start, Some(start + len - 1), etag)
-            .await?;
-        self.body(resp)
-            .await
-            .map_err(|e| Error::Network(format!("reading {path}: {e}")))
+        let end = start + len - 1;
+        let limit = usize::try_from(len)
+            .map_err(|_| Error::BadRequest(format!("a range of {len} bytes")))?;
+        let mut pinned = etag.map(str::to_owned);
+        let mut retries = Retries::new(self);
+        let mut body = bytes::BytesMut::new();
+        loop {
+            let from = start + body.len() as u64;
+            let resp = self
+                .get_range_retrying(&mut retries, path, from, Some(end), pinned.as_deref())
+                .await?;
+            if pinned.is_none() {
+                pinned = header_etag(&resp);
+            }
+            let (last_piece, outcome) = self.body_into(resp, &mut body, limit).await;
+            match outcome {
+                // A whole answer; shorter than asked only where the file ends.
+                Ok(()) => return Ok(body.freeze()),
+                Err(e) => {
+                    if pinned.is_none() {
+                        // No version to hold the rest to: all again.
+                        body.clear();
+                    } else if let Some(at) = last_piece {
+                        retries.progressed(at);
+                    }
+                    retries
+                        .again(Error::Network(format!("reading {path}: {e}")), None)
+                        .await?;
+                }
+            }
+        }
     }
 
     /// A GET of `start..=end` (to the end when `None`), pinned to `etag`.
     pub(crate) async fn get_range(
         &self,
+        path: &RemotePath,
+        start: u64,
+        end: Option<u64>,
+        etag: Option<&str>,
+    ) -> Result<Response> {
+        self.get_range_retrying(&mut Retries::new(self), path, start, end, etag)
+            .await
+    }
+
+    async fn get_range_retrying(
+        &self,
+        retries: &mut Retries<'_>,
         path: &RemotePath,
         start: u64,
         end: Option<u64>,
@@ -420,7 +519,7 @@ impl Client {
             None => format!("bytes={start}-"),
         };
         let resp = self
-            .send(|| {
+            .send_retrying(retries, |_| {
                 let req = self
                     .request(Method::GET, &url)
                     .header(header::RANGE, &range);
@@ -457,7 +556,7 @@ impl Client {
 
     pub async fn create_upload(&self, request: &CreateUpload) -> Result<UploadCreated> {
         let url = format!("{}/v1/uploads", self.base);
-        self.json(|| self.request(Method::POST, &url).json(request))
+        self.json_once(|| self.request(Method::POST, &url).json(request))
             .await
     }
 
@@ -496,7 +595,7 @@ impl Client {
     pub async fn complete_upload(&self, id: &str, sha256: Option<String>) -> Result<FileMeta> {
         let url = format!("{}/v1/uploads/{id}/complete", self.base);
         let body = crate::protocol::upload::CompleteUpload { sha256 };
-        self.json(|| self.request(Method::POST, &url).json(&body))
+        self.json_once(|| self.request(Method::POST, &url).json(&body))
             .await
     }
 
@@ -510,6 +609,82 @@ impl Client {
 /// However little of the give-up time is left, an attempt waits this long
 /// for the server: a retry made at the last moment is still a real one.
 const SHORTEST_ATTEMPT: Duration = Duration::from_secs(1);
+
+/// An instant shared by clones of a client, kept as time since its
+/// creation.
+#[derive(Debug)]
+struct Heard {
+    epoch: Instant,
+    nanos: AtomicU64,
+}
+
+impl Default for Heard {
+    fn default() -> Self {
+        Self {
+            epoch: Instant::now(),
+            nanos: AtomicU64::new(0),
+        }
+    }
+}
+
+impl Heard {
+    fn note(&self) {
+        let nanos = u64::try_from(self.epoch.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        self.nanos.fetch_max(nanos, Ordering::Relaxed);
+    }
+
+    fn last(&self) -> Instant {
+        self.epoch + Duration::from_nanos(self.nanos.load(Ordering::Relaxed))
+    }
+}
+
+/// The retries of one exchange with the server (a request, or several
+/// asking for the rest of an answer cut short): since when the server has
+/// made no progress, and how many attempts were made.
+struct Retries<'a> {
+    client: &'a Client,
+    quiet_since: Instant,
+    attempt: u32,
+}
+
+impl<'a> Retries<'a> {
+    fn new(client: &'a Client) -> Self {
+        Self {
+            client,
+            quiet_since: Instant::now(),
+            attempt: 0,
+        }
+    }
+
+    /// The server moved the exchange on at `at` (bytes kept of an answer):
+    /// the give-up time counts from there, and backoff starts over.
+    fn progressed(&mut self, at: Instant) {
+        self.quiet_since = self.quiet_since.max(at);
+        self.attempt = 0;
+    }
+
+    /// After a failed attempt: `error` once the server has made no
+    /// progress for the give-up time, else waits for the next attempt.
+    async fn again(&mut self, error: Error, retry_after: Option<Duration>) -> Result<()> {
+        if self.quiet_since.elapsed() >= self.client.retry.give_up_after {
+            return Err(error);
+        }
+        self.attempt += 1;
+        let delay = self.client.retry.delay(self.attempt, retry_after);
+        tracing::debug!(attempt = self.attempt, ?delay, %error, "retrying");
+        self.client.sleep(delay).await
+    }
+}
+
+fn parse_json<T: DeserializeOwned>(body: &[u8]) -> Result<T> {
+    serde_json::from_slice(body).map_err(|e| Error::Network(format!("reading the response: {e}")))
+}
+
+/// The version a response names in its `ETag`, without quotes or `W/`.
+pub(crate) fn header_etag(resp: &Response) -> Option<String> {
+    let value = resp.headers().get(header::ETAG)?.to_str().ok()?;
+    Some(value.trim_start_matches("W/").trim_matches('"').to_owned())
+}
 
 /// When the connection last took a piece of a request's body.
 #[derive(Clone, Default)]
@@ -623,5 +798,148 @@ mod tests {
         assert!(Client::new("http://127.0.0.1:1").is_ok());
         assert!(Client::new("https://127.0.0.1:1").is_ok());
         assert!(Client::new("ftp://127.0.0.1:1").is_err());
+    }
+
+    /// A stand-in server of one file, `data`, on loopback: each of its
+    /// first `cut_answers` answers stops `cut` bytes into its body, the
+    /// connection closing; later ones are whole. Returns its URL and the heads of the
+    /// requests it got.
+    async fn cutting_server(
+        data: &'static [u8],
+        etag: Option<&'static str>,
+        cut_answers: usize,
+        cut: usize,
+    ) -> (String, Arc<std::sync::Mutex<Vec<String>>>) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let heads = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let seen = heads.clone();
+        tokio::spawn(async move {
+            let mut answered = 0;
+            loop {
+                let (mut conn, _) = listener.accept().await.unwrap();
+                let mut head = Vec::new();
+                while !head.ends_with(b"\r\n\r\n") {
+                    let mut byte = [0u8];
+                    if conn.read(&mut byte).await.unwrap_or(0) == 0 {
+                        break;
+                    }
+                    head.push(byte[0]);
+                }
+                let head = String::from_utf8(head).unwrap().to_lowercase();
+                seen.lock().unwrap().push(head.clone());
+                let (status, body) = if head.starts_with("get /v1/stat/") {
+                    let meta = format!(
+                        r#"{{"path":"f","kind":"file","size":{},"mtime":null,"etag":"v1","padding":"{}"}}"#,
+                        data.len(),
+                        "x".repeat(2000)
+                    );
+                    ("200 OK".to_owned(), meta.into_bytes())
+                } else {
+                    let range = head
+                        .lines()
+                        .find_map(|l| l.strip_prefix("range: bytes="))
+                        .unwrap();
+                    let (a, b) = range.trim().split_once('-').unwrap();
+                    let (a, b): (usize, usize) = (a.parse().unwrap(), b.parse().unwrap());
+                    let b = b.min(data.len() - 1);
+                    (
+                        format!(
+                            "206 Partial Content\r\ncontent-range: bytes {a}-{b}/{}",
+                            data.len()
+                        ),
+                        data[a..=b].to_vec(),
+                    )
+                };
+                let etag = etag.map_or(String::new(), |t| format!("etag: \"{t}\"\r\n"));
+                let response = format!(
+                    "HTTP/1.1 {status}\r\n{etag}content-length: {}\r\nconnection: close\r\n\r\n",
+                    body.len()
+                );
+                let sent = if answered < cut_answers {
+                    cut.min(body.len())
+                } else {
+                    body.len()
+                };
+                answered += 1;
+                let _ = conn.write_all(response.as_bytes()).await;
+                let _ = conn.write_all(&body[..sent]).await;
+            }
+        });
+        (url, heads)
+    }
+
+    fn data() -> &'static [u8] {
+        static DATA: std::sync::OnceLock<Vec<u8>> = std::sync::OnceLock::new();
+        DATA.get_or_init(|| (0..5000u32).map(|i| (i * 7 % 251) as u8).collect())
+    }
+
+    /// A range whose every answer is cut short comes whole from requests
+    /// for the rest, each pinned to the version first read.
+    #[tokio::test]
+    async fn a_range_cut_short_is_asked_for_the_rest_of_the_same_version() {
+        let (url, heads) = cutting_server(data(), Some("v1"), usize::MAX, 1000).await;
+        let client = Client::new(&url).unwrap();
+        let path: RemotePath = "f".parse().unwrap();
+        let got = client.read_range(&path, 100, 4500, None).await.unwrap();
+        assert_eq!(got[..], data()[100..4600]);
+        let heads = heads.lock().unwrap();
+        assert_eq!(heads.len(), 5, "{heads:?}");
+        assert!(heads[0].contains("range: bytes=100-4599"), "{}", heads[0]);
+        assert!(!heads[0].contains("if-match"), "{}", heads[0]);
+        for (i, head) in heads.iter().enumerate().skip(1) {
+            let from = 100 + i * 1000;
+            assert!(
+                head.contains(&format!("range: bytes={from}-4599")),
+                "{head}"
+            );
+            assert!(head.contains("if-match: \"v1\""), "{head}");
+        }
+    }
+
+    /// Without a version named, a range cut short is asked for whole again
+    /// rather than pieced together from what could be two versions.
+    #[tokio::test]
+    async fn a_range_cut_short_without_an_etag_is_read_again_whole() {
+        let (url, heads) = cutting_server(data(), None, usize::MAX, 1000).await;
+        let mut config = ClientConfig::default();
+        config.retry.give_up_after = Duration::from_secs(1);
+        let client = Client::with_config(&url, config).unwrap();
+        let path: RemotePath = "f".parse().unwrap();
+        let got = client.read_range(&path, 0, 800, None).await.unwrap();
+        assert_eq!(got[..], data()[..800]);
+        let err = client.read_range(&path, 0, 3000, None).await.unwrap_err();
+        assert!(matches!(err, Error::Network(_)), "{err:?}");
+        let heads = heads.lock().unwrap();
+        assert!(heads.len() > 2, "{heads:?}");
+        assert!(
+            heads.iter().all(|h| h.contains("range: bytes=0-")),
+            "{heads:?}"
+        );
+    }
+
+    /// A metadata answer cut short is asked for again, until the give-up
+    /// time when every answer is.
+    #[tokio::test]
+    async fn a_stat_cut_short_is_sent_again() {
+        let path: RemotePath = "f".parse().unwrap();
+        let mut config = ClientConfig::default();
+        config.retry.give_up_after = Duration::from_secs(1);
+        let (url, heads) = cutting_server(data(), Some("v1"), 2, 100).await;
+        let client = Client::with_config(&url, config.clone()).unwrap();
+        assert_eq!(client.stat(&path).await.unwrap().size, 5000);
+        assert_eq!(heads.lock().unwrap().len(), 3);
+
+        let (url, heads) = cutting_server(data(), Some("v1"), usize::MAX, 100).await;
+        let client = Client::with_config(&url, config).unwrap();
+        let started = Instant::now();
+        let err = client.stat(&path).await.unwrap_err();
+        assert!(matches!(err, Error::Network(_)), "{err:?}");
+        assert!(started.elapsed() < Duration::from_secs(10));
+        assert!(
+            heads.lock().unwrap().len() > 2,
+            "retried until the give-up time"
+        );
     }
 }

@@ -4,6 +4,7 @@
 
 pub mod metrics_text;
 pub mod mount;
+pub mod proxy;
 pub mod serve_child;
 pub mod token_new;
 

@@ -39,6 +39,13 @@ impl MountProc {
         Self::start_in(&server.url, dir, state, extra)
     }
 
+    /// A mount of the server at `url` (a proxy in front of one, say).
+    pub fn start_url(url: &str, extra: &[&str]) -> MountProc {
+        let dir = tempfile::tempdir().unwrap();
+        let state = dir.path().join("state");
+        Self::start_in(url, dir, state, extra)
+    }
+
     /// A mount whose state directory is `state` (kept by the caller to
     /// remount with the same journal), on a fresh mount point.
     pub fn start_with_state(url: &str, state: &Path, extra: &[&str]) -> MountProc {

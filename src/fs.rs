@@ -12,6 +12,7 @@ pub mod inodes;
 mod invalidate;
 mod kernel_readahead;
 pub mod pending;
+pub mod read_deadline;
 pub mod readahead;
 mod staging;
 pub mod staging_space;

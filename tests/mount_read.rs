@@ -823,3 +823,79 @@ fn metadata_calls_cut_mid_response_are_retried() {
     assert!(rt.block_on(server.eventually_has("d/f07", b"rewritten")));
     assert!(proxy.cuts() > 0);
 }
+
+/// Reads `file` on from `*pos` a MiB at a time, checking the bytes, until
+/// a read fails; leaves `*pos` at the failed read and returns its error.
+fn read_on_until_an_error(file: &std::fs::File, data: &[u8], pos: &mut usize) -> std::io::Error {
+    let mut buf = vec![0u8; MIB];
+    loop {
+        assert!(*pos + MIB <= data.len(), "read to the end without an error");
+        match file.read_exact_at(&mut buf, *pos as u64) {
+            Ok(()) => assert!(buf[..] == data[*pos..*pos + MIB], "at {pos}"),
+            Err(e) => return e,
+        }
+        *pos += MIB;
+    }
+}
+
+/// Reads `len` bytes of `file` on from `*pos`, checking them, and waits
+/// for the readahead window (now at its largest) to be fetched.
+fn read_ahead_of_a_stop(file: &std::fs::File, data: &[u8], pos: &mut usize, len: usize) {
+    let mut buf = vec![0u8; MIB];
+    let end = *pos + len;
+    while *pos < end {
+        file.read_exact_at(&mut buf, *pos as u64).unwrap();
+        assert!(buf[..] == data[*pos..*pos + MIB], "at {pos}");
+        *pos += MIB;
+    }
+    std::thread::sleep(Duration::from_secs(3));
+}
+
+/// A reader streaming a file when the server stops answering (SIGSTOP) or
+/// dies (SIGKILL): the read that reaches a block not yet fetched fails
+/// with EIO about `--retry-for` after the server went quiet, not after
+/// every block of the readahead window ahead of it (up to 64) has had its
+/// own `--retry-for` of retries, eight at a time. Reads work again once
+/// the server is back.
+#[test]
+fn a_read_fails_soon_after_the_server_stops_however_much_is_prefetched() {
+    if !fuse_available() {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let store = tmp.path().join("store");
+    let server = Server::start_on(store.to_str().unwrap(), &[]);
+    let addr = server.addr.to_string();
+    let data = random_bytes(200 * MIB);
+    store_file(&server, "stream.bin", &data);
+    let mount = MountProc::start(&server, &["--retry-for", "2"]);
+    let file = std::fs::File::open(mount.at("stream.bin")).unwrap();
+    // Without the fix a read took 9 × --retry-for here (about 18 s).
+    let bound = Duration::from_secs(10);
+    let mut pos = 0;
+
+    read_ahead_of_a_stop(&file, &data, &mut pos, 16 * MIB);
+    server.pause();
+    let stopped = std::time::Instant::now();
+    let err = read_on_until_an_error(&file, &data, &mut pos);
+    let waited = stopped.elapsed();
+    assert_eq!(err.raw_os_error(), Some(5), "EIO: {err}");
+    eprintln!("a stopped server: EIO after {waited:?}");
+    assert!(waited < bound, "a stopped server: EIO after {waited:?}");
+    assert!(
+        pos > 32 * MIB,
+        "the prefetched blocks were read first: {pos}"
+    );
+    server.resume();
+    read_ahead_of_a_stop(&file, &data, &mut pos, 16 * MIB);
+
+    drop(server); // SIGKILL
+    let killed = std::time::Instant::now();
+    let err = read_on_until_an_error(&file, &data, &mut pos);
+    let waited = killed.elapsed();
+    assert_eq!(err.raw_os_error(), Some(5), "EIO: {err}");
+    eprintln!("a killed server: EIO after {waited:?}");
+    assert!(waited < bound, "a killed server: EIO after {waited:?}");
+    let _back = Server::spawn(store.to_str().unwrap(), &addr, &[]);
+    read_ahead_of_a_stop(&file, &data, &mut pos, 8 * MIB);
+}

@@ -108,9 +108,11 @@ impl BlockCache {
     }
 
     /// The block, from the cache or fetched by `fetch` (once, however many
-    /// callers ask at the same time).
+    /// callers ask at the same time). The fetch runs to its end on its own
+    /// task, whether or not its callers still wait: a caller that stops
+    /// waiting leaves nothing half done.
     pub async fn get_or_fetch<F>(
-        &self,
+        self: &Arc<Self>,
         key: BlockKey,
         fetch: impl FnOnce() -> F,
     ) -> Result<Bytes, FetchError>
@@ -122,27 +124,67 @@ impl BlockCache {
             return Ok(data.clone());
         }
         self.misses.fetch_add(1, Ordering::Relaxed);
-        let shared = {
-            let mut in_flight = self.in_flight.lock().unwrap();
-            match in_flight.get(&key) {
-                Some(f) => f.clone(),
-                None => {
-                    let f = fetch().boxed().shared();
-                    in_flight.insert(key.clone(), f.clone());
-                    f
-                }
-            }
-        };
-        let result = shared.await;
-        self.in_flight.lock().unwrap().remove(&key);
-        if let Ok(data) = &result {
-            self.insert(key, data.clone());
-        }
+        let fetching = self.join_or_start(key.clone(), fetch);
+        let result = fetching.clone().await;
+        // Cached by now for whoever asks next, whether or not the fetch's
+        // own task has run yet.
+        self.retire(&key, &fetching, &result);
         result
     }
 
-    fn insert(&self, key: BlockKey, data: Bytes) {
-        let arriving = self.in_flight.lock().unwrap().len() * self.fetch_bytes;
+    /// Starts fetching the block unless it is cached or on its way.
+    pub fn prefetch<F>(self: &Arc<Self>, key: BlockKey, fetch: impl FnOnce() -> F)
+    where
+        F: Future<Output = Result<Bytes, FetchError>> + Send + 'static,
+    {
+        if !self.has_or_fetching(&key) {
+            self.misses.fetch_add(1, Ordering::Relaxed);
+            drop(self.join_or_start(key, fetch));
+        }
+    }
+
+    /// The fetch of `key` in flight, or a new one by `fetch`, run by a task
+    /// of its own that caches what it brings and then retires it.
+    fn join_or_start<F>(self: &Arc<Self>, key: BlockKey, fetch: impl FnOnce() -> F) -> Fetch
+    where
+        F: Future<Output = Result<Bytes, FetchError>> + Send + 'static,
+    {
+        let mut in_flight = self.in_flight.lock().unwrap();
+        if let Some(f) = in_flight.get(&key) {
+            return f.clone();
+        }
+        // Cached since the caller looked (a fetch just ended).
+        if let Some(data) = self.blocks.lock().unwrap().map.peek(&key) {
+            return futures::future::ready(Ok(data.clone())).boxed().shared();
+        }
+        let f = fetch().boxed().shared();
+        in_flight.insert(key.clone(), f.clone());
+        let (cache, running) = (self.clone(), f.clone());
+        tokio::spawn(async move {
+            let result = running.clone().await;
+            cache.retire(&key, &running, &result);
+        });
+        f
+    }
+
+    /// Takes the ended fetch `done` of `key` out of those in flight, if
+    /// still there, and caches what it brought. Retired and cached at
+    /// once: a caller finds the block one way or the other.
+    fn retire(&self, key: &BlockKey, done: &Fetch, result: &Result<Bytes, FetchError>) {
+        let mut in_flight = self.in_flight.lock().unwrap();
+        if !in_flight.get(key).is_some_and(|f| f.ptr_eq(done)) {
+            return;
+        }
+        in_flight.remove(key);
+        if let Ok(data) = result {
+            self.insert(key.clone(), data.clone(), in_flight.len());
+        }
+    }
+
+    /// Caches a fetched block, leaving room for the `fetching` fetches
+    /// still in flight.
+    fn insert(&self, key: BlockKey, data: Bytes, fetching: usize) {
+        let arriving = fetching * self.fetch_bytes;
         let mut lru = self.blocks.lock().unwrap();
         let budget = lru.capacity.saturating_sub(arriving);
         if lru.map.contains(&key) || data.len() > budget {
@@ -157,17 +199,6 @@ impl BlockCache {
             }
         }
     }
-}
-
-/// Keeps shared fetches alive for callers that only start them (prefetch).
-pub fn detach(
-    cache: Arc<BlockCache>,
-    key: BlockKey,
-    fetch: BoxFuture<'static, Result<Bytes, FetchError>>,
-) {
-    tokio::spawn(async move {
-        let _ = cache.get_or_fetch(key, || fetch).await;
-    });
 }
 
 #[cfg(test)]
@@ -208,7 +239,7 @@ mod tests {
 
     #[tokio::test]
     async fn stays_within_its_byte_budget() {
-        let cache = BlockCache::new(3000, 1000);
+        let cache = Arc::new(BlockCache::new(3000, 1000));
         for b in 0..10 {
             cache
                 .get_or_fetch(key(b), || async { Ok(Bytes::from(vec![0u8; 1000])) })
@@ -272,5 +303,34 @@ mod tests {
         slow.await.unwrap().unwrap();
         assert_eq!(cache.stats().cached_bytes, 4000);
         assert!(cache.contains(&key(100)));
+    }
+
+    /// A caller that stops waiting (a read past its deadline) leaves the
+    /// fetch running: it ends, is cached and leaves the fetches in flight.
+    #[tokio::test]
+    async fn a_fetch_outlives_callers_that_stop_waiting() {
+        let cache = Arc::new(BlockCache::new(4000, 1000));
+        let calls = Arc::new(AtomicUsize::new(0));
+        let fetch = || {
+            let calls = calls.clone();
+            async move {
+                calls.fetch_add(1, Ordering::SeqCst);
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                Ok(Bytes::from(vec![1u8; 1000]))
+            }
+        };
+        let gave_up = tokio::time::timeout(
+            std::time::Duration::from_millis(10),
+            cache.get_or_fetch(key(1), fetch),
+        )
+        .await;
+        assert!(gave_up.is_err());
+        cache.prefetch(key(2), fetch);
+        cache.prefetch(key(2), fetch);
+        assert!(cache.has_or_fetching(&key(1)) && cache.has_or_fetching(&key(2)));
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+        assert!(cache.contains(&key(1)) && cache.contains(&key(2)));
+        assert!(cache.in_flight.lock().unwrap().is_empty());
+        assert_eq!(calls.load(Ordering::SeqCst), 2);
     }
 }

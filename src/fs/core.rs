@@ -14,10 +14,11 @@ use tokio::sync::Semaphore;
 mod writes;
 
 use self::writes::staged_meta_of;
-use super::block_cache::{BLOCK_SIZE, BlockCache, BlockKey, FetchError, detach};
+use super::block_cache::{BLOCK_SIZE, BlockCache, BlockKey, FetchError};
 use super::disk_cache::DiskCache;
 use super::inodes::{Inodes, ROOT_INO};
 use super::pending::UploadQueue;
+use super::read_deadline::ReadDeadline;
 use super::readahead::Readahead;
 use super::staging::{RemoteBlocks, Staged};
 use crate::client::Client;
@@ -53,6 +54,9 @@ pub mod errno {
 
 /// Block fetches in flight at once, prefetch included.
 const FETCHES_IN_FLIGHT: usize = 8;
+
+/// Between a fetch a read waited for failing and the read's next one.
+const REFETCH_PAUSE: Duration = Duration::from_millis(100);
 
 #[derive(Debug, Clone)]
 pub struct MountOptions {
@@ -323,6 +327,7 @@ impl MountCore {
         if offset >= file_size || size == 0 {
             return Ok(Bytes::new());
         }
+        let deadline = ReadDeadline::new(self.client.retry_policy().give_up_after);
         let end = (offset + size as u64).min(file_size);
         let window = handle
             .readahead
@@ -350,13 +355,11 @@ impl MountCore {
             // A read after a seek: fetch only the bytes asked for (a player
             // probing an index should not pay for whole blocks). Blocks are
             // cached once reads turn sequential.
-            let data = self
-                .fetch_range(&handle.meta, offset, end - offset)
-                .await
-                .map_err(|e| {
-                    tracing::warn!(path = %handle.meta.path, offset, error = %e.message, "read failed");
-                    e.errno
-                })?;
+            let fetch = self.fetch_range(&handle.meta, offset, end - offset);
+            let data = self.within(&deadline, fetch).await.map_err(|e| {
+                tracing::warn!(path = %handle.meta.path, offset, error = %e.message, "read failed");
+                e.errno
+            })?;
             if data.len() as u64 != end - offset {
                 // The server sent less than the size promised.
                 return Err(errno::EIO);
@@ -365,7 +368,7 @@ impl MountCore {
         }
         let mut pieces = Vec::with_capacity((last - first + 1) as usize);
         for block in first..=last {
-            let data = self.block(&handle.meta, block).await.map_err(|e| {
+            let data = self.block_within(&deadline, &handle.meta, block).await.map_err(|e| {
                 tracing::warn!(path = %handle.meta.path, block, error = %e.message, "read failed");
                 e.errno
             })?;
@@ -464,11 +467,54 @@ impl MountCore {
             .await
     }
 
-    fn prefetch(&self, meta: &FileMeta, block: u64) {
-        let key = Self::block_key(meta, block);
-        if !self.cache.has_or_fetching(&key) {
-            detach(self.cache.clone(), key, self.fetch(meta, block));
+    /// The block for a read: the read waits for it (its turn among the
+    /// fetches in flight included) until `deadline`. A fetch it joined
+    /// that gave up earlier (a prefetch that began retrying before the
+    /// read did) is tried again while the deadline allows.
+    async fn block_within(
+        &self,
+        deadline: &ReadDeadline,
+        meta: &FileMeta,
+        block: u64,
+    ) -> Result<Bytes, FetchError> {
+        loop {
+            match self.within(deadline, self.block(meta, block)).await {
+                Err(e) if e.errno == errno::EIO && !deadline.passed(self.last_heard()) => {
+                    tracing::debug!(path = %meta.path, block, error = %e.message, "fetching again");
+                    tokio::time::sleep(REFETCH_PAUSE).await;
+                }
+                result => return result,
+            }
         }
+    }
+
+    /// What `work` returns, or EIO once the read's `deadline` passes.
+    async fn within(
+        &self,
+        deadline: &ReadDeadline,
+        work: impl Future<Output = Result<Bytes, FetchError>>,
+    ) -> Result<Bytes, FetchError> {
+        let last_heard = || self.last_heard();
+        match deadline.wait(last_heard, work).await {
+            Some(result) => result,
+            None => Err(FetchError {
+                errno: errno::EIO,
+                message: format!(
+                    "no answer from the server in {:.1?}",
+                    deadline.quiet_for(self.last_heard())
+                ),
+            }),
+        }
+    }
+
+    /// When the server last answered or sent a piece of a body.
+    fn last_heard(&self) -> tokio::time::Instant {
+        tokio::time::Instant::from_std(self.client.last_heard())
+    }
+
+    fn prefetch(&self, meta: &FileMeta, block: u64) {
+        self.cache
+            .prefetch(Self::block_key(meta, block), || self.fetch(meta, block));
     }
 
     pub fn cache_stats(&self) -> super::block_cache::CacheStats {

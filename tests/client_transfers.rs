@@ -253,10 +253,11 @@ async fn ferry_get_killed_halfway_resumes_when_run_again() {
     .stdout(Stdio::null())
     .spawn()
     .unwrap();
+    // A part is trusted up to its last checkpoint, at most 8 MiB behind.
     assert!(eventually(Duration::from_secs(60), || std::fs::metadata(
         &part
     )
-    .is_ok_and(|m| m.len() > 20 * MIB as u64)));
+    .is_ok_and(|m| m.len() > 30 * MIB as u64)));
     first.kill().unwrap();
     first.wait().unwrap();
     assert!(!dest.exists(), "no partial destination");
@@ -301,7 +302,7 @@ async fn a_download_resumed_after_the_file_changed_gets_the_new_version() {
     std::fs::write(tmp.path().join(".doc.bin.ferry-part"), &old[..MIB]).unwrap();
     std::fs::write(
         tmp.path().join(".doc.bin.ferry-part.json"),
-        serde_json::json!({"etag": etag, "size": old.len()}).to_string(),
+        serde_json::json!({"etag": etag, "size": old.len(), "verified": MIB}).to_string(),
     )
     .unwrap();
     // Same version: continues from the part.
@@ -319,7 +320,7 @@ async fn a_download_resumed_after_the_file_changed_gets_the_new_version() {
     std::fs::write(tmp.path().join(".doc.bin.ferry-part"), &old[..MIB]).unwrap();
     std::fs::write(
         tmp.path().join(".doc.bin.ferry-part.json"),
-        serde_json::json!({"etag": etag, "size": old.len()}).to_string(),
+        serde_json::json!({"etag": etag, "size": old.len(), "verified": MIB}).to_string(),
     )
     .unwrap();
     server.put("doc.bin", new.clone()).await;
@@ -335,6 +336,265 @@ async fn a_download_resumed_after_the_file_changed_gets_the_new_version() {
         std::fs::read(&dest).unwrap() == new,
         "a stale part must not be mixed with the new version"
     );
+}
+
+fn sha256_of(path: &std::path::Path) -> Option<String> {
+    use sha2::Digest;
+    let bytes = std::fs::read(path).ok()?;
+    Some(hex::encode(sha2::Sha256::digest(&bytes)))
+}
+
+fn sha256_hex(data: &[u8]) -> String {
+    use sha2::Digest;
+    hex::encode(sha2::Sha256::digest(data))
+}
+
+/// The files of `dir` whose names end with `suffix`.
+fn files_ending(dir: &std::path::Path, suffix: &str) -> Vec<String> {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.ends_with(suffix))
+        .collect()
+}
+
+#[tokio::test]
+async fn concurrent_ferry_gets_to_one_destination_never_corrupt_it() {
+    let server = Server::start();
+    let data = random_bytes(24 * MIB);
+    let want = sha256_hex(&data);
+    server.put("movie.bin", data).await;
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("dl");
+    std::fs::create_dir(&dir).unwrap();
+    let dest = dir.join("movie.bin");
+    let part = dir.join(".movie.bin.ferry-part");
+    let get = || {
+        ferry(
+            &[
+                "get",
+                "--bwlimit",
+                "12M",
+                "movie.bin",
+                dir.to_str().unwrap(),
+            ],
+            tmp.path(),
+            &server,
+        )
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
+    };
+    // Every run that says it succeeded left the right file; one that did not
+    // says why.
+    let check = |child: std::process::Child| {
+        let out = child.wait_with_output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        if out.status.success() {
+            assert_eq!(
+                sha256_of(&dest).as_deref(),
+                Some(want.as_str()),
+                "a get that exited 0 left a wrong file; stdout: {}",
+                String::from_utf8_lossy(&out.stdout)
+            );
+        } else {
+            assert!(stderr.contains("another ferry get"), "{stderr}");
+        }
+        out.status.success()
+    };
+
+    // Both started at once.
+    let (a, b) = (get(), get());
+    let (a, b) = (check(a), check(b));
+    assert!(a || b, "neither get succeeded");
+    assert_eq!(sha256_of(&dest).as_deref(), Some(want.as_str()));
+    assert!(files_ending(&dir, ".ferry-part").is_empty());
+
+    // The second starts while the first is surely writing: it is refused.
+    std::fs::remove_file(&dest).unwrap();
+    let first = get();
+    assert!(eventually(Duration::from_secs(60), || std::fs::metadata(
+        &part
+    )
+    .is_ok_and(|m| m.len() > 0)));
+    let second = get();
+    assert!(!check(second), "a second get ran beside the first");
+    assert!(check(first));
+    assert_eq!(sha256_of(&dest).as_deref(), Some(want.as_str()));
+    assert!(files_ending(&dir, ".ferry-part").is_empty());
+}
+
+/// Starts `ferry get` slowly, kills it (SIGKILL) once `part` holds more than
+/// `at_least` bytes, and returns the part's length then.
+fn killed_get(
+    server: &Server,
+    tmp: &std::path::Path,
+    remote: &str,
+    dest: &std::path::Path,
+    part: &std::path::Path,
+    at_least: u64,
+) -> u64 {
+    let mut child = ferry(
+        &["get", "--bwlimit", "20M", remote, dest.to_str().unwrap()],
+        tmp,
+        server,
+    )
+    .stdout(Stdio::null())
+    .spawn()
+    .unwrap();
+    assert!(eventually(Duration::from_secs(60), || std::fs::metadata(
+        part
+    )
+    .is_ok_and(|m| m.len() > at_least)));
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert!(!dest.exists(), "no partial destination");
+    std::fs::metadata(part).unwrap().len()
+}
+
+/// `(exit status, stdout, stderr)` of a `ferry get REMOTE DEST` run to the end.
+fn run_get(
+    server: &Server,
+    tmp: &std::path::Path,
+    remote: &str,
+    dest: &std::path::Path,
+) -> (bool, String, String) {
+    let out = ferry(&["get", remote, dest.to_str().unwrap()], tmp, server)
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[tokio::test]
+async fn a_part_with_garbage_appended_is_not_trusted_past_what_was_synced() {
+    let server = Server::start();
+    let data = random_bytes(40 * MIB);
+    server.put("video.bin", data.clone()).await;
+    let tmp = tempfile::tempdir().unwrap();
+    let dest = tmp.path().join("video.bin");
+    let part = tmp.path().join(".video.bin.ferry-part");
+    let kept = killed_get(
+        &server,
+        tmp.path(),
+        "video.bin",
+        &dest,
+        &part,
+        12 * MIB as u64,
+    );
+    // A tail that is not the file's: as a torn write would leave.
+    let mut out = std::fs::OpenOptions::new()
+        .append(true)
+        .open(&part)
+        .unwrap();
+    std::io::Write::write_all(&mut out, &random_bytes(12345)).unwrap();
+    drop(out);
+
+    let (ok, stdout, stderr) = run_get(&server, tmp.path(), "video.bin", &dest);
+    assert!(ok, "{stderr}");
+    assert_eq!(
+        sha256_of(&dest).as_deref(),
+        Some(sha256_hex(&data).as_str()),
+        "{stdout}"
+    );
+    let resumed: u64 = stdout
+        .split(", ")
+        .nth(1)
+        .unwrap()
+        .split(' ')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(
+        resumed <= kept,
+        "{stdout}: resumed past the part's own bytes"
+    );
+    assert!(!part.exists());
+}
+
+#[tokio::test]
+async fn a_part_is_trusted_only_as_far_as_its_record_vouches() {
+    let server = Server::start();
+    let data = random_bytes(4 * MIB);
+    server.put("doc.bin", data.clone()).await;
+    let client = Client::new(&server.url).unwrap();
+    let etag = client.stat(&remote("doc.bin")).await.unwrap().etag.unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let dest = tmp.path().join("doc.bin");
+    let part = tmp.path().join(".doc.bin.ferry-part");
+    let record = tmp.path().join(".doc.bin.ferry-part.json");
+    let garbage = random_bytes(12345);
+    // (bytes in the part, what the record says is synced, what may be kept)
+    for (good, verified, resumed) in [
+        // Garbage after the synced bytes.
+        (MIB, Some(MIB), MIB),
+        // Garbage after bytes never vouched for.
+        (2 * MIB, Some(MIB), MIB),
+        // A whole file and more: longer than the remote.
+        (4 * MIB, Some(4 * MIB), 4 * MIB),
+        // A record that vouches for nothing.
+        (2 * MIB, None, 0),
+    ] {
+        let mut bytes = data[..good].to_vec();
+        bytes.extend_from_slice(&garbage);
+        std::fs::write(&part, &bytes).unwrap();
+        let mut fields = serde_json::json!({"etag": etag, "size": data.len()});
+        if let Some(verified) = verified {
+            fields["verified"] = verified.into();
+        }
+        std::fs::write(&record, fields.to_string()).unwrap();
+        let report = download_file(
+            &client,
+            &remote("doc.bin"),
+            &dest,
+            DownloadOptions::default(),
+        )
+        .await
+        .unwrap();
+        assert_eq!(report.resumed_bytes, resumed as u64, "part of {good} bytes");
+        assert_eq!(
+            sha256_of(&dest).as_deref(),
+            Some(sha256_hex(&data).as_str()),
+            "part of {good} bytes, verified {verified:?}"
+        );
+        assert!(!part.exists() && !record.exists());
+    }
+}
+
+#[tokio::test]
+async fn a_part_of_an_older_version_is_started_over_not_mixed() {
+    let server = Server::start();
+    let old = random_bytes(40 * MIB);
+    let new = random_bytes(40 * MIB);
+    server.put("video.bin", old).await;
+    let tmp = tempfile::tempdir().unwrap();
+    let dest = tmp.path().join("video.bin");
+    let part = tmp.path().join(".video.bin.ferry-part");
+    killed_get(
+        &server,
+        tmp.path(),
+        "video.bin",
+        &dest,
+        &part,
+        12 * MIB as u64,
+    );
+    // Same length, other bytes: only the version tells them apart.
+    server.put("video.bin", new.clone()).await;
+
+    let (ok, stdout, stderr) = run_get(&server, tmp.path(), "video.bin", &dest);
+    assert!(ok, "{stderr}");
+    assert_eq!(
+        sha256_of(&dest).as_deref(),
+        Some(sha256_hex(&new).as_str()),
+        "{stdout}"
+    );
+    assert!(stdout.contains(", 0 already on disk"), "{stdout}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -472,6 +472,60 @@ fn run_get(
 }
 
 #[tokio::test]
+async fn ferry_get_interrupted_mid_body_stops_and_keeps_what_arrived() {
+    let server = Server::start();
+    let data = random_bytes(40 * MIB);
+    server.put("video.bin", data.clone()).await;
+    let tmp = tempfile::tempdir().unwrap();
+    let dest = tmp.path().join("video.bin");
+    let part = tmp.path().join(".video.bin.ferry-part");
+    let child = ferry(
+        &[
+            "get",
+            "--bwlimit",
+            "8M",
+            "video.bin",
+            dest.to_str().unwrap(),
+        ],
+        tmp.path(),
+        &server,
+    )
+    .stdout(Stdio::null())
+    .stderr(Stdio::piped())
+    .spawn()
+    .unwrap();
+    assert!(eventually(Duration::from_secs(60), || std::fs::metadata(
+        &part
+    )
+    .is_ok_and(|m| m.len() > 2 * MIB as u64)));
+    let pid = rustix::process::Pid::from_raw(child.id() as i32).unwrap();
+    rustix::process::kill_process(pid, rustix::process::Signal::INT).unwrap();
+    // Long before the 5 s the rest of the body takes.
+    let started = std::time::Instant::now();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "Ctrl-C took {:?}",
+        started.elapsed()
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(stderr.contains("interrupted"), "{stderr}");
+    let kept = std::fs::metadata(&part).unwrap().len();
+
+    let (ok, stdout, stderr) = run_get(&server, tmp.path(), "video.bin", &dest);
+    assert!(ok, "{stderr}");
+    assert!(
+        stdout.contains(&format!(", {kept} already on disk")),
+        "{stdout}"
+    );
+    assert_eq!(
+        sha256_of(&dest).as_deref(),
+        Some(sha256_hex(&data).as_str())
+    );
+}
+
+#[tokio::test]
 async fn a_part_with_garbage_appended_is_not_trusted_past_what_was_synced() {
     let server = Server::start();
     let data = random_bytes(40 * MIB);

@@ -410,7 +410,13 @@ async fn fetch_rest(
         pinned.size
     };
     let mut stream = resp.bytes_stream();
-    while let Some(piece) = stream.next().await {
+    loop {
+        // Cancelled (Ctrl-C), what arrived is kept for the next run.
+        let piece = tokio::select! {
+            piece = stream.next() => piece,
+            () = client.cancelled() => return Err(Error::Cancelled),
+        };
+        let Some(piece) = piece else { break };
         let piece =
             piece.map_err(|e| Error::Network(format!("downloading {remote}: {}", describe(&e))))?;
         if part.len + piece.len() as u64 > size {

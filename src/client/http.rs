@@ -279,6 +279,11 @@ impl Client {
         (last_piece, Ok(()))
     }
 
+    /// Resolves once the client is cancelled.
+    pub(crate) async fn cancelled(&self) {
+        self.cancel.cancelled().await
+    }
+
     /// Sleeps unless cancelled first.
     pub(crate) async fn sleep(&self, delay: Duration) -> Result<()> {
         tokio::select! {

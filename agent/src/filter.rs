@@ -42,8 +42,9 @@ pub const DEFAULT_PATTERNS: &[&str] = &[
     // atomic-save temporaries (many editors, sed -i, rsync)
     "*.tmp",
     ".*.sw?",
-    // ferry get partial downloads
+    // ferry get partial downloads and their records
     "*.ferry-part",
+    "*.ferry-part.json",
     // an agent journal, also when this folder's journal is kept elsewhere
     ".ferry-agent/",
 ];
@@ -163,6 +164,7 @@ mod tests {
             "~$letter.docx",
             ".ferry-agent/state.db",
             "big.iso.ferry-part",
+            "dl/.big.iso.ferry-part.json",
         ] {
             assert!(ignored(&f, p), "{p} should be ignored");
         }

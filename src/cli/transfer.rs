@@ -2,7 +2,8 @@
 //!
 //! Run again with the same arguments, an interrupted transfer continues: `put`
 //! keeps a small resume record (session id and hash) keyed by server, source,
-//! destination, size and mtime; `get` continues its `.NAME.ferry-part` file.
+//! destination, size and mtime; `get` continues its `.NAME.ferry-part` file
+//! (see `client::download`).
 
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};

@@ -243,7 +243,7 @@ async fn ferry_get_killed_halfway_resumes_when_run_again() {
         &[
             "get",
             "--bwlimit",
-            "30M",
+            "20M",
             "video.bin",
             dest.to_str().unwrap(),
         ],
@@ -372,13 +372,7 @@ async fn concurrent_ferry_gets_to_one_destination_never_corrupt_it() {
     let part = dir.join(".movie.bin.ferry-part");
     let get = || {
         ferry(
-            &[
-                "get",
-                "--bwlimit",
-                "12M",
-                "movie.bin",
-                dir.to_str().unwrap(),
-            ],
+            &["get", "--bwlimit", "8M", "movie.bin", dir.to_str().unwrap()],
             tmp.path(),
             &server,
         )

@@ -28,9 +28,14 @@ pub async fn run(core: Arc<MountCore>, notifier: Notifier, mut watcher: Watcher)
                     gone.map(|p| p.ancestors().collect()).unwrap_or_default();
                 let mut paths = vec![change.path];
                 paths.extend(change.from);
-                paths.extend(ancestors);
                 for path in paths {
-                    forget(&core, &notifier, &path).await;
+                    forget(&core, &notifier, &path, Entry::Drop).await;
+                }
+                // Their attributes only: the kernel asks again, and learns a
+                // gone one is gone. Their entries stay, so that the `rmdir`
+                // ending an `rm -r` through this mount still reaches it.
+                for path in ancestors {
+                    forget(&core, &notifier, &path, Entry::Keep).await;
                 }
             }
             // Events may have been missed: trust nothing cached.
@@ -39,7 +44,15 @@ pub async fn run(core: Arc<MountCore>, notifier: Notifier, mut watcher: Watcher)
     }
 }
 
-async fn forget(core: &Arc<MountCore>, notifier: &Arc<Notifier>, path: &RemotePath) {
+/// Whether the kernel's entry for a changed path (its name in its parent)
+/// is dropped along with its attributes and pages.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Entry {
+    Drop,
+    Keep,
+}
+
+async fn forget(core: &Arc<MountCore>, notifier: &Arc<Notifier>, path: &RemotePath, entry: Entry) {
     core.forget_path(path);
     if core.writes_in_flight(path) {
         // Our own upload landing: the kernel already sees this content, and
@@ -49,7 +62,8 @@ async fn forget(core: &Arc<MountCore>, notifier: &Arc<Notifier>, path: &RemotePa
     let entry = path
         .parent()
         .and_then(|parent| core.inodes.known(&parent))
-        .zip(path.name().map(str::to_owned));
+        .zip(path.name().map(str::to_owned))
+        .filter(|_| entry == Entry::Drop);
     let inode = core.inodes.known(path);
     let notifier = notifier.clone();
     // Notifications write to /dev/fuse and may wait on the kernel: keep them

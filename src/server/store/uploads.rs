@@ -751,12 +751,7 @@ impl UploadSessions {
         if let Some(local) = self.local_staging(id) {
             return local.remove_if_untouched_since(cutoff.into()).await;
         }
-        let listed: Vec<ObjectMeta> = self
-            .store
-            .objects
-            .list(Some(&manifest::session_prefix(id)))
-            .try_collect()
-            .await?;
+        let listed = self.session_objects(id).await?;
         if listed.is_empty() || listed.iter().any(|o| o.last_modified >= cutoff) {
             return Ok(false);
         }
@@ -920,14 +915,19 @@ impl UploadSessions {
         Ok(())
     }
 
-    /// Deletes the session's objects whose key satisfies `select`.
-    async fn delete_session_objects(&self, id: &str, select: impl Fn(&str) -> bool) -> Result<()> {
-        let listed: Vec<ObjectMeta> = self
+    /// Every object under session `id`'s prefix.
+    async fn session_objects(&self, id: &str) -> Result<Vec<ObjectMeta>> {
+        Ok(self
             .store
             .objects
             .list(Some(&manifest::session_prefix(id)))
             .try_collect()
-            .await?;
+            .await?)
+    }
+
+    /// Deletes the session's objects whose key satisfies `select`.
+    async fn delete_session_objects(&self, id: &str, select: impl Fn(&str) -> bool) -> Result<()> {
+        let listed = self.session_objects(id).await?;
         for object in listed.iter().filter(|o| select(o.location.as_ref())) {
             match self.store.objects.delete(&object.location).await {
                 Ok(()) | Err(object_store::Error::NotFound { .. }) => {}

@@ -899,3 +899,83 @@ fn a_read_fails_soon_after_the_server_stops_however_much_is_prefetched() {
     let _back = Server::spawn(store.to_str().unwrap(), &addr, &[]);
     read_ahead_of_a_stop(&file, &data, &mut pos, 8 * MIB);
 }
+
+/// The first offset at which `got` differs from `want` (in length too).
+fn first_difference(got: &[u8], want: &[u8]) -> Option<usize> {
+    got.iter()
+        .zip(want)
+        .position(|(a, b)| a != b)
+        .or((got.len() != want.len()).then(|| got.len().min(want.len())))
+}
+
+/// Reads all of `path` through a new handle.
+fn read_whole(path: &Path) -> Vec<u8> {
+    let mut data = Vec::new();
+    std::fs::File::open(path)
+        .unwrap()
+        .read_to_end(&mut data)
+        .unwrap();
+    data
+}
+
+/// A handle opened before the file was replaced on the server goes on
+/// reading its version; a handle opened after it reads the new version
+/// only, and so does every later open: the old handle's reads never put
+/// old pages where the new version's readers find them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_old_handle_reading_on_never_mixes_old_pages_into_the_new_version() {
+    if !fuse_available() {
+        return;
+    }
+    let server = Server::start();
+    let (v1, v2) = (random_bytes(16 * MIB), random_bytes(16 * MIB));
+    server.put("mix/s.bin", v1.clone()).await;
+    let mount = MountProc::start(&server, &[]);
+    let path = mount.at("mix/s.bin");
+    let old = std::fs::File::open(&path).unwrap();
+    let mut head = vec![0u8; 4 * MIB];
+    old.read_exact_at(&mut head, 0).unwrap();
+    assert_eq!(first_difference(&head, &v1[..4 * MIB]), None);
+    server.put("mix/s.bin", v2.clone()).await;
+    let mut probe = vec![0u8; 4096];
+    assert!(
+        eventually(Duration::from_secs(20), || {
+            std::fs::File::open(&path)
+                .and_then(|f| f.read_exact_at(&mut probe, 0))
+                .is_ok()
+                && probe[..] == v2[..4096]
+        }),
+        "the mount never saw the new version"
+    );
+    let new = std::fs::File::open(&path).unwrap();
+    // The old handle reads on: its own version's bytes, or ESTALE.
+    let mut chunk = vec![0u8; MIB];
+    for at in (MIB..8 * MIB).step_by(MIB) {
+        match old.read_exact_at(&mut chunk, at as u64) {
+            Ok(()) => assert_eq!(
+                first_difference(&chunk, &v1[at..at + MIB]),
+                None,
+                "old handle at {at}"
+            ),
+            Err(e) => assert_eq!(e.raw_os_error(), Some(116), "old handle at {at}: {e}"),
+        }
+    }
+    let mut whole = vec![0u8; 16 * MIB];
+    new.read_exact_at(&mut whole, 0).unwrap();
+    assert_eq!(
+        first_difference(&whole, &v2),
+        None,
+        "the new handle read other bytes than the new version"
+    );
+    assert_eq!(
+        first_difference(&read_whole(&path), &v2),
+        None,
+        "a later open"
+    );
+    drop((old, new));
+    assert_eq!(
+        first_difference(&read_whole(&path), &v2),
+        None,
+        "an open after every old handle closed"
+    );
+}

@@ -102,13 +102,51 @@ impl Default for MountOptions {
 
 pub type FsResult<T> = std::result::Result<T, i32>;
 
+/// How the kernel should read through a new handle.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CacheMode {
+    /// Through the page cache, keeping the pages it holds (same version).
+    Keep,
+    /// Through the page cache, dropping what it holds first.
+    Drop,
+    /// Around the page cache (`FOPEN_DIRECT_IO`).
+    Direct,
+}
+
+/// The kernel keeps one page cache per inode, shared by every handle that
+/// reads through it, and fills it with whatever the mount answers the
+/// handle whose read missed. Handles pinned to different versions must
+/// therefore never share it: it holds pages of `version` only, filled by
+/// the `handles` open on that version. A handle on another version opened
+/// while they are open reads around it (`FOPEN_DIRECT_IO`); once they are
+/// all closed, the next open takes the page cache over for its version,
+/// and the kernel drops the old pages as that open completes.
+struct PageCache {
+    /// `None`: pages of no known version (writes this mount dropped).
+    version: Option<String>,
+    handles: usize,
+    /// The kernel has dropped the pages of earlier versions: a handle that
+    /// took the page cache over for `version` has read since its open. Until
+    /// then an open of `version` drops the pages itself rather than keep
+    /// them (it may complete before the open that took the cache over).
+    settled: bool,
+}
+
 fn errno_of(e: &Error) -> i32 {
     e.errno()
 }
 
 /// An open file: pinned to the version seen at open.
 struct Handle {
+    ino: u64,
     meta: FileMeta,
+    /// Reads through the kernel's page cache (counted in
+    /// [`MountCore::page_caches`]); otherwise the kernel was told
+    /// `FOPEN_DIRECT_IO` or the handle reads what this mount writes.
+    page_cache: bool,
+    /// Opened dropping the page cache of a version not yet settled: its
+    /// first read settles it (see [`PageCache::settled`]).
+    settles: std::sync::atomic::AtomicBool,
     readahead: Mutex<Readahead>,
     /// Set when the file is being written (through this or another handle).
     staged: Option<Arc<Staged>>,
@@ -120,9 +158,9 @@ pub struct MountCore {
     cache: Arc<BlockCache>,
     handles: Mutex<HashMap<u64, Arc<Handle>>>,
     next_handle: AtomicU64,
-    /// The etag each inode had at its last open, to keep the kernel's page
-    /// cache across opens of an unchanged file.
-    opened_versions: Mutex<HashMap<u64, String>>,
+    /// Which version of each inode the kernel's page cache may hold, and how
+    /// many handles fill it (see [`PageCache`]).
+    page_caches: Mutex<HashMap<u64, PageCache>>,
     fetches: Arc<Semaphore>,
     /// File bytes received from the server by reads.
     fetched_bytes: Arc<AtomicU64>,
@@ -148,7 +186,7 @@ impl MountCore {
             cache: Arc::new(BlockCache::new(options.cache_bytes, BLOCK_SIZE as usize)),
             handles: Mutex::default(),
             next_handle: AtomicU64::new(1),
-            opened_versions: Mutex::default(),
+            page_caches: Mutex::default(),
             fetches: Arc::new(Semaphore::new(FETCHES_IN_FLIGHT)),
             fetched_bytes: Arc::default(),
             options,
@@ -257,9 +295,9 @@ impl MountCore {
         Ok(out)
     }
 
-    /// Opens `ino` for reading. Returns the handle and whether the kernel may
-    /// keep its cached pages (the file is unchanged since the last open).
-    pub async fn open(&self, ino: u64, write: bool, truncate: bool) -> FsResult<(u64, bool)> {
+    /// Opens `ino` for reading. Returns the handle and how the kernel is to
+    /// read through it (see [`PageCache`]).
+    pub async fn open(&self, ino: u64, write: bool, truncate: bool) -> FsResult<(u64, CacheMode)> {
         if write {
             return self.open_for_write(ino, truncate).await;
         }
@@ -268,8 +306,8 @@ impl MountCore {
             // Read what this mount wrote, even before it is committed.
             staged.state.lock().unwrap().open_handles += 1;
             return Ok((
-                self.add_handle(staged_meta_of(&staged), Some(staged)),
-                false,
+                self.add_handle(ino, staged_meta_of(&staged), Some(staged)),
+                CacheMode::Drop,
             ));
         }
         let version = self.inodes.version();
@@ -278,24 +316,65 @@ impl MountCore {
             return Err(21); // EISDIR
         }
         self.inodes.remember_unless_changed(&meta, version);
-        let etag = meta.etag.clone().unwrap_or_default();
-        let keep_cache = self
-            .opened_versions
-            .lock()
-            .unwrap()
-            .insert(ino, etag.clone())
-            == Some(etag);
-        Ok((self.add_handle(meta, None), keep_cache))
+        let etag = version_of(&meta);
+        // Decided and counted under one lock with the handle's insertion, so
+        // that no two versions ever both read through the page cache.
+        let mut caches = self.page_caches.lock().unwrap();
+        let mode = match caches.get_mut(&ino) {
+            Some(cache) if cache.version.as_deref() == Some(&etag) => {
+                cache.handles += 1;
+                if cache.settled {
+                    CacheMode::Keep
+                } else {
+                    CacheMode::Drop
+                }
+            }
+            Some(cache) if cache.handles > 0 => CacheMode::Direct,
+            _ => {
+                caches.insert(
+                    ino,
+                    PageCache {
+                        version: Some(etag),
+                        handles: 1,
+                        settled: false,
+                    },
+                );
+                CacheMode::Drop
+            }
+        };
+        let fh = self.insert_handle(Handle {
+            ino,
+            meta,
+            page_cache: mode != CacheMode::Direct,
+            settles: (mode == CacheMode::Drop).into(),
+            readahead: Mutex::default(),
+            staged: None,
+        });
+        drop(caches);
+        Ok((fh, mode))
     }
 
-    fn add_handle(&self, meta: FileMeta, staged: Option<Arc<Staged>>) -> u64 {
-        let fh = self.next_handle.fetch_add(1, Ordering::Relaxed);
-        let handle = Arc::new(Handle {
+    fn add_handle(&self, ino: u64, meta: FileMeta, staged: Option<Arc<Staged>>) -> u64 {
+        self.insert_handle(Handle {
+            ino,
             meta,
+            page_cache: false,
+            settles: false.into(),
             readahead: Mutex::default(),
             staged,
-        });
-        self.handles.lock().unwrap().insert(fh, handle);
+        })
+    }
+
+    /// The kernel's pages of `ino` hold no version a later open may keep.
+    fn forget_page_cache(&self, ino: u64) {
+        if let Some(cache) = self.page_caches.lock().unwrap().get_mut(&ino) {
+            cache.version = None;
+        }
+    }
+
+    fn insert_handle(&self, handle: Handle) -> u64 {
+        let fh = self.next_handle.fetch_add(1, Ordering::Relaxed);
+        self.handles.lock().unwrap().insert(fh, Arc::new(handle));
         fh
     }
 
@@ -311,6 +390,11 @@ impl MountCore {
     /// Closes `fh`; the last close of a written file queues its upload.
     pub async fn release(&self, fh: u64) -> FsResult<()> {
         let handle = self.handles.lock().unwrap().remove(&fh);
+        if let Some(handle) = handle.as_ref().filter(|h| h.page_cache)
+            && let Some(cache) = self.page_caches.lock().unwrap().get_mut(&handle.ino)
+        {
+            cache.handles -= 1;
+        }
         match handle.and_then(|h| h.staged.clone()) {
             Some(staged) => self.release_staged(staged).await,
             None => Ok(()),
@@ -322,6 +406,16 @@ impl MountCore {
         let handle = self.handle(fh)?;
         if let Some(staged) = &handle.staged {
             return staged.read(self, offset, size).await;
+        }
+        if handle.settles.swap(false, Ordering::Relaxed) {
+            // The kernel completed this handle's open, dropping the pages
+            // of earlier versions: later opens of this version may keep
+            // what the page cache holds.
+            if let Some(cache) = self.page_caches.lock().unwrap().get_mut(&handle.ino)
+                && cache.version.as_deref() == Some(&version_of(&handle.meta))
+            {
+                cache.settled = true;
+            }
         }
         let file_size = handle.meta.size;
         if offset >= file_size || size == 0 {
@@ -702,6 +796,11 @@ impl MountCore {
     pub fn root_ino(&self) -> u64 {
         ROOT_INO
     }
+}
+
+/// The version of a file whose pages the kernel may cache.
+fn version_of(meta: &FileMeta) -> String {
+    meta.etag.clone().unwrap_or_default()
 }
 
 /// A directory the server does not have, as the mount shows it.

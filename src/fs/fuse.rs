@@ -13,7 +13,7 @@ use fuser::{
 };
 use tokio::runtime::Handle;
 
-use super::core::{FsResult, MountCore, errno};
+use super::core::{CacheMode, FsResult, MountCore, errno};
 use crate::protocol::{EntryKind, FileMeta};
 
 pub struct FerryFs {
@@ -203,11 +203,13 @@ impl Filesystem for FerryFs {
         self.spawn(
             async move { core.open(ino.0, write, truncate).await },
             move |r| match r {
-                Ok((fh, keep_cache)) => {
-                    let mut flags = direct;
-                    if keep_cache {
-                        flags |= FopenFlags::FOPEN_KEEP_CACHE;
-                    }
+                Ok((fh, mode)) => {
+                    let flags = direct
+                        | match mode {
+                            CacheMode::Keep => FopenFlags::FOPEN_KEEP_CACHE,
+                            CacheMode::Drop => FopenFlags::empty(),
+                            CacheMode::Direct => FopenFlags::FOPEN_DIRECT_IO,
+                        };
                     reply.opened(FileHandle(fh), flags);
                 }
                 Err(e) => reply.error(err(e)),

@@ -253,7 +253,7 @@ impl MountCore {
         discard(&staged.local);
         if let Some(ino) = self.inodes.known(&path) {
             // Pages the kernel cached hold the dropped writes.
-            self.opened_versions.lock().unwrap().remove(&ino);
+            self.forget_page_cache(ino);
         }
         self.inodes.invalidate(&path);
     }
@@ -284,18 +284,22 @@ impl MountCore {
             .insert(path.clone(), staged.clone());
         let meta = staged_meta_of(&staged);
         let ino = self.inodes.ino(&path);
-        Ok((ino, meta.clone(), self.add_handle(meta, Some(staged))))
+        Ok((ino, meta.clone(), self.add_handle(ino, meta, Some(staged))))
     }
 
-    pub(super) async fn open_for_write(&self, ino: u64, truncate: bool) -> FsResult<(u64, bool)> {
+    pub(super) async fn open_for_write(
+        &self,
+        ino: u64,
+        truncate: bool,
+    ) -> FsResult<(u64, super::CacheMode)> {
         let staged = self.stage(ino, truncate).await?;
         if truncate && let Err(e) = staged.truncate(self, 0).await {
             self.release_staged(staged).await?;
             return Err(e);
         }
         Ok((
-            self.add_handle(staged_meta_of(&staged), Some(staged)),
-            false,
+            self.add_handle(ino, staged_meta_of(&staged), Some(staged)),
+            super::CacheMode::Drop,
         ))
     }
 

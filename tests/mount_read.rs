@@ -979,3 +979,71 @@ async fn an_old_handle_reading_on_never_mixes_old_pages_into_the_new_version() {
         "an open after every old handle closed"
     );
 }
+
+/// A handle on a file the server then shrinks reads its version or gets
+/// ESTALE past the new end, never a silent end of file, even once the new
+/// size is known to the kernel (a `stat` by path, an `ls -l`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_handle_on_a_shrunk_file_never_reads_a_false_end() {
+    if !fuse_available() {
+        return;
+    }
+    let server = Server::start();
+    let (a, b) = (random_bytes(20 * MIB), random_bytes(MIB));
+    server.put("f/t.bin", a.clone()).await;
+    let mount = MountProc::start(&server, &[]);
+    let path = mount.at("f/t.bin");
+    let file = std::fs::File::open(&path).unwrap();
+    let mut buf = vec![0u8; 4096];
+    file.read_exact_at(&mut buf, 0).unwrap();
+    server.put("f/t.bin", b.clone()).await;
+    assert!(eventually(Duration::from_secs(20), || {
+        std::fs::metadata(&path).is_ok_and(|m| m.len() == MIB as u64)
+    }));
+    let _ = file.metadata();
+    for at in [10 * MIB, 15 * MIB, 2 * MIB, 100] {
+        let mut buf = vec![0u8; 64 << 10];
+        match file.read_at(&mut buf, at as u64) {
+            Ok(n) => {
+                assert_eq!(n, buf.len(), "a short read at {at}");
+                assert_eq!(first_difference(&buf, &a[at..at + n]), None, "at {at}");
+            }
+            Err(e) => assert_eq!(e.raw_os_error(), Some(116), "at {at}: {e}"),
+        }
+    }
+    drop(file);
+    assert_eq!(first_difference(&read_whole(&path), &b), None);
+
+    // A sequential reader (`cp`) whose file is replaced by a shorter one
+    // midway gets all of its version or an error, not a prefix of it.
+    let (a, b) = (random_bytes(64 * MIB), random_bytes(8 * MIB));
+    server.put("f/seq.bin", a.clone()).await;
+    let path = mount.at("f/seq.bin");
+    let mut file = std::fs::File::open(&path).unwrap();
+    let (mut got, mut chunk, mut failed) = (Vec::new(), vec![0u8; MIB], None);
+    loop {
+        match file.read(&mut chunk) {
+            Ok(0) => break,
+            Ok(n) => got.extend_from_slice(&chunk[..n]),
+            Err(e) => {
+                failed = Some(e);
+                break;
+            }
+        }
+        if got.len() == 16 * MIB {
+            server.put("f/seq.bin", b.clone()).await;
+            assert!(eventually(Duration::from_secs(20), || {
+                std::fs::metadata(&path).is_ok_and(|m| m.len() == 8 * MIB as u64)
+            }));
+        }
+    }
+    assert_eq!(
+        first_difference(&got, &a[..got.len()]),
+        None,
+        "not the old version's bytes"
+    );
+    match failed {
+        Some(e) => assert_eq!(e.raw_os_error(), Some(116), "{e}"),
+        None => assert_eq!(got.len(), a.len(), "a silent end of file"),
+    }
+}

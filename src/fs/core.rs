@@ -256,6 +256,42 @@ impl MountCore {
         self.stat(&path).await.map(|(_, meta)| meta)
     }
 
+    /// The attributes the kernel asks for, and whether it must ask again at
+    /// its next use of them (see [`MountCore::attr_volatile`]). Asked with a
+    /// handle of a file opened for reading, the handle's version answers:
+    /// the kernel asks so when the handle reads past the size it knows (or
+    /// seeks from the end), and a handle reads its version to its end.
+    pub async fn getattr_for(&self, ino: u64, fh: Option<u64>) -> FsResult<(FileMeta, bool)> {
+        if let Some(handle) = fh.and_then(|fh| self.handle(fh).ok())
+            && handle.staged.is_none()
+            && handle.ino == ino
+        {
+            let current = self
+                .inodes
+                .fresh_meta(ino)
+                .is_some_and(|meta| meta.etag == handle.meta.etag);
+            return Ok((handle.meta.clone(), !current));
+        }
+        let meta = self.getattr(ino).await?;
+        let volatile = self.attr_volatile(ino, &meta);
+        Ok((meta, volatile))
+    }
+
+    /// Whether the kernel must not keep `meta` as the attributes of `ino`:
+    /// handles of another version read through the page cache, and the
+    /// kernel cuts their reads at the size it knows. Asked again at each
+    /// read past that size, with the handle, the mount answers the handle's
+    /// version, so that it reads its own bytes (or ESTALE), never a false end.
+    pub fn attr_volatile(&self, ino: u64, meta: &FileMeta) -> bool {
+        self.page_caches
+            .lock()
+            .unwrap()
+            .get(&ino)
+            .is_some_and(|cache| {
+                cache.handles > 0 && cache.version.as_deref() != Some(&version_of(meta))
+            })
+    }
+
     /// Every entry of the directory (paged from the server, with the files
     /// this mount is writing or uploading there), with inodes, by name.
     pub async fn readdir(&self, ino: u64) -> FsResult<Vec<(u64, String, EntryKind)>> {

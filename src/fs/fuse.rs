@@ -112,6 +112,16 @@ fn attr(ino: u64, meta: &FileMeta, ids: Ids) -> FileAttr {
     }
 }
 
+/// Attributes the kernel must ask for again at their next use live for no
+/// time (see `MountCore::attr_volatile`).
+fn ttl_of(ttl: std::time::Duration, volatile: bool) -> std::time::Duration {
+    if volatile {
+        std::time::Duration::ZERO
+    } else {
+        ttl
+    }
+}
+
 fn name(name: &OsStr) -> FsResult<String> {
     name.to_str().map(str::to_owned).ok_or(errno::EINVAL)
 }
@@ -143,21 +153,34 @@ impl Filesystem for FerryFs {
         let ttl = core.options.attr_ttl;
         let name = name(name_os);
         self.spawn(
-            async move { core.lookup(parent.0, &name?).await },
+            async move {
+                let (ino, meta) = core.lookup(parent.0, &name?).await?;
+                let volatile = core.attr_volatile(ino, &meta);
+                Ok((ino, meta, volatile))
+            },
             move |r| match r {
-                Ok((ino, meta)) => reply.entry(&ttl, &attr(ino, &meta, ids), Generation(0)),
+                Ok((ino, meta, volatile)) => reply.entry(
+                    &ttl_of(ttl, volatile),
+                    &attr(ino, &meta, ids),
+                    Generation(0),
+                ),
                 Err(e) => reply.error(err(e)),
             },
         );
     }
 
-    fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+    fn getattr(&self, _req: &Request, ino: INodeNo, fh: Option<FileHandle>, reply: ReplyAttr) {
         let (core, ids) = (self.core.clone(), self.ids);
         let ttl = core.options.attr_ttl;
-        self.spawn(async move { core.getattr(ino.0).await }, move |r| match r {
-            Ok(meta) => reply.attr(&ttl, &attr(ino.0, &meta, ids)),
-            Err(e) => reply.error(err(e)),
-        });
+        self.spawn(
+            async move { core.getattr_for(ino.0, fh.map(|fh| fh.0)).await },
+            move |r| match r {
+                Ok((meta, volatile)) => {
+                    reply.attr(&ttl_of(ttl, volatile), &attr(ino.0, &meta, ids))
+                }
+                Err(e) => reply.error(err(e)),
+            },
+        );
     }
 
     fn readdir(

@@ -1047,3 +1047,31 @@ async fn a_handle_on_a_shrunk_file_never_reads_a_false_end() {
         None => assert_eq!(got.len(), a.len(), "a silent end of file"),
     }
 }
+
+/// `fstat` of a handle whose file was removed on the server answers from
+/// the version the handle reads, as on a local filesystem.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fstat_of_a_handle_on_a_file_removed_on_the_server_works() {
+    if !fuse_available() {
+        return;
+    }
+    let server = Server::start();
+    let a = random_bytes(4 * MIB);
+    server.put("f/del.bin", a.clone()).await;
+    let mount = MountProc::start(&server, &[]);
+    let path = mount.at("f/del.bin");
+    let file = std::fs::File::open(&path).unwrap();
+    let mut buf = vec![0u8; 4096];
+    file.read_exact_at(&mut buf, 0).unwrap();
+    let status = server
+        .client()
+        .delete(server.file_url("f/del.bin"))
+        .send()
+        .await
+        .unwrap()
+        .status();
+    assert!(status.is_success(), "{status}");
+    assert!(eventually(Duration::from_secs(20), || !path.exists()));
+    let meta = file.metadata().unwrap();
+    assert_eq!(meta.len(), a.len() as u64);
+}

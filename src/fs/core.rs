@@ -260,7 +260,9 @@ impl MountCore {
     /// its next use of them (see [`MountCore::attr_volatile`]). Asked with a
     /// handle of a file opened for reading, the handle's version answers:
     /// the kernel asks so when the handle reads past the size it knows (or
-    /// seeks from the end), and a handle reads its version to its end.
+    /// seeks from the end), and a handle reads its version to its end. A
+    /// file removed on the server while open answers from an open handle,
+    /// as a local filesystem answers `fstat` of an unlinked file.
     pub async fn getattr_for(&self, ino: u64, fh: Option<u64>) -> FsResult<(FileMeta, bool)> {
         if let Some(handle) = fh.and_then(|fh| self.handle(fh).ok())
             && handle.staged.is_none()
@@ -272,9 +274,17 @@ impl MountCore {
                 .is_some_and(|meta| meta.etag == handle.meta.etag);
             return Ok((handle.meta.clone(), !current));
         }
-        let meta = self.getattr(ino).await?;
-        let volatile = self.attr_volatile(ino, &meta);
-        Ok((meta, volatile))
+        match self.getattr(ino).await {
+            Ok(meta) => {
+                let volatile = self.attr_volatile(ino, &meta);
+                Ok((meta, volatile))
+            }
+            Err(errno::ENOENT) => self
+                .open_meta(ino)
+                .map(|meta| (meta, true))
+                .ok_or(errno::ENOENT),
+            Err(e) => Err(e),
+        }
     }
 
     /// Whether the kernel must not keep `meta` as the attributes of `ino`:
@@ -290,6 +300,17 @@ impl MountCore {
             .is_some_and(|cache| {
                 cache.handles > 0 && cache.version.as_deref() != Some(&version_of(meta))
             })
+    }
+
+    /// The version of `ino` an open handle reads.
+    fn open_meta(&self, ino: u64) -> Option<FileMeta> {
+        self.handles
+            .lock()
+            .unwrap()
+            .values()
+            .filter(|h| h.ino == ino && h.staged.is_none())
+            .max_by_key(|h| h.page_cache)
+            .map(|h| h.meta.clone())
     }
 
     /// Every entry of the directory (paged from the server, with the files

@@ -259,6 +259,11 @@ async fn content_type_follows_the_extension() {
         ("a.mp4", "video/mp4"),
         ("b.txt", "text/plain"),
         ("c.unknownext", "application/octet-stream"),
+        // What streaming players check for.
+        ("seg/00001.ts", "video/mp2t"),
+        ("live/index.m3u8", "application/vnd.apple.mpegurl"),
+        ("song.M4A", "audio/mp4"),
+        ("dash/manifest.mpd", "application/dash+xml"),
     ] {
         server.put(name, "x").await;
         let resp = server

@@ -119,9 +119,7 @@ fn file_headers(meta: &FileMeta, range: Option<ByteRange>) -> HeaderMap {
         HeaderValue::from_static("nosniff"),
     );
     // The table's own string: no parsing or copying per request.
-    let mime = mime_guess::from_path(meta.path.as_str())
-        .first_raw()
-        .unwrap_or("application/octet-stream");
+    let mime = media_type(meta.path.as_str());
     h.insert(header::CONTENT_TYPE, HeaderValue::from_static(mime));
     // Anyone who can upload (or holds a signed URL) chooses these bytes: a
     // page or an SVG opened from here runs no script and gets an opaque
@@ -142,6 +140,29 @@ fn file_headers(meta: &FileMeta, range: Option<ByteRange>) -> HeaderMap {
         h.insert(header::CONTENT_RANGE, v);
     }
     h
+}
+
+/// Streaming media whose common guess is not what players and browsers
+/// take: a `.ts` segment as `video/vnd.dlna.mpeg-tts` or an `.m3u8`
+/// playlist as `audio/x-mpegurl` is refused by HLS players that check.
+const MEDIA_TYPES: [(&str, &str); 4] = [
+    ("ts", "video/mp2t"),
+    ("m3u8", "application/vnd.apple.mpegurl"),
+    ("m4a", "audio/mp4"),
+    ("mpd", "application/dash+xml"),
+];
+
+/// The `Content-Type` of a stored file, from its extension.
+fn media_type(path: &str) -> &'static str {
+    let extension = path.rsplit_once('.').map(|(_, e)| e.to_ascii_lowercase());
+    if let Some(e) = &extension
+        && let Some((_, mime)) = MEDIA_TYPES.iter().find(|(ext, _)| ext == e)
+    {
+        return mime;
+    }
+    mime_guess::from_path(path)
+        .first_raw()
+        .unwrap_or("application/octet-stream")
 }
 
 fn validator_headers(meta: &FileMeta) -> HeaderMap {

@@ -18,6 +18,7 @@ mod extract;
 pub mod feed;
 mod file_region;
 mod files;
+mod idempotency;
 pub mod limits;
 pub mod listen;
 mod listing;
@@ -138,6 +139,8 @@ struct Shared {
     metrics: Arc<Metrics>,
     rate_limiter: Option<Arc<RateLimiter>>,
     transfer_limiter: Option<Arc<TransferLimiter>>,
+    /// Answers kept for requests sent again with an `Idempotency-Key`.
+    replays: idempotency::Replays,
 }
 
 impl AppState {
@@ -160,6 +163,7 @@ impl AppState {
                     .map(TransferLimiter::new),
                 config,
                 shutdown: CancellationToken::new(),
+                replays: idempotency::Replays::default(),
             }),
         }
     }
@@ -201,6 +205,10 @@ impl AppState {
         &self.inner.metrics
     }
 
+    fn replays(&self) -> &idempotency::Replays {
+        &self.inner.replays
+    }
+
     fn rate_limiter(&self) -> Option<&RateLimiter> {
         self.inner.rate_limiter.as_deref()
     }
@@ -229,11 +237,6 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/stat", stat.clone())
         .route("/v1/stat/", stat.clone())
         .route("/v1/stat/{*path}", stat)
-        .route("/v1/ops/mkdir", post(ops::mkdir))
-        .route("/v1/ops/rmdir", post(ops::rmdir))
-        .route("/v1/ops/rename", post(ops::rename))
-        .route("/v1/ops/copy", post(ops::copy))
-        .route("/v1/uploads", post(uploads::create))
         .route(
             "/v1/uploads/{id}",
             get(uploads::status)
@@ -241,7 +244,6 @@ pub fn router(state: AppState) -> Router {
                 .delete(uploads::abort),
         )
         .route("/v1/uploads/{id}/chunks/{index}", put(uploads::put_chunk))
-        .route("/v1/uploads/{id}/complete", post(uploads::complete))
         .route("/v1/sign", post(sign::sign))
         .route(
             "/v1/whoami",
@@ -263,6 +265,18 @@ pub fn router(state: AppState) -> Router {
         .route(
             "/healthz",
             get(|| async { axum::Json(serde_json::json!({"status": "ok"})) }),
+        )
+        // Requests that create, move or commit something may be sent again
+        // with the same `Idempotency-Key` after a lost answer.
+        .merge(
+            Router::new()
+                .route("/v1/ops/mkdir", post(ops::mkdir))
+                .route("/v1/ops/rmdir", post(ops::rmdir))
+                .route("/v1/ops/rename", post(ops::rename))
+                .route("/v1/ops/copy", post(ops::copy))
+                .route("/v1/uploads", post(uploads::create))
+                .route("/v1/uploads/{id}/complete", post(uploads::complete))
+                .route_layer(from_fn_with_state(state.clone(), idempotency::replay)),
         )
         .fallback(|| async { Error::NotFound("no such route".into()) })
         .method_not_allowed_fallback(|| async { response::method_not_allowed() });

@@ -13,6 +13,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::retry::RetryPolicy;
 use crate::error::{Error, Result};
+use crate::protocol::meta::IDEMPOTENCY_KEY_HEADER;
 use crate::protocol::upload::{
     CRC32C_HEADER, CreateUpload, UploadCreated, UploadStatus, crc32c_header_value,
 };
@@ -318,23 +319,6 @@ impl Client {
         }
     }
 
-    /// The JSON answer to a request that must not be carried out twice
-    /// (creating something): an answer cut short fails the call, since the
-    /// server may have done what was asked.
-    async fn json_once<T: DeserializeOwned>(
-        &self,
-        build: impl Fn() -> RequestBuilder,
-    ) -> Result<T> {
-        let mut retries = Retries::new(self);
-        let resp = self.send_retrying(&mut retries, |_| build()).await?;
-        let mut body = bytes::BytesMut::new();
-        self.body_into(resp, &mut body, usize::MAX)
-            .await
-            .1
-            .map_err(|e| Error::Network(format!("reading the response: {e}")))?;
-        parse_json(&body)
-    }
-
     fn request(&self, method: Method, url: &str) -> RequestBuilder {
         self.http.request(method, url)
     }
@@ -419,7 +403,7 @@ impl Client {
             recursive,
         };
         let url = format!("{}/v1/ops/rmdir", self.base);
-        self.send(|| self.request(Method::POST, &url).json(&body))
+        self.send(once(|| self.request(Method::POST, &url).json(&body)))
             .await?;
         Ok(())
     }
@@ -434,7 +418,7 @@ impl Client {
 
     async fn op<B: serde::Serialize, T: DeserializeOwned>(&self, op: &str, body: &B) -> Result<T> {
         let url = format!("{}/v1/ops/{op}", self.base);
-        self.json_once(|| self.request(Method::POST, &url).json(body))
+        self.json(once(|| self.request(Method::POST, &url).json(body)))
             .await
     }
 
@@ -564,7 +548,7 @@ impl Client {
 
     pub async fn create_upload(&self, request: &CreateUpload) -> Result<UploadCreated> {
         let url = format!("{}/v1/uploads", self.base);
-        self.json_once(|| self.request(Method::POST, &url).json(request))
+        self.json(once(|| self.request(Method::POST, &url).json(request)))
             .await
     }
 
@@ -603,7 +587,7 @@ impl Client {
     pub async fn complete_upload(&self, id: &str, sha256: Option<String>) -> Result<FileMeta> {
         let url = format!("{}/v1/uploads/{id}/complete", self.base);
         let body = crate::protocol::upload::CompleteUpload { sha256 };
-        self.json_once(|| self.request(Method::POST, &url).json(&body))
+        self.json(once(|| self.request(Method::POST, &url).json(&body)))
             .await
     }
 
@@ -721,6 +705,16 @@ fn tracked_body(data: Bytes, progress: &BodyProgress) -> reqwest::Body {
         Ok::<_, std::convert::Infallible>(data.slice(start..(start + PIECE).min(data.len())))
     });
     reqwest::Body::wrap_stream(futures::stream::iter(pieces))
+}
+
+/// A request that must not be carried out twice (creating, moving or
+/// committing something): every attempt carries the same
+/// `Idempotency-Key`, so that one sent again after a lost answer gets the
+/// first answer instead of doing it again (a `mkdir` answered
+/// `already_exists`).
+fn once(build: impl Fn() -> RequestBuilder) -> impl Fn() -> RequestBuilder {
+    let key = hex::encode(rand::random::<[u8; 16]>());
+    move || build().header(IDEMPOTENCY_KEY_HEADER, &key)
 }
 
 fn retryable_status(status: StatusCode) -> bool {

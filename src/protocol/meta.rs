@@ -5,6 +5,11 @@ use serde::{Deserialize, Serialize};
 
 use super::RemotePath;
 
+/// The header naming a request that creates, moves or commits something,
+/// so that sending it again after a lost answer gets the first answer
+/// (API.md, "Retrying safely").
+pub const IDEMPOTENCY_KEY_HEADER: &str = "idempotency-key";
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum EntryKind {

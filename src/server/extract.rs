@@ -65,7 +65,8 @@ impl<T: DeserializeOwned + Default, S: Send + Sync> FromRequest<S> for ApiJsonOr
     }
 }
 
-async fn small_body(req: Request) -> Result<bytes::Bytes, Error> {
+/// A JSON request body, whole: at most [`MAX_JSON_BYTES`].
+pub(super) async fn small_body(req: Request) -> Result<bytes::Bytes, Error> {
     axum::body::to_bytes(req.into_body(), MAX_JSON_BYTES)
         .await
         .map_err(|_| Error::PayloadTooLarge {

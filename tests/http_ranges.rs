@@ -237,6 +237,64 @@ async fn head_carries_the_get_headers_and_no_body() {
     }
 }
 
+/// A file dated before 1970 (an unpacked archive's, a scan's) is served
+/// like any other, without a `Last-Modified` (an HTTP date cannot express
+/// its time). Every request for one used to get an empty reply (the
+/// request's task panicked), and `ferry get` retried for ever.
+#[tokio::test]
+async fn files_dated_outside_what_http_dates_express_are_served() {
+    use std::time::{Duration, SystemTime};
+    let server = Server::start();
+    let data = random_bytes(5000);
+    let year = Duration::from_secs(365 * 86_400);
+    for (name, mtime) in [
+        ("1965.bin", SystemTime::UNIX_EPOCH - 5 * year),
+        (
+            "1969.bin",
+            SystemTime::UNIX_EPOCH - Duration::from_millis(500),
+        ),
+    ] {
+        let path = server.store_dir.as_ref().unwrap().join(name);
+        std::fs::write(&path, &data).unwrap();
+        std::fs::File::options()
+            .write(true)
+            .open(&path)
+            .and_then(|f| f.set_modified(mtime))
+            .unwrap();
+        let get = server.client().get(server.file_url(name)).send().await;
+        let get = get.unwrap_or_else(|e| panic!("{name}: {e}"));
+        assert_eq!(get.status(), 200, "{name}");
+        assert!(get.headers().get("last-modified").is_none(), "{name}");
+        assert!(get.headers().get("etag").is_some(), "{name}");
+        assert!(get.bytes().await.unwrap() == data, "{name}");
+        let ranged = server
+            .client()
+            .head(server.file_url(name))
+            .header("Range", "bytes=10-19")
+            .header("If-Modified-Since", "Thu, 01 Jan 1970 00:00:00 GMT")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(ranged.status(), 304, "{name}: older than any HTTP date");
+
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join(name);
+        // Bounded: it used to retry for ever.
+        let got = std::process::Command::new("timeout")
+            .arg("60")
+            .arg(env!("CARGO_BIN_EXE_ferry"))
+            .args(["get", name])
+            .arg(&out)
+            .env("FERRY_SERVER", &server.url)
+            .env("FERRY_STATE_DIR", dir.path())
+            .env("FERRY_LOG", "warn")
+            .output()
+            .unwrap();
+        assert!(got.status.success(), "{name}: {got:?}");
+        assert!(std::fs::read(&out).unwrap() == data, "{name}");
+    }
+}
+
 #[tokio::test]
 async fn download_query_asks_for_an_attachment() {
     let (server, _) = server_with_file("clip.mp4").await;

@@ -22,9 +22,15 @@ pub fn http_etag(meta: &FileMeta) -> Option<String> {
     meta.etag.as_ref().map(|e| format!("\"{e}\""))
 }
 
+/// The `Last-Modified` of `meta`: none for a time that an HTTP date cannot
+/// express (before 1970 or after 9999), such as an old file's on a local
+/// disk.
 pub fn http_date(meta: &FileMeta) -> Option<String> {
-    meta.mtime
-        .map(|t| httpdate::fmt_http_date(SystemTime::from(t)))
+    /// 10000-01-01T00:00:00Z.
+    const END_OF_HTTP_DATES: u64 = 253_402_300_800;
+    let t = SystemTime::from(meta.mtime?);
+    let secs = t.duration_since(SystemTime::UNIX_EPOCH).ok()?.as_secs();
+    (secs < END_OF_HTTP_DATES).then(|| httpdate::fmt_http_date(t))
 }
 
 /// Evaluates the preconditions in the order RFC 9110 §13.2.2 gives.
@@ -177,6 +183,24 @@ mod tests {
         assert_eq!(
             evaluate(&with(header::IF_NONE_MATCH, "*"), None, false),
             Verdict::Proceed
+        );
+    }
+
+    #[test]
+    fn times_an_http_date_cannot_express_have_none() {
+        let at = |secs: i64| FileMeta {
+            mtime: Some(chrono::DateTime::from_timestamp(secs, 0).unwrap()),
+            ..meta()
+        };
+        assert_eq!(http_date(&at(-1)), None);
+        assert_eq!(http_date(&at(253_402_300_800)), None, "year 10000");
+        assert_eq!(
+            http_date(&at(253_402_300_799)).as_deref(),
+            Some("Fri, 31 Dec 9999 23:59:59 GMT")
+        );
+        assert_eq!(
+            http_date(&at(0)).as_deref(),
+            Some("Thu, 01 Jan 1970 00:00:00 GMT")
         );
     }
 

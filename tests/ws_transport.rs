@@ -316,6 +316,32 @@ async fn http_changes_reach_websocket_and_sse_subscribers_once() {
     );
 }
 
+/// A copy announces what it did to its destination: `created` for a new
+/// file, `modified` for a file it replaced (as a PUT over it would).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_copy_over_a_file_is_announced_as_modified() {
+    let server = Server::start();
+    server.put("docs/a.txt", "a").await;
+    server.put("docs/b.txt", "b").await;
+    let sse = tokio::spawn(sse_changes(
+        format!("{}/v1/events?prefix=docs", server.url),
+        2,
+    ));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let copy = |to: &str| json!({"from": "docs/a.txt", "to": to, "overwrite": true});
+    assert_eq!(server.op("copy", copy("docs/new.txt")).await.0, 200);
+    assert_eq!(server.op("copy", copy("docs/b.txt")).await.0, 200);
+    let sse = sse.await.unwrap();
+    let kinds: Vec<(&str, &str)> = sse
+        .iter()
+        .map(|c| (c["kind"].as_str().unwrap(), c["path"].as_str().unwrap()))
+        .collect();
+    assert_eq!(
+        kinds,
+        [("created", "docs/new.txt"), ("modified", "docs/b.txt")]
+    );
+}
+
 type Socket =
     tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
 

@@ -248,11 +248,14 @@ impl Store {
             )));
         }
         self.check_no_file_ancestor(to).await?;
+        // A file copied over another is announced as a change of that one.
+        let mut replaces_file = false;
         if self.try_head_file(from).await?.is_some() {
             if self.is_dir(to).await? {
                 return Err(Error::IsADirectory(to.to_string()));
             }
-            if !overwrite && self.try_head_file(to).await?.is_some() {
+            replaces_file = self.try_head_file(to).await?.is_some();
+            if !overwrite && replaces_file {
                 return Err(Error::AlreadyExists(to.to_string()));
             }
             let (src, dst) = (keys::object_path(from), keys::object_path(to));
@@ -288,7 +291,7 @@ impl Store {
         let meta = self.stat(to).await?;
         match how {
             Transfer::Move => self.feed.renamed(from, &meta),
-            Transfer::Copy => self.feed.written(&meta, false),
+            Transfer::Copy => self.feed.written(&meta, replaces_file),
         }
         Ok(meta)
     }

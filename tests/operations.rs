@@ -394,6 +394,7 @@ async fn per_token_limits_on_sessions_and_transfers() {
     assert_eq!(create().await.status(), 201);
     let third = create().await;
     assert_eq!(third.status(), 429);
+    assert_eq!(third.headers()["retry-after"], "1");
     let body: Value = third.json().await.unwrap();
     assert!(
         body["error"]["message"]
@@ -439,6 +440,7 @@ async fn per_token_limits_on_sessions_and_transfers() {
         .await
         .unwrap();
     assert_eq!(second.status(), 429);
+    assert_eq!(second.headers()["retry-after"], "1");
     // Metadata is not a transfer.
     let stat = http()
         .get(format!("{}/v1/stat/big.bin", server.url))

@@ -24,10 +24,17 @@ impl IntoResponse for Error {
                 .headers_mut()
                 .insert(header::CONNECTION, HeaderValue::from_static("close"));
         }
-        if let Error::RateLimited { retry_after } = self {
+        // A per-token limit frees when one of the token's own transfers or
+        // sessions ends, which no clock predicts: a second is the hint.
+        let retry_after = match self {
+            Error::RateLimited { retry_after } => Some(retry_after),
+            Error::LimitReached(_) => Some(1),
+            _ => None,
+        };
+        if let Some(seconds) = retry_after {
             response
                 .headers_mut()
-                .insert(header::RETRY_AFTER, HeaderValue::from(retry_after));
+                .insert(header::RETRY_AFTER, HeaderValue::from(seconds));
         }
         if matches!(self, Error::Unauthorized(_)) {
             response.headers_mut().insert(

@@ -617,3 +617,28 @@ async fn cli_tokens_from_token_new_work_through_env_and_file() {
     );
     assert!(String::from_utf8_lossy(&ls.stdout).contains("up.txt"));
 }
+
+/// The scheme of `Authorization` is matched in any case (RFC 9110); what is
+/// not a bearer token is still refused.
+#[tokio::test]
+async fn the_bearer_scheme_is_matched_in_any_case() {
+    let server = secured_server();
+    let whoami = |value: String| {
+        reqwest::Client::new()
+            .get(format!("{}/v1/whoami", server.url))
+            .header("Authorization", value)
+            .send()
+    };
+    for scheme in ["Bearer", "bearer", "BEARER"] {
+        let response = whoami(format!("{scheme} {ADMIN}")).await.unwrap();
+        assert_eq!(response.status(), 200, "{scheme}");
+    }
+    for value in [
+        format!("Basic {ADMIN}"),
+        format!("Bearer{ADMIN}"),
+        format!("bearer {WRONG}"),
+    ] {
+        let response = whoami(value.clone()).await.unwrap();
+        assert_eq!(response.status(), 401, "{value}");
+    }
+}

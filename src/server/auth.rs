@@ -301,16 +301,9 @@ impl Authenticator {
             return self.verify_signed(&path, expires, signature);
         }
         let bearer = match parts.headers.get(header::AUTHORIZATION) {
-            Some(value) => Some(
-                value
-                    .to_str()
-                    .ok()
-                    .and_then(|v| v.strip_prefix("Bearer "))
-                    .map(str::trim)
-                    .ok_or_else(|| {
-                        Error::Unauthorized("Authorization must be `Bearer <token>`".into())
-                    })?,
-            ),
+            Some(value) => Some(value.to_str().ok().and_then(bearer_token).ok_or_else(|| {
+                Error::Unauthorized("Authorization must be `Bearer <token>`".into())
+            })?),
             None if takes_query_token(parts.uri.path()) => param(ACCESS_TOKEN_QUERY),
             None => None,
         };
@@ -371,6 +364,14 @@ pub fn admit(app: &AppState, parts: &Parts) -> Result<Grant> {
     })
 }
 
+/// The token of an `Authorization: Bearer <token>` value; the scheme's name
+/// is case-insensitive (RFC 9110 §11.1).
+fn bearer_token(value: &str) -> Option<&str> {
+    let (scheme, token) = value.trim_start().split_once(' ')?;
+    let token = token.trim();
+    (scheme.eq_ignore_ascii_case("bearer") && !token.is_empty()).then_some(token)
+}
+
 /// The caller's [`Grant`], as [`authenticate`] left it.
 pub struct Caller(pub Grant);
 
@@ -391,6 +392,16 @@ impl<S: Send + Sync> FromRequestParts<S> for Caller {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_bearer_scheme_is_case_insensitive() {
+        for value in ["Bearer t0k", "bearer t0k", "BEARER  t0k ", "bEaReR t0k"] {
+            assert_eq!(bearer_token(value), Some("t0k"), "{value:?}");
+        }
+        for value in ["Basic dXNlcg==", "Bearer", "Bearer   ", "Bearert0k", "t0k"] {
+            assert_eq!(bearer_token(value), None, "{value:?}");
+        }
+    }
 
     fn rules() -> Authenticator {
         let (_, alice) = new_token("alice", vec![Scope::Read, Scope::Write], "alice/");

@@ -123,6 +123,45 @@ async fn mkdir_and_rmdir(backend: Backend) {
     assert_eq!(names(&s.json("/v1/list/").await.1), ["x"]);
 }
 
+/// A listing gives a directory the time `stat` gives it (its marker's), so
+/// that a mount shows one time for it, not two by turns; a directory that
+/// exists only through its files has none, in either.
+async fn listings_and_stat_agree_on_directory_times(backend: Backend) {
+    let s = Server::start_with(backend, &[]);
+    assert_eq!(s.op("mkdir", json!({"path": "top"})).await.0, 201);
+    assert_eq!(s.op("mkdir", json!({"path": "top/made"})).await.0, 201);
+    s.put("top/implied/f.txt", "f").await;
+    let s = &s;
+    let stat = async |p: &str| s.json(&format!("/v1/stat/{p}")).await.1["mtime"].clone();
+    let made = stat("top/made").await;
+    assert!(made.is_string(), "{made}");
+    assert_eq!(stat("top/implied").await, Value::Null);
+    let mtimes = |listing: Value| -> Vec<(String, Value)> {
+        listing["entries"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|e| e["kind"] == "dir")
+            .map(|e| (e["name"].as_str().unwrap().to_owned(), e["mtime"].clone()))
+            .collect()
+    };
+    assert_eq!(
+        mtimes(s.json("/v1/list/top").await.1),
+        [
+            ("implied".to_owned(), Value::Null),
+            ("made".to_owned(), made.clone())
+        ]
+    );
+    assert_eq!(
+        mtimes(s.json("/v1/list/?recursive=true").await.1),
+        [
+            ("top".to_owned(), stat("top").await),
+            ("top/implied".to_owned(), Value::Null),
+            ("top/made".to_owned(), made),
+        ]
+    );
+}
+
 async fn a_directory_lives_while_it_has_entries(backend: Backend) {
     let s = Server::start_with(backend, &[]);
     s.put("d/only.txt", "x").await;
@@ -563,6 +602,7 @@ conformance!(
     put_then_list_and_stat,
     listing_pages_with_a_cursor,
     mkdir_and_rmdir,
+    listings_and_stat_agree_on_directory_times,
     a_directory_lives_while_it_has_entries,
     rename_files_and_directories,
     copy_files_and_directories,

@@ -1075,3 +1075,43 @@ async fn fstat_of_a_handle_on_a_file_removed_on_the_server_works() {
     let meta = file.metadata().unwrap();
     assert_eq!(meta.len(), a.len() as u64);
 }
+
+/// A directory's time is the same whether the mount last learnt it from a
+/// listing of its parent or from a `stat` of it: `tar c` right after a copy
+/// into the mount used to stop with "file changed as we read it".
+#[test]
+fn a_directory_shows_one_time_through_listings_and_stats() {
+    if !fuse_available() {
+        return;
+    }
+    let server = Server::start();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    assert_eq!(
+        rt.block_on(server.op("mkdir", serde_json::json!({"path": "top"})))
+            .0,
+        201
+    );
+    assert_eq!(
+        rt.block_on(server.op("mkdir", serde_json::json!({"path": "top/sub"})))
+            .0,
+        201
+    );
+    let mount = MountProc::start(&server, &[]);
+    let mtime = || {
+        std::fs::metadata(mount.at("top/sub"))
+            .unwrap()
+            .modified()
+            .unwrap()
+    };
+    let first = mtime();
+    for _ in 0..2 {
+        // Past `--attr-ttl` (1 s), so that the listing's attributes are taken.
+        std::thread::sleep(Duration::from_millis(1500));
+        for entry in std::fs::read_dir(mount.at("top")).unwrap() {
+            entry.unwrap().metadata().unwrap();
+        }
+        assert_eq!(mtime(), first, "after a listing");
+        std::thread::sleep(Duration::from_millis(1500));
+        assert_eq!(mtime(), first, "after a stat");
+    }
+}

@@ -90,7 +90,34 @@ impl Store {
         let limit = query.limit.unwrap_or(1000).clamp(1, MAX_LIST_LIMIT);
         let cursor = (entries.len() > limit).then(|| encode_cursor(&entries[limit - 1].name));
         entries.truncate(limit);
+        self.add_marker_times(dir, &mut entries).await;
         Ok(ListPage { entries, cursor })
+    }
+
+    /// Gives the page's directories the time of their marker, as `stat`
+    /// does, so that a listing and a `stat` agree (a mount shows one time,
+    /// not two by turns). A listing with a delimiter does not carry the
+    /// markers: one `head` each, a few at once.
+    async fn add_marker_times(&self, dir: &RemotePath, entries: &mut [ListEntry]) {
+        const AT_ONCE: usize = 16;
+        let wanted: Vec<usize> = (0..entries.len())
+            .filter(|&i| entries[i].kind == EntryKind::Dir && entries[i].mtime.is_none())
+            .collect();
+        let times: Vec<_> = futures::stream::iter(wanted)
+            .map(|i| {
+                let path = dir.join_relative(&entries[i].name);
+                async move {
+                    let marker = keys::marker_path(&path.ok()?);
+                    let head = self.objects.head(&marker).await.ok()?;
+                    Some((i, head.last_modified))
+                }
+            })
+            .buffer_unordered(AT_ONCE)
+            .collect()
+            .await;
+        for (i, mtime) in times.into_iter().flatten() {
+            entries[i].mtime = Some(mtime);
+        }
     }
 
     async fn list_children(&self, dir: &RemotePath) -> Result<Vec<ListEntry>> {
@@ -135,6 +162,12 @@ impl Store {
             if !keys::is_marker(leaf) {
                 let name = segments.join("/");
                 found.insert(name.clone(), file_entry(name, object));
+            } else if !parents.is_empty() {
+                let name = parents.join("/");
+                found
+                    .entry(name.clone())
+                    .or_insert_with(|| dir_entry(name))
+                    .mtime = Some(object.last_modified);
             }
         }
         Ok(found.into_values().collect())

@@ -431,3 +431,78 @@ async fn an_oversized_request_head_is_431() {
     assert_eq!(server.raw(request(70 * 1024).as_bytes()).status, 431);
     assert_eq!(server.raw(request(32 * 1024).as_bytes()).status, 200);
 }
+
+/// Regression: a name of 256 bytes or more (or a path over 1024 bytes) in a
+/// JSON body was `400 bad_request` ("bad JSON body: …") while 254 and 255
+/// bytes, and the same names in a URL, were `name_too_long`. A too-long
+/// path is `name_too_long` wherever it is; any other invalid path in a JSON
+/// body stays `bad_request`.
+#[tokio::test]
+async fn a_too_long_path_in_a_json_body_is_name_too_long() {
+    let server = Server::start();
+    server.put("src.txt", "x").await;
+    let writes = |path: &str| {
+        [
+            ("ops/mkdir", serde_json::json!({"path": path})),
+            (
+                "ops/rename",
+                serde_json::json!({"from": "src.txt", "to": path}),
+            ),
+            (
+                "ops/copy",
+                serde_json::json!({"from": "src.txt", "to": path}),
+            ),
+            ("uploads", serde_json::json!({"path": path, "size": 1})),
+        ]
+    };
+    let reads = |path: &str| [("sign", serde_json::json!({"path": path}))];
+    // Too long for a local-directory store to write, not to read.
+    let too_long_to_write = ["n".repeat(254), "n".repeat(255)];
+    // Too long by the path rules.
+    let too_long = [
+        "n".repeat(256),
+        format!("d/{}", "n".repeat(300)),
+        vec!["y".repeat(200); 6].join("/"),
+    ];
+    let invalid = [
+        "../x",
+        "/etc/passwd",
+        "a\\b",
+        ".ferry/x",
+        "a//b",
+        "d/.ferry-dir",
+    ];
+    let mut cases = Vec::new();
+    for path in &too_long_to_write {
+        cases.extend(writes(path).map(|request| (request, "name_too_long")));
+    }
+    for path in &too_long {
+        cases.extend(writes(path).map(|request| (request, "name_too_long")));
+        cases.extend(reads(path).map(|request| (request, "name_too_long")));
+    }
+    for path in invalid {
+        cases.extend(writes(path).map(|request| (request, "bad_request")));
+        cases.extend(reads(path).map(|request| (request, "bad_request")));
+    }
+    for ((route, body), code) in cases {
+        let resp = server
+            .client()
+            .post(format!("{}/v1/{route}", server.url))
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        let status = resp.status().as_u16();
+        let reply: serde_json::Value = resp.json().await.unwrap();
+        let shown = body.to_string();
+        assert_eq!(
+            (status, reply["error"]["code"].as_str()),
+            (400, Some(code)),
+            "{route} {:.60}… ({} bytes): {reply}",
+            shown,
+            shown.len()
+        );
+    }
+    assert_eq!(server.get_bytes("src.txt").await, (200, b"x".to_vec()));
+    assert_eq!(server.listed_names("?recursive=true").await, ["src.txt"]);
+}

@@ -1,6 +1,7 @@
 //! `RemotePath`: the one validator for logical paths, used by the server's
 //! routes and by every client before a path goes on the wire.
 
+use std::cell::RefCell;
 use std::fmt;
 
 use percent_encoding::{AsciiSet, CONTROLS, percent_decode_str, utf8_percent_encode};
@@ -268,8 +269,36 @@ impl Serialize for RemotePath {
 impl<'de> Deserialize<'de> for RemotePath {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let s = String::deserialize(d)?;
-        Self::parse(&s).map_err(serde::de::Error::custom)
+        Self::parse(&s).map_err(|e| {
+            note_refusal(&e);
+            serde::de::Error::custom(e)
+        })
     }
+}
+
+thread_local! {
+    /// The first path refused on this thread while [`noting_refused_paths`]
+    /// runs (`Some(None)` until one is): a deserializer's error keeps only
+    /// the refusal's message, not which refusal it was.
+    static REFUSED: RefCell<Option<Option<PathError>>> = const { RefCell::new(None) };
+}
+
+fn note_refusal(e: &PathError) {
+    REFUSED.with_borrow_mut(|refused| {
+        if let Some(first @ None) = refused {
+            *first = Some(e.clone());
+        }
+    });
+}
+
+/// Runs `deserialize` and returns, with what it returned, the first path
+/// that [`RemotePath`]'s deserializer refused meanwhile: what a request
+/// body's error code depends on (`name_too_long` for a path too long).
+pub fn noting_refused_paths<R>(deserialize: impl FnOnce() -> R) -> (R, Option<PathError>) {
+    let outer = REFUSED.replace(Some(None));
+    let result = deserialize();
+    let refused = REFUSED.replace(outer).flatten();
+    (result, refused)
 }
 
 #[cfg(test)]
@@ -339,6 +368,28 @@ mod tests {
             PathError::NotUtf8
         );
         assert_eq!(RemotePath::from_url_path("a%20b").unwrap().as_str(), "a b");
+    }
+
+    #[test]
+    fn deserializing_notes_the_first_refused_path() {
+        #[derive(Debug, Deserialize)]
+        struct Body {
+            #[serde(rename = "a")]
+            _a: RemotePath,
+        }
+        let long = format!(r#"{{"a":"{}"}}"#, "x".repeat(300));
+        let (parsed, refused) = noting_refused_paths(|| serde_json::from_str::<Body>(&long));
+        assert!(parsed.is_err());
+        assert_eq!(refused, Some(PathError::SegmentTooLong));
+        let (parsed, refused) = noting_refused_paths(|| serde_json::from_str::<Body>("{}"));
+        assert!(parsed.is_err());
+        assert_eq!(refused, None, "a missing field is no refused path");
+        // A refusal outside a scope is not noted; a scope starts with none.
+        assert!(serde_json::from_str::<Body>(r#"{"a":"../x"}"#).is_err());
+        let (parsed, refused) =
+            noting_refused_paths(|| serde_json::from_str::<Body>(r#"{"a":"ok"}"#));
+        assert!(parsed.is_ok());
+        assert_eq!(refused, None);
     }
 
     #[test]

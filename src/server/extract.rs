@@ -6,7 +6,8 @@ use axum::http::request::Parts;
 use serde::de::DeserializeOwned;
 
 use crate::error::Error;
-use crate::protocol::RemotePath;
+use crate::protocol::path::noting_refused_paths;
+use crate::protocol::{PathError, RemotePath};
 
 /// The logical path in the URL after a route prefix such as `/v1/files`.
 ///
@@ -75,7 +76,35 @@ pub(super) async fn small_body(req: Request) -> Result<bytes::Bytes, Error> {
 }
 
 fn parse_json<T: DeserializeOwned>(body: &[u8]) -> Result<T, Error> {
-    serde_json::from_slice(body).map_err(|e| Error::BadRequest(format!("bad JSON body: {e}")))
+    from_json(body).map_err(|refused| refused.into_error("JSON body"))
+}
+
+/// Parses a JSON request body or WebSocket message, noting a path it refused.
+pub(super) fn from_json<T: DeserializeOwned>(json: &[u8]) -> Result<T, JsonRefused> {
+    match noting_refused_paths(|| serde_json::from_slice(json)) {
+        (Ok(value), _) => Ok(value),
+        (Err(error), path) => Err(JsonRefused { error, path }),
+    }
+}
+
+/// Why [`from_json`] refused some JSON.
+#[derive(Debug)]
+pub(super) struct JsonRefused {
+    error: serde_json::Error,
+    /// The path in it that broke the path rules, if that is why.
+    path: Option<PathError>,
+}
+
+impl JsonRefused {
+    /// The request's error: `name_too_long` for a path too long, as in a
+    /// URL; `bad_request` for anything else (docs/API.md, Paths). `what`
+    /// names what was parsed.
+    pub(super) fn into_error(self, what: &str) -> Error {
+        match self.path {
+            Some(path) if path.is_too_long() => Error::InvalidPath(path),
+            _ => Error::BadRequest(format!("bad {what}: {}", self.error)),
+        }
+    }
 }
 
 /// `Query<T>` whose rejection is a 400 in ferry's error format.

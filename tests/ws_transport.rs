@@ -395,7 +395,7 @@ async fn malformed_input_gets_an_error_message_and_the_connection_lives_on() {
         ),
         (
             Message::Text(r#"{"op":"upload.create","ch":3,"path":"../x","size":1}"#.into()),
-            "bad_message",
+            "bad_request",
         ),
         (
             Message::Text(r#"{"op":"download","ch":5,"path":"missing.bin"}"#.into()),
@@ -920,4 +920,69 @@ async fn channels_beyond_the_connections_limit_are_refused_until_one_is_freed() 
         (&json!(12), &json!("rate_limited")),
         "{reply}"
     );
+}
+
+/// Regression: a well-formed `upload.create`, `download` or `watch` whose
+/// path broke the path rules was answered `bad_message` (meant for frames
+/// that are no known message), whatever the path; the same path in an HTTP
+/// JSON body is `bad_request`, or `name_too_long` when only too long. And
+/// `upload.complete` on a channel without an upload was `bad_frame` (meant
+/// for binary frames).
+#[tokio::test]
+async fn a_refused_path_in_a_message_gets_the_code_http_gives_it() {
+    let server = Server::start();
+    let mut ws = raw_socket(&server).await;
+    let long_path = vec!["y".repeat(200); 6].join("/");
+    let cases = [
+        ("../x", "bad_request"),
+        ("/etc/passwd", "bad_request"),
+        ("a\\b", "bad_request"),
+        (".ferry/uploads/x", "bad_request"),
+        ("d/.ferry-dir", "bad_request"),
+        (&"n".repeat(256), "name_too_long"),
+        (&long_path, "name_too_long"),
+    ];
+    let mut ch = 0;
+    for (path, code) in cases {
+        let resp = server
+            .client()
+            .post(format!("{}/v1/uploads", server.url))
+            .json(&json!({"path": path, "size": 1}))
+            .send()
+            .await
+            .unwrap();
+        let over_http: Value = resp.json().await.unwrap();
+        assert_eq!(over_http["error"]["code"], code, "{over_http}");
+        let messages = [
+            json!({"op": "upload.create", "path": path, "size": 1}),
+            json!({"op": "download", "path": path}),
+            json!({"op": "watch", "prefix": path}),
+        ];
+        for mut message in messages {
+            ch += 1;
+            message["ch"] = json!(ch);
+            send_json(&mut ws, message.clone()).await;
+            let reply = next_json(&mut ws).await;
+            assert_eq!(
+                (&reply["op"], &reply["ch"], &reply["code"]),
+                (&json!("error"), &json!(ch), &json!(code)),
+                "{:.80} → {reply}",
+                message.to_string()
+            );
+        }
+    }
+    send_json(&mut ws, json!({"op": "upload.complete", "ch": 500})).await;
+    let reply = next_json(&mut ws).await;
+    assert_eq!(
+        (&reply["op"], &reply["ch"], &reply["code"]),
+        (&json!("error"), &json!(500), &json!("bad_request")),
+        "{reply}"
+    );
+    // Nothing was started, and the connection goes on.
+    send_json(
+        &mut ws,
+        json!({"op": "upload.create", "ch": 1, "path": "fine.bin", "size": 1}),
+    )
+    .await;
+    assert_eq!(next_json(&mut ws).await["op"], "ready");
 }

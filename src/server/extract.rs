@@ -96,14 +96,27 @@ pub(super) struct JsonRefused {
 }
 
 impl JsonRefused {
+    /// Whether a path in it was refused (rather than the JSON, or a field
+    /// other than a path, being malformed).
+    pub(super) fn is_path(&self) -> bool {
+        self.path.is_some()
+    }
+
     /// The request's error: `name_too_long` for a path too long, as in a
     /// URL; `bad_request` for anything else (docs/API.md, Paths). `what`
     /// names what was parsed.
     pub(super) fn into_error(self, what: &str) -> Error {
         match self.path {
             Some(path) if path.is_too_long() => Error::InvalidPath(path),
-            _ => Error::BadRequest(format!("bad {what}: {}", self.error)),
+            _ => Error::BadRequest(format!("bad {what}: {self}")),
         }
+    }
+}
+
+/// What the JSON parser said.
+impl std::fmt::Display for JsonRefused {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.error.fmt(f)
     }
 }
 

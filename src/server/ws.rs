@@ -14,6 +14,7 @@
 //! [`BindingOut`]), so a client may reuse the channel at once.
 
 use super::auth::{Caller, Grant, Scope};
+use super::extract::from_json;
 use super::limits::TransferSlot;
 use super::uploads::authorize;
 use std::collections::{HashMap, HashSet};
@@ -330,14 +331,19 @@ struct Connection {
 
 impl Connection {
     async fn on_text(&self, text: &str) {
-        let message = match serde_json::from_str::<ClientMessage>(text) {
+        let message = match from_json::<ClientMessage>(text.as_bytes()) {
             Ok(m) => m,
-            Err(e) => {
+            Err(refused) => {
                 let ch = serde_json::from_str::<serde_json::Value>(text)
                     .ok()
                     .and_then(|v| v["ch"].as_u64())
                     .and_then(|c| u32::try_from(c).ok());
-                let message = format!("not a valid message: {e}");
+                // A path is refused with the code HTTP gives it in a body.
+                if refused.is_path() {
+                    let e = refused.into_error("message");
+                    return send(&self.out, api_error(ch, &e, None)).await;
+                }
+                let message = format!("not a valid message: {refused}");
                 return self
                     .refuse(ch, ProtocolErrorCode::BadMessage, message)
                     .await;
@@ -538,12 +544,12 @@ impl Connection {
         }
     }
 
-    /// The upload open on `ch`; without one, the peer is told so.
+    /// The upload open on `ch` for a binary frame; without one, the peer is
+    /// told so (`bad_frame`).
     async fn open_upload(&self, ch: Channel) -> Option<(Arc<UploadChannel>, u64)> {
         let upload = self.upload(ch);
         if upload.is_none() {
-            let message = format!("channel {ch} has no upload open");
-            self.refuse(Some(ch), ProtocolErrorCode::BadFrame, message)
+            self.refuse(Some(ch), ProtocolErrorCode::BadFrame, no_upload(ch))
                 .await;
         }
         upload
@@ -622,8 +628,10 @@ impl Connection {
     }
 
     async fn complete(&self, ch: Channel, sha256: Option<String>) {
-        let Some((upload, _)) = self.open_upload(ch).await else {
-            return;
+        // A message, not a frame: refused as HTTP refuses a bad request.
+        let Some((upload, _)) = self.upload(ch) else {
+            let e = Error::BadRequest(no_upload(ch));
+            return send(&self.out, api_error(Some(ch), &e, None)).await;
         };
         // Chunks still being written on this connection land first.
         let all = self
@@ -763,6 +771,10 @@ fn api_error(ch: Option<Channel>, e: &Error, index: Option<u64>) -> ServerMessag
         index,
         missing,
     }
+}
+
+fn no_upload(ch: Channel) -> String {
+    format!("channel {ch} has no upload open")
 }
 
 /// An open-ended session (its size not yet known) is created and sized over

@@ -986,3 +986,143 @@ async fn a_refused_path_in_a_message_gets_the_code_http_gives_it() {
     .await;
     assert_eq!(next_json(&mut ws).await["op"], "ready");
 }
+
+/// Regression: on a server whose `--ws-max-message` is smaller than a
+/// session's chunks (and their 16-byte header), `upload.create` was
+/// answered `ready`, and the first chunk then closed the whole connection
+/// with 1008. Such an `upload.create` (asked-for or server-picked chunk
+/// size) or `upload.open` is refused on its channel, naming both sizes, and
+/// creates nothing; the connection goes on.
+#[tokio::test]
+async fn chunks_too_large_for_one_message_are_refused_on_their_channel() {
+    let max = 2 * MIB as u64;
+    let server = Server::start_with(
+        harness::Backend::Local,
+        &["--ws-max-message", &max.to_string()],
+    );
+    let mut ws = raw_socket(&server).await;
+    let refused = [
+        (
+            json!({"op": "upload.create", "ch": 1, "path": "a.bin", "size": 8 * MIB, "chunk_size": 4 * MIB}),
+            4 * MIB,
+        ),
+        // The chunk alone fits; with its header it does not.
+        (
+            json!({"op": "upload.create", "ch": 2, "path": "a.bin", "size": 8 * MIB, "chunk_size": 2 * MIB}),
+            2 * MIB,
+        ),
+        // The server's own choice for 1 GiB: 4 MiB.
+        (
+            json!({"op": "upload.create", "ch": 3, "path": "a.bin", "size": 1u64 << 30}),
+            4 * MIB,
+        ),
+    ];
+    for (message, chunk_size) in refused {
+        send_json(&mut ws, message.clone()).await;
+        let reply = next_json(&mut ws).await;
+        assert_eq!(
+            (&reply["op"], &reply["ch"], &reply["code"]),
+            (&json!("error"), &message["ch"], &json!("bad_request")),
+            "{message} → {reply}"
+        );
+        let text = reply["message"].as_str().unwrap();
+        assert!(
+            text.contains(&chunk_size.to_string()) && text.contains(&max.to_string()),
+            "{text}"
+        );
+    }
+    assert_eq!(server.metric("ferry_active_upload_sessions"), 0.0);
+    // A session created over HTTP with such chunks cannot be opened here.
+    let resp = server
+        .client()
+        .post(format!("{}/v1/uploads", server.url))
+        .json(&json!({"path": "b.bin", "size": 8 * MIB, "chunk_size": 4 * MIB}))
+        .send()
+        .await
+        .unwrap();
+    let created: Value = resp.json().await.unwrap();
+    send_json(
+        &mut ws,
+        json!({"op": "upload.open", "ch": 4, "id": created["id"]}),
+    )
+    .await;
+    let reply = next_json(&mut ws).await;
+    assert_eq!(
+        (&reply["ch"], &reply["code"]),
+        (&json!(4), &json!("bad_request")),
+        "{reply}"
+    );
+    assert!(
+        reply["message"]
+            .as_str()
+            .unwrap()
+            .contains(&max.to_string()),
+        "{reply}"
+    );
+    // The channels are free and the connection up: chunks that fit go through.
+    let data = random_bytes(MIB + 5);
+    send_json(
+        &mut ws,
+        json!({"op": "upload.create", "ch": 1, "path": "c.bin", "size": data.len(), "chunk_size": MIB}),
+    )
+    .await;
+    assert_eq!(next_json(&mut ws).await["op"], "ready");
+    for (i, piece) in data.chunks(MIB).enumerate() {
+        let frame = FrameHeader::frame(1, (i * MIB) as u64, piece);
+        ws.send(Message::Binary(frame.into())).await.unwrap();
+    }
+    send_json(&mut ws, json!({"op": "upload.complete", "ch": 1})).await;
+    loop {
+        let reply = next_json(&mut ws).await;
+        match reply["op"].as_str() {
+            Some("ack" | "progress") => {}
+            Some("done") => break,
+            _ => panic!("{reply}"),
+        }
+    }
+    assert!(server.get_bytes("c.bin").await.1 == data);
+}
+
+/// A file whose chunks the server's WebSocket cannot take in one message
+/// goes over HTTP chunk PUTs instead, on a connection that stays up; with
+/// the WebSocket only, the upload fails with the server's `bad_request`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chunks_too_large_for_the_websocket_go_over_http() {
+    let server = Server::start_with(harness::Backend::Local, &["--ws-max-message", "2097152"]);
+    let tmp = tempfile::tempdir().unwrap();
+    let data = random_bytes(9 * MIB + 7);
+    let file = write_file(tmp.path(), "f.bin", &data);
+    let client = Client::new(&server.url).unwrap();
+    let conn = WsConnection::connect(&client).await.unwrap();
+    let options = |transport| UploadOptions {
+        ws: Some(conn.clone()),
+        transport,
+        chunk_size: Some(4 * MIB as u64),
+        ..Default::default()
+    };
+    let report = upload_file(
+        &client,
+        &file,
+        &remote("auto.bin"),
+        options(Transport::Auto),
+    )
+    .await
+    .unwrap();
+    assert_eq!(report.meta.size, data.len() as u64);
+    assert!(server.get_bytes("auto.bin").await.1 == data);
+    assert!(
+        !conn.is_closed(),
+        "the fallback came from a dropped connection"
+    );
+    let err = upload_file(
+        &client,
+        &file,
+        &remote("ws.bin"),
+        options(Transport::WebSocket),
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(err.code(), ferry::protocol::ErrorCode::BadRequest, "{err}");
+    assert!(!conn.is_closed());
+    assert_eq!(server.json("/v1/stat/ws.bin").await.0, 404);
+}

@@ -248,12 +248,14 @@ async fn drive_session(
                 return Ok(report(meta));
             }
             // Also when the server's limits refused the channel: HTTP goes on
-            // and waits out its 429s.
+            // and waits out its 429s. And when the WebSocket refused what
+            // HTTP may take (chunks too large for one of its messages): a
+            // request bad over HTTP too is refused there the same way.
             Err(
                 e @ (Error::Network(_)
                 | Error::MissingChunks(_)
                 | Error::Remote {
-                    code: ErrorCode::RateLimited,
+                    code: ErrorCode::RateLimited | ErrorCode::BadRequest,
                     ..
                 }),
             ) if options.transport == Transport::Auto => {

@@ -36,9 +36,10 @@ use tokio::task::JoinHandle;
 
 use super::AppState;
 use crate::error::{Error, Result};
-use crate::protocol::upload::{ChunkLayout, expand_runs};
+use crate::protocol::upload::{ChunkLayout, CreateUpload, expand_runs};
 use crate::protocol::ws::{
-    Channel, ClientMessage, FrameHeader, ProtocolErrorCode, SUBPROTOCOL, ServerMessage, WsErrorCode,
+    Channel, ClientMessage, FRAME_HEADER_LEN, FrameHeader, ProtocolErrorCode, SUBPROTOCOL,
+    ServerMessage, WsErrorCode,
 };
 use crate::protocol::{ErrorCode, RemotePath};
 
@@ -352,12 +353,8 @@ impl Connection {
         match message {
             ClientMessage::UploadCreate { ch, request } => {
                 if let Some(claim) = self.claim(ch, true).await {
-                    let opened = match self.grant.allow(&request.path, Scope::Write) {
-                        Ok(()) if request.size.is_none() => Err(needs_size()),
-                        Ok(()) => self.app.uploads().create(request, self.grant.owner()).await,
-                        Err(e) => Err(e),
-                    };
-                    self.bind_upload(claim, opened.map(|c| c.id)).await;
+                    let created = self.create_upload(request).await;
+                    self.bind_upload(claim, created).await;
                 }
             }
             ClientMessage::UploadOpen { ch, id } => {
@@ -488,6 +485,37 @@ impl Connection {
         }
     }
 
+    /// Creates the session `request` asks for, if this connection can
+    /// carry its chunks; returns its id.
+    async fn create_upload(&self, request: CreateUpload) -> Result<String> {
+        self.grant.allow(&request.path, Scope::Write)?;
+        if request.size.is_none() {
+            return Err(needs_size());
+        }
+        self.check_chunks_fit(self.app.uploads().chunk_size_for(&request)?)?;
+        let created = self
+            .app
+            .uploads()
+            .create(request, self.grant.owner())
+            .await?;
+        Ok(created.id)
+    }
+
+    /// Refuses chunks of `chunk_size` if one of them and its header is
+    /// more than one message may hold: the connection would be closed at
+    /// the first (docs/PROTOCOL.md).
+    fn check_chunks_fit(&self, chunk_size: u64) -> Result<()> {
+        let max = self.app.config().ws_max_message as u64;
+        if chunk_size.saturating_add(FRAME_HEADER_LEN as u64) <= max {
+            return Ok(());
+        }
+        Err(Error::BadRequest(format!(
+            "chunks of {chunk_size} bytes and their {FRAME_HEADER_LEN}-byte header do not fit \
+             in one message of this server's WebSocket, at most {max} bytes: send them over \
+             HTTP, or create the session with a smaller chunk_size"
+        )))
+    }
+
     async fn bind_upload(&self, claim: Claim, id: Result<String>) {
         let ch = claim.ch;
         let status = match id {
@@ -501,6 +529,9 @@ impl Connection {
         let (Some(size), Some(chunk_count)) = (status.size, status.chunk_count) else {
             return send(&self.out, api_error(Some(ch), &needs_size(), None)).await;
         };
+        if let Err(e) = self.check_chunks_fit(status.chunk_size) {
+            return send(&self.out, api_error(Some(ch), &e, None)).await;
+        }
         let layout = ChunkLayout {
             size,
             chunk_size: status.chunk_size,

@@ -147,6 +147,31 @@ impl UploadSessions {
         Ok(())
     }
 
+    /// The chunk size a session for `req` gets: the one asked for, if this
+    /// backend takes it, else the server's choice.
+    pub fn chunk_size_for(&self, req: &CreateUpload) -> Result<u64> {
+        let floor = if self.store.multipart.is_some() {
+            MIN_MULTIPART_CHUNK_SIZE
+        } else {
+            0
+        };
+        match (req.chunk_size, req.size) {
+            (None, Some(size)) => Ok(default_chunk_size(size, floor)),
+            (None, None) => Ok(open_ended_chunk_size(floor)),
+            (Some(cs), _) if !(MIN_CHUNK_SIZE..=MAX_CHUNK_SIZE).contains(&cs) => {
+                Err(Error::BadRequest(format!(
+                    "chunk_size must be between {MIN_CHUNK_SIZE} and {MAX_CHUNK_SIZE} bytes"
+                )))
+            }
+            (Some(cs), size) if cs < floor && size.is_none_or(|size| size > cs) => {
+                Err(Error::BadRequest(format!(
+                    "this backend needs chunks of at least {floor} bytes"
+                )))
+            }
+            (Some(cs), _) => Ok(cs),
+        }
+    }
+
     /// Opens a session for `req`, owned by the token named `owner`.
     pub async fn create(&self, req: CreateUpload, owner: Option<&str>) -> Result<UploadCreated> {
         if req.path.is_root() {
@@ -157,30 +182,11 @@ impl UploadSessions {
                 limit: self.max_size,
             });
         }
-        let sha256 = parse_sha256(req.sha256)?;
+        let sha256 = parse_sha256(req.sha256.clone())?;
         let verify = sha256.is_some() || req.sha256_at_complete;
         self.check_owner_limit(owner)?;
         let multipart = self.store.multipart.is_some();
-        let floor = if multipart {
-            MIN_MULTIPART_CHUNK_SIZE
-        } else {
-            0
-        };
-        let chunk_size = match (req.chunk_size, req.size) {
-            (None, Some(size)) => default_chunk_size(size, floor),
-            (None, None) => open_ended_chunk_size(floor),
-            (Some(cs), _) if !(MIN_CHUNK_SIZE..=MAX_CHUNK_SIZE).contains(&cs) => {
-                return Err(Error::BadRequest(format!(
-                    "chunk_size must be between {MIN_CHUNK_SIZE} and {MAX_CHUNK_SIZE} bytes"
-                )));
-            }
-            (Some(cs), size) if cs < floor && size.is_none_or(|size| size > cs) => {
-                return Err(Error::BadRequest(format!(
-                    "this backend needs chunks of at least {floor} bytes"
-                )));
-            }
-            (Some(cs), _) => cs,
-        };
+        let chunk_size = self.chunk_size_for(&req)?;
         let layout = req.size.map(|size| ChunkLayout { size, chunk_size });
         if multipart && layout.is_some_and(|l| l.chunk_count() > MAX_MULTIPART_CHUNKS) {
             return Err(Error::PayloadTooLarge {

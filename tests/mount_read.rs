@@ -1115,3 +1115,39 @@ fn a_directory_shows_one_time_through_listings_and_stats() {
         assert_eq!(mtime(), first, "after a stat");
     }
 }
+
+/// What the server has no room for is refused with the errno a local
+/// filesystem without it gives.
+#[test]
+fn symlinks_and_extended_attributes_are_refused_plainly() {
+    if !fuse_available() {
+        return;
+    }
+    let server = Server::start();
+    store_file(&server, "f.txt", b"f");
+    let mount = MountProc::start(&server, &[]);
+    let link = std::os::unix::fs::symlink("f.txt", mount.at("link")).unwrap_err();
+    assert_eq!(link.raw_os_error(), Some(libc::EPERM), "{link}");
+    assert!(!mount.at("link").exists());
+    let path =
+        std::ffi::CString::new(mount.at("f.txt").into_os_string().into_encoded_bytes()).unwrap();
+    let name = c"user.note";
+    let errno_of = |result: isize| {
+        assert_eq!(result, -1);
+        std::io::Error::last_os_error().raw_os_error()
+    };
+    // SAFETY: both strings are NUL-terminated and outlive the calls; no
+    // buffer is read or written (size 0, null).
+    unsafe {
+        let set = libc::setxattr(path.as_ptr(), name.as_ptr(), b"x".as_ptr().cast(), 1, 0);
+        assert_eq!(errno_of(set as isize), Some(libc::EOPNOTSUPP), "setxattr");
+        let get = libc::getxattr(path.as_ptr(), name.as_ptr(), std::ptr::null_mut(), 0);
+        assert_eq!(errno_of(get), Some(libc::ENODATA), "getxattr");
+        let remove = libc::removexattr(path.as_ptr(), name.as_ptr());
+        assert_eq!(
+            errno_of(remove as isize),
+            Some(libc::ENODATA),
+            "removexattr"
+        );
+    }
+}

@@ -496,6 +496,37 @@ impl Filesystem for FerryFs {
         reply.error(err(errno::EPERM));
     }
 
+    fn symlink(
+        &self,
+        _req: &Request,
+        _parent: INodeNo,
+        _link_name: &OsStr,
+        _target: &std::path::Path,
+        reply: ReplyEntry,
+    ) {
+        // The server has no symbolic links: what symlink(2) answers on a
+        // filesystem without them.
+        reply.error(err(self.core.write_refusal().unwrap_or(errno::EPERM)));
+    }
+
+    fn setxattr(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _name: &OsStr,
+        _value: &[u8],
+        _flags: i32,
+        _position: u32,
+        reply: fuser::ReplyEmpty,
+    ) {
+        // The server keeps no extended attributes.
+        reply.error(err(errno::ENOTSUP));
+    }
+
+    fn removexattr(&self, _req: &Request, _ino: INodeNo, _name: &OsStr, reply: fuser::ReplyEmpty) {
+        reply.error(Errno::NO_XATTR);
+    }
+
     fn getxattr(
         &self,
         _req: &Request,

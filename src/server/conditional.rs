@@ -38,9 +38,7 @@ pub fn http_date(meta: &FileMeta) -> Option<String> {
 /// GET and HEAD, where a matching `If-None-Match` means 304 rather than 412.
 pub fn evaluate(headers: &HeaderMap, current: Option<&FileMeta>, safe: bool) -> Verdict {
     let etag = current.and_then(http_etag);
-    let mtime = current
-        .and_then(|m| m.mtime)
-        .map(|t| whole_seconds(SystemTime::from(t)));
+    let mtime = current.and_then(|m| m.mtime).map(|t| t.timestamp());
 
     if let Some(value) = text(headers, header::IF_MATCH) {
         if !list_matches(value, current.is_some(), etag.as_deref(), Compare::Strong) {
@@ -79,8 +77,8 @@ pub fn if_range_allows(headers: &HeaderMap, current: &FileMeta) -> bool {
     if value.starts_with('"') || value.starts_with("W/") {
         return http_etag(current).is_some_and(|e| strong_eq(value, &e));
     }
-    match (httpdate::parse_http_date(value), current.mtime) {
-        (Ok(date), Some(mtime)) => whole_seconds(SystemTime::from(mtime)) == date,
+    match (parse_date(value), current.mtime) {
+        (Some(date), Some(mtime)) => mtime.timestamp() == date,
         _ => false,
     }
 }
@@ -114,17 +112,20 @@ fn text(headers: &HeaderMap, name: header::HeaderName) -> Option<&str> {
     headers.get(name).and_then(|v| v.to_str().ok())
 }
 
-fn date(headers: &HeaderMap, name: header::HeaderName) -> Option<SystemTime> {
-    text(headers, name).and_then(|v| httpdate::parse_http_date(v).ok())
+/// A date header's time in whole seconds since 1970 (HTTP dates have
+/// one-second resolution; negative before 1970).
+fn date(headers: &HeaderMap, name: header::HeaderName) -> Option<i64> {
+    text(headers, name).and_then(parse_date)
 }
 
-/// HTTP dates have one-second resolution.
-fn whole_seconds(t: SystemTime) -> SystemTime {
-    let secs = t
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0);
-    SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(secs)
+/// An HTTP date in any of its three forms (RFC 9110 §5.6.7). The usual
+/// form is also read before 1970, which files on a local disk may be dated.
+fn parse_date(value: &str) -> Option<i64> {
+    if let Ok(t) = httpdate::parse_http_date(value) {
+        return Some(t.duration_since(SystemTime::UNIX_EPOCH).ok()?.as_secs() as i64);
+    }
+    let t = chrono::DateTime::parse_from_rfc2822(value.trim()).ok()?;
+    value.trim_end().ends_with(" GMT").then(|| t.timestamp())
 }
 
 #[cfg(test)]
@@ -225,5 +226,36 @@ mod tests {
         assert!(if_range_allows(&with(header::IF_RANGE, "\"abc\""), &m));
         assert!(!if_range_allows(&with(header::IF_RANGE, "\"old\""), &m));
         assert!(!if_range_allows(&with(header::IF_RANGE, &before), &m));
+    }
+
+    #[test]
+    fn dates_before_1970_are_read_and_compared() {
+        let in_1965 = FileMeta {
+            mtime: Some(chrono::DateTime::from_timestamp(-144_720_000, 0).unwrap()),
+            ..meta()
+        };
+        let in_1960 = "Fri, 01 Jan 1960 00:00:00 GMT";
+        assert_eq!(parse_date(in_1960), Some(-315_619_200));
+        assert_eq!(parse_date("Fri, 01 Jan 1960 00:00:00 +0100"), None);
+        for m in [meta(), in_1965.clone()] {
+            assert!(matches!(
+                evaluate(&with(header::IF_UNMODIFIED_SINCE, in_1960), Some(&m), false),
+                Verdict::Failed(_)
+            ));
+            assert_eq!(
+                evaluate(&with(header::IF_MODIFIED_SINCE, in_1960), Some(&m), true),
+                Verdict::Proceed
+            );
+        }
+        let at_1965 = "Tue, 01 Jun 1965 00:00:00 GMT";
+        assert_eq!(
+            evaluate(
+                &with(header::IF_MODIFIED_SINCE, at_1965),
+                Some(&in_1965),
+                true
+            ),
+            Verdict::NotModified
+        );
+        assert!(if_range_allows(&with(header::IF_RANGE, at_1965), &in_1965));
     }
 }

@@ -828,6 +828,88 @@ async fn a_file_removed_or_renamed_over_while_open_stays_gone_after_a_crash() {
     }
 }
 
+/// A file created, written, removed and then fsynced through the descriptor
+/// still open (a scratch file a program unlinks at once): as on a local
+/// disk the fsync succeeds, and nothing of the file reaches the server,
+/// under its name or beside it, before or after the close. An fsync that
+/// uploaded it brought the removed file back (a new one), or left a
+/// conflict copy (one the server had).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_fsync_of_a_file_removed_while_open_does_not_bring_it_back() {
+    if !fuse_available() {
+        return;
+    }
+    let server = Server::start();
+    server.put("old.txt", "committed").await;
+    let mount = MountProc::start(&server, &[]);
+    for name in ["new.txt", "old.txt"] {
+        let mut file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(name == "new.txt")
+            .open(mount.at(name))
+            .unwrap();
+        file.write_all(b"private scratch data").unwrap();
+        std::fs::remove_file(mount.at(name)).unwrap();
+        file.sync_all()
+            .unwrap_or_else(|e| panic!("{name}: fsync after the unlink: {e}"));
+        drop(file);
+    }
+    settle_uploads(&server, &mount).await;
+    assert_eq!(server.listed_names("").await, ["marker"]);
+}
+
+/// A file replaced by a rename while still open, then fsynced through the
+/// old descriptor: the name keeps the file renamed in, and no conflict copy
+/// of the replaced one appears (the fsync uploaded it as a second version
+/// under that name).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_fsync_of_a_file_renamed_over_while_open_leaves_the_renamed_file_alone() {
+    if !fuse_available() {
+        return;
+    }
+    let server = Server::start();
+    server.put("existing/target", "v0").await;
+    let mount = MountProc::start(&server, &[]);
+    std::fs::create_dir(mount.at("new")).unwrap();
+    for dir in ["new", "existing"] {
+        let target = mount.at(&format!("{dir}/target"));
+        let mut old = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&target)
+            .unwrap();
+        old.write_all(b"STALE-HANDLE-DATA").unwrap();
+        let newer = mount.at(&format!("{dir}/newver"));
+        let mut file = std::fs::File::create(&newer).unwrap();
+        file.write_all(b"the new version").unwrap();
+        file.sync_all().unwrap();
+        drop(file);
+        std::fs::rename(&newer, &target).unwrap();
+        old.sync_all()
+            .unwrap_or_else(|e| panic!("{dir}: fsync after the rename: {e}"));
+        drop(old);
+    }
+    settle_uploads(&server, &mount).await;
+    for dir in ["new", "existing"] {
+        assert_eq!(server.listed_names(dir).await, ["target"], "{dir}");
+        let (_, body) = server.get_bytes(&format!("{dir}/target")).await;
+        assert_eq!(body, b"the new version", "{dir}");
+    }
+}
+
+/// Writes a file after everything the test did and waits until the server
+/// has it, then a little longer: an upload the test's calls started has
+/// had its chance to land.
+async fn settle_uploads(server: &Server, mount: &MountProc) {
+    std::fs::write(mount.at("marker"), "m").unwrap();
+    assert!(server.eventually_has("marker", b"m").await);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+}
+
 /// `prog > file`: the shell closes its descriptor after the dup (a close,
 /// so the file, empty then, is journaled), and the program writes and
 /// fsyncs through the other. The fsync commits the file, and the close's

@@ -47,10 +47,13 @@ pub struct Staged {
     /// completed and journaled (a close) or uploaded (fsync).
     pub gate: tokio::sync::RwLock<()>,
     /// Held while the file's name or fate is decided: by the last close as
-    /// it starts the upload under the current name, and by a rename or
-    /// unlink of the file across their check that it is open, the server
-    /// call and the move. FUSE sends a close's release asynchronously, so
-    /// without it a release arriving mid-rename uploads to the old name.
+    /// it starts the upload under the current name, by an `fsync` until it
+    /// has started one (taken before [`gate`](Self::gate)), and by a rename
+    /// or unlink of the file across their check that it is open, the
+    /// server call and the move. FUSE sends a close's release
+    /// asynchronously, so without it a release arriving mid-rename uploads
+    /// to the old name; an `fsync` racing an unlink would bring the file
+    /// back.
     pub naming: Arc<tokio::sync::Mutex<()>>,
     space: Arc<StagingSpace>,
     /// The staging space this file's content takes, until it is discarded

@@ -398,15 +398,27 @@ impl MountCore {
     }
 
     /// Waits until the file's current content is committed on the server.
+    /// A file unlinked (or renamed over) while open has no name to commit
+    /// under: it stays in its staging file until the last close drops it,
+    /// as a local disk keeps an unlinked file only for its descriptors.
     pub async fn fsync(&self, fh: u64) -> FsResult<()> {
         let handle = self.handle(fh)?;
         let Some(staged) = handle.staged.clone() else {
             return Ok(());
         };
         let queue = self.queue()?.clone();
+        // Held until the upload is announced, as the last close holds it:
+        // an unlink or rename either comes first (and is seen here) or
+        // waits for the upload and applies to what it commits.
+        let naming = staged.naming.lock().await;
+        if staged.state.lock().unwrap().unlinked {
+            return Ok(());
+        }
         let _exclusive = staged.gate.write().await;
         if !staged.state.lock().unwrap().dirty {
-            return queue.wait_unless_refused(&staged.path()).await;
+            let path = staged.path();
+            drop(naming);
+            return queue.wait_unless_refused(&path).await;
         }
         // Not synced locally: what fsync waits for is the commit on the
         // server, so syncing here too would write the file to the local disk
@@ -436,6 +448,7 @@ impl MountCore {
         // journals the file itself (after waiting for this fsync), one after
         // makes the upload's file durable.
         staged.state.lock().unwrap().dirty = false;
+        drop(naming);
         queue.wait_unless_refused(&path).await?;
         if staged.commits() > commits {
             // A record an earlier close of the file left (with `> file`, a

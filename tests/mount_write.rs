@@ -910,6 +910,79 @@ async fn settle_uploads(server: &Server, mount: &MountProc) {
     tokio::time::sleep(Duration::from_secs(1)).await;
 }
 
+/// A file removed while open stays usable through its descriptor, as on a
+/// local disk: reads return what was written, `fstat` gives its size, and
+/// `ftruncate` works, also after a write following the unlink and once the
+/// kernel's attributes expired (it then asks the mount, which answered
+/// ENOENT for the removed name). Python's `tempfile.TemporaryFile` works
+/// so (the mount has no `O_TMPFILE`: it creates and removes a file at
+/// once). Nothing of such a file reaches the server.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_file_removed_while_open_still_reads_stats_and_truncates_through_its_descriptor() {
+    if !fuse_available() {
+        return;
+    }
+    let server = Server::start();
+    let mount = MountProc::start(&server, &[]);
+    let path = mount.at("scratch");
+    let mut file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(&path)
+        .unwrap();
+    file.write_all(b"hello").unwrap();
+    std::fs::remove_file(&path).unwrap();
+    file.write_all(b" world").unwrap();
+    let read_all = |file: &std::fs::File| {
+        let mut buf = [0u8; 64];
+        let n = file.read_at(&mut buf, 0).expect("pread after the unlink");
+        buf[..n].to_vec()
+    };
+    assert_eq!(file.metadata().expect("fstat after the unlink").len(), 11);
+    assert_eq!(read_all(&file), b"hello world");
+    file.set_len(3).expect("ftruncate after the unlink");
+    assert_eq!(file.metadata().unwrap().len(), 3);
+    assert_eq!(read_all(&file), b"hel");
+    // Past the attribute TTL (1 s) the kernel asks the mount again.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(file.metadata().unwrap().len(), 3);
+    file.write_all_at(b"p!", 3).unwrap();
+    assert_eq!(read_all(&file), b"help!");
+    assert_eq!(file.metadata().unwrap().len(), 5);
+    file.set_modified(std::time::SystemTime::now())
+        .expect("futimens after the unlink");
+    file.sync_all().unwrap();
+    drop(file);
+    assert!(!path.exists(), "the removed name came back");
+
+    let script = r#"
+import os, sys, tempfile
+with tempfile.TemporaryFile(dir=sys.argv[1]) as f:
+    f.write(b"abc" * 1000)
+    f.seek(0)
+    assert f.read() == b"abc" * 1000, "read back"
+    f.truncate(10)
+    assert os.fstat(f.fileno()).st_size == 10, "fstat"
+    f.seek(0)
+    assert f.read() == b"abcabcabca", "read after truncate"
+print("ok")
+"#;
+    let out = Command::new("python3")
+        .args(["-c", script])
+        .arg(&mount.path)
+        .output()
+        .expect("python3 runs");
+    assert!(
+        out.status.success(),
+        "TemporaryFile: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    settle_uploads(&server, &mount).await;
+    assert_eq!(server.listed_names("").await, ["marker"]);
+}
+
 /// `prog > file`: the shell closes its descriptor after the dup (a close,
 /// so the file, empty then, is journaled), and the program writes and
 /// fsyncs through the other. The fsync commits the file, and the close's

@@ -302,15 +302,22 @@ impl MountCore {
             })
     }
 
-    /// The version of `ino` an open handle reads.
+    /// `ino` as its open handles have it, once its name is gone: the file
+    /// this mount writes there (removed or renamed over while open), else
+    /// the version a handle reads.
     fn open_meta(&self, ino: u64) -> Option<FileMeta> {
-        self.handles
-            .lock()
-            .unwrap()
-            .values()
-            .filter(|h| h.ino == ino && h.staged.is_none())
-            .max_by_key(|h| h.page_cache)
-            .map(|h| h.meta.clone())
+        let (staged, read) = {
+            let handles = self.handles.lock().unwrap();
+            let open = || handles.values().filter(|h| h.ino == ino);
+            (
+                open().find_map(|h| h.staged.clone()),
+                open()
+                    .filter(|h| h.staged.is_none())
+                    .max_by_key(|h| h.page_cache)
+                    .map(|h| h.meta.clone()),
+            )
+        };
+        staged.map(|staged| staged_meta_of(&staged)).or(read)
     }
 
     /// Every entry of the directory (paged from the server, with the files

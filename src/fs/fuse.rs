@@ -352,7 +352,7 @@ impl Filesystem for FerryFs {
         _atime: Option<fuser::TimeOrNow>,
         _mtime: Option<fuser::TimeOrNow>,
         _ctime: Option<SystemTime>,
-        _fh: Option<FileHandle>,
+        fh: Option<FileHandle>,
         _crtime: Option<SystemTime>,
         _chgtime: Option<SystemTime>,
         _bkuptime: Option<SystemTime>,
@@ -364,13 +364,16 @@ impl Filesystem for FerryFs {
         // Modes, owners and times are not stored remotely: accepted, unchanged.
         self.spawn(
             async move {
+                let fh = fh.map(|fh| fh.0);
                 match size {
-                    Some(size) => core.set_size(ino.0, size).await,
-                    None => core.getattr(ino.0).await,
+                    Some(size) => core.set_size(ino.0, fh, size).await.map(|m| (m, false)),
+                    None => core.getattr_for(ino.0, fh).await,
                 }
             },
             move |r| match r {
-                Ok(meta) => reply.attr(&ttl, &attr(ino.0, &meta, ids)),
+                Ok((meta, volatile)) => {
+                    reply.attr(&ttl_of(ttl, volatile), &attr(ino.0, &meta, ids))
+                }
                 Err(e) => reply.error(err(e)),
             },
         );

@@ -388,8 +388,18 @@ impl MountCore {
     }
 
     /// `truncate(2)`/`ftruncate(2)`: through the open staged file, or staging
-    /// the file just for this change (uploaded at once).
-    pub async fn set_size(&self, ino: u64, size: u64) -> FsResult<FileMeta> {
+    /// the file just for this change (uploaded at once). With `fh`, a
+    /// descriptor's own: the file may have no name left to find it by
+    /// (removed while open).
+    pub async fn set_size(&self, ino: u64, fh: Option<u64>, size: u64) -> FsResult<FileMeta> {
+        let open = fh
+            .and_then(|fh| self.handle(fh).ok())
+            .filter(|handle| handle.ino == ino)
+            .and_then(|handle| handle.staged.clone());
+        if let Some(staged) = open {
+            staged.truncate(self, size).await?;
+            return Ok(staged_meta_of(&staged));
+        }
         let staged = self.stage(ino, false).await?;
         let result = staged.truncate(self, size).await;
         let meta = staged_meta_of(&staged);

@@ -94,6 +94,39 @@ async fn a_file_being_written_reaches_the_server_before_it_is_closed() {
     assert_committed_through_one_session(&server, &store, "growing.bin", &data).await;
 }
 
+/// A large file removed while still open (a scratch file): write-behind
+/// stops sending it at the unlink and its session goes, rather than the
+/// server taking every chunk written until the last close.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_file_removed_while_open_is_no_longer_sent_to_the_server() {
+    let Some((_tmp, store)) = fuse_and_store() else {
+        return;
+    };
+    let server = Server::start_on(store.to_str().unwrap(), &[]);
+    let mount = MountProc::start(&server, &[]);
+    let mut file = write_open(&mount.at("scratch.bin"), &random_bytes(64 * MIB));
+    assert!(
+        eventually(Duration::from_secs(20), || chunks_received(&store) >= 3),
+        "chunks are sent while the file is open"
+    );
+    std::fs::remove_file(mount.at("scratch.bin")).unwrap();
+    assert!(
+        eventually(Duration::from_secs(10), || sessions(&store).is_empty()),
+        "the session is aborted at the unlink"
+    );
+    for piece in random_bytes(32 * MIB).chunks(MIB) {
+        file.write_all(piece).unwrap();
+    }
+    file.sync_all().unwrap();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(sessions(&store).is_empty(), "nothing more was sent");
+    drop(file);
+    std::fs::write(mount.at("marker"), "m").unwrap();
+    assert!(server.eventually_has("marker", b"m").await);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(server.listed_names("").await, ["marker"]);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_descriptor_closed_after_dup_keeps_write_behind_going() {
     let Some((_tmp, store)) = fuse_and_store() else {

@@ -368,6 +368,15 @@ impl Staged {
         self.release_retired_session();
     }
 
+    /// The file was removed (or renamed over) while open: none of it is to
+    /// reach the server, so write-behind stops sending it and its session
+    /// goes.
+    pub fn stop_write_behind(&self) {
+        if let Some(wb) = &self.write_behind {
+            wb.cancel();
+        }
+    }
+
     /// A session handed over for content that has changed since: of no use.
     fn drop_upload_session(&self, state: &mut StagedState) {
         if let (Some(handover), Some(wb)) = (state.upload_session.take(), &self.write_behind) {

@@ -205,9 +205,10 @@ impl MountCore {
     }
 
     /// An open staged file was removed (or replaced by a rename): nothing of
-    /// it is uploaded, and the name shows the server's entry again. A record
-    /// a close of one of its descriptors left goes now, not at the last
-    /// close: a crash before that must not bring the file back.
+    /// it is uploaded (write-behind stops sending it too), and the name
+    /// shows the server's entry again. A record a close of one of its
+    /// descriptors left goes now, not at the last close: a crash before
+    /// that must not bring the file back.
     pub(super) fn drop_unlinked(&self, open: OpenStaged) {
         let staged = &open.staged;
         {
@@ -221,6 +222,7 @@ impl MountCore {
         if let Ok(queue) = self.queue() {
             drop_record(queue, staged);
         }
+        staged.stop_write_behind();
     }
 
     /// An upload to `path` finished: the server now has the file, at the

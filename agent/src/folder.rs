@@ -317,7 +317,8 @@ impl Folder {
                 || self.filter.is_ignored(Path::new(path), false)
         };
         let seen_at = now_ns();
-        let plan = plan(scopes, &local, &records, &remote, &kept);
+        let busy = |path: &str| self.is_busy(path);
+        let plan = plan(scopes, &local, &records, &remote, &kept, &busy);
         let snapshots_to_recheck = if self.dry_run {
             Vec::new()
         } else {

@@ -63,13 +63,16 @@ pub struct Plan {
 
 /// `scopes` are the roots this diff covers (`""`: everything); `local`,
 /// `records` and `remote` hold what lies under them. `kept(path)` says a
-/// record missing locally is not a deletion (ignored, or unreadable).
+/// record missing locally is not a deletion (ignored, unreadable, or still
+/// being worked on). `busy(path)` says a local path is still being pushed
+/// by earlier work: it is not renamed onto (see below).
 pub fn plan(
     scopes: &[String],
     local: &BTreeMap<String, FileStamp>,
     records: &BTreeMap<String, Record>,
     remote: &BTreeMap<String, RemoteFile>,
     kept: &dyn Fn(&str) -> bool,
+    busy: &dyn Fn(&str) -> bool,
 ) -> Plan {
     let mut plan = Plan::default();
     let mut gone: BTreeMap<&str, &Record> = records
@@ -114,11 +117,20 @@ pub fn plan(
             });
             continue;
         }
+        // Not onto a path still being pushed: an earlier pass that saw the
+        // new name before the old one went (its events came later) may be
+        // uploading it as a new file, on condition that the server has no
+        // file there. A rename would put one there, and the upload would
+        // take the agent's own rename for someone else's file: a conflict
+        // copy, and the name left to "the other writer". The old name is
+        // deleted as any vanished file is; the path is looked at again once
+        // that work ends, and pushed again if it holds something else now.
         let renamed_from = by_inode
             .get(&stamp.inode)
             .filter(|from| gone.contains_key(**from))
             .map(|from| records[*from].clone())
-            .filter(|from| remote_now.is_none() && still_pushed(from, remote.get(&from.path)));
+            .filter(|from| remote_now.is_none() && still_pushed(from, remote.get(&from.path)))
+            .filter(|_| !busy(path));
         match renamed_from {
             Some(from) => {
                 gone.remove(from.path.as_str());
@@ -298,6 +310,7 @@ mod tests {
             &index(&recs),
             &remote_of(&recs),
             &|_| false,
+            &|_| false,
         );
         assert_eq!(p.unchanged, 2);
         assert!(p.candidates.is_empty() && p.moves.is_empty() && p.vanished.is_empty());
@@ -312,7 +325,14 @@ mod tests {
         local.insert("c".into(), stamp(3, 5));
         let mut remote = remote_of(&recs);
         remote.remove("b");
-        let p = plan(&everything(), &local, &index(&recs), &remote, &|_| false);
+        let p = plan(
+            &everything(),
+            &local,
+            &index(&recs),
+            &remote,
+            &|_| false,
+            &|_| false,
+        );
         let paths: Vec<&str> = p.candidates.iter().map(|c| c.path.as_str()).collect();
         assert_eq!(paths, ["a", "b", "c"]);
         assert!(p.candidates[2].record.is_none());
@@ -324,7 +344,14 @@ mod tests {
         let local = recs.iter().map(|r| (r.path.clone(), r.stamp)).collect();
         let mut remote = remote_of(&recs);
         remote.get_mut("a").unwrap().etag = "other".into();
-        let p = plan(&everything(), &local, &index(&recs), &remote, &|_| false);
+        let p = plan(
+            &everything(),
+            &local,
+            &index(&recs),
+            &remote,
+            &|_| false,
+            &|_| false,
+        );
         assert_eq!(p.changed_elsewhere, ["a"]);
         assert!(p.candidates.is_empty());
     }
@@ -342,7 +369,14 @@ mod tests {
             },
         )]
         .into();
-        let p = plan(&everything(), &local, &index(&recs), &remote, &|_| false);
+        let p = plan(
+            &everything(),
+            &local,
+            &index(&recs),
+            &remote,
+            &|_| false,
+            &|_| false,
+        );
         assert_eq!(p.changed_elsewhere, ["a"]);
         assert!(p.candidates.is_empty());
     }
@@ -357,6 +391,7 @@ mod tests {
             &index(&recs),
             &remote_of(&recs),
             &|_| false,
+            &|_| false,
         );
         assert_eq!(
             p.moves,
@@ -368,6 +403,28 @@ mod tests {
         );
         assert_eq!(p.moved[0].path, "new");
         assert!(p.vanished.is_empty() && p.candidates.is_empty());
+    }
+
+    #[test]
+    fn a_path_still_being_pushed_is_not_renamed_onto() {
+        // The new name was seen first, without the old one's record, and is
+        // being uploaded as a new file: renaming onto it would make that
+        // upload fail against the agent's own rename (a conflict copy).
+        let recs = [record("old", 1)];
+        let local = [("new".to_string(), recs[0].stamp)].into();
+        let p = plan(
+            &everything(),
+            &local,
+            &index(&recs),
+            &remote_of(&recs),
+            &|_| false,
+            &|path| path == "new",
+        );
+        assert!(p.moves.is_empty() && p.moved.is_empty());
+        let paths: Vec<&str> = p.candidates.iter().map(|c| c.path.as_str()).collect();
+        assert_eq!(paths, ["new"]);
+        assert!(p.candidates[0].record.is_none());
+        assert_eq!(p.vanished, [recs[0].clone()]);
     }
 
     #[test]
@@ -384,6 +441,7 @@ mod tests {
             &local,
             &index(&recs),
             &remote_of(&recs),
+            &|_| false,
             &|_| false,
         );
         assert!(p.moves.is_empty() && p.vanished.is_empty());
@@ -402,6 +460,7 @@ mod tests {
             &index(&recs),
             &remote_of(&recs),
             &|_| false,
+            &|_| false,
         );
         assert_eq!(p.moves.len(), 1);
         assert!(p.vanished.is_empty() && p.candidates.is_empty());
@@ -416,6 +475,7 @@ mod tests {
             &local,
             &index(&recs),
             &remote_of(&recs),
+            &|_| false,
             &|_| false,
         );
         assert_eq!(p.vanished, [recs[1].clone()]);
@@ -435,6 +495,7 @@ mod tests {
             &index(&recs),
             &remote_of(&recs),
             &|_| false,
+            &|_| false,
         );
         assert_eq!(p.moves.len(), 1);
         assert_eq!(p.candidates[0].path, "new");
@@ -451,6 +512,7 @@ mod tests {
             &index(&recs),
             &remote_of(&recs),
             &|p| p.starts_with("ignored/"),
+            &|_| false,
         );
         assert_eq!(p.vanished, [recs[0].clone()]);
     }
@@ -470,6 +532,7 @@ mod tests {
             &local,
             &index(&recs),
             &remote_of(&recs),
+            &|_| false,
             &|_| false,
         );
         assert_eq!(
@@ -499,6 +562,7 @@ mod tests {
             &index(&recs),
             &remote_of(&recs),
             &|_| false,
+            &|_| false,
         );
         assert!(p.moves.iter().all(|m| !m.dir));
         assert_eq!(p.moves.len(), 2);
@@ -517,7 +581,14 @@ mod tests {
                 mtime: None,
             },
         );
-        let p = plan(&everything(), &local, &index(&recs), &remote, &|_| false);
+        let p = plan(
+            &everything(),
+            &local,
+            &index(&recs),
+            &remote,
+            &|_| false,
+            &|_| false,
+        );
         assert!(p.moves.iter().all(|m| !m.dir));
         assert_eq!(p.moves.len(), 3);
     }
@@ -532,6 +603,7 @@ mod tests {
             &local,
             &index(&only),
             &remote_of(&only),
+            &|_| false,
             &|_| false,
         );
         assert_eq!(

@@ -421,6 +421,89 @@ async fn a_small_change_is_pushed_while_a_big_upload_runs() {
     );
 }
 
+/// A synced file renamed over a new file while that one is still being
+/// uploaded (`mv a.txt big.bin`). The agent used to rename `a.txt` to
+/// `big.bin` on the server at once; the upload in flight, which creates
+/// `big.bin` only if the server has no file there, then found the agent's
+/// own rename there, took it for someone else's file and kept both:
+/// `big.bin.conflict-…` appeared, and `big.bin` was no longer deleted or
+/// renamed with the local file, as a conflict leaves the name to the other
+/// writer. The same happened when a pass saw a moved file under its new
+/// name before the events of its old one arrived (random_changes_… in
+/// churn.rs, now and then). Now the rename waits for the upload.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_file_renamed_over_a_new_file_being_uploaded_is_no_conflict() {
+    let tmp = tempfile::tempdir().unwrap();
+    let server = Server::start(&tmp.path().join("store"));
+    let mut agent = Agent::new(&tmp.path().join("folder"), &server, "over");
+    write(&agent.dir, "a.txt", b"renamed over the upload");
+    age(&agent.path("a.txt"));
+    // About 8 s for big.bin.
+    agent.start(&["--bwlimit", "256K", "--max-delete", "10"]);
+    let client = server.client();
+    assert!(
+        eventually(FOLLOW, || async {
+            remote_bytes(&client, "over/a.txt").await.is_some()
+        })
+        .await,
+        "{}",
+        agent.log_text()
+    );
+    write(&agent.dir, "big.bin", &random_bytes(2 << 20));
+    age(&agent.path("big.bin"));
+    let mut session = None;
+    assert!(
+        eventually(FOLLOW, || {
+            session = pending_session(&agent, "big.bin");
+            std::future::ready(session.is_some())
+        })
+        .await,
+        "{}",
+        agent.log_text()
+    );
+    std::fs::rename(agent.path("a.txt"), agent.path("big.bin")).unwrap();
+    // That upload ends (committed, or refused at its commit).
+    assert!(
+        eventually(Duration::from_secs(60), || std::future::ready(
+            pending_session(&agent, "big.bin") != session
+        ))
+        .await,
+        "{}",
+        agent.log_text()
+    );
+
+    let in_sync = || async {
+        if pending_session(&agent, "big.bin").is_some() {
+            return false;
+        }
+        let listing = remote_listing(&client, "over").await;
+        listing.keys().eq(["big.bin"])
+            && remote_bytes(&client, "over/big.bin").await.as_deref()
+                == Some(&b"renamed over the upload"[..])
+    };
+    assert!(
+        eventually(Duration::from_secs(60), in_sync).await,
+        "{:?}\n{}",
+        remote_listing(&client, "over").await.keys(),
+        agent.log_text()
+    );
+    // The file at the name is the agent's: a local delete is passed on.
+    std::fs::remove_file(agent.path("big.bin")).unwrap();
+    assert!(
+        eventually(FOLLOW, || async {
+            remote_listing(&client, "over").await.is_empty()
+        })
+        .await,
+        "{:?}\n{}",
+        remote_listing(&client, "over").await.keys(),
+        agent.log_text()
+    );
+    let log = agent.log_text();
+    assert!(!log.contains("conflict"), "{log}");
+    agent.signal("TERM");
+    agent.wait(Duration::from_secs(10));
+}
+
 /// The synced folder itself moved away and a new one made at its path
 /// (`mv D D.old; mkdir D`): the agent says so, watches the new one and
 /// follows its changes. It used to go on watching the old one, silently,

@@ -725,9 +725,18 @@ fn upload_attempts(folder: &Arc<Folder>, u: &mut Upload) -> bool {
                 return true;
             }
             Err(e) if is_conflict(&e) && u.conflict_with.is_none() => {
+                // A session commits on the conditions it was made with: a
+                // resumed one keeps those of the upload that started it
+                // (before a delete elsewhere, or a rename of the agent's
+                // own). Refused once, it is refused for ever: the next
+                // attempt makes a new one, on the conditions that hold now.
+                drop_session(folder, &u.path);
                 match folder.rt.block_on(folder.remote.stat(&u.path)) {
                     // Deleted meanwhile: nothing to conflict with.
                     Ok(None) => u.if_match = None,
+                    // Still the version this upload replaces: the refusal
+                    // was the session's, not a change made elsewhere.
+                    Ok(Some(meta)) if u.if_match.is_some() && meta.etag == u.if_match => {}
                     Ok(Some(meta)) => {
                         u.if_match = None;
                         // No etag: a directory took the name.
@@ -753,10 +762,7 @@ fn upload_attempts(folder: &Arc<Folder>, u: &mut Upload) -> bool {
                 } else {
                     tracing::info!(path = u.path, error = %e, "the file changed during the upload; trying again");
                 }
-                if let Ok(Some(p)) = folder.journal.pending(&u.path) {
-                    folder.rt.block_on(folder.remote.abort(&p.session_id));
-                }
-                let _ = folder.journal.clear_pending(&u.path);
+                drop_session(folder, &u.path);
                 folder.note_retry(&u.path, Some(QUIET));
                 return false;
             }
@@ -764,6 +770,17 @@ fn upload_attempts(folder: &Arc<Folder>, u: &mut Upload) -> bool {
         }
     }
     failed(folder, &u.path, "the remote path keeps refusing the file")
+}
+
+/// Aborts the upload session journaled for `path`, if any, so that the
+/// server frees what it staged, and forgets it.
+fn drop_session(folder: &Folder, path: &str) {
+    if let Ok(Some(p)) = folder.journal.pending(path) {
+        folder.rt.block_on(folder.remote.abort(&p.session_id));
+    }
+    if let Err(e) = folder.journal.clear_pending(path) {
+        tracing::warn!(path, error = %e, "writing the journal failed");
+    }
 }
 
 /// Where an upload commits: the path, or a conflict name beside it (the one

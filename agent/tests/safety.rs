@@ -422,6 +422,45 @@ async fn a_new_file_created_remotely_during_its_upload_keeps_both_versions() {
     assert_eq!(remote_listing(&client, "race").await.len(), 2);
 }
 
+/// A file deleted on the server while a new version of it is uploaded over
+/// it: the upload, made on condition that the server still has the version
+/// it replaces, is refused at its commit, and the file is pushed again as a
+/// new one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_file_deleted_remotely_during_its_upload_is_pushed_again() {
+    let tmp = tempfile::tempdir().unwrap();
+    let server = Server::start(&tmp.path().join("store"));
+    let agent = Agent::new(&tmp.path().join("folder"), &server, "gone");
+    write(&agent.dir, "f.bin", b"first version");
+    age(&agent.path("f.bin"));
+    agent.once_ok(&[]);
+    let ours = harness::random_bytes(6 << 20);
+    write(&agent.dir, "f.bin", &ours);
+    age(&agent.path("f.bin"));
+    // About 3 s at 2 MiB/s; the delete comes a second in.
+    let once = std::thread::spawn(move || {
+        let out = agent.once(&["--bwlimit", "2M"]);
+        (agent, out)
+    });
+    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+    let client = server.client();
+    client
+        .delete(&RemotePath::parse("gone/f.bin").unwrap())
+        .await
+        .unwrap();
+    let (agent, out) = once.join().unwrap();
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{log}");
+    assert!(
+        remote_bytes(&client, "gone/f.bin").await.unwrap() == ours,
+        "{log}"
+    );
+    assert_eq!(remote_listing(&client, "gone").await.len(), 1, "{log}");
+    // Settled: the next pass has nothing to do.
+    let log = agent.once_ok(&[]);
+    assert!(log.contains("0 to upload"), "{log}");
+}
+
 #[tokio::test]
 async fn dry_run_prints_the_plan_and_changes_nothing() {
     let tmp = tempfile::tempdir().unwrap();

@@ -265,10 +265,23 @@ impl Journal {
 
     /// Moves the record of `from` (a file, or a directory with everything
     /// under it) to `to`, after the server renamed it.
+    ///
+    /// A row already at a path a moved one takes (an upload of the new name
+    /// that failed, say) is dropped: the server renames only onto a free
+    /// name, so it has nothing of it there. Kept, it would fail the move
+    /// after the server made it.
     pub fn rename(&self, from: &str, to: &str) -> Result<()> {
         let mut conn = self.conn();
         let tx = conn.transaction()?;
         for table in ["files", "pending"] {
+            tx.execute(
+                &format!(
+                    "DELETE FROM {table} WHERE path IN (
+                         SELECT ?2 || substr(path, length(?1) + 1) FROM {table}
+                         WHERE path = ?1 OR substr(path, 1, length(?1) + 1) = ?1 || '/')"
+                ),
+                params![from, to],
+            )?;
             tx.execute(
                 &format!(
                     "UPDATE {table} SET path = ?2 || substr(path, length(?1) + 1)
@@ -513,6 +526,35 @@ mod tests {
         );
         let under: Vec<String> = j.records_under("c/d").unwrap().into_keys().collect();
         assert_eq!(under, ["c/d", "c/d/b/y", "c/d/x"]);
+    }
+
+    #[test]
+    fn a_rename_replaces_what_the_journal_held_at_the_new_name() {
+        let j = Journal::in_memory().unwrap();
+        let pending = |path: &str, session: &str| Pending {
+            path: path.into(),
+            target: path.into(),
+            session_id: session.into(),
+            stamp: record(path, 1).stamp,
+            sha256: String::new(),
+        };
+        j.commit(&record("a", 1)).unwrap();
+        j.set_pending(&pending("a", "s-a")).unwrap();
+        // An upload of the new name that failed, and one beside it.
+        j.set_pending(&pending("b", "s-b")).unwrap();
+        j.set_pending(&pending("b2", "s-b2")).unwrap();
+        j.commit(&record("d/x", 2)).unwrap();
+        j.commit(&record("e/x", 3)).unwrap();
+        j.commit(&record("e/y", 4)).unwrap();
+
+        j.rename("a", "b").unwrap();
+        assert_eq!(j.record("b").unwrap().unwrap().stamp.inode, 1);
+        assert_eq!(j.pending("b").unwrap().unwrap().session_id, "s-a");
+        assert!(j.pending("b2").unwrap().is_some(), "not in the way");
+        j.rename("d", "e").unwrap();
+        assert_eq!(j.record("e/x").unwrap().unwrap().stamp.inode, 2);
+        assert!(j.record("e/y").unwrap().is_some(), "not in the way");
+        assert!(j.records_under("d").unwrap().is_empty());
     }
 
     #[test]

@@ -157,4 +157,8 @@ async fn churn(default_seed: u64, kills: bool) {
     .await;
     let remote = remote.into_inner().unwrap();
     assert!(converged, "{}\n{}", diff(&local, &remote), agent.log_text());
+    // Nobody else writes to the server: a conflict would be the agent
+    // tripping over its own changes.
+    let log = agent.log_text();
+    assert!(!log.contains("conflict"), "{log}");
 }

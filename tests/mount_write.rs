@@ -504,6 +504,80 @@ async fn a_reader_sees_what_a_write_only_descriptor_writes() {
     assert!(server.eventually_has("app.log", b"FIRST-third\n").await);
 }
 
+/// A log on the server, followed by a reader that keeps reading at its end
+/// (`tail -f`) while a writer appends to it with `O_APPEND` (a logger, a
+/// shell's `>>`). Each read at the end made the kernel ask for the file's
+/// attributes naming the reader's handle, which answered with the version
+/// it had opened: the kernel took that size back, the next appends landed
+/// over the first lines, and the server got a short, scrambled log.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn appends_followed_by_a_reader_at_the_end_all_land_in_order() {
+    use std::io::Read;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::{Arc, Mutex};
+
+    if !fuse_available() {
+        return;
+    }
+    let server = Server::start();
+    let mount = MountProc::start(&server, &[]);
+    for (name, read_write) in [("wronly.log", false), ("rdwr.log", true)] {
+        server.put(name, "").await;
+        let path = mount.at(name);
+        assert!(eventually(Duration::from_secs(5), || path.exists()));
+        let mut reader = std::fs::File::open(&path).unwrap();
+        let (seen, stop) = (
+            Arc::new(Mutex::new(Vec::new())),
+            Arc::new(AtomicBool::new(false)),
+        );
+        let follower = std::thread::spawn({
+            let (seen, stop) = (seen.clone(), stop.clone());
+            move || {
+                let mut buf = [0u8; 4096];
+                while !stop.load(Ordering::Relaxed) {
+                    match reader.read(&mut buf).unwrap() {
+                        0 => std::thread::sleep(Duration::from_millis(5)),
+                        n => seen.lock().unwrap().extend_from_slice(&buf[..n]),
+                    }
+                }
+            }
+        });
+        let mut log = std::fs::OpenOptions::new()
+            .read(read_write)
+            .append(true)
+            .open(&path)
+            .unwrap();
+        let mut expected = Vec::new();
+        for i in 1..=40 {
+            let line = format!("line {i:02}\n");
+            log.write_all(line.as_bytes()).unwrap();
+            expected.extend_from_slice(line.as_bytes());
+            std::thread::sleep(Duration::from_millis(15));
+        }
+        drop(log);
+        let on_mount = std::fs::read(&path).unwrap();
+        assert_eq!(
+            String::from_utf8_lossy(&on_mount),
+            String::from_utf8_lossy(&expected),
+            "{name}: the mount lost or reordered appended lines"
+        );
+        let followed = eventually(Duration::from_secs(5), || *seen.lock().unwrap() == expected);
+        stop.store(true, Ordering::Relaxed);
+        follower.join().unwrap();
+        assert!(
+            followed,
+            "{name}: the reader saw {:?}",
+            String::from_utf8_lossy(&seen.lock().unwrap())
+        );
+        // The reader's close was the file's last.
+        assert!(
+            server.eventually_has(name, &expected).await,
+            "{name}: the server holds {:?}",
+            String::from_utf8_lossy(&server.get_bytes(name).await.1)
+        );
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tar_extracts_a_thousand_files() {
     if !fuse_available() {

@@ -3,7 +3,7 @@
 //! and metadata; errors carry the errno the kernel should see.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -136,20 +136,36 @@ fn errno_of(e: &Error) -> i32 {
     e.errno()
 }
 
-/// An open file: pinned to the version seen at open.
+/// An open file: pinned to the version seen at open, until this mount
+/// writes that version (see [`MountCore::follow_writes`]).
 struct Handle {
     ino: u64,
     meta: FileMeta,
-    /// Reads through the kernel's page cache (counted in
+    /// Reads a version through the kernel's page cache (counted in
     /// [`MountCore::page_caches`]); otherwise the kernel was told
     /// `FOPEN_DIRECT_IO` or the handle reads what this mount writes.
-    page_cache: bool,
+    page_cache: AtomicBool,
     /// Opened dropping the page cache of a version not yet settled: its
     /// first read settles it (see [`PageCache::settled`]).
-    settles: std::sync::atomic::AtomicBool,
+    settles: AtomicBool,
     readahead: Mutex<Readahead>,
-    /// Set when the file is being written (through this or another handle).
-    staged: Option<Arc<Staged>>,
+    /// Set when the file is being written (through this or another handle),
+    /// at the open or once this mount starts writing the handle's version.
+    staged: OnceLock<Arc<Staged>>,
+}
+
+impl Handle {
+    fn staged(&self) -> Option<&Arc<Staged>> {
+        self.staged.get()
+    }
+
+    /// Whether `staged` starts from the version this handle reads (or
+    /// committed it since), so that the handle reads on in what it writes.
+    fn reads_version_of(&self, staged: &Staged) -> bool {
+        let version = version_of(&self.meta);
+        staged.base.as_ref().map(version_of) == Some(version.clone())
+            || staged.server_etag() == Some(version)
+    }
 }
 
 pub struct MountCore {
@@ -262,11 +278,14 @@ impl MountCore {
     /// the kernel asks so when the handle reads past the size it knows (or
     /// seeks from the end), and a handle reads its version to its end. A
     /// file removed on the server while open answers from an open handle,
-    /// as a local filesystem answers `fstat` of an unlinked file.
+    /// as a local filesystem answers `fstat` of an unlinked file. While
+    /// this mount writes the file, its staged size answers whichever handle
+    /// asks: the kernel places `O_APPEND` writes at the size it knows.
     pub async fn getattr_for(&self, ino: u64, fh: Option<u64>) -> FsResult<(FileMeta, bool)> {
         if let Some(handle) = fh.and_then(|fh| self.handle(fh).ok())
-            && handle.staged.is_none()
+            && handle.staged().is_none()
             && handle.ino == ino
+            && self.staged_size(ino).is_none()
         {
             let current = self
                 .inodes
@@ -310,10 +329,10 @@ impl MountCore {
             let handles = self.handles.lock().unwrap();
             let open = || handles.values().filter(|h| h.ino == ino);
             (
-                open().find_map(|h| h.staged.clone()),
+                open().find_map(|h| h.staged().cloned()),
                 open()
-                    .filter(|h| h.staged.is_none())
-                    .max_by_key(|h| h.page_cache)
+                    .filter(|h| h.staged().is_none())
+                    .max_by_key(|h| h.page_cache.load(Ordering::Relaxed))
                     .map(|h| h.meta.clone()),
             )
         };
@@ -370,7 +389,7 @@ impl MountCore {
             // Read what this mount wrote, even before it is committed.
             staged.state.lock().unwrap().open_handles += 1;
             return Ok((
-                self.add_handle(ino, staged_meta_of(&staged), Some(staged)),
+                self.add_handle(ino, staged_meta_of(&staged), staged),
                 CacheMode::Drop,
             ));
         }
@@ -409,24 +428,70 @@ impl MountCore {
         let fh = self.insert_handle(Handle {
             ino,
             meta,
-            page_cache: mode != CacheMode::Direct,
+            page_cache: (mode != CacheMode::Direct).into(),
             settles: (mode == CacheMode::Drop).into(),
             readahead: Mutex::default(),
-            staged: None,
+            staged: OnceLock::new(),
         });
         drop(caches);
+        // Staged by an open for writing while this one asked the server.
+        if let Some(staged) = self.staged_for(&path) {
+            self.follow_writes(ino, &staged);
+            if self.handle(fh)?.staged().is_some() {
+                return Ok((fh, CacheMode::Drop));
+            }
+        }
         Ok((fh, mode))
     }
 
-    fn add_handle(&self, ino: u64, meta: FileMeta, staged: Option<Arc<Staged>>) -> u64 {
+    fn add_handle(&self, ino: u64, meta: FileMeta, staged: Arc<Staged>) -> u64 {
         self.insert_handle(Handle {
             ino,
             meta,
-            page_cache: false,
+            page_cache: false.into(),
             settles: false.into(),
             readahead: Mutex::default(),
-            staged,
+            staged: OnceLock::from(staged),
         })
+    }
+
+    /// This mount starts writing `staged`, the file `ino`: the handles open
+    /// on the version it starts from read what is written from now on, as
+    /// on a local disk (`tail -f` of a log appended to here), and count
+    /// among its open descriptors. Left on their version, each read at its
+    /// end would have the kernel take that version's size for the file's,
+    /// and place the next `O_APPEND` write there, over bytes written.
+    pub(super) fn follow_writes(&self, ino: u64, staged: &Arc<Staged>) {
+        let mut left_page_cache = 0;
+        {
+            // Under the lock `release` removes a handle with: a handle
+            // counted open here is one whose release will see it staged.
+            let handles = self.handles.lock().unwrap();
+            for handle in handles.values() {
+                if handle.ino != ino
+                    || handle.staged().is_some()
+                    || !handle.reads_version_of(staged)
+                {
+                    continue;
+                }
+                staged.state.lock().unwrap().open_handles += 1;
+                let _ = handle.staged.set(staged.clone());
+                if handle.page_cache.swap(false, Ordering::Relaxed) {
+                    left_page_cache += 1;
+                }
+            }
+        }
+        if left_page_cache > 0
+            && let Some(cache) = self.page_caches.lock().unwrap().get_mut(&ino)
+        {
+            cache.handles -= left_page_cache;
+        }
+    }
+
+    /// The size of `ino` as this mount writes it, if it does.
+    fn staged_size(&self, ino: u64) -> Option<u64> {
+        let path = self.inodes.path(ino)?;
+        self.staged_for(&path).map(|staged| staged.size())
     }
 
     /// The kernel's pages of `ino` hold no version a later open may keep.
@@ -454,12 +519,14 @@ impl MountCore {
     /// Closes `fh`; the last close of a written file queues its upload.
     pub async fn release(&self, fh: u64) -> FsResult<()> {
         let handle = self.handles.lock().unwrap().remove(&fh);
-        if let Some(handle) = handle.as_ref().filter(|h| h.page_cache)
+        if let Some(handle) = handle
+            .as_ref()
+            .filter(|h| h.page_cache.swap(false, Ordering::Relaxed))
             && let Some(cache) = self.page_caches.lock().unwrap().get_mut(&handle.ino)
         {
             cache.handles -= 1;
         }
-        match handle.and_then(|h| h.staged.clone()) {
+        match handle.and_then(|h| h.staged().cloned()) {
             Some(staged) => self.release_staged(staged).await,
             None => Ok(()),
         }
@@ -468,7 +535,7 @@ impl MountCore {
     /// Up to `size` bytes at `offset` of the version opened as `fh`.
     pub async fn read(&self, fh: u64, offset: u64, size: u32) -> FsResult<Bytes> {
         let handle = self.handle(fh)?;
-        if let Some(staged) = &handle.staged {
+        if let Some(staged) = handle.staged() {
             return staged.read(self, offset, size).await;
         }
         if handle.settles.swap(false, Ordering::Relaxed) {

@@ -286,7 +286,7 @@ impl MountCore {
             .insert(path.clone(), staged.clone());
         let meta = staged_meta_of(&staged);
         let ino = self.inodes.ino(&path);
-        Ok((ino, meta.clone(), self.add_handle(ino, meta, Some(staged))))
+        Ok((ino, meta.clone(), self.add_handle(ino, meta, staged)))
     }
 
     pub(super) async fn open_for_write(
@@ -300,7 +300,7 @@ impl MountCore {
             return Err(e);
         }
         Ok((
-            self.add_handle(ino, staged_meta_of(&staged), Some(staged)),
+            self.add_handle(ino, staged_meta_of(&staged), staged),
             super::CacheMode::Drop,
         ))
     }
@@ -357,6 +357,8 @@ impl MountCore {
             });
             staged.state.lock().unwrap().open_handles += 1;
             map.insert(path, staged.clone());
+            drop(map);
+            self.follow_writes(ino, &staged);
             return Ok(staged);
         }
     }
@@ -372,7 +374,7 @@ impl MountCore {
 
     pub async fn write(&self, fh: u64, offset: u64, data: Bytes) -> FsResult<u32> {
         let handle = self.handle(fh)?;
-        let staged = handle.staged.clone().ok_or(errno::EBADF)?;
+        let staged = handle.staged().cloned().ok_or(errno::EBADF)?;
         staged.write(self, offset, data).await
     }
 
@@ -380,7 +382,7 @@ impl MountCore {
     /// (see [`Staged::write_now`]); `None`: call `write`.
     pub fn write_now(&self, fh: u64, offset: u64, data: &[u8]) -> Option<FsResult<u32>> {
         let staged = match self.handle(fh) {
-            Ok(handle) => handle.staged.clone(),
+            Ok(handle) => handle.staged().cloned(),
             Err(e) => return Some(Err(e)),
         };
         match staged {
@@ -397,7 +399,7 @@ impl MountCore {
         let open = fh
             .and_then(|fh| self.handle(fh).ok())
             .filter(|handle| handle.ino == ino)
-            .and_then(|handle| handle.staged.clone());
+            .and_then(|handle| handle.staged().cloned());
         if let Some(staged) = open {
             staged.truncate(self, size).await?;
             return Ok(staged_meta_of(&staged));
@@ -415,7 +417,7 @@ impl MountCore {
     /// as a local disk keeps an unlinked file only for its descriptors.
     pub async fn fsync(&self, fh: u64) -> FsResult<()> {
         let handle = self.handle(fh)?;
-        let Some(staged) = handle.staged.clone() else {
+        let Some(staged) = handle.staged().cloned() else {
             return Ok(());
         };
         let queue = self.queue()?.clone();
@@ -478,7 +480,7 @@ impl MountCore {
     /// for the record) is what `close` returns.
     pub async fn flush(&self, fh: u64) -> FsResult<()> {
         let handle = self.handle(fh)?;
-        let Some(staged) = handle.staged.clone() else {
+        let Some(staged) = handle.staged().cloned() else {
             return Ok(());
         };
         let queue = self.queue()?.clone();

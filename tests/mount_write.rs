@@ -578,6 +578,70 @@ async fn appends_followed_by_a_reader_at_the_end_all_land_in_order() {
     }
 }
 
+/// A reader still on a version that another client replaced since keeps
+/// reading at that version's end while a shell loop appends to the file
+/// through the mount (`echo … >> log`). Each of its reads had the kernel
+/// take its version's size for the file's: an append opened at such a
+/// moment landed there, over the replacing content.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn appends_land_at_the_end_while_a_reader_follows_a_replaced_version() {
+    use std::io::Read;
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    if !fuse_available() {
+        return;
+    }
+    let server = Server::start();
+    let mount = MountProc::start(&server, &[]);
+    let path = mount.at("svc.log");
+    server.put("svc.log", "old\n").await;
+    assert!(eventually(Duration::from_secs(5), || path.exists()));
+    let mut reader = std::fs::File::open(&path).unwrap();
+    let mut old = Vec::new();
+    reader.read_to_end(&mut old).unwrap();
+    assert_eq!(old, b"old\n");
+    let replaced = b"replaced on the server\n";
+    server.put("svc.log", &replaced[..]).await;
+    assert!(eventually(Duration::from_secs(5), || {
+        std::fs::metadata(&path).unwrap().len() == replaced.len() as u64
+    }));
+    let stop = Arc::new(AtomicBool::new(false));
+    let follower = std::thread::spawn({
+        let stop = stop.clone();
+        move || {
+            let mut buf = [0u8; 4096];
+            while !stop.load(Ordering::Relaxed) {
+                // Its version's bytes, its end, or ESTALE: any will do.
+                let _ = reader.read(&mut buf);
+                std::thread::sleep(Duration::from_millis(2));
+            }
+        }
+    });
+    let mut expected = replaced.to_vec();
+    for i in 1..=30 {
+        let line = format!("line {i:02}\n");
+        let mut log = std::fs::OpenOptions::new()
+            .append(true)
+            .open(&path)
+            .unwrap();
+        log.write_all(line.as_bytes()).unwrap();
+        expected.extend_from_slice(line.as_bytes());
+    }
+    stop.store(true, Ordering::Relaxed);
+    follower.join().unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&std::fs::read(&path).unwrap()),
+        String::from_utf8_lossy(&expected),
+        "the mount lost or misplaced appended lines"
+    );
+    assert!(
+        server.eventually_has("svc.log", &expected).await,
+        "the server holds {:?}",
+        String::from_utf8_lossy(&server.get_bytes("svc.log").await.1)
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tar_extracts_a_thousand_files() {
     if !fuse_available() {

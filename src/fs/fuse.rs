@@ -285,10 +285,16 @@ impl Filesystem for FerryFs {
         offset: u64,
         data: &[u8],
         _write_flags: fuser::WriteFlags,
-        _flags: OpenFlags,
+        flags: OpenFlags,
         _lock_owner: Option<LockOwner>,
         reply: fuser::ReplyWrite,
     ) {
+        // The kernel serializes the writes to a file, so the end is where
+        // this one goes.
+        let offset = match appends_around_page_cache(flags.0) {
+            true => self.core.append_offset(fh.0, offset),
+            false => offset,
+        };
         // Inside the runtime: a write may start a background sync.
         let now = {
             let _runtime = self.runtime.enter();
@@ -577,10 +583,18 @@ fn write_only_direct(open_flags: i32) -> FopenFlags {
     }
 }
 
+/// An `O_APPEND` write through a descriptor opened only to write: the
+/// kernel keeps no page of what it writes (see [`write_only_direct`]), so
+/// the mount may put it at the end of the file wherever the kernel placed it.
+fn appends_around_page_cache(open_flags: i32) -> bool {
+    open_flags & libc_flags::O_APPEND != 0 && !write_only_direct(open_flags).is_empty()
+}
+
 /// `open(2)` flag bits (Linux).
 mod libc_flags {
     pub const O_ACCMODE: i32 = 0o3;
     pub const O_WRONLY: i32 = 0o1;
     pub const O_RDWR: i32 = 0o2;
     pub const O_TRUNC: i32 = 0o1000;
+    pub const O_APPEND: i32 = 0o2000;
 }

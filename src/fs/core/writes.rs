@@ -378,6 +378,19 @@ impl MountCore {
         staged.write(self, offset, data).await
     }
 
+    /// Where an `O_APPEND` write that the kernel placed at `offset`, through
+    /// a handle it keeps no page cache for, goes: at the end of the file as
+    /// this mount has it, as on a local disk. The kernel placed it at the
+    /// size it last heard, which may be another version's: a handle of a
+    /// version replaced on the server answers its own when it reads at its
+    /// end (see `getattr_for`), until this mount writes the file.
+    pub fn append_offset(&self, fh: u64, offset: u64) -> u64 {
+        match self.handle(fh).ok().and_then(|h| h.staged().cloned()) {
+            Some(staged) => staged.size(),
+            None => offset,
+        }
+    }
+
     /// [`write`](Self::write) on the calling thread, if it needs no waiting
     /// (see [`Staged::write_now`]); `None`: call `write`.
     pub fn write_now(&self, fh: u64, offset: u64, data: &[u8]) -> Option<FsResult<u32>> {

@@ -499,9 +499,11 @@ async fn a_reader_sees_what_a_write_only_descriptor_writes() {
     assert_eq!(read_all(), b"FIRST-third\n");
     drop((log, writer));
     assert_eq!(read_all(), b"FIRST-third\n");
-    // The last close starts the upload.
-    drop(reader);
+    // The writers' last close starts the upload; the reader reads on.
     assert!(server.eventually_has("app.log", b"FIRST-third\n").await);
+    assert_eq!(read_all(), b"FIRST-third\n");
+    drop(reader);
+    assert_eq!(server.get_bytes("app.log").await.1, b"FIRST-third\n");
 }
 
 /// A log on the server, followed by a reader that keeps reading at its end
@@ -569,7 +571,7 @@ async fn appends_followed_by_a_reader_at_the_end_all_land_in_order() {
             "{name}: the reader saw {:?}",
             String::from_utf8_lossy(&seen.lock().unwrap())
         );
-        // The reader's close was the file's last.
+        // Uploaded at the writer's close.
         assert!(
             server.eventually_has(name, &expected).await,
             "{name}: the server holds {:?}",
@@ -639,6 +641,132 @@ async fn appends_land_at_the_end_while_a_reader_follows_a_replaced_version() {
         server.eventually_has("svc.log", &expected).await,
         "the server holds {:?}",
         String::from_utf8_lossy(&server.get_bytes("svc.log").await.1)
+    );
+}
+
+/// `prog >> app.log` beside a `tail -f app.log` that never ends: the
+/// reader's descriptor counted among the file's open ones, so no close of
+/// the writer was the last, and the log never reached the server (nor,
+/// until the reader closed, the journal). The writer's close uploads it
+/// now; the reader reads on, also across a second round of appends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_log_followed_by_tail_f_reaches_the_server_at_each_writers_close() {
+    use std::io::Read;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::{Arc, Mutex};
+
+    if !fuse_available() {
+        return;
+    }
+    let server = Server::start();
+    let mount = MountProc::start(&server, &[]);
+    server.put("app.log", "started\n").await;
+    let path = mount.at("app.log");
+    assert!(eventually(Duration::from_secs(5), || path.exists()));
+    let mut reader = std::fs::File::open(&path).unwrap();
+    let (seen, stop) = (
+        Arc::new(Mutex::new(Vec::new())),
+        Arc::new(AtomicBool::new(false)),
+    );
+    let follower = std::thread::spawn({
+        let (seen, stop) = (seen.clone(), stop.clone());
+        move || {
+            let mut buf = [0u8; 4096];
+            while !stop.load(Ordering::Relaxed) {
+                match reader.read(&mut buf).unwrap() {
+                    0 => std::thread::sleep(Duration::from_millis(5)),
+                    n => seen.lock().unwrap().extend_from_slice(&buf[..n]),
+                }
+            }
+            reader
+        }
+    });
+    let mut expected = b"started\n".to_vec();
+    for round in 1..=2 {
+        let mut log = std::fs::OpenOptions::new()
+            .append(true)
+            .open(&path)
+            .unwrap();
+        for i in 1..=20 {
+            let line = format!("round {round} line {i:02}\n");
+            log.write_all(line.as_bytes()).unwrap();
+            expected.extend_from_slice(line.as_bytes());
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        drop(log);
+        // The reader is still open (and reading at the end).
+        let mut on_server = (0, Vec::new());
+        for _ in 0..100 {
+            on_server = server.get_bytes("app.log").await;
+            if on_server.1 == expected {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert_eq!(
+            String::from_utf8_lossy(&on_server.1),
+            String::from_utf8_lossy(&expected),
+            "round {round}: the server did not get the log within 5 s of its writer's close"
+        );
+        let followed = eventually(Duration::from_secs(5), || *seen.lock().unwrap() == expected);
+        assert!(
+            followed,
+            "round {round}: the reader saw {:?}",
+            String::from_utf8_lossy(&seen.lock().unwrap())
+        );
+        assert_eq!(std::fs::read(&path).unwrap(), expected, "round {round}");
+    }
+    stop.store(true, Ordering::Relaxed);
+    let reader = follower.join().unwrap();
+    // Still the whole log through the reader, from its start.
+    let mut whole = vec![0u8; expected.len() + 10];
+    let n = read_fully_at(&reader, &mut whole, 0);
+    assert_eq!(&whole[..n], &expected[..]);
+    drop(reader);
+    assert_eq!(server.get_bytes("app.log").await.1, expected);
+}
+
+/// The same log's writer closes while a reader still has it open and the
+/// server does not answer; the mount is then killed. The writer's close
+/// journaled the log (before, only the reader's close would have), so
+/// the next mount commits it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_log_closed_by_its_writer_while_read_survives_a_crash_of_the_mount() {
+    use std::io::Read;
+    if !fuse_available() {
+        return;
+    }
+    let (tmp, server) = server_with_store();
+    server.put("app.log", "started\n").await;
+    let state = tmp.path().join("state");
+    let mount = MountProc::start_with_state(&server.url, &state, &[]);
+    let journal = mount_state_dir(&state).join("journal");
+    let path = mount.at("app.log");
+    let mut reader = std::fs::File::open(&path).unwrap();
+    let mut seen = Vec::new();
+    reader.read_to_end(&mut seen).unwrap();
+    assert_eq!(seen, b"started\n");
+    let mut log = std::fs::OpenOptions::new()
+        .append(true)
+        .open(&path)
+        .unwrap();
+    log.write_all(b"line 1\n").unwrap();
+    server.pause();
+    log.write_all(b"line 2\n").unwrap();
+    drop(log);
+    assert_eq!(
+        journal_records(&journal).len(),
+        1,
+        "the writer's close journals the log"
+    );
+    mount.sigkill();
+    drop(reader);
+    server.resume();
+    let _remount = MountProc::start_with_state(&server.url, &state, &[]);
+    assert!(
+        server
+            .eventually_has("app.log", b"started\nline 1\nline 2\n")
+            .await
     );
 }
 

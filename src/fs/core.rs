@@ -151,12 +151,17 @@ struct Handle {
     readahead: Mutex<Readahead>,
     /// Set when the file is being written (through this or another handle),
     /// at the open or once this mount starts writing the handle's version.
-    staged: OnceLock<Arc<Staged>>,
+    /// A reading handle moves on to the next staged file of the same
+    /// content (see [`MountCore::follow_writes`]).
+    staged: Mutex<Option<Arc<Staged>>>,
+    /// Opened for writing (`O_WRONLY`, `O_RDWR`): counted among the staged
+    /// file's writers, whose last close starts its upload.
+    writes: bool,
 }
 
 impl Handle {
-    fn staged(&self) -> Option<&Arc<Staged>> {
-        self.staged.get()
+    fn staged(&self) -> Option<Arc<Staged>> {
+        self.staged.lock().unwrap().clone()
     }
 
     /// Whether `staged` starts from the version this handle reads (or
@@ -329,7 +334,7 @@ impl MountCore {
             let handles = self.handles.lock().unwrap();
             let open = || handles.values().filter(|h| h.ino == ino);
             (
-                open().find_map(|h| h.staged().cloned()),
+                open().find_map(|h| h.staged()),
                 open()
                     .filter(|h| h.staged().is_none())
                     .max_by_key(|h| h.page_cache.load(Ordering::Relaxed))
@@ -389,7 +394,7 @@ impl MountCore {
             // Read what this mount wrote, even before it is committed.
             staged.state.lock().unwrap().open_handles += 1;
             return Ok((
-                self.add_handle(ino, staged_meta_of(&staged), staged),
+                self.add_handle(ino, staged_meta_of(&staged), staged, false),
                 CacheMode::Drop,
             ));
         }
@@ -431,12 +436,13 @@ impl MountCore {
             page_cache: (mode != CacheMode::Direct).into(),
             settles: (mode == CacheMode::Drop).into(),
             readahead: Mutex::default(),
-            staged: OnceLock::new(),
+            staged: Mutex::default(),
+            writes: false,
         });
         drop(caches);
         // Staged by an open for writing while this one asked the server.
         if let Some(staged) = self.staged_for(&path) {
-            self.follow_writes(ino, &staged);
+            self.follow_writes(ino, &staged, None);
             if self.handle(fh)?.staged().is_some() {
                 return Ok((fh, CacheMode::Drop));
             }
@@ -444,14 +450,17 @@ impl MountCore {
         Ok((fh, mode))
     }
 
-    fn add_handle(&self, ino: u64, meta: FileMeta, staged: Arc<Staged>) -> u64 {
+    /// A handle on `staged`, counted open on it already (among its
+    /// writers too if it `writes`).
+    fn add_handle(&self, ino: u64, meta: FileMeta, staged: Arc<Staged>, writes: bool) -> u64 {
         self.insert_handle(Handle {
             ino,
             meta,
             page_cache: false.into(),
             settles: false.into(),
             readahead: Mutex::default(),
-            staged: OnceLock::from(staged),
+            staged: Mutex::new(Some(staged)),
+            writes,
         })
     }
 
@@ -461,21 +470,40 @@ impl MountCore {
     /// among its open descriptors. Left on their version, each read at its
     /// end would have the kernel take that version's size for the file's,
     /// and place the next `O_APPEND` write there, over bytes written.
-    pub(super) fn follow_writes(&self, ino: u64, staged: &Arc<Staged>) {
+    ///
+    /// So do the handles still reading `replaced`, the staged file of an
+    /// earlier writing whose writers have all closed, when `staged` starts
+    /// from the version that writing committed: its content, which they
+    /// read on in `staged`.
+    pub(super) fn follow_writes(
+        &self,
+        ino: u64,
+        staged: &Arc<Staged>,
+        replaced: Option<&Arc<Staged>>,
+    ) {
+        let carried_over = replaced.filter(|replaced| {
+            let content = replaced.content_version();
+            content.is_some() && staged.base.as_ref().and_then(|b| b.etag.clone()) == content
+        });
         let mut left_page_cache = 0;
         {
             // Under the lock `release` removes a handle with: a handle
             // counted open here is one whose release will see it staged.
             let handles = self.handles.lock().unwrap();
             for handle in handles.values() {
-                if handle.ino != ino
-                    || handle.staged().is_some()
-                    || !handle.reads_version_of(staged)
-                {
+                if handle.ino != ino {
                     continue;
                 }
+                let mut current = handle.staged.lock().unwrap();
+                match &*current {
+                    None if handle.reads_version_of(staged) => {}
+                    Some(on) if carried_over.is_some_and(|r| Arc::ptr_eq(r, on)) => {
+                        on.state.lock().unwrap().open_handles -= 1;
+                    }
+                    _ => continue,
+                }
                 staged.state.lock().unwrap().open_handles += 1;
-                let _ = handle.staged.set(staged.clone());
+                *current = Some(staged.clone());
                 if handle.page_cache.swap(false, Ordering::Relaxed) {
                     left_page_cache += 1;
                 }
@@ -526,8 +554,8 @@ impl MountCore {
         {
             cache.handles -= 1;
         }
-        match handle.and_then(|h| h.staged().cloned()) {
-            Some(staged) => self.release_staged(staged).await,
+        match handle.and_then(|h| h.staged().map(|staged| (staged, h.writes))) {
+            Some((staged, writes)) => self.release_staged(staged, writes).await,
             None => Ok(()),
         }
     }

@@ -181,6 +181,9 @@ pub struct StagedState {
     /// What the staging file holds: written bytes and remote bytes copied in.
     content: Extents,
     pub dirty: bool,
+    /// Written (or truncated) since it was staged: it no longer holds the
+    /// content of `base`.
+    written: bool,
     /// The journal has a record of the current content (written at the
     /// last `flush`), so the last close only has to start its upload.
     pub journaled: bool,
@@ -188,6 +191,10 @@ pub struct StagedState {
     pub tail_copy: Option<TailCopy>,
     pub mtime: SystemTime,
     pub open_handles: u32,
+    /// How many of `open_handles` can write the file (opened for writing,
+    /// or staging it for a truncate): the last of them to close starts
+    /// the upload, whether handles only reading it are still open or not.
+    pub writers: u32,
     /// Unlinked while open: discarded at the last close, never uploaded.
     pub unlinked: bool,
     /// The write-behind session the upload of the current content
@@ -276,10 +283,12 @@ impl Staged {
                 remote_size: size,
                 content: Extents::default(),
                 dirty: truncate,
+                written: truncate,
                 journaled: false,
                 tail_copy: None,
                 mtime: SystemTime::now(),
                 open_handles: 0,
+                writers: 0,
                 unlinked: false,
                 upload_session: None,
                 committed: None,
@@ -417,6 +426,22 @@ impl Staged {
         let mut state = self.state.lock().unwrap();
         state.committed = Some(Committed { etag });
         state.commits += 1;
+    }
+
+    /// The version on the server whose content this file holds, by its
+    /// etag: the one its last upload committed (nothing written since), or
+    /// the one it was opened from if it was never written. `None` when the
+    /// server has no such version (or gives no etags).
+    pub fn content_version(&self) -> Option<String> {
+        let state = self.state.lock().unwrap();
+        if state.dirty {
+            return None;
+        }
+        match &state.committed {
+            Some(committed) => committed.etag.clone(),
+            None if !state.written => self.base.as_ref().and_then(|b| b.etag.clone()),
+            None => None,
+        }
     }
 
     /// How many uploads committed the file under its name so far.
@@ -581,6 +606,7 @@ impl Staged {
         self.drop_upload_session(&mut state);
         state.size = state.size.max(end);
         state.dirty = true;
+        state.written = true;
         state.journaled = false;
         state.mtime = SystemTime::now();
         (end - offset) as u32
@@ -602,6 +628,7 @@ impl Staged {
             state.remote_size = state.remote_size.min(new_size);
             state.size = new_size;
             state.dirty = true;
+            state.written = true;
             state.journaled = false;
             state.mtime = SystemTime::now();
             state.content.truncate(new_size)

@@ -278,15 +278,19 @@ impl MountCore {
         )?;
         let staged = Arc::new(self.writing_behind(staged));
         // Counted open before anyone can find it: a file in the map with no
-        // handle open is one that is closed.
-        staged.state.lock().unwrap().open_handles += 1;
+        // writer open is one that is closed.
+        {
+            let mut state = staged.state.lock().unwrap();
+            state.open_handles += 1;
+            state.writers += 1;
+        }
         self.staged
             .lock()
             .unwrap()
             .insert(path.clone(), staged.clone());
         let meta = staged_meta_of(&staged);
         let ino = self.inodes.ino(&path);
-        Ok((ino, meta.clone(), self.add_handle(ino, meta, staged)))
+        Ok((ino, meta.clone(), self.add_handle(ino, meta, staged, true)))
     }
 
     pub(super) async fn open_for_write(
@@ -296,41 +300,51 @@ impl MountCore {
     ) -> FsResult<(u64, super::CacheMode)> {
         let staged = self.stage(ino, truncate).await?;
         if truncate && let Err(e) = staged.truncate(self, 0).await {
-            self.release_staged(staged).await?;
+            self.release_staged(staged, true).await?;
             return Err(e);
         }
         Ok((
-            self.add_handle(ino, staged_meta_of(&staged), staged),
+            self.add_handle(ino, staged_meta_of(&staged), staged, true),
             super::CacheMode::Drop,
         ))
     }
 
     /// The staged file of `ino`, staging it from its remote version if
-    /// needed, with one more handle counted open on it. Two opens of a file
-    /// at once get the same staged file, so neither's writes are lost.
+    /// needed, with one more writer counted open on it. Two opens of a file
+    /// at once get the same staged file, so neither's writes are lost. One
+    /// whose writers have all closed (uploading, or followed only by
+    /// readers) is not written again: its upload lands first, and a new
+    /// staged file starts from what it committed.
     async fn stage(&self, ino: u64, truncate: bool) -> FsResult<Arc<Staged>> {
         let queue = self.queue()?.clone();
         let path = self.path(ino)?;
+        let mut replaced = None;
         loop {
             if let Some(staged) = self.staged_for(&path) {
                 let opened = {
                     let mut state = staged.state.lock().unwrap();
-                    let open = state.open_handles > 0;
+                    let open = state.writers > 0;
                     state.open_handles += u32::from(open);
+                    state.writers += u32::from(open);
                     open
                 };
                 if opened {
                     return Ok(staged);
                 }
-                // Closed and uploading: let that version land first.
+                // Closed by its writers and uploading: let that version
+                // land first.
                 queue.wait(&path).await;
                 let mut map = self.staged.lock().unwrap();
                 if map.get(&path).is_some_and(|s| Arc::ptr_eq(s, &staged)) {
                     map.remove(&path);
                     drop(map);
                     // Gone with its upload, unless that never started (the
-                    // last close failed): the remote version is the truth now.
+                    // last close failed): the remote version is the truth
+                    // now. Handles still reading it keep its staging file
+                    // open, and move on to the new one if it starts from
+                    // the same content (see `follow_writes`).
                     drop_unuploaded(&queue, &staged);
+                    replaced = Some(staged);
                 }
                 continue;
             }
@@ -355,10 +369,14 @@ impl MountCore {
                 true => self.writing_behind(staged),
                 false => staged,
             });
-            staged.state.lock().unwrap().open_handles += 1;
+            {
+                let mut state = staged.state.lock().unwrap();
+                state.open_handles += 1;
+                state.writers += 1;
+            }
             map.insert(path, staged.clone());
             drop(map);
-            self.follow_writes(ino, &staged);
+            self.follow_writes(ino, &staged, replaced.as_ref());
             return Ok(staged);
         }
     }
@@ -374,7 +392,10 @@ impl MountCore {
 
     pub async fn write(&self, fh: u64, offset: u64, data: Bytes) -> FsResult<u32> {
         let handle = self.handle(fh)?;
-        let staged = handle.staged().cloned().ok_or(errno::EBADF)?;
+        let staged = handle
+            .staged()
+            .filter(|_| handle.writes)
+            .ok_or(errno::EBADF)?;
         staged.write(self, offset, data).await
     }
 
@@ -385,7 +406,7 @@ impl MountCore {
     /// version replaced on the server answers its own when it reads at its
     /// end (see `getattr_for`), until this mount writes the file.
     pub fn append_offset(&self, fh: u64, offset: u64) -> u64 {
-        match self.handle(fh).ok().and_then(|h| h.staged().cloned()) {
+        match self.handle(fh).ok().and_then(|h| h.staged()) {
             Some(staged) => staged.size(),
             None => offset,
         }
@@ -395,7 +416,7 @@ impl MountCore {
     /// (see [`Staged::write_now`]); `None`: call `write`.
     pub fn write_now(&self, fh: u64, offset: u64, data: &[u8]) -> Option<FsResult<u32>> {
         let staged = match self.handle(fh) {
-            Ok(handle) => handle.staged().cloned(),
+            Ok(handle) => handle.staged().filter(|_| handle.writes),
             Err(e) => return Some(Err(e)),
         };
         match staged {
@@ -411,8 +432,8 @@ impl MountCore {
     pub async fn set_size(&self, ino: u64, fh: Option<u64>, size: u64) -> FsResult<FileMeta> {
         let open = fh
             .and_then(|fh| self.handle(fh).ok())
-            .filter(|handle| handle.ino == ino)
-            .and_then(|handle| handle.staged().cloned());
+            .filter(|handle| handle.ino == ino && handle.writes)
+            .and_then(|handle| handle.staged());
         if let Some(staged) = open {
             staged.truncate(self, size).await?;
             return Ok(staged_meta_of(&staged));
@@ -420,7 +441,7 @@ impl MountCore {
         let staged = self.stage(ino, false).await?;
         let result = staged.truncate(self, size).await;
         let meta = staged_meta_of(&staged);
-        self.release_staged(staged).await?;
+        self.release_staged(staged, true).await?;
         result.map(|()| meta)
     }
 
@@ -430,7 +451,7 @@ impl MountCore {
     /// as a local disk keeps an unlinked file only for its descriptors.
     pub async fn fsync(&self, fh: u64) -> FsResult<()> {
         let handle = self.handle(fh)?;
-        let Some(staged) = handle.staged().cloned() else {
+        let Some(staged) = handle.staged() else {
             return Ok(());
         };
         let queue = self.queue()?.clone();
@@ -487,19 +508,22 @@ impl MountCore {
         Ok(())
     }
 
-    /// `close(2)` of a descriptor. At the file's last, its content is
+    /// `close(2)` of a descriptor. At the close of the file's last writer
+    /// (descriptors only reading it may stay open), its content is
     /// completed and journaled here, so that what can fail (no space for the
     /// blocks still to fetch, the server unreachable for them, a full disk
-    /// for the record) is what `close` returns.
+    /// for the record) is what `close` returns, and a crash after it
+    /// uploads the file.
     pub async fn flush(&self, fh: u64) -> FsResult<()> {
         let handle = self.handle(fh)?;
-        let Some(staged) = handle.staged().cloned() else {
+        let Some(staged) = handle.staged().filter(|_| handle.writes) else {
+            // A reader's close: the writers' closes journal what they wrote.
             return Ok(());
         };
         let queue = self.queue()?.clone();
         {
             let state = staged.state.lock().unwrap();
-            if state.open_handles > 1 || state.unlinked || (state.dirty && state.journaled) {
+            if state.writers > 1 || state.unlinked || (state.dirty && state.journaled) {
                 return Ok(());
             }
         }
@@ -565,24 +589,33 @@ impl MountCore {
         Ok(entry)
     }
 
-    pub(super) async fn release_staged(&self, staged: Arc<Staged>) -> FsResult<()> {
+    /// A handle on `staged` closed; `writes`: one that could write it. The
+    /// close of its last writer starts the upload of what was written, even
+    /// while handles only reading it stay open: they read on in its staging
+    /// file, which the upload leaves to them (see `follow_writes` for where
+    /// they go once the file is written again).
+    pub(super) async fn release_staged(&self, staged: Arc<Staged>, writes: bool) -> FsResult<()> {
         let queue = self.queue()?.clone();
         // Not while a rename or unlink of the file is under way: the upload
         // goes to the name it leaves, or nowhere.
         let naming = staged.naming.lock().await;
         let path = staged.path();
-        // Announced before the last handle goes, so that anyone who then
+        // Announced before the last writer goes, so that anyone who then
         // finds the file closed also finds its upload on the way.
-        let (last, reservation) = {
+        let (last, last_writer, reservation) = {
             let mut state = staged.state.lock().unwrap();
             let last = state.open_handles <= 1;
+            let last_writer = writes && state.writers <= 1;
             let reservation =
-                (last && state.dirty && !state.unlinked).then(|| queue.reserve(&path));
+                (last_writer && state.dirty && !state.unlinked).then(|| queue.reserve(&path));
             state.open_handles = state.open_handles.saturating_sub(1);
-            (last, reservation)
+            if writes {
+                state.writers = state.writers.saturating_sub(1);
+            }
+            (last, last_writer, reservation)
         };
         drop(naming);
-        if !last {
+        if !last && !last_writer {
             return Ok(());
         }
         let (dirty, unlinked) = {
@@ -590,19 +623,27 @@ impl MountCore {
             (state.dirty, state.unlinked)
         };
         if unlinked {
-            drop_unuploaded(&queue, &staged);
-            return Ok(());
-        }
-        if !dirty {
-            // An upload in progress owns the staging file until it settles.
-            if !queue.is_pending(&path) {
-                self.staged.lock().unwrap().remove(&path);
+            // Discarded once no handle reads it any more.
+            if last {
                 drop_unuploaded(&queue, &staged);
             }
             return Ok(());
         }
-        let reservation = reservation.expect("a dirty file's last close reserves its upload");
-        // Journaled at the flush of the last descriptor, unless written since.
+        if !dirty || !last_writer {
+            if last && !queue.is_pending(&path) {
+                // An upload in progress owns the staging file until it
+                // settles; another staged file may have the name by now.
+                let mut map = self.staged.lock().unwrap();
+                if map.get(&path).is_some_and(|s| Arc::ptr_eq(s, &staged)) {
+                    map.remove(&path);
+                }
+                drop(map);
+                drop_unuploaded(&queue, &staged);
+            }
+            return Ok(());
+        }
+        let reservation = reservation.expect("a dirty file's last writer reserves its upload");
+        // Journaled at the flush of the last writer, unless written since.
         let entry = match self.journal(&queue, &staged, true).await {
             Ok(entry) => entry,
             Err(e) => {

@@ -93,6 +93,77 @@ fn sigterm_lets_an_in_flight_upload_finish_then_exits_cleanly() {
     }
 }
 
+/// A shutdown waits for requests in flight only for `--shutdown-grace`:
+/// neither a change-feed subscriber (which never ends by itself) nor a
+/// download its client reads slowly keeps the server running. Both used to
+/// hold it for as long as they lasted.
+#[test]
+fn a_shutdown_waits_for_long_requests_only_for_its_grace() {
+    let mut server = Server::start_with(harness::Backend::Local, &["--shutdown-grace", "2"]);
+    let mut feed = TcpStream::connect(server.addr).unwrap();
+    write!(feed, "GET /v1/events HTTP/1.1\r\nHost: t\r\n\r\n").unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    assert_eq!(
+        rt.block_on(server.put("big.bin", vec![7u8; 64 << 20]))
+            .status(),
+        201
+    );
+    let mut download = TcpStream::connect(server.addr).unwrap();
+    write!(
+        download,
+        "GET /v1/files/big.bin HTTP/1.1\r\nHost: t\r\n\r\n"
+    )
+    .unwrap();
+    // Read a little of each, then nothing more: both stay in flight.
+    let mut some = [0u8; 4096];
+    feed.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    assert!(feed.read(&mut some).unwrap() > 0);
+    download.read_exact(&mut some).unwrap();
+    server.signal("TERM");
+    let stopped = std::time::Instant::now();
+    assert!(
+        eventually(Duration::from_secs(8), || matches!(
+            server.child.try_wait(),
+            Ok(Some(_))
+        )),
+        "the server is still running 8 s after SIGTERM"
+    );
+    assert!(server.child.wait().unwrap().success());
+    // The feed ended at once; the download had its 2 s of grace.
+    assert!(
+        stopped.elapsed() >= Duration::from_millis(1500),
+        "{:?}",
+        stopped.elapsed()
+    );
+}
+
+/// The change feed ends at a shutdown, so a server with subscribers and no
+/// other requests stops at once.
+#[test]
+fn a_change_feed_subscriber_does_not_hold_a_shutdown() {
+    let mut server = Server::start();
+    let mut feed = TcpStream::connect(server.addr).unwrap();
+    write!(feed, "GET /v1/events HTTP/1.1\r\nHost: t\r\n\r\n").unwrap();
+    feed.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut some = [0u8; 4096];
+    assert!(feed.read(&mut some).unwrap() > 0);
+    let stopped = std::time::Instant::now();
+    server.signal("TERM");
+    assert!(eventually(Duration::from_secs(5), || matches!(
+        server.child.try_wait(),
+        Ok(Some(_))
+    )));
+    assert!(stopped.elapsed() < Duration::from_secs(5));
+    // The subscriber saw its stream end, not a cut connection.
+    let mut rest = Vec::new();
+    let _ = feed.read_to_end(&mut rest);
+    assert!(
+        String::from_utf8_lossy(&rest).ends_with("0\r\n\r\n"),
+        "{:?}",
+        String::from_utf8_lossy(&rest)
+    );
+}
+
 /// A server killed in the middle of a `PUT` leaves the write's temporary
 /// (`{name}#1`) beside its target. The next server on that store removes it
 /// once it has gone unwritten for an hour, with the directory only it kept;

@@ -64,6 +64,10 @@ pub struct ServeArgs {
     /// Seconds a client has to send a request's headers. [default: 30]
     #[arg(long)]
     header_timeout: Option<u64>,
+    /// Seconds a shutdown (SIGTERM, SIGINT) waits for requests in flight
+    /// before it cuts them; their clients resume. [default: 10]
+    #[arg(long)]
+    shutdown_grace: Option<u64>,
     /// Longest pause, in seconds, inside a request body. [default: 60]
     #[arg(long)]
     body_timeout: Option<u64>,
@@ -149,6 +153,11 @@ fn settings(args: &ServeArgs) -> anyhow::Result<Settings> {
             )
             .max(Duration::from_secs(1)),
             tls,
+            shutdown_grace: secs(
+                args.shutdown_grace,
+                file.shutdown_grace,
+                defaults.listening.shutdown_grace,
+            ),
         },
         body_timeout: secs(args.body_timeout, file.body_timeout, defaults.body_timeout)
             .max(Duration::from_secs(1)),

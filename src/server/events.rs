@@ -4,7 +4,7 @@ use std::convert::Infallible;
 
 use axum::extract::State;
 use axum::response::sse::{Event, KeepAlive, Sse};
-use futures::Stream;
+use futures::{Stream, StreamExt};
 use serde::Deserialize;
 use tokio::sync::broadcast::error::RecvError;
 
@@ -55,5 +55,7 @@ pub async fn events(
             }
         }
     });
+    // Ends when the server shuts down, which otherwise waits for it.
+    let stream = stream.take_until(app.shutdown_token().cancelled_owned());
     Ok(Sse::new(stream).keep_alive(KeepAlive::default()))
 }

@@ -41,6 +41,9 @@ pub struct Listening {
     /// start, or from the end of the previous request on a kept-alive one).
     pub header_timeout: Duration,
     pub tls: Option<TlsAcceptor>,
+    /// How long a shutdown waits for the requests in flight before it cuts
+    /// them.
+    pub shutdown_grace: Duration,
 }
 
 impl std::fmt::Debug for Listening {
@@ -48,6 +51,7 @@ impl std::fmt::Debug for Listening {
         f.debug_struct("Listening")
             .field("header_timeout", &self.header_timeout)
             .field("tls", &self.tls.is_some())
+            .field("shutdown_grace", &self.shutdown_grace)
             .finish()
     }
 }
@@ -57,12 +61,13 @@ impl Default for Listening {
         Self {
             header_timeout: Duration::from_secs(30),
             tls: None,
+            shutdown_grace: Duration::from_secs(10),
         }
     }
 }
 
 /// Serves `app` on `listener` until `shutdown` completes, then waits for the
-/// requests in flight. Plain HTTP/1.1 file reads skip `app` for `direct`
+/// requests in flight, up to `listening.shutdown_grace`. Plain HTTP/1.1 file reads skip `app` for `direct`
 /// when there is one.
 pub(super) async fn serve(
     listener: TcpListener,
@@ -146,7 +151,19 @@ pub(super) async fn serve(
     }
     drop(listener);
     let _ = stopping_tx.send(true);
-    graceful.shutdown().await;
+    // Requests in flight get a while to finish; a long download or upload
+    // is then cut (its client resumes it from where it stopped, and a
+    // commit already started is recognised by the next server).
+    let grace = listening.shutdown_grace;
+    if tokio::time::timeout(grace, graceful.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::info!(
+            ?grace,
+            "stopping with requests still in flight: their clients resume them"
+        );
+    }
     Ok(())
 }
 

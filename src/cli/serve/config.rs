@@ -24,6 +24,7 @@ pub struct ServeFile {
     pub ws_max_message: Option<usize>,
     pub ws_max_channels: Option<usize>,
     pub header_timeout: Option<u64>,
+    pub shutdown_grace: Option<u64>,
     pub body_timeout: Option<u64>,
     #[serde(default)]
     pub cors_origins: Vec<String>,

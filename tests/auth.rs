@@ -642,3 +642,44 @@ async fn the_bearer_scheme_is_matched_in_any_case() {
         assert_eq!(response.status(), 401, "{value}");
     }
 }
+
+/// A watch the server refuses (no token, or a prefix the token does not
+/// reach) ends with the server's reason instead of reconnecting silently
+/// for ever; `ferry watch` says it and exits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_watch_ends_with_the_reason() {
+    use ferry::client::watch::{WatchEvent, Watcher};
+    let server = secured_server();
+    for (token, prefix, expected) in [
+        (None, "", "unauthorized"),
+        (Some(ALICE), "bob", "forbidden"),
+    ] {
+        let config = ferry::client::ClientConfig {
+            token: token.map(str::to_owned),
+            ..Default::default()
+        };
+        let client = ferry::client::Client::with_config(&server.url, config).unwrap();
+        let mut watcher = Watcher::start(&client, &prefix.parse().unwrap());
+        let event = tokio::time::timeout(Duration::from_secs(10), watcher.next())
+            .await
+            .expect("an answer, not silence");
+        match event {
+            Some(WatchEvent::Refused(why)) => {
+                assert!(why.contains(expected), "{why}");
+            }
+            other => panic!("{prefix:?}: {other:?}"),
+        }
+        assert_eq!(watcher.next().await, None, "the watcher stopped");
+    }
+    let watch = std::process::Command::new("timeout")
+        .arg("20")
+        .arg(env!("CARGO_BIN_EXE_ferry"))
+        .args(["watch", "bob"])
+        .env("FERRY_SERVER", &server.url)
+        .env("FERRY_TOKEN", ALICE)
+        .output()
+        .unwrap();
+    assert_eq!(watch.status.code(), Some(1), "{watch:?}");
+    let stderr = String::from_utf8_lossy(&watch.stderr);
+    assert!(stderr.contains("refuses this watch"), "{stderr}");
+}

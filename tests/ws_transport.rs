@@ -278,7 +278,7 @@ async fn http_changes_reach_websocket_and_sse_subscribers_once() {
                 change.path.to_string(),
                 change.from.map(|f| f.to_string()),
             )),
-            WatchEvent::Resync => panic!("unexpected resync"),
+            other => panic!("unexpected {other:?}"),
         }
     }
     assert_eq!(

@@ -26,6 +26,7 @@ pub async fn watch(args: WatchArgs) -> anyhow::Result<()> {
             WatchEvent::Resync => {
                 eprintln!("ferry watch: reconnected; changes may have been missed")
             }
+            WatchEvent::Refused(why) => anyhow::bail!("the server refuses this watch: {why}"),
         }
         out.flush()?;
     }

@@ -10,9 +10,9 @@ use tokio::task::JoinHandle;
 
 use super::Client;
 use super::ws::WsConnection;
-use crate::protocol::RemotePath;
 use crate::protocol::events::Change;
 use crate::protocol::ws::{ProtocolErrorCode, ServerMessage, WsErrorCode};
+use crate::protocol::{ErrorCode, RemotePath};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum WatchEvent {
@@ -20,6 +20,10 @@ pub enum WatchEvent {
     /// The stream was interrupted (reconnect, or the server said we lagged):
     /// changes may have been missed.
     Resync,
+    /// The server refuses this watch (no token, a token that does not reach
+    /// the prefix, a bad prefix): retrying cannot help, and the watcher
+    /// stops after saying why.
+    Refused(String),
 }
 
 /// Changes at or below a prefix, reconnecting with backoff. Dropping it stops
@@ -70,6 +74,14 @@ async fn run(client: Client, prefix: RemotePath, tx: mpsc::Sender<WatchEvent>) {
                             code: WsErrorCode::Protocol(ProtocolErrorCode::Lagged),
                             ..
                         } => WatchEvent::Resync,
+                        ServerMessage::Error {
+                            code: WsErrorCode::Api(code),
+                            message,
+                            ..
+                        } if refusal(code) => {
+                            let _ = tx.send(WatchEvent::Refused(message)).await;
+                            return;
+                        }
                         _ => continue,
                     };
                     if tx.send(event).await.is_err() {
@@ -78,10 +90,27 @@ async fn run(client: Client, prefix: RemotePath, tx: mpsc::Sender<WatchEvent>) {
                 }
                 tracing::info!("change feed disconnected; reconnecting");
             }
+            Err(e) if refusal(e.code()) => {
+                let _ = tx.send(WatchEvent::Refused(e.to_string())).await;
+                return;
+            }
             Err(e) => tracing::debug!(error = %e, "change feed unavailable"),
         }
         attempt += 1;
         let delay = client.retry_policy().delay(attempt.min(16), None);
         tokio::time::sleep(delay).await;
     }
+}
+
+/// Whether an error answering a watch is the server's final word on it.
+fn refusal(code: ErrorCode) -> bool {
+    matches!(
+        code,
+        ErrorCode::Unauthorized
+            | ErrorCode::Forbidden
+            | ErrorCode::Expired
+            | ErrorCode::InvalidPath
+            | ErrorCode::NameTooLong
+            | ErrorCode::BadRequest
+    )
 }

@@ -83,7 +83,7 @@ impl WsConnection {
             tokio::time::timeout(std::time::Duration::from_secs(10), connecting)
                 .await
                 .map_err(|_| Error::Network(format!("{url}: WebSocket handshake timed out")))?
-                .map_err(|e| Error::Network(format!("{url}: {e}")))?;
+                .map_err(|e| refused_upgrade(&url, e))?;
         if response
             .headers()
             .get("sec-websocket-protocol")
@@ -432,4 +432,22 @@ fn remote_error(code: WsErrorCode, message: String, missing: Option<Vec<[u64; 2]
         },
         WsErrorCode::Protocol(_) => Error::Network(format!("protocol error: {message}")),
     }
+}
+
+/// The error of a failed WebSocket upgrade: the server's own, when it
+/// refused the caller (401, 403, 410: asking again cannot help); a network
+/// error otherwise, which callers retry or get past over HTTP.
+fn refused_upgrade(url: &str, e: tokio_tungstenite::tungstenite::Error) -> Error {
+    if let tokio_tungstenite::tungstenite::Error::Http(response) = &e
+        && matches!(response.status().as_u16(), 401 | 403 | 410)
+        && let Some(body) = response.body()
+        && let Ok(parsed) = serde_json::from_slice::<crate::protocol::ErrorBody>(body)
+    {
+        return Error::Remote {
+            code: parsed.error.code,
+            status: response.status().as_u16(),
+            message: parsed.error.message,
+        };
+    }
+    Error::Network(format!("{url}: {e}"))
 }

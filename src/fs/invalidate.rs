@@ -40,6 +40,10 @@ pub async fn run(core: Arc<MountCore>, notifier: Notifier, mut watcher: Watcher)
             }
             // Events may have been missed: trust nothing cached.
             WatchEvent::Resync => core.inodes.invalidate_all(),
+            WatchEvent::Refused(why) => {
+                tracing::warn!(%why, "the server refuses the change feed: changes made elsewhere show after --attr-ttl only");
+                return;
+            }
         }
     }
 }

@@ -683,3 +683,38 @@ async fn a_refused_watch_ends_with_the_reason() {
     let stderr = String::from_utf8_lossy(&watch.stderr);
     assert!(stderr.contains("refuses this watch"), "{stderr}");
 }
+
+/// A token that may write but not read (a drop box) can `ferry put` and
+/// `ferry rm`: neither needs to look first. Both used to fail on the
+/// `stat` they made before.
+#[tokio::test]
+async fn a_write_only_token_puts_and_removes_from_the_cli() {
+    const DROP: &str = "ferry_drop_token_for_tests_0005";
+    let server = Server::start_configured(&token_entry("drop", DROP, r#"["write"]"#, "inbox"), &[]);
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("h.txt"), b"hello").unwrap();
+    let ferry = |args: &[&str]| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_ferry"))
+            .args(args)
+            .current_dir(dir.path())
+            .env("FERRY_SERVER", &server.url)
+            .env("FERRY_TOKEN", DROP)
+            .env("FERRY_STATE_DIR", dir.path())
+            .output()
+            .unwrap()
+    };
+    let put = ferry(&["put", "h.txt", "inbox/h.txt"]);
+    assert!(put.status.success(), "{put:?}");
+    let on_disk = server.store_dir.as_ref().unwrap().join("inbox/h.txt");
+    assert_eq!(std::fs::read(&on_disk).unwrap(), b"hello");
+    let rm = ferry(&["rm", "inbox/h.txt"]);
+    assert!(rm.status.success(), "{rm:?}");
+    assert!(!on_disk.exists());
+    // Outside its prefix it is refused all the same.
+    let put = ferry(&["put", "h.txt", "elsewhere/h.txt"]);
+    assert!(!put.status.success());
+    assert!(
+        String::from_utf8_lossy(&put.stderr).contains("forbidden"),
+        "{put:?}"
+    );
+}

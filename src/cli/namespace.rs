@@ -5,7 +5,7 @@ use std::io::Write;
 use clap::Args;
 
 use super::remote::{ServerArgs, parse_remote};
-use crate::protocol::{EntryKind, MoveRequest};
+use crate::protocol::{EntryKind, ErrorCode, MoveRequest};
 
 #[derive(Debug, Args)]
 pub struct LsArgs {
@@ -101,7 +101,17 @@ pub async fn stat(args: StatArgs) -> anyhow::Result<()> {
 pub async fn rm(args: RmArgs) -> anyhow::Result<()> {
     let client = args.server.client()?;
     let path = parse_remote(&args.path)?;
-    match client.stat(&path).await?.kind {
+    let kind = match client.stat(&path).await {
+        Ok(meta) => meta.kind,
+        // A token that may write but not read cannot look first: the path
+        // is removed as a file, and as a directory if it is one.
+        Err(e) if e.code() == ErrorCode::Forbidden => match client.delete(&path).await {
+            Err(e) if e.code() == ErrorCode::IsADirectory => EntryKind::Dir,
+            deleted => return Ok(deleted?),
+        },
+        Err(e) => return Err(e.into()),
+    };
+    match kind {
         EntryKind::File => client.delete(&path).await?,
         EntryKind::Dir if args.recursive => client.rmdir(&path, true).await?,
         EntryKind::Dir => anyhow::bail!("{path} is a directory; use -r to remove it"),

@@ -206,6 +206,9 @@ async fn put_destination(
         Ok(meta) if meta.kind == EntryKind::Dir => Ok(path.join(name)?),
         Ok(_) => Ok(path),
         Err(e) if e.code() == ErrorCode::NotFound => Ok(path),
+        // A token that may write but not read (a drop box) cannot look:
+        // the name is taken as the file's, as written.
+        Err(e) if e.code() == ErrorCode::Forbidden => Ok(path),
         Err(e) => Err(e.into()),
     }
 }

@@ -1140,3 +1140,66 @@ async fn an_open_ended_session_is_sized_and_finished_by_the_upload() {
     assert_ne!(report.session_id, created.id, "a new session");
     assert!(server.get_bytes("short.bin").await.1 == short_data);
 }
+
+/// `ferry get` onto a symbolic link writes the file it points to, as `cp`
+/// does; onto a FIFO (or a device) it refuses. It used to replace either
+/// with a regular file.
+#[tokio::test]
+async fn get_writes_through_symlinks_and_refuses_special_files() {
+    let server = Server::start();
+    server.put("f.txt", "fresh").await;
+    let tmp = tempfile::tempdir().unwrap();
+    let target = tmp.path().join("real.txt");
+    std::fs::write(&target, b"old").unwrap();
+    let link = tmp.path().join("link.txt");
+    std::os::unix::fs::symlink("real.txt", &link).unwrap();
+    let get = |dest: &std::path::Path| {
+        ferry(
+            &["get", "f.txt", dest.to_str().unwrap()],
+            tmp.path(),
+            &server,
+        )
+        .output()
+        .unwrap()
+    };
+    let out = get(&link);
+    assert!(out.status.success(), "{out:?}");
+    assert!(
+        std::fs::symlink_metadata(&link)
+            .unwrap()
+            .file_type()
+            .is_symlink()
+    );
+    assert_eq!(std::fs::read(&target).unwrap(), b"fresh");
+
+    let fifo = tmp.path().join("fifo");
+    assert!(
+        Command::new("mkfifo")
+            .arg(&fifo)
+            .status()
+            .unwrap()
+            .success()
+    );
+    let out = get(&fifo);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("not a regular file"),
+        "{out:?}"
+    );
+    use std::os::unix::fs::FileTypeExt;
+    assert!(
+        std::fs::symlink_metadata(&fifo)
+            .unwrap()
+            .file_type()
+            .is_fifo()
+    );
+
+    let looped = tmp.path().join("loop");
+    std::os::unix::fs::symlink("loop", &looped).unwrap();
+    let out = get(&looped);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("symbolic links"),
+        "{out:?}"
+    );
+}

@@ -154,6 +154,7 @@ pub async fn get(args: GetArgs) -> anyhow::Result<()> {
     } else {
         args.local.clone()
     };
+    let local = regular_destination(local)?;
     let meta = client.stat(&remote).await?;
     if meta.kind != EntryKind::File {
         anyhow::bail!("{remote} is a directory");
@@ -186,6 +187,44 @@ fn parse_transport(text: &str) -> Result<Transport, String> {
         "ws" | "websocket" => Ok(Transport::WebSocket),
         other => Err(format!("{other:?} is not one of auto, http, ws")),
     }
+}
+
+/// Where `get` writes: the file a symbolic link points to (as `cp` writes
+/// through one), never over a device or FIFO, which the download's final
+/// rename would replace with a regular file.
+fn regular_destination(local: PathBuf) -> anyhow::Result<PathBuf> {
+    let mut local = local;
+    // As many links as the kernel follows (SYMLOOP_MAX): a loop ends.
+    for _ in 0..40 {
+        match follow_once(local)? {
+            Ok(regular) => return Ok(regular),
+            Err(target) => local = target,
+        }
+    }
+    anyhow::bail!("too many levels of symbolic links")
+}
+
+/// `Ok(local)` when `get` may write there, `Err(target)` when `local` is a
+/// symbolic link to `target`.
+fn follow_once(local: PathBuf) -> anyhow::Result<Result<PathBuf, PathBuf>> {
+    let Ok(found) = std::fs::symlink_metadata(&local) else {
+        return Ok(Ok(local));
+    };
+    if found.file_type().is_symlink() {
+        let target = std::fs::read_link(&local)?;
+        let target = match local.parent() {
+            Some(dir) if target.is_relative() => dir.join(target),
+            _ => target,
+        };
+        return Ok(Err(target));
+    }
+    if !found.is_file() {
+        anyhow::bail!(
+            "{} exists and is not a regular file; ferry get writes regular files only",
+            local.display()
+        );
+    }
+    Ok(Ok(local))
 }
 
 /// `REMOTE`, or `REMOTE/<name of LOCAL>` when `REMOTE` names a directory.

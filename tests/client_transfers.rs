@@ -861,6 +861,123 @@ async fn a_server_that_never_answers_fails_calls_after_the_give_up_time() {
     );
 }
 
+/// `ferry get` through a link that drops every connection after 1 MiB of
+/// answers, with `--retry-for 2`: every resume moves bytes, so neither the
+/// give-up time nor the backoff may add up over the download's 24 cuts; it
+/// finishes, byte for byte. (It used to back off ever longer and give up
+/// once 2 s had passed in all.)
+#[test]
+fn ferry_get_through_a_link_that_keeps_dropping_finishes() {
+    let server = Server::start();
+    let data = random_bytes(24 * MIB + 321);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(server.put("flaky.bin", data.clone()));
+    let proxy = harness::proxy::CuttingProxy::start(server.addr, MIB);
+    let tmp = tempfile::tempdir().unwrap();
+    let dest = tmp.path().join("out.bin");
+    let started = std::time::Instant::now();
+    let out = ferry(
+        &[
+            "get",
+            "--server",
+            &proxy.url,
+            "--retry-for",
+            "2",
+            "flaky.bin",
+            dest.to_str().unwrap(),
+        ],
+        tmp.path(),
+        &server,
+    )
+    .output()
+    .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "gave up after {:?} and {} cuts: {stderr}",
+        started.elapsed(),
+        proxy.cuts()
+    );
+    assert!(std::fs::read(&dest).unwrap() == data);
+    assert!(proxy.cuts() >= 20, "{}", proxy.cuts());
+    assert!(files_ending(tmp.path(), ".ferry-part").is_empty());
+}
+
+/// A stand-in server whose `stat` answers that `x` is a 10 MiB file, and
+/// whose answer to the download sends its head and 64 KiB, then nothing.
+fn server_going_quiet_mid_body() -> String {
+    fake_server(|mut stream, head| {
+        use std::io::Write;
+        let stream = stream.get_mut();
+        if head.starts_with("GET /v1/stat/") {
+            let body = format!(
+                r#"{{"path":"x","kind":"file","size":{},"mtime":null,"etag":"e"}}"#,
+                10 * MIB
+            );
+            let _ = write!(
+                stream,
+                "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n\
+                 content-length: {}\r\nconnection: close\r\n\r\n{body}",
+                body.len()
+            );
+            return;
+        }
+        let _ = write!(
+            stream,
+            "HTTP/1.1 200 OK\r\netag: \"e\"\r\ncontent-length: {}\r\n\r\n",
+            10 * MIB
+        );
+        let _ = stream.write_all(&[7u8; 64 << 10]);
+        std::thread::sleep(Duration::from_secs(600));
+    })
+}
+
+/// `ferry get --retry-for 2` from a server that stops sending in the middle
+/// of the body gives up about 2 s after the last byte arrived (not after
+/// the HTTP client's 60 s per read), keeping what arrived; from one that
+/// never answers at all, about 2 s after it began.
+#[test]
+fn ferry_get_from_a_server_that_sends_nothing_gives_up_after_retry_for() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dummy = Server::start();
+    let quiet = server_going_quiet_mid_body();
+    let silent = fake_server(|stream, _| {
+        std::thread::sleep(Duration::from_secs(600));
+        drop(stream);
+    });
+    for (url, kept) in [(&quiet, Some(64 << 10)), (&silent, None)] {
+        let dest = tmp.path().join("out.bin");
+        let started = std::time::Instant::now();
+        let out = ferry(
+            &[
+                "get",
+                "--server",
+                url,
+                "--retry-for",
+                "2",
+                "x",
+                dest.to_str().unwrap(),
+            ],
+            tmp.path(),
+            &dummy,
+        )
+        .output()
+        .unwrap();
+        let took = started.elapsed();
+        assert!(!out.status.success(), "{url}");
+        assert!(!dest.exists());
+        assert!(
+            took >= Duration::from_secs(2) && took < Duration::from_secs(15),
+            "{url}: gave up after {took:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        if let Some(kept) = kept {
+            let part = std::fs::metadata(tmp.path().join(".out.bin.ferry-part")).unwrap();
+            assert_eq!(part.len(), kept, "what arrived is kept for the next run");
+        }
+    }
+}
+
 /// A chunk the server takes slowly, for longer than `give_up_after` in
 /// all, is not cut: only waiting without progress counts.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

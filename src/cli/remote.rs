@@ -20,7 +20,9 @@ pub struct ServerArgs {
     )]
     pub server: String,
     /// Give up on an unreachable server (or one that stops answering)
-    /// after this many seconds of retrying.
+    /// after this many seconds of retrying. Only time in which no byte
+    /// moves counts: a `get` or `put` over a link that keeps dropping the
+    /// connection but makes progress in between goes on.
     #[arg(long, default_value_t = 120, global = true)]
     pub retry_for: u64,
     /// A file holding the access token (else `FERRY_TOKEN`).

@@ -23,7 +23,7 @@ use reqwest::StatusCode;
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncSeekExt, AsyncWriteExt};
 
-use super::http::{describe, header_etag};
+use super::http::{Retries, describe, header_etag};
 use super::throttle::Throttle;
 use super::{Client, Progress, ProgressFn};
 use crate::error::{Error, Result};
@@ -70,11 +70,15 @@ pub async fn download_file(
     options: DownloadOptions,
 ) -> Result<DownloadReport> {
     let mut part = Part::lock(local)?;
-    let started = Instant::now();
-    let mut attempt = 0;
+    // One give-up time and backoff for the whole download, both started
+    // over by every piece of the file that arrives: a link that keeps
+    // dropping the connection but moves bytes in between never makes the
+    // download give up, and each resume follows the cut without a long
+    // pause; only `give_up_after` without a byte does.
+    let mut retries = client.retries();
     let mut resumed_bytes = None;
     loop {
-        let mut meta = client.stat(remote).await?;
+        let mut meta = client.stat_retrying(&mut retries, remote).await?;
         if meta.kind != EntryKind::File {
             return Err(Error::IsADirectory(remote.to_string()));
         }
@@ -84,7 +88,7 @@ pub async fn download_file(
             .ok_or_else(|| Error::Storage(format!("{remote} has no etag")))?;
         part.pin(&etag, meta.size).await?;
         resumed_bytes.get_or_insert(part.len);
-        let outcome = fetch_rest(client, remote, &mut part, &options).await;
+        let outcome = fetch_rest(client, &mut retries, remote, &mut part, &options).await;
         match outcome {
             Ok(()) => {
                 let record = part.finish(local).await?;
@@ -102,14 +106,9 @@ pub async fn download_file(
                     tracing::warn!(error = %saving, "recording the partial download failed");
                 }
                 match e {
-                    Error::Network(_)
-                        if started.elapsed() < client.retry_policy().give_up_after =>
-                    {
-                        attempt += 1;
+                    Error::Network(_) if !retries.exhausted() => {
                         tracing::info!(%e, "download interrupted; resuming");
-                        client
-                            .sleep(client.retry_policy().delay(attempt, None))
-                            .await?;
+                        retries.again(e, None).await?;
                     }
                     e => return Err(e),
                 }
@@ -369,8 +368,12 @@ fn part_paths(local: &Path) -> Result<(PathBuf, PathBuf)> {
     ))
 }
 
+/// Fetches the rest of the pinned version into `part`. Every piece that
+/// arrives is progress for `retries`; waiting for one fails once the server
+/// has sent nothing for the give-up time.
 async fn fetch_rest(
     client: &Client,
+    retries: &mut Retries<'_>,
     remote: &RemotePath,
     part: &mut Part,
     options: &DownloadOptions,
@@ -385,7 +388,9 @@ async fn fetch_rest(
         report(part.len, pinned.size);
         return Ok(());
     }
-    let resp = client.get_resume(remote, part.len, &pinned.etag).await?;
+    let resp = client
+        .get_resume(retries, remote, part.len, &pinned.etag)
+        .await?;
     let size = if resp.status() == StatusCode::OK {
         // The file changed since the part began: the server sent it whole.
         let etag =
@@ -414,6 +419,12 @@ async fn fetch_rest(
         // Cancelled (Ctrl-C), what arrived is kept for the next run.
         let piece = tokio::select! {
             piece = stream.next() => piece,
+            () = retries.stalled() => {
+                return Err(Error::Network(format!(
+                    "downloading {remote}: the server sent nothing for {:.1?}",
+                    retries.quiet_for()
+                )));
+            }
             () = client.cancelled() => return Err(Error::Cancelled),
         };
         let Some(piece) = piece else { break };
@@ -428,6 +439,7 @@ async fn fetch_rest(
             throttle.acquire(piece.len() as u64).await;
         }
         part.write(&piece).await?;
+        retries.progressed(Instant::now());
         report(part.len, size);
     }
     if part.len != size {

@@ -303,9 +303,17 @@ impl Client {
         &self,
         build: impl Fn(&BodyProgress) -> RequestBuilder,
     ) -> Result<T> {
-        let mut retries = Retries::new(self);
+        self.json_retrying(&mut Retries::new(self), build).await
+    }
+
+    /// [`json_tracked`](Self::json_tracked) as part of a longer exchange.
+    async fn json_retrying<T: DeserializeOwned>(
+        &self,
+        retries: &mut Retries<'_>,
+        build: impl Fn(&BodyProgress) -> RequestBuilder,
+    ) -> Result<T> {
         loop {
-            let resp = self.send_retrying(&mut retries, &build).await?;
+            let resp = self.send_retrying(retries, &build).await?;
             let mut body = bytes::BytesMut::new();
             // What came of a body cut short is dropped: not progress.
             match self.body_into(resp, &mut body, usize::MAX).await.1 {
@@ -330,8 +338,18 @@ impl Client {
     }
 
     pub async fn stat(&self, path: &RemotePath) -> Result<FileMeta> {
+        self.stat_retrying(&mut Retries::new(self), path).await
+    }
+
+    /// [`stat`](Self::stat) as part of a longer exchange (a download).
+    pub(crate) async fn stat_retrying(
+        &self,
+        retries: &mut Retries<'_>,
+        path: &RemotePath,
+    ) -> Result<FileMeta> {
         let url = self.url("stat", path);
-        self.json(|| self.request(Method::GET, &url)).await
+        self.json_retrying(retries, |_| self.request(Method::GET, &url))
+            .await
     }
 
     /// One page of a listing.
@@ -530,20 +548,29 @@ impl Client {
     }
 
     /// A GET that continues a download: the rest from `start` if the file is
-    /// still `etag` (206), or the whole current file (200).
+    /// still `etag` (206), or the whole current file (200). `retries` are
+    /// the download's: its give-up time counts from the last byte that
+    /// arrived.
     pub(crate) async fn get_resume(
         &self,
+        retries: &mut Retries<'_>,
         path: &RemotePath,
         start: u64,
         etag: &str,
     ) -> Result<Response> {
         let url = self.url("files", path);
-        self.send(|| {
+        self.send_retrying(retries, |_| {
             self.request(Method::GET, &url)
                 .header(header::RANGE, format!("bytes={start}-"))
                 .header(header::IF_RANGE, format!("\"{etag}\""))
         })
         .await
+    }
+
+    /// The retries of a longer exchange with the server (a download): see
+    /// [`Retries`].
+    pub(crate) fn retries(&self) -> Retries<'_> {
+        Retries::new(self)
     }
 
     pub async fn create_upload(&self, request: &CreateUpload) -> Result<UploadCreated> {
@@ -635,7 +662,7 @@ impl Heard {
 /// The retries of one exchange with the server (a request, or several
 /// asking for the rest of an answer cut short): since when the server has
 /// made no progress, and how many attempts were made.
-struct Retries<'a> {
+pub(crate) struct Retries<'a> {
     client: &'a Client,
     quiet_since: Instant,
     attempt: u32,
@@ -652,15 +679,44 @@ impl<'a> Retries<'a> {
 
     /// The server moved the exchange on at `at` (bytes kept of an answer):
     /// the give-up time counts from there, and backoff starts over.
-    fn progressed(&mut self, at: Instant) {
+    pub(crate) fn progressed(&mut self, at: Instant) {
         self.quiet_since = self.quiet_since.max(at);
         self.attempt = 0;
     }
 
+    /// Whether the server has made no progress for the give-up time: the
+    /// next failure is final.
+    pub(crate) fn exhausted(&self) -> bool {
+        self.quiet_since.elapsed() >= self.client.retry.give_up_after
+    }
+
+    /// Resolves once a wait for the next piece of an answer's body, begun
+    /// now, has lasted past the give-up time after the last progress; it
+    /// lasts at least [`SHORTEST_ATTEMPT`].
+    pub(crate) async fn stalled(&self) {
+        let floor = Instant::now() + SHORTEST_ATTEMPT;
+        match self
+            .quiet_since
+            .checked_add(self.client.retry.give_up_after)
+        {
+            Some(at) => tokio::time::sleep_until(at.max(floor).into()).await,
+            None => std::future::pending().await,
+        }
+    }
+
+    /// How long the server has made no progress.
+    pub(crate) fn quiet_for(&self) -> Duration {
+        self.quiet_since.elapsed()
+    }
+
     /// After a failed attempt: `error` once the server has made no
     /// progress for the give-up time, else waits for the next attempt.
-    async fn again(&mut self, error: Error, retry_after: Option<Duration>) -> Result<()> {
-        if self.quiet_since.elapsed() >= self.client.retry.give_up_after {
+    pub(crate) async fn again(
+        &mut self,
+        error: Error,
+        retry_after: Option<Duration>,
+    ) -> Result<()> {
+        if self.exhausted() {
             return Err(error);
         }
         self.attempt += 1;

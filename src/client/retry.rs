@@ -12,7 +12,9 @@ pub struct RetryPolicy {
     pub base_delay: Duration,
     /// Longest single delay.
     pub max_delay: Duration,
-    /// Give up once this much time has passed since the first attempt.
+    /// Give up once this much time has passed without progress: since the
+    /// first attempt, or since bytes last moved (a piece of an answer that
+    /// was kept, or of a request's body the server took).
     pub give_up_after: Duration,
 }
 

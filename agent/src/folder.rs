@@ -2,6 +2,7 @@
 //! tree, and the loop that runs them on start-up, on file-system events and
 //! periodically.
 
+use crate::output::say;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
@@ -337,7 +338,7 @@ impl Folder {
         if self.dry_run {
             for m in &plan.moves {
                 let slash = if m.dir { "/" } else { "" };
-                println!("rename {}{slash} -> {}{slash}", m.from, m.to);
+                say!("rename {}{slash} -> {}{slash}", m.from, m.to);
             }
         } else {
             self.apply_moves(
@@ -786,7 +787,7 @@ impl Folder {
             );
             tracing::error!("{message}");
             if self.dry_run {
-                println!("refuse {message}");
+                say!("refuse {message}");
             } else {
                 let _ = self.journal.add_error("", &message);
                 let _ = self
@@ -798,7 +799,7 @@ impl Folder {
         }
         if self.dry_run {
             for record in &ours {
-                println!("delete {}", record.path);
+                say!("delete {}", record.path);
             }
             return;
         }
@@ -860,7 +861,7 @@ impl Folder {
         }
         if self.dry_run {
             for (path, _) in &outcome.retry {
-                println!("wait {path} (still being written)");
+                say!("wait {path} (still being written)");
             }
             return;
         }

@@ -11,6 +11,7 @@ mod filter;
 mod folder;
 mod journal;
 mod memory;
+mod output;
 mod pipeline;
 mod plan;
 mod remote;
@@ -191,10 +192,10 @@ fn status(args: &FolderArgs) -> Result<()> {
     let mut first = true;
     for spec in &settings.folders {
         if !first {
-            println!();
+            output::text("\n");
         }
         first = false;
-        print!("{}", status::describe(spec)?);
+        output::text(&status::describe(spec)?);
     }
     Ok(())
 }

@@ -17,6 +17,7 @@
 //! journal records the stamp as of the snapshot: the file, changed since,
 //! is pushed again once it settles or once it has waited the delay again.
 
+use crate::output::say;
 use std::io::Read;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
@@ -516,12 +517,12 @@ fn same_file(remote: &RemoteFile, stamp: FileStamp) -> bool {
 fn announce(work: &Work) {
     match work {
         Work::Record(_) => {}
-        Work::Rename { from, to, .. } => println!("rename {} -> {to}", from.path),
-        Work::Upload(u) if u.conflict_with.is_some() => println!(
+        Work::Rename { from, to, .. } => say!("rename {} -> {to}", from.path),
+        Work::Upload(u) if u.conflict_with.is_some() => say!(
             "conflict {} (changed on the server; the local version would be uploaded beside it)",
             u.path
         ),
-        Work::Upload(u) => println!("upload {} ({} bytes)", u.path, u.stamp.size),
+        Work::Upload(u) => say!("upload {} ({} bytes)", u.path, u.stamp.size),
     }
 }
 

@@ -686,3 +686,31 @@ async fn a_second_agent_on_the_same_folder_is_refused() {
     let status = agent.status();
     assert!(status.contains("agent:           not running"), "{status}");
 }
+
+/// A dry run whose reader stops reading (`| head -1`) ends, as other tools
+/// do, instead of hanging with a panicked printing thread (deaf to
+/// SIGTERM); so does `status`.
+#[tokio::test]
+async fn a_dry_run_piped_into_head_ends() {
+    let tmp = tempfile::tempdir().unwrap();
+    let server = Server::start(&tmp.path().join("store"));
+    let agent = Agent::new(&tmp.path().join("folder"), &server, "dry");
+    // More plan than a pipe holds (64 KiB).
+    for i in 0..2500 {
+        let rel = format!("some/longer/directory/name/file-{i:05}.txt");
+        write(&agent.dir, &rel, b"x");
+        age(&agent.path(&rel));
+    }
+    let started = std::time::Instant::now();
+    let piped = ["timeout", "-k", "5", "60", "sh", "-c", "\"$0\" \"$@\" | head -1"];
+    let out = agent.once_wrapped(&piped, &["--dry-run"]);
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(50),
+        "{:?}",
+        started.elapsed()
+    );
+    let first = String::from_utf8_lossy(&out.stdout);
+    assert!(first.starts_with("upload "), "{first}");
+    assert!(server.session_count() == 0, "a dry run uploads nothing");
+}

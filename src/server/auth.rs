@@ -217,6 +217,18 @@ impl Authenticator {
             if t.scopes.is_empty() {
                 anyhow::bail!("token {:?} has no scopes (read, write)", t.name);
             }
+            // One token, one grant; one name, one owner of sessions (and of
+            // idempotency keys): a repeat would silently pick one of two.
+            if let Some(other) = rules.iter().find(|r: &&TokenRule| r.sha256 == digest) {
+                anyhow::bail!(
+                    "tokens {:?} and {:?} have the same sha256: one token, one entry",
+                    other.grant.owner().unwrap_or_default(),
+                    t.name
+                );
+            }
+            if rules.iter().any(|r| r.grant.owner() == Some(t.name.as_str())) {
+                anyhow::bail!("two tokens are named {:?}: names must differ", t.name);
+            }
             rules.push(TokenRule {
                 sha256: digest,
                 grant: Grant::Token {
@@ -392,6 +404,22 @@ impl<S: Send + Sync> FromRequestParts<S> for Caller {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_token_or_a_name_listed_twice_is_refused() {
+        let entry = |name: &str, sha: &str| TokenConfig {
+            name: name.into(),
+            sha256: sha.into(),
+            scopes: vec![Scope::Read],
+            prefix: String::new(),
+        };
+        let (a, b) = ("a".repeat(64), "b".repeat(64));
+        assert!(Authenticator::new(&[entry("x", &a), entry("y", &b)], None).is_ok());
+        let same_token = Authenticator::new(&[entry("x", &a), entry("y", &a)], None);
+        assert!(same_token.unwrap_err().to_string().contains("same sha256"));
+        let same_name = Authenticator::new(&[entry("x", &a), entry("x", &b)], None);
+        assert!(same_name.unwrap_err().to_string().contains("named \"x\""));
+    }
 
     #[test]
     fn the_bearer_scheme_is_case_insensitive() {

@@ -702,7 +702,15 @@ async fn a_dry_run_piped_into_head_ends() {
         age(&agent.path(&rel));
     }
     let started = std::time::Instant::now();
-    let piped = ["timeout", "-k", "5", "60", "sh", "-c", "\"$0\" \"$@\" | head -1"];
+    let piped = [
+        "timeout",
+        "-k",
+        "5",
+        "60",
+        "sh",
+        "-c",
+        "\"$0\" \"$@\" | head -1",
+    ];
     let out = agent.once_wrapped(&piped, &["--dry-run"]);
     assert_eq!(out.status.code(), Some(0), "{out:?}");
     assert!(

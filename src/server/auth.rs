@@ -226,7 +226,10 @@ impl Authenticator {
                     t.name
                 );
             }
-            if rules.iter().any(|r| r.grant.owner() == Some(t.name.as_str())) {
+            if rules
+                .iter()
+                .any(|r| r.grant.owner() == Some(t.name.as_str()))
+            {
                 anyhow::bail!("two tokens are named {:?}: names must differ", t.name);
             }
             rules.push(TokenRule {

@@ -465,6 +465,53 @@ fn run_get(
     )
 }
 
+/// Ctrl-C stops `ferry put` at once over its default transport (the
+/// WebSocket), as over HTTP; it used to run the upload to its end. The
+/// next run continues the session.
+#[tokio::test]
+async fn ferry_put_interrupted_over_the_websocket_stops_and_resumes() {
+    let server = Server::start();
+    let data = random_bytes(40 * MIB);
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tmp.path().join("video.bin");
+    std::fs::write(&src, &data).unwrap();
+    let child = ferry(
+        &["put", "--bwlimit", "8M", src.to_str().unwrap(), "video.bin"],
+        tmp.path(),
+        &server,
+    )
+    .stdout(Stdio::null())
+    .stderr(Stdio::piped())
+    .spawn()
+    .unwrap();
+    // Well into the upload: 8 MB/s of 40 MiB.
+    std::thread::sleep(Duration::from_millis(1500));
+    let pid = rustix::process::Pid::from_raw(child.id() as i32).unwrap();
+    rustix::process::kill_process(pid, rustix::process::Signal::INT).unwrap();
+    // Long before the 5 s the rest of the upload takes.
+    let interrupted = std::time::Instant::now();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        interrupted.elapsed() < Duration::from_secs(3),
+        "Ctrl-C took {:?}",
+        interrupted.elapsed()
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(stderr.contains("interrupted"), "{stderr}");
+    assert_eq!(server.get_bytes("video.bin").await.0, 404, "not committed");
+
+    let again = ferry(
+        &["put", src.to_str().unwrap(), "video.bin"],
+        tmp.path(),
+        &server,
+    )
+    .output()
+    .unwrap();
+    assert!(again.status.success(), "{again:?}");
+    assert!(server.get_bytes("video.bin").await.1 == data);
+}
+
 #[tokio::test]
 async fn ferry_get_interrupted_mid_body_stops_and_keeps_what_arrived() {
     let server = Server::start();

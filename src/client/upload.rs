@@ -344,15 +344,19 @@ async fn upload_over_ws(
         }
         .boxed()
     };
-    let uploaded = conn
-        .upload(
-            id,
-            &read_frame,
-            parallel,
-            options.progress.as_ref(),
-            source.sha256().boxed(),
-        )
-        .await;
+    let upload = conn.upload(
+        id,
+        &read_frame,
+        parallel,
+        options.progress.as_ref(),
+        source.sha256().boxed(),
+    );
+    // A cancelled client (Ctrl-C) stops at once, as over HTTP: the session
+    // stays open, and a later run resumes it from what the server has.
+    let uploaded = tokio::select! {
+        uploaded = upload => uploaded,
+        () = client.cancelled() => Err(Error::Cancelled),
+    };
     if options.ws.is_none() {
         conn.close();
     }
